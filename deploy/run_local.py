@@ -1,0 +1,115 @@
+"""`make run`: prepare the local shop, then run every process in one terminal.
+
+Migrates, seeds the demo catalog, creates the admin login (printed once), checks Redis
+(starting a private redis-server when none answers and one is installed), then hands
+over to honcho, which runs deploy/Procfile; one Ctrl-C stops everything.
+"""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from urllib.parse import urlsplit
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+PROCESSES = [
+    "web",
+    "gateway",
+    "worker_payments",
+    "worker_emails",
+    "worker_reports",
+    "worker_default",
+    "beat",
+    "flower",
+]
+LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1"}
+
+
+def _answers(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def _redis_answers(url: str) -> bool:
+    import redis
+
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=2).ping())
+    except redis.RedisError:
+        return False
+
+
+def _fail(message: str) -> int:
+    print(f"make run: {message}", file=sys.stderr)
+    return 2
+
+
+def main() -> int:
+    os.chdir(BASE_DIR)
+    sys.path.insert(0, str(BASE_DIR))
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "shop.settings")
+    import django
+
+    django.setup()
+    from django.conf import settings
+
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.update(
+        WEB_PORT=str(settings.WEB_PORT),
+        GATEWAY_PORT=str(settings.GATEWAY_PORT),
+        FLOWER_PORT=str(settings.FLOWER_PORT),
+        SHOP_VAR_DIR=str(settings.VAR_DIR),
+    )
+    if not settings.FLOWER_BASIC_AUTH:
+        env.pop("FLOWER_BASIC_AUTH", None)
+    Path(settings.STATIC_ROOT).mkdir(parents=True, exist_ok=True)  # whitenoise expects it
+
+    for name in ("WEB_PORT", "GATEWAY_PORT", "FLOWER_PORT"):
+        if _answers("127.0.0.1", int(env[name])):
+            return _fail(f"port {env[name]} is in use; set {name} to a free port.")
+
+    processes = list(PROCESSES)
+    broker = urlsplit(settings.CELERY_BROKER_URL)
+    if not _redis_answers(settings.CELERY_BROKER_URL):
+        where = f"{broker.hostname}:{broker.port or 6379}"
+        if broker.hostname not in LOCAL_HOSTS:
+            return _fail(f"no Redis answers at {where} (CELERY_BROKER_URL).")
+        if shutil.which("redis-server") is None:
+            return _fail(
+                f"no Redis answers at {where} and no redis-server is installed.\n"
+                "  Install one (Debian/Ubuntu: apt-get install redis-server; macOS: brew "
+                "install redis),\n  point CELERY_BROKER_URL at a running Redis, or run the "
+                "whole stack with: docker compose up"
+            )
+        print(f"make run: no Redis at {where}; starting a private redis-server there.")
+        env["REDIS_PORT"] = str(broker.port or 6379)
+        processes.insert(0, "redis")
+
+    manage = [sys.executable, "manage.py"]
+    site = f"http://127.0.0.1:{settings.WEB_PORT}"
+    for command in (
+        ["migrate", "--noinput", "-v", "0"],
+        ["seed_demo"],
+        ["ensure_admin", "--url", f"{site}/admin/"],
+    ):
+        subprocess.run([*manage, *command], check=True, env=env)
+
+    print(
+        f"\n  shop:   {site}/\n  admin:  {site}/admin/\n"
+        f"  flower: http://127.0.0.1:{settings.FLOWER_PORT}/\n"
+        f"  mail:   {settings.EMAIL_FILE_PATH}\n  Ctrl-C stops everything.\n",
+        flush=True,
+    )
+    honcho = [sys.executable, "-m", "honcho", "start", "-f", "deploy/Procfile", "-d", "."]
+    os.execve(sys.executable, [*honcho, *processes], env)
+    return 0  # not reached: execve replaced this process
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""The transactional outbox: a task is published only if, and soon after, its data commits.
+
+`enqueue()` writes an OutboxMessage row in the caller's transaction and registers a
+publisher to run right after COMMIT. A rollback discards both. If the broker is down, or
+the process dies between COMMIT and publish, the row stays unsent and `relay_unsent()`
+(run by beat every few seconds, or `manage.py outbox_relay`) publishes it later.
+Delivery is therefore at least once: consumers must be idempotent, and they are.
+"""
+
+import logging
+from collections.abc import Iterable, Mapping
+from datetime import timedelta
+from functools import partial
+from typing import Any
+
+from celery import Task
+from django.conf import settings
+from django.db import transaction
+from django.db.models import F
+from django.utils import timezone
+
+from jobs.celery import app
+from jobs.models import OutboxMessage
+
+logger = logging.getLogger(__name__)
+
+# In the request path, try the broker twice at most (one reconnect after a dropped
+# connection), then leave the row to the relay: checkout must not wait for Redis.
+_PUBLISH_RETRY_POLICY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.1}
+
+
+def enqueue(
+    task: Task | str,
+    *,
+    args: Iterable[Any] = (),
+    kwargs: Mapping[str, Any] | None = None,
+    headers: Mapping[str, Any] | None = None,
+    using: str | None = None,
+) -> OutboxMessage:
+    """Record `task(*args, **kwargs)` in the current transaction; publish it after commit.
+
+    Raises at once (inside the caller's transaction, which then rolls back) when the task
+    routes to a queue that is not declared: a misrouted task must fail loudly.
+    """
+    name = task if isinstance(task, str) else task.name
+    args, kwargs = list(args), dict(kwargs or {})
+    app.amqp.router.route({}, name, args, kwargs)  # raises QueueNotFound when misrouted
+    message = OutboxMessage.objects.using(using).create(
+        task_name=name, args=args, kwargs=kwargs, headers=dict(headers or {})
+    )
+    transaction.on_commit(partial(_publish_committed, message, using), using=using, robust=True)
+    return message
+
+
+def _send(message: OutboxMessage, retry_policy: Mapping[str, Any]) -> None:
+    app.send_task(
+        message.task_name,
+        args=message.args,
+        kwargs=message.kwargs,
+        task_id=str(message.task_id),
+        headers=message.headers or None,
+        retry=True,
+        retry_policy=dict(retry_policy),
+    )
+
+
+def _record_failure(message: OutboxMessage, exc: Exception, using: str | None) -> None:
+    logger.warning(
+        "outbox: publishing %s (%s) failed, the relay will retry: %r",
+        message.task_name,
+        message.task_id,
+        exc,
+    )
+    OutboxMessage.objects.using(using).filter(pk=message.pk).update(
+        attempts=F("attempts") + 1, last_error=repr(exc)[:2000]
+    )
+
+
+def _publish_committed(message: OutboxMessage, using: str | None) -> None:
+    """The after-commit publisher. Never raises: the request that committed has succeeded."""
+    try:
+        _send(message, _PUBLISH_RETRY_POLICY)
+    except Exception as exc:
+        _record_failure(message, exc, using)
+        return
+    OutboxMessage.objects.using(using).filter(pk=message.pk, sent_at__isnull=True).update(
+        sent_at=timezone.now(), attempts=F("attempts") + 1
+    )
+
+
+def relay_unsent(
+    *,
+    older_than: float | None = None,
+    batch_size: int | None = None,
+    using: str | None = None,
+) -> int:
+    """Publish one batch of unsent rows older than `older_than` seconds; return how many.
+
+    Rows are locked with SELECT ... FOR UPDATE SKIP LOCKED for the whole batch, so two
+    relays running at once take different rows and never publish the same row twice.
+    A row younger than the grace period is left to the publisher of its own transaction.
+    On the first broker error the batch stops: the rest wait for the next run.
+    """
+    grace = settings.JOBS_OUTBOX_RELAY_GRACE if older_than is None else older_than
+    limit = settings.JOBS_OUTBOX_BATCH_SIZE if batch_size is None else batch_size
+    cutoff = timezone.now() - timedelta(seconds=grace)
+    with transaction.atomic(using=using):
+        batch = list(
+            OutboxMessage.objects.using(using)
+            .select_for_update(skip_locked=True)
+            .filter(sent_at__isnull=True, created_at__lte=cutoff)
+            .order_by("id")[:limit]
+        )
+        sent: list[int] = []
+        for message in batch:
+            try:
+                _send(message, _PUBLISH_RETRY_POLICY)
+            except Exception as exc:
+                _record_failure(message, exc, using)
+                break
+            sent.append(message.pk)
+        OutboxMessage.objects.using(using).filter(pk__in=sent).update(
+            sent_at=timezone.now(), attempts=F("attempts") + 1
+        )
+    if sent:
+        logger.info("outbox: relayed %d unsent message(s)", len(sent))
+    return len(sent)
+
+
+def relay_all_unsent(*, older_than: float | None = None, using: str | None = None) -> int:
+    """Relay batches until no unsent row is left or a batch stops short (broker down)."""
+    total = 0
+    limit = settings.JOBS_OUTBOX_BATCH_SIZE
+    while True:
+        count = relay_unsent(older_than=older_than, batch_size=limit, using=using)
+        total += count
+        if count < limit:
+            return total
+
+
+def prune_sent(*, older_than_days: int | None = None, chunk: int = 5000) -> int:
+    """Delete sent rows past retention, in chunks so no transaction grows unbounded."""
+    days = settings.JOBS_OUTBOX_RETENTION_DAYS if older_than_days is None else older_than_days
+    cutoff = timezone.now() - timedelta(days=days)
+    deleted = 0
+    while True:
+        ids = list(
+            OutboxMessage.objects.filter(sent_at__lt=cutoff).values_list("pk", flat=True)[:chunk]
+        )
+        if not ids:
+            return deleted
+        deleted += OutboxMessage.objects.filter(pk__in=ids).delete()[0]

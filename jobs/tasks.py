@@ -1,0 +1,17 @@
+"""Housekeeping tasks of the reliability layer (queue `default`, scheduled by beat)."""
+
+from celery import shared_task
+
+from jobs import outbox
+
+
+@shared_task(name="jobs.tasks.relay_outbox", ignore_result=True)
+def relay_outbox() -> int:
+    """Publish outbox rows whose after-commit publish did not happen (broker down, crash)."""
+    return outbox.relay_all_unsent()
+
+
+@shared_task(name="jobs.tasks.prune_outbox", ignore_result=True)
+def prune_outbox() -> int:
+    """Delete sent outbox rows older than the retention period."""
+    return outbox.prune_sent()

@@ -1,0 +1,1 @@
+"""The shop: Django project and shop domain."""

@@ -1,0 +1,109 @@
+"""Client of the payment gateway: turns its answers into the project's error taxonomy.
+
+Every call carries the payment's idempotency key and a (connect, read) timeout, so a
+retried or duplicated charge is the same charge, and a hung gateway cannot hold a worker.
+"""
+
+import os
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+import httpx
+from django.conf import settings
+
+from jobs.errors import PermanentError, TransientError
+
+
+class GatewayUnavailable(TransientError):
+    """Connection refused, 5xx or 429: nothing was charged; try again later."""
+
+
+class GatewayTimeout(TransientError):
+    """No answer in time: the charge may or may not have happened. Ask before charging."""
+
+
+class CardDeclined(PermanentError):
+    """The processor refused the card; retrying cannot change that."""
+
+
+class GatewayRejected(PermanentError):
+    """The gateway refused the request itself (4xx): a bug on our side, not a blip."""
+
+
+@dataclass(frozen=True)
+class Charge:
+    id: str
+    status: str  # "succeeded" | "declined"
+    message: str = ""
+
+
+_clients: dict[int, httpx.Client] = {}
+
+
+def _client() -> httpx.Client:
+    # One pooled client per process: a prefork child must not share its parent's sockets.
+    pid = os.getpid()
+    if pid not in _clients:
+        connect, read = settings.PAYMENT_GATEWAY_TIMEOUT
+        _clients[pid] = httpx.Client(
+            base_url=settings.PAYMENT_GATEWAY_URL,
+            timeout=httpx.Timeout(read, connect=connect),
+        )
+    return _clients[pid]
+
+
+def _error_message(response: httpx.Response) -> str:
+    try:
+        return str(response.json()["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return response.text[:200]
+
+
+def _request(method: str, url: str, **kwargs: Any) -> httpx.Response:
+    try:
+        response = _client().request(method, url, **kwargs)
+    except httpx.TimeoutException as exc:
+        raise GatewayTimeout(f"payment gateway did not answer in time: {exc!r}") from exc
+    except httpx.TransportError as exc:
+        raise GatewayUnavailable(f"payment gateway unreachable: {exc!r}") from exc
+    if response.status_code >= 500 or response.status_code == 429:
+        raise GatewayUnavailable(
+            f"payment gateway answered {response.status_code}: {_error_message(response)}"
+        )
+    return response
+
+
+def charge_create(
+    *, idempotency_key: str, amount: Decimal, currency: str, card: str, description: str
+) -> Charge:
+    """Charge the card once per idempotency key. Raises CardDeclined, GatewayRejected,
+    GatewayTimeout or GatewayUnavailable."""
+    response = _request(
+        "POST",
+        "/v1/charges",
+        headers={"Idempotency-Key": idempotency_key},
+        json={
+            "amount": str(amount),
+            "currency": currency,
+            "card": card,
+            "description": description,
+        },
+    )
+    if response.status_code == 402:
+        raise CardDeclined(_error_message(response))
+    if response.status_code >= 400:
+        raise GatewayRejected(f"{response.status_code}: {_error_message(response)}")
+    body = response.json()
+    return Charge(id=body["id"], status=body["status"])
+
+
+def charge_lookup(*, idempotency_key: str) -> Charge | None:
+    """The gateway's record for this key, or None when it never charged with it."""
+    response = _request("GET", "/v1/charges", params={"idempotency_key": idempotency_key})
+    if response.status_code >= 400:
+        raise GatewayRejected(f"{response.status_code}: {_error_message(response)}")
+    charges = response.json()["charges"]
+    if not charges:
+        return None
+    return Charge(id=charges[0].get("id", ""), status=charges[0]["status"])

@@ -1,0 +1,123 @@
+"""The shop's data. Every side effect of a job has a constraint that makes doing it twice
+impossible, and every state change is a conditional update from the state it expects."""
+
+import uuid
+from decimal import Decimal
+
+from django.core.validators import MinValueValidator
+from django.db import models
+
+
+class Product(models.Model):
+    sku = models.CharField(max_length=40, unique=True)
+    name = models.CharField(max_length=200)
+    description = models.TextField(blank=True)
+    price = models.DecimalField(
+        max_digits=10, decimal_places=2, validators=[MinValueValidator(Decimal("0.01"))]
+    )
+    stock = models.PositiveIntegerField(default=0)
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [
+            models.CheckConstraint(condition=models.Q(price__gt=0), name="product_price_positive"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.sku})"
+
+
+class Order(models.Model):
+    class Status(models.TextChoices):
+        PENDING = "pending", "Payment pending"
+        PAID = "paid", "Paid"
+        FAILED = "failed", "Payment failed"
+        CANCELLED = "cancelled", "Cancelled"
+
+    email = models.EmailField()
+    status = models.CharField(max_length=20, choices=Status.choices, default=Status.PENDING)
+    total = models.DecimalField(max_digits=12, decimal_places=2)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-id"]
+
+    def __str__(self) -> str:
+        return f"Order #{self.pk} ({self.status})"
+
+
+class OrderLine(models.Model):
+    order = models.ForeignKey(Order, on_delete=models.CASCADE, related_name="lines")
+    product = models.ForeignKey(Product, on_delete=models.PROTECT, related_name="+")
+    quantity = models.PositiveIntegerField(validators=[MinValueValidator(1)])
+    unit_price = models.DecimalField(max_digits=10, decimal_places=2)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["order", "product"], name="orderline_once_per_product"),
+            models.CheckConstraint(condition=models.Q(quantity__gte=1), name="orderline_qty_pos"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.quantity} x {self.product_id} in order #{self.order_id}"
+
+    @property
+    def subtotal(self) -> Decimal:
+        return self.unit_price * self.quantity
+
+
+class Payment(models.Model):
+    """One payment per order. The idempotency key goes with every gateway call, so a
+    charge retried or run twice is the same charge in the gateway's ledger."""
+
+    class Status(models.TextChoices):
+        PENDING = "pending", "Pending"
+        # A call whose answer never came (timeout): the next attempt asks the gateway.
+        UNKNOWN = "unknown", "Unknown"
+        CHARGED = "charged", "Charged"
+        DECLINED = "declined", "Declined"
+        FAILED = "failed", "Failed"
+
+    order = models.OneToOneField(Order, on_delete=models.CASCADE, related_name="payment")
+    idempotency_key = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
+    amount = models.DecimalField(max_digits=12, decimal_places=2)
+    # The card as the processor's token. With the fake gateway a test card number is its
+    # own token; a real shop gets a token from the processor's browser SDK and never sees
+    # the number.
+    card_token = models.CharField(max_length=64)
+    status = models.CharField(max_length=20, choices=Status.choices, default=Status.PENDING)
+    gateway_charge_id = models.CharField(max_length=64, blank=True)
+    failure_message = models.CharField(max_length=300, blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self) -> str:
+        return f"Payment for order #{self.order_id} ({self.status})"
+
+    @property
+    def card_last4(self) -> str:
+        return self.card_token[-4:]
+
+
+class Receipt(models.Model):
+    """One receipt per order (the OneToOne is the unique constraint). `sending` is a
+    claim with a lease: a claim older than the lease belongs to a worker that died."""
+
+    class Status(models.TextChoices):
+        PENDING = "pending", "Pending"
+        SENDING = "sending", "Sending"
+        SENT = "sent", "Sent"
+
+    order = models.OneToOneField(Order, on_delete=models.CASCADE, related_name="receipt")
+    status = models.CharField(max_length=20, choices=Status.choices, default=Status.PENDING)
+    claimed_at = models.DateTimeField(null=True, blank=True)
+    sent_at = models.DateTimeField(null=True, blank=True)
+    attempts = models.PositiveIntegerField(default=0)
+
+    def __str__(self) -> str:
+        return f"Receipt for order #{self.order_id} ({self.status})"
+
+    @property
+    def message_id(self) -> str:
+        """Stable across resends, so a provider (or a reader) can drop a duplicate."""
+        return f"<receipt-{self.order_id}@shop.example>"

@@ -1,0 +1,151 @@
+"""Checkout: validate an order request, then write the order and its first job atomically."""
+
+import re
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from django.core.exceptions import ValidationError
+from django.core.validators import validate_email
+from django.db import transaction
+from django.db.models import F
+
+from jobs.outbox import enqueue
+from shop.models import Order, OrderLine, Payment, Product
+from shop.tasks.payments import charge_payment as charge_payment_task
+
+MAX_LINES = 20
+MAX_QUANTITY = 99
+MAX_EMAIL_LENGTH = 254
+
+
+class CheckoutError(Exception):
+    """Invalid order request: `errors` maps a field to messages a shopper can act on."""
+
+    def __init__(self, errors: dict[str, list[str]]) -> None:
+        super().__init__(errors)
+        self.errors = errors
+
+
+@dataclass(frozen=True)
+class CheckoutItem:
+    sku: str
+    quantity: int
+
+
+@dataclass(frozen=True)
+class CheckoutRequest:
+    email: str
+    card: str
+    items: tuple[CheckoutItem, ...]
+
+
+def _luhn_ok(digits: str) -> bool:
+    total = 0
+    for position, char in enumerate(reversed(digits)):
+        value = int(char)
+        if position % 2 == 1:
+            value = value * 2 - 9 if value > 4 else value * 2
+        total += value
+    return total % 10 == 0
+
+
+def _clean_email(value: Any, errors: dict[str, list[str]]) -> str:
+    if not isinstance(value, str) or not value.strip():
+        errors["email"] = ["Enter an email address for the receipt."]
+        return ""
+    email = value.strip()
+    try:
+        if len(email) > MAX_EMAIL_LENGTH:
+            raise ValidationError("too long")
+        validate_email(email)
+    except ValidationError:
+        errors["email"] = ["Enter a valid email address."]
+    return email
+
+
+def _clean_card(value: Any, errors: dict[str, list[str]]) -> str:
+    card = re.sub(r"[ -]", "", value) if isinstance(value, str) else ""
+    if not re.fullmatch(r"\d{12,19}", card) or not _luhn_ok(card):
+        errors["card"] = ["Enter a valid card number (test card: 4242 4242 4242 4242)."]
+    return card
+
+
+def _clean_items(value: Any, errors: dict[str, list[str]]) -> tuple[CheckoutItem, ...]:
+    if not isinstance(value, list) or not value:
+        errors["items"] = ["Add at least one item: a list of {sku, quantity}."]
+        return ()
+    if len(value) > MAX_LINES:
+        errors["items"] = [f"At most {MAX_LINES} different products per order."]
+        return ()
+    quantities: dict[str, int] = {}
+    messages: list[str] = []
+    for index, item in enumerate(value):
+        sku = item.get("sku") if isinstance(item, dict) else None
+        quantity = item.get("quantity") if isinstance(item, dict) else None
+        if not isinstance(sku, str) or not 0 < len(sku) <= 40:
+            messages.append(f"Item {index + 1}: sku must be a product code.")
+        elif isinstance(quantity, bool) or not isinstance(quantity, int):
+            messages.append(f"Item {index + 1}: quantity must be a whole number.")
+        else:
+            quantities[sku] = quantities.get(sku, 0) + quantity
+    for sku, quantity in quantities.items():
+        if not 1 <= quantity <= MAX_QUANTITY:
+            messages.append(f"{sku}: quantity must be between 1 and {MAX_QUANTITY}.")
+    if messages:
+        errors["items"] = messages
+    return tuple(CheckoutItem(sku, quantity) for sku, quantity in quantities.items())
+
+
+def checkout_parse(data: Any) -> CheckoutRequest:
+    """Validate the shape of an order request (JSON body or form). Raises CheckoutError."""
+    if not isinstance(data, dict):
+        raise CheckoutError({"body": ["Send a JSON object with email, card and items."]})
+    errors: dict[str, list[str]] = {}
+    email = _clean_email(data.get("email"), errors)
+    card = _clean_card(data.get("card"), errors)
+    items = _clean_items(data.get("items"), errors)
+    if errors:
+        raise CheckoutError(errors)
+    return CheckoutRequest(email=email, card=card, items=items)
+
+
+def checkout_complete(*, request: CheckoutRequest) -> Order:
+    """Reserve stock, write Order + lines + Payment, and enqueue the charge: all or nothing.
+
+    The charge task is published only after COMMIT (through the outbox), so a worker never
+    sees an order that does not exist yet, and a crash after COMMIT loses no order.
+    """
+    skus = [item.sku for item in request.items]
+    with transaction.atomic():
+        products = {p.sku: p for p in Product.objects.filter(sku__in=skus)}
+        unknown = [sku for sku in skus if sku not in products]
+        if unknown:
+            raise CheckoutError({"items": [f"Unknown product: {sku}." for sku in unknown]})
+        # Reserve in a fixed order (by id) so two checkouts never deadlock on row locks.
+        lines = sorted(request.items, key=lambda item: products[item.sku].pk)
+        short = [
+            item.sku
+            for item in lines
+            if not Product.objects.filter(
+                pk=products[item.sku].pk, stock__gte=item.quantity
+            ).update(stock=F("stock") - item.quantity)
+        ]
+        if short:
+            raise CheckoutError(
+                {"items": [f"Not enough {products[sku].name} in stock." for sku in short]}
+            )
+        total = sum((products[i.sku].price * i.quantity for i in lines), Decimal("0"))
+        order = Order.objects.create(email=request.email, total=total)
+        OrderLine.objects.bulk_create(
+            OrderLine(
+                order=order,
+                product=products[i.sku],
+                quantity=i.quantity,
+                unit_price=products[i.sku].price,
+            )
+            for i in lines
+        )
+        payment = Payment.objects.create(order=order, amount=total, card_token=request.card)
+        enqueue(charge_payment_task, args=[payment.pk])
+    return order

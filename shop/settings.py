@@ -1,0 +1,296 @@
+"""Settings for the shop, every environment variable read here and nowhere else.
+
+Local defaults are safe and need nothing but Redis: SQLite file, file-based email,
+debug off. `SHOP_ENV=production` refuses to start without the secrets it needs.
+Every variable is listed, with its default, in `.env.example`.
+"""
+
+import os
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
+from kombu import Queue
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+
+def _load_env_file(path: Path) -> None:
+    """Read KEY=VALUE lines from `.env` without overriding the real environment."""
+    if not path.is_file():
+        return
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, _, value = line.partition("=")
+        os.environ.setdefault(key.strip(), value.strip().strip("'\""))
+
+
+_load_env_file(BASE_DIR / ".env")
+
+
+def env(name: str, default: str) -> str:
+    return os.environ.get(name, default)
+
+
+def env_bool(name: str, default: bool) -> bool:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def env_int(name: str, default: int) -> int:
+    return int(os.environ.get(name, default))
+
+
+def env_float(name: str, default: float) -> float:
+    return float(os.environ.get(name, default))
+
+
+SHOP_ENV = env("SHOP_ENV", "local")  # local | production
+PRODUCTION = SHOP_ENV == "production"
+
+# --- Django -------------------------------------------------------------------
+
+SECRET_KEY = env("SECRET_KEY", "" if PRODUCTION else "local-dev-only-insecure-key")
+if not SECRET_KEY:
+    raise ImproperlyConfigured("SECRET_KEY must be set when SHOP_ENV=production.")
+DEBUG = env_bool("DEBUG", False)
+ALLOWED_HOSTS = [h for h in env("ALLOWED_HOSTS", "" if PRODUCTION else "*").split(",") if h]
+if PRODUCTION and not ALLOWED_HOSTS:
+    raise ImproperlyConfigured("ALLOWED_HOSTS must be set when SHOP_ENV=production.")
+CSRF_TRUSTED_ORIGINS = [o for o in env("CSRF_TRUSTED_ORIGINS", "").split(",") if o]
+
+VAR_DIR = Path(env("SHOP_VAR_DIR", str(BASE_DIR / "var")))
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "django_celery_results",
+    "jobs",
+    "shop",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "shop.urls"
+WSGI_APPLICATION = "shop.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+                "shop.context_processors.cart",
+            ],
+        },
+    },
+]
+
+DATABASE_URL = env("DATABASE_URL", "")
+if DATABASE_URL:
+    # Persistent connections: Celery's Django fixup closes the connection around every
+    # task unless CONN_MAX_AGE keeps it; a new PostgreSQL connection costs ~2.6 ms,
+    # ten times an insert (research/perf-anchors.md).
+    DATABASES = {
+        "default": dj_database_url.parse(
+            DATABASE_URL, conn_max_age=env_int("CONN_MAX_AGE", 60), conn_health_checks=True
+        )
+    }
+else:
+    # The embedded default for `make run`: one SQLite file shared by web, workers and
+    # beat. WAL lets readers run beside the one writer; IMMEDIATE transactions take the
+    # write lock up front so two writers wait (timeout) instead of failing mid-transaction.
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": env("SQLITE_PATH", str(VAR_DIR / "shop.sqlite3")),
+            "OPTIONS": {
+                "timeout": 20,
+                "transaction_mode": "IMMEDIATE",
+                "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+            },
+        }
+    }
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = VAR_DIR / "static"
+# Serve app static files straight from the apps in every mode (no collectstatic needed
+# for `make run`); production images run collectstatic and get compressed files.
+WHITENOISE_USE_FINDERS = True
+
+# A JSON API body is small: 64 KiB is far above any real order and far below a memory risk.
+DATA_UPLOAD_MAX_MEMORY_SIZE = 64 * 1024
+
+SESSION_ENGINE = "django.contrib.sessions.backends.signed_cookies"
+SESSION_COOKIE_HTTPONLY = True
+SESSION_COOKIE_SECURE = PRODUCTION
+CSRF_COOKIE_SECURE = PRODUCTION
+
+# --- Email ----------------------------------------------------------------------
+
+EMAIL_BACKEND = env("EMAIL_BACKEND", "django.core.mail.backends.filebased.EmailBackend")
+EMAIL_FILE_PATH = env("EMAIL_FILE_PATH", str(VAR_DIR / "mail"))
+EMAIL_HOST = env("EMAIL_HOST", "localhost")
+EMAIL_PORT = env_int("EMAIL_PORT", 1025)
+EMAIL_HOST_USER = env("EMAIL_HOST_USER", "")
+EMAIL_HOST_PASSWORD = env("EMAIL_HOST_PASSWORD", "")
+EMAIL_USE_TLS = env_bool("EMAIL_USE_TLS", False)
+EMAIL_TIMEOUT = env_int("EMAIL_TIMEOUT", 10)  # a hung SMTP server must not hold a worker
+DEFAULT_FROM_EMAIL = env("DEFAULT_FROM_EMAIL", "shop@example.com")
+
+# --- The shop -------------------------------------------------------------------
+
+PAYMENT_GATEWAY_URL = env("PAYMENT_GATEWAY_URL", "http://127.0.0.1:8100")
+# (connect, read) seconds; the read timeout stays below charge_payment's soft time limit.
+PAYMENT_GATEWAY_TIMEOUT = (
+    env_float("PAYMENT_GATEWAY_CONNECT_TIMEOUT", 5.0),
+    env_float("PAYMENT_GATEWAY_READ_TIMEOUT", 15.0),
+)
+SHOP_CURRENCY = "EUR"
+REPORTS_DIR = Path(env("REPORTS_DIR", str(VAR_DIR / "reports")))
+# Seconds the sales report sleeps per chunk of orders: makes the bulk job visibly slow.
+REPORT_CHUNK_DELAY = env_float("REPORT_CHUNK_DELAY", 0.5)
+
+# --- Celery ---------------------------------------------------------------------
+# Each setting below is decided by ../shared/research/celery-pitfalls.md (section in [§]).
+# Every process (web, workers, beat, Flower) loads this one module: on Redis the shortest
+# visibility timeout among clients wins [§2].
+
+CELERY_BROKER_URL = env("CELERY_BROKER_URL", "redis://localhost:6379/0")
+# A message delivered but not acked for this long is handed to another worker. Every
+# retry delay and hard time limit must stay well below it (checked at start-up) [§2].
+CELERY_VISIBILITY_TIMEOUT = env_int("CELERY_VISIBILITY_TIMEOUT", 3600)
+CELERY_BROKER_TRANSPORT_OPTIONS = {
+    "visibility_timeout": CELERY_VISIBILITY_TIMEOUT,
+    # kombu's socket_timeout defaults to None: a publish on a dead connection would hang
+    # forever and health checks would never run [§2].
+    "socket_timeout": env_float("CELERY_BROKER_SOCKET_TIMEOUT", 15.0),
+    "socket_connect_timeout": env_float("CELERY_BROKER_CONNECT_TIMEOUT", 5.0),
+    "socket_keepalive": True,
+    "retry_on_timeout": True,
+    "health_check_interval": 25,  # also checks the BRPOP connection since kombu 5.7 [§2]
+    # How often unacked messages older than the visibility timeout are restored (the sweep
+    # is throttled by interval x throttle; 1 makes every interval count) [§2].
+    "unacked_restore_interval": env_float("CELERY_UNACKED_RESTORE_INTERVAL", 30.0),
+    "unacked_restore_throttle": 1,
+}
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True  # workers wait for Redis instead of exiting
+CELERY_BROKER_CONNECTION_MAX_RETRIES = None  # ...for as long as it takes
+CELERY_BROKER_CHANNEL_ERROR_RETRY = True  # a replica demoted to read-only is retried [§2]
+
+CELERY_RESULT_BACKEND = "django-db"  # results are observability only; rows are the truth [§4]
+CELERY_RESULT_EXTENDED = True  # store task name, args, worker, queue with each result [§4]
+CELERY_RESULT_EXPIRES = 7 * 24 * 3600  # purged daily by beat's celery.backend_cleanup [§4]
+
+CELERY_TASK_SERIALIZER = "json"  # JSON only: no pickle from the network
+CELERY_RESULT_SERIALIZER = "json"
+CELERY_ACCEPT_CONTENT = ["json"]
+
+CELERY_TASK_ACKS_LATE = True  # ack after the task ran: a crash mid-task redelivers it [§1]
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1  # with late acks, each child reserves exactly one [§1]
+CELERY_TASK_REJECT_ON_WORKER_LOST = False  # never an unbounded requeue loop [§1]
+# A killed pool child re-sends the task like retry(): bounded by max_retries, then a
+# FAILURE that the dead-letter receiver sees [§1].
+CELERY_TASK_RETRY_ON_WORKER_LOST = True
+CELERY_TASK_ACKS_ON_FAILURE = True  # False on Redis silently deletes the message [§1]
+CELERY_TASK_ACKS_ON_TIMEOUT = True  # False requeues a timed-out task in a loop [§1]
+# Without it, late-ack tasks running when the broker connection drops run twice, in parallel.
+CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = True
+# Skip a redelivered task whose SUCCESS is already stored; DB constraints stay the real guard.
+CELERY_WORKER_DEDUPLICATE_SUCCESSFUL_TASKS = True
+CELERY_WORKER_SOFT_SHUTDOWN_TIMEOUT = env_float("CELERY_WORKER_SOFT_SHUTDOWN_TIMEOUT", 30.0)
+# Soft shutdown even when idle, so reserved ETA tasks are restored, not lost [§1].
+CELERY_WORKER_ENABLE_SOFT_SHUTDOWN_ON_IDLE = True
+CELERY_WORKER_ETA_TASK_LIMIT = 1000  # ETA/countdown tasks sit in worker RAM: cap them [§1]
+CELERY_WORKER_MAX_TASKS_PER_CHILD = 1000  # recycle children: slow leaks cannot pile up [§6]
+CELERY_WORKER_MAX_MEMORY_PER_CHILD = 300_000  # KiB; a bloated child is replaced [§6]
+
+# Defaults for every task; slow or strict tasks set their own [§6].
+CELERY_TASK_SOFT_TIME_LIMIT = 50
+CELERY_TASK_TIME_LIMIT = 60
+
+# Queues are declared once, here; a route to anything else raises QueueNotFound instead
+# of silently creating a queue that no worker consumes [§7].
+CELERY_TASK_QUEUES = [Queue(name) for name in ("payments", "emails", "reports", "default")]
+CELERY_TASK_DEFAULT_QUEUE = "default"
+CELERY_TASK_CREATE_MISSING_QUEUES = False
+# Routes are declared once, by task name (the routing task attributes are deprecated in
+# Celery 5.7) [§7]. Anything unrouted (the outbox relay, celery.*) goes to `default`.
+CELERY_TASK_ROUTES = {
+    "shop.tasks.payments.*": {"queue": "payments"},
+    "shop.tasks.emails.*": {"queue": "emails"},
+    "shop.tasks.reports.*": {"queue": "reports"},
+}
+
+CELERY_WORKER_SEND_TASK_EVENTS = True  # Flower sees tasks without `-E` on every worker [§8]
+CELERY_TASK_SEND_SENT_EVENT = True  # ...including the SENT state [§8]
+CELERY_TASK_TRACK_STARTED = True  # STARTED is visible in results and Flower
+
+CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
+CELERY_BEAT_SCHEDULE = {
+    "relay-outbox": {
+        "task": "jobs.tasks.relay_outbox",
+        "schedule": env_float("OUTBOX_RELAY_INTERVAL", 10.0),
+    },
+    "prune-outbox": {"task": "jobs.tasks.prune_outbox", "schedule": 3600.0},
+    "build-sales-report": {
+        "task": "shop.tasks.reports.build_sales_report",
+        "schedule": env_float("SALES_REPORT_INTERVAL", 3600.0),
+    },
+}
+
+# --- The outbox (jobs/outbox.py) ------------------------------------------------
+
+# Rows younger than this are left to the publisher registered by their own transaction.
+JOBS_OUTBOX_RELAY_GRACE = env_float("OUTBOX_RELAY_GRACE", 10.0)
+JOBS_OUTBOX_BATCH_SIZE = env_int("OUTBOX_BATCH_SIZE", 500)
+JOBS_OUTBOX_RETENTION_DAYS = env_int("OUTBOX_RETENTION_DAYS", 7)
+
+# --- Processes started by `make run` (deploy/run_local.py) ------------------------
+
+WEB_PORT = env_int("WEB_PORT", 8000)
+GATEWAY_PORT = env_int("GATEWAY_PORT", urlsplit(PAYMENT_GATEWAY_URL).port or 8100)
+FLOWER_PORT = env_int("FLOWER_PORT", 5555)
+FLOWER_BASIC_AUTH = env("FLOWER_BASIC_AUTH", "")
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env("LOG_LEVEL", "INFO")},
+    "loggers": {"django.db.backends": {"level": "WARNING"}},
+}

@@ -1,0 +1,16 @@
+from celery import shared_task
+
+from jobs.base import ReliableTask
+from shop.services.payments import payment_charge
+
+
+# Soft limit 20 s marks the payment `unknown` (the next attempt asks the gateway before
+# charging); the gateway read timeout (15 s) fires before it in the normal case.
+@shared_task(
+    name="shop.tasks.payments.charge_payment",
+    base=ReliableTask,
+    soft_time_limit=20,
+    time_limit=30,
+)
+def charge_payment(payment_id: int) -> None:
+    payment_charge(payment_id=payment_id)

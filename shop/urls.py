@@ -1,0 +1,17 @@
+from django.contrib import admin
+from django.urls import path
+
+from shop.views import api, pages
+
+urlpatterns = [
+    path("", pages.catalog, name="catalog"),
+    path("cart/", pages.cart, name="cart"),
+    path("cart/update/", pages.cart_update, name="cart-update"),
+    path("checkout/", pages.checkout, name="checkout"),
+    path("orders/<int:order_id>/", pages.order_detail, name="order-detail"),
+    path("api/products/", api.products, name="api-products"),
+    path("api/orders/", api.orders, name="api-orders"),
+    path("api/orders/<int:order_id>/", api.order_detail, name="api-order-detail"),
+    path("api/reports/sales/", api.sales_report, name="api-sales-report"),
+    path("admin/", admin.site.urls),
+]

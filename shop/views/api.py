@@ -1,0 +1,82 @@
+"""The JSON API. Every error is JSON with a message; nothing is written on bad input."""
+
+import json
+from typing import Any
+
+from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.views.decorators.csrf import csrf_exempt
+
+from jobs.outbox import enqueue
+from shop import selectors
+from shop.services.checkout import CheckoutError, checkout_complete, checkout_parse
+from shop.tasks.reports import build_sales_report as build_sales_report_task
+
+
+def _errors(status: int, errors: dict[str, Any]) -> JsonResponse:
+    return JsonResponse({"errors": errors}, status=status)
+
+
+def _method_not_allowed(allowed: str) -> JsonResponse:
+    response = _errors(405, {"method": [f"Use {allowed}."]})
+    response["Allow"] = allowed
+    return response
+
+
+def _json_body(request: HttpRequest) -> Any:
+    """The parsed body, or raise ValueError/RequestDataTooBig."""
+    declared = request.META.get("CONTENT_LENGTH") or "0"
+    if declared.isdigit() and int(declared) > settings.DATA_UPLOAD_MAX_MEMORY_SIZE:
+        raise RequestDataTooBig
+    return json.loads(request.body)
+
+
+def products(request: HttpRequest) -> HttpResponse:
+    if request.method != "GET":
+        return _method_not_allowed("GET")
+    data = [
+        {"sku": p.sku, "name": p.name, "price": str(p.price), "stock": p.stock}
+        for p in selectors.product_list()
+    ]
+    return JsonResponse(data, safe=False)
+
+
+@csrf_exempt  # a JSON API for programs, not a cookie-authenticated form
+def orders(request: HttpRequest) -> HttpResponse:
+    if request.method != "POST":
+        return _method_not_allowed("POST")
+    if request.content_type != "application/json":
+        return _errors(415, {"body": ["Send Content-Type: application/json."]})
+    try:
+        data = _json_body(request)
+    except RequestDataTooBig:
+        limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE // 1024
+        return _errors(413, {"body": [f"Request body too large (limit {limit} KiB)."]})
+    except (ValueError, UnicodeDecodeError):
+        return _errors(400, {"body": ["Malformed JSON."]})
+    try:
+        order = checkout_complete(request=checkout_parse(data))
+    except CheckoutError as exc:
+        return _errors(400, exc.errors)
+    url = selectors.order_status(order)["url"]
+    response = JsonResponse({"id": order.pk, "status": order.status, "url": url}, status=201)
+    response["Location"] = url
+    return response
+
+
+def order_detail(request: HttpRequest, order_id: int) -> HttpResponse:
+    if request.method != "GET":
+        return _method_not_allowed("GET")
+    order = selectors.order_get(order_id=order_id)
+    if order is None:
+        return _errors(404, {"order": [f"No order with id {order_id}."]})
+    return JsonResponse(selectors.order_status(order))
+
+
+@csrf_exempt
+def sales_report(request: HttpRequest) -> HttpResponse:
+    if request.method != "POST":
+        return _method_not_allowed("POST")
+    message = enqueue(build_sales_report_task)
+    return JsonResponse({"task_id": str(message.task_id)}, status=202)

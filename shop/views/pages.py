@@ -1,0 +1,75 @@
+"""HTML pages: catalog, cart, checkout, live order status. Thin: parse, call, render."""
+
+from django.contrib import messages
+from django.http import Http404, HttpRequest, HttpResponse
+from django.shortcuts import redirect, render
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
+
+from shop import selectors
+from shop.cart import cart_clear, cart_items, cart_lines, cart_set
+from shop.models import Product
+from shop.services.checkout import MAX_QUANTITY, CheckoutError, checkout_complete, checkout_parse
+
+
+def _quantity(raw: str | None) -> int | None:
+    try:
+        value = int(raw or "")
+    except ValueError:
+        return None
+    return value if 0 <= value <= MAX_QUANTITY else None
+
+
+@require_GET
+def catalog(request: HttpRequest) -> HttpResponse:
+    return render(request, "shop/catalog.html", {"products": selectors.product_list()})
+
+
+@require_POST
+def cart_update(request: HttpRequest) -> HttpResponse:
+    sku = request.POST.get("sku", "")
+    quantity = _quantity(request.POST.get("quantity"))
+    product = Product.objects.filter(sku=sku).first()
+    if product is None or quantity is None:
+        messages.error(request, f"Choose a product and a quantity from 0 to {MAX_QUANTITY}.")
+        return redirect("cart")
+    if request.POST.get("mode") == "add":
+        quantity = min(cart_items(request).get(sku, 0) + max(quantity, 1), MAX_QUANTITY)
+        messages.success(request, f"Added {product.name} to your cart.")
+    cart_set(request, sku=sku, quantity=quantity)
+    return redirect("catalog" if request.POST.get("next") == "catalog" else "cart")
+
+
+@require_GET
+def cart(request: HttpRequest) -> HttpResponse:
+    lines, total = cart_lines(request)
+    return render(request, "shop/cart.html", {"lines": lines, "total": total})
+
+
+@require_http_methods(["GET", "POST"])
+def checkout(request: HttpRequest) -> HttpResponse:
+    lines, total = cart_lines(request)
+    context: dict[str, object] = {"lines": lines, "total": total, "errors": {}, "form": {}}
+    if request.method == "GET":
+        if not lines:
+            messages.info(request, "Your cart is empty.")
+            return redirect("catalog")
+        return render(request, "shop/checkout.html", context)
+    form = {"email": request.POST.get("email", ""), "card": request.POST.get("card", "")}
+    items = [{"sku": sku, "quantity": qty} for sku, qty in cart_items(request).items()]
+    try:
+        order = checkout_complete(request=checkout_parse({**form, "items": items}))
+    except CheckoutError as exc:
+        context.update(errors=exc.errors, form=form)
+        return render(request, "shop/checkout.html", context, status=400)
+    cart_clear(request)
+    return redirect("order-detail", order_id=order.pk)
+
+
+@require_GET
+def order_detail(request: HttpRequest, order_id: int) -> HttpResponse:
+    order = selectors.order_get(order_id=order_id)
+    if order is None:
+        raise Http404("No such order.")
+    return render(
+        request, "shop/order.html", {"order": order, "status": selectors.order_status(order)}
+    )
