@@ -59,7 +59,10 @@ def checkout(request: HttpRequest) -> HttpResponse:
     try:
         order = checkout_complete(request=checkout_parse({**form, "items": items}))
     except CheckoutError as exc:
-        context.update(errors=exc.errors, form=form)
+        # A flat list for the summary: in a template, errors.items would look up the key
+        # "items" before the dict method.
+        summary = [message for messages in exc.errors.values() for message in messages]
+        context.update(errors=exc.errors, summary=summary, form=form)
         return render(request, "shop/checkout.html", context, status=400)
     cart_clear(request)
     return redirect("order-detail", order_id=order.pk)

@@ -1,0 +1,738 @@
+"""A fake card processor: a standalone HTTP service with its own SQLite ledger.
+
+It behaves like a real payment gateway (Stripe-like idempotency keys, declines, transient
+failures) and can be told to misbehave (latency, random 503s, outages, and the nasty case of
+a charge that is recorded but answered too late). Its ledger is the independent witness that
+no card was ever charged twice.
+
+Standard library only: this module must not import Django or anything else from the project.
+
+API (JSON in, JSON out):
+
+- ``POST /v1/charges`` with header ``Idempotency-Key`` and body
+  ``{"amount": "12.34", "currency": "EUR", "card": "4242424242424242", "description": "..."}``
+- ``GET /v1/charges[?idempotency_key=K]``: every recorded outcome, oldest first
+- ``GET /v1/control`` / ``POST /v1/control``: read / change the fault settings
+- ``GET /healthz``
+
+Ledger schema (table ``charges``, one row per idempotency key, ordered by ``seq``): ``id``,
+``idempotency_key``, ``status`` ("succeeded" | "declined"), ``amount``, ``currency``,
+``card_last4``, ``description``, ``created``, plus the stored answer (``response_status``,
+``response_body``) replayed for repeated keys.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import signal
+import socketserver
+import sqlite3
+import sys
+import threading
+import traceback
+import uuid
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import FrameType
+from typing import Any, ClassVar
+from urllib.parse import parse_qs, urlsplit
+
+MAX_BODY_BYTES = 64 * 1024
+# A too-large body up to this size is read and discarded so the client sees the 413.
+_MAX_DRAIN_BYTES = 1024 * 1024
+MAX_IDEMPOTENCY_KEY_LENGTH = 255
+MAX_DESCRIPTION_LENGTH = 1000
+DECLINED_CARD = "4000000000000002"
+FLAKY_CARD = "4000000000000119"
+
+_AMOUNT_RE = re.compile(r"[0-9]{1,15}(?:\.[0-9]{1,15})?")
+_CURRENCY_RE = re.compile(r"[A-Za-z]{3}")
+_CARD_RE = re.compile(r"[0-9]{12,19}")
+_CENT = Decimal("0.01")
+_MAX_AMOUNT = Decimal("1000000000000")  # exclusive
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+# --- Configuration ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """Fault-injection settings. Immutable: changing them builds a new config."""
+
+    latency_ms: int = 0  # sleep before handling each POST /v1/charges
+    failure_rate: float = 0.0  # probability that a POST /v1/charges answers 503 up front
+    timeout_rate: float = 0.0  # probability that a new outcome is recorded, then answered late
+    timeout_seconds: float = 30.0  # how late, in that case
+    outage: bool = False  # every POST /v1/charges answers 503
+    flaky_card_failures: int = 2  # 503s per idempotency key for FLAKY_CARD before it charges
+    seed: int | None = None  # seed of the random generator (None: unpredictable)
+
+    ENV_VARS: ClassVar[dict[str, str]] = {
+        "latency_ms": "GATEWAY_LATENCY_MS",
+        "failure_rate": "GATEWAY_FAILURE_RATE",
+        "timeout_rate": "GATEWAY_TIMEOUT_RATE",
+        "timeout_seconds": "GATEWAY_TIMEOUT_SECONDS",
+        "outage": "GATEWAY_OUTAGE",
+        "flaky_card_failures": "GATEWAY_FLAKY_CARD_FAILURES",
+        "seed": "GATEWAY_SEED",
+    }
+
+    def __post_init__(self) -> None:
+        _check_int("latency_ms", self.latency_ms, 0, 600_000)
+        _check_number("failure_rate", self.failure_rate, 0.0, 1.0)
+        _check_number("timeout_rate", self.timeout_rate, 0.0, 1.0)
+        _check_number("timeout_seconds", self.timeout_seconds, 0.0, 3600.0)
+        if not isinstance(self.outage, bool):
+            raise ValueError("outage must be a boolean")
+        _check_int("flaky_card_failures", self.flaky_card_failures, 0, 1000)
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int)
+        ):
+            raise ValueError("seed must be an integer or null")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> GatewayConfig:
+        """Read the GATEWAY_* variables (unset or empty means the default).
+
+        Raises ValueError naming the variable when a value is malformed or out of range.
+        """
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for name, var in cls.ENV_VARS.items():
+            raw = env.get(var, "").strip()
+            if not raw:
+                continue
+            try:
+                if name in ("latency_ms", "flaky_card_failures", "seed"):
+                    values[name] = int(raw)
+                elif name == "outage":
+                    values[name] = _parse_bool(raw)
+                else:
+                    values[name] = float(raw)
+                cls(**{name: values[name]})  # range check, naming the variable on failure
+            except ValueError as exc:
+                raise ValueError(f"{var}={raw!r}: {exc}") from None
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def updated(self, changes: Mapping[str, object]) -> GatewayConfig:
+        """A copy with ``changes`` (decoded JSON) applied; all or nothing.
+
+        Raises ValueError on unknown keys, wrong JSON types or out-of-range values.
+        """
+        unknown = sorted(set(changes) - set(self.ENV_VARS))
+        if unknown:
+            raise ValueError(f"unknown setting(s): {', '.join(unknown)}")
+        values: dict[str, Any] = {}
+        for name, value in changes.items():
+            if name in ("latency_ms", "flaky_card_failures"):
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise ValueError(f"{name} must be an integer")
+                values[name] = value
+            elif name == "seed":
+                if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                    raise ValueError("seed must be an integer or null")
+                values[name] = value
+            elif name == "outage":
+                if not isinstance(value, bool):
+                    raise ValueError("outage must be true or false")
+                values[name] = value
+            else:
+                if isinstance(value, bool) or not isinstance(value, int | float):
+                    raise ValueError(f"{name} must be a number")
+                values[name] = float(value)
+        return replace(self, **values)
+
+
+def _check_int(name: str, value: object, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be between {low} and {high}, got {value}")
+
+
+def _check_number(name: str, value: object, low: float, high: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{name} must be a number")
+    if not math.isfinite(value) or not low <= value <= high:
+        raise ValueError(f"{name} must be between {low:g} and {high:g}, got {value!r}")
+
+
+def _parse_bool(raw: str) -> bool:
+    lowered = raw.lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ValueError("expected one of 1/true/yes/on or 0/false/no/off")
+
+
+# --- Errors and answers -------------------------------------------------------------
+
+
+def error_body(kind: str, message: str, code: str | None = None) -> dict[str, Any]:
+    error: dict[str, Any] = {"type": kind}
+    if code is not None:
+        error["code"] = code
+    error["message"] = message
+    return {"error": error}
+
+
+class HTTPError(Exception):
+    """Raised while handling a request: answered as a JSON error."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        kind: str = "invalid_request_error",
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = error_body(kind, message, code)
+        self.headers = dict(headers or {})
+
+
+@dataclass(frozen=True)
+class Response:
+    status: int
+    body: dict[str, Any]
+    headers: dict[str, str] = field(default_factory=dict)
+    delay: float = 0.0  # seconds to wait before answering (the injected timeout)
+
+
+@dataclass(frozen=True)
+class ChargeRequest:
+    """A validated POST /v1/charges."""
+
+    idempotency_key: str
+    amount: str  # canonical, two decimal places
+    currency: str  # upper case
+    card: str
+    description: str | None
+
+    @property
+    def card_last4(self) -> str:
+        return self.card[-4:]
+
+    @property
+    def card_fingerprint(self) -> str:
+        # The ledger never stores card numbers, only enough to spot a reused key.
+        return hashlib.sha256(self.card.encode("ascii")).hexdigest()
+
+
+def parse_charge_request(idempotency_key: str | None, body: bytes) -> ChargeRequest:
+    """Validate a charge request; raises HTTPError(400) naming the first problem."""
+    if idempotency_key is None or not idempotency_key.strip():
+        raise HTTPError(400, "Missing required header: Idempotency-Key.")
+    if len(idempotency_key) > MAX_IDEMPOTENCY_KEY_LENGTH:
+        raise HTTPError(
+            400, f"Idempotency-Key must be at most {MAX_IDEMPOTENCY_KEY_LENGTH} characters."
+        )
+    data = _parse_json_object(body)
+
+    amount = data.get("amount")
+    if amount is None:
+        raise HTTPError(400, "Missing required param: amount.")
+    if not isinstance(amount, str) or not _AMOUNT_RE.fullmatch(amount):
+        raise HTTPError(400, 'Invalid amount: expected a decimal string such as "12.34".')
+    try:
+        value = Decimal(amount)
+    except InvalidOperation:  # pragma: no cover - the regex only lets decimals through
+        raise HTTPError(400, "Invalid amount.") from None
+    if value <= 0:
+        raise HTTPError(400, "Invalid amount: must be greater than 0.")
+    if value >= _MAX_AMOUNT:
+        raise HTTPError(400, "Invalid amount: too large.")
+    if value != value.quantize(_CENT):
+        raise HTTPError(400, "Invalid amount: at most 2 decimal places.")
+
+    currency = data.get("currency")
+    if currency is None:
+        raise HTTPError(400, "Missing required param: currency.")
+    if not isinstance(currency, str) or not _CURRENCY_RE.fullmatch(currency):
+        raise HTTPError(400, "Invalid currency: expected a 3-letter code such as EUR.")
+
+    card = data.get("card")
+    if card is None:
+        raise HTTPError(400, "Missing required param: card.")
+    if not isinstance(card, str) or not _CARD_RE.fullmatch(card):
+        raise HTTPError(400, "Invalid card: expected 12 to 19 digits.")
+
+    description = data.get("description")
+    if description is not None:
+        if not isinstance(description, str):
+            raise HTTPError(400, "Invalid description: expected a string.")
+        if len(description) > MAX_DESCRIPTION_LENGTH:
+            raise HTTPError(
+                400, f"Invalid description: at most {MAX_DESCRIPTION_LENGTH} characters."
+            )
+
+    return ChargeRequest(
+        idempotency_key=idempotency_key,
+        amount=str(value.quantize(_CENT)),
+        currency=currency.upper(),
+        card=card,
+        description=description,
+    )
+
+
+def _parse_json_object(body: bytes) -> dict[str, Any]:
+    try:
+        data = json.loads(body)
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError
+        raise HTTPError(400, "Request body must be valid JSON.") from None
+    if not isinstance(data, dict):
+        raise HTTPError(400, "Request body must be a JSON object.")
+    return data
+
+
+# --- The ledger ---------------------------------------------------------------------
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS charges (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    idempotency_key TEXT NOT NULL UNIQUE,
+    status TEXT NOT NULL CHECK (status IN ('succeeded', 'declined')),
+    amount TEXT NOT NULL,
+    currency TEXT NOT NULL,
+    card_last4 TEXT NOT NULL,
+    card_fingerprint TEXT NOT NULL,
+    description TEXT,
+    created TEXT NOT NULL,
+    response_status INTEGER NOT NULL,
+    response_body TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS transient_failures (
+    idempotency_key TEXT PRIMARY KEY,
+    count INTEGER NOT NULL
+);
+"""
+
+_VIEW_COLUMNS = "id, status, amount, currency, card_last4, idempotency_key, created, description"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: int
+    body: dict[str, Any]
+    replayed: bool = False  # the stored answer of an earlier request with this key
+    recorded: bool = False  # this request created the ledger row
+
+
+class Ledger:
+    """The SQLite ledger: one row per idempotency key, written once.
+
+    A single connection guarded by a lock: every charge is one short ``BEGIN IMMEDIATE``
+    transaction (look the key up, then insert), so concurrent requests with the same key,
+    in this process or another one sharing the file, can never both insert. The
+    UNIQUE(idempotency_key) constraint is the backstop.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._conn = sqlite3.connect(
+            path, timeout=10.0, isolation_level=None, check_same_thread=False
+        )
+        self._conn.row_factory = sqlite3.Row
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=FULL")  # an answered charge survives a crash
+        self._conn.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def charge(self, request: ChargeRequest, flaky_card_failures: int) -> Outcome:
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                outcome = self._charge(request, flaky_card_failures)
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+            return outcome
+
+    def _charge(self, request: ChargeRequest, flaky_card_failures: int) -> Outcome:
+        conn = self._conn
+        row = conn.execute(
+            "SELECT amount, currency, card_fingerprint, response_status, response_body"
+            " FROM charges WHERE idempotency_key = ?",
+            (request.idempotency_key,),
+        ).fetchone()
+        if row is not None:
+            if (
+                Decimal(row["amount"]) != Decimal(request.amount)
+                or row["currency"] != request.currency
+                or row["card_fingerprint"] != request.card_fingerprint
+            ):
+                return Outcome(
+                    409,
+                    error_body(
+                        "idempotency_error",
+                        "Keys for idempotent requests can only be used with the same"
+                        " parameters they were first used with (amount, currency, card).",
+                    ),
+                )
+            return Outcome(row["response_status"], json.loads(row["response_body"]), replayed=True)
+
+        if request.card == FLAKY_CARD:
+            failures = conn.execute(
+                "SELECT count FROM transient_failures WHERE idempotency_key = ?",
+                (request.idempotency_key,),
+            ).fetchone()
+            if (failures[0] if failures else 0) < flaky_card_failures:
+                conn.execute(
+                    "INSERT INTO transient_failures (idempotency_key, count) VALUES (?, 1)"
+                    " ON CONFLICT (idempotency_key) DO UPDATE SET count = count + 1",
+                    (request.idempotency_key,),
+                )
+                # A transient answer is not the key's answer: a retry may succeed.
+                return Outcome(
+                    503,
+                    error_body(
+                        "api_error",
+                        "A transient processing error occurred; retry with the same key.",
+                        code="processing_error",
+                    ),
+                )
+
+        declined = request.card == DECLINED_CARD
+        charge = {
+            "id": "ch_" + uuid.uuid4().hex[:24],
+            "status": "declined" if declined else "succeeded",
+            "amount": request.amount,
+            "currency": request.currency,
+            "card_last4": request.card_last4,
+            "idempotency_key": request.idempotency_key,
+            "created": datetime.now(UTC).isoformat(timespec="microseconds"),
+            "description": request.description,
+        }
+        if declined:
+            status = 402
+            body = error_body("card_error", "Your card was declined.", code="card_declined")
+            body["error"]["charge"] = charge["id"]
+        else:
+            status, body = 201, charge
+        conn.execute(
+            "INSERT INTO charges (id, idempotency_key, status, amount, currency, card_last4,"
+            " card_fingerprint, description, created, response_status, response_body)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                charge["id"],
+                request.idempotency_key,
+                charge["status"],
+                request.amount,
+                request.currency,
+                request.card_last4,
+                request.card_fingerprint,
+                request.description,
+                charge["created"],
+                status,
+                json.dumps(body),
+            ),
+        )
+        return Outcome(status, body, recorded=True)
+
+    def list_charges(self, idempotency_key: str | None = None) -> list[dict[str, Any]]:
+        query = f"SELECT {_VIEW_COLUMNS} FROM charges"  # noqa: S608 - constant column list
+        params: tuple[str, ...] = ()
+        if idempotency_key is not None:
+            query += " WHERE idempotency_key = ?"
+            params = (idempotency_key,)
+        with self._lock:
+            rows = self._conn.execute(query + " ORDER BY seq", params).fetchall()
+        return [dict(row) for row in rows]
+
+
+# --- The service --------------------------------------------------------------------
+
+
+class Gateway:
+    """Shared state of one running gateway: ledger, settings, random generator."""
+
+    def __init__(self, ledger: Ledger, config: GatewayConfig) -> None:
+        self.ledger = ledger
+        self._config = config
+        self._lock = threading.Lock()
+        self._random = random.Random(config.seed)  # noqa: S311 - fault injection, not crypto
+        self.stopping = threading.Event()
+
+    @property
+    def config(self) -> GatewayConfig:
+        return self._config
+
+    def update_config(self, changes: Mapping[str, object]) -> GatewayConfig:
+        with self._lock:
+            config = self._config.updated(changes)
+            if "seed" in changes:
+                self._random.seed(config.seed)
+            self._config = config
+            return config
+
+    def chance(self, rate: float) -> bool:
+        if rate <= 0:
+            return False
+        if rate >= 1:
+            return True
+        with self._lock:
+            return self._random.random() < rate
+
+    def sleep(self, seconds: float) -> None:
+        """Sleep, but wake up at once when the gateway stops."""
+        if seconds > 0:
+            self.stopping.wait(seconds)
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.ledger.close()
+
+    def create_charge(self, idempotency_key: str | None, body: bytes) -> Response:
+        config = self.config
+        self.sleep(config.latency_ms / 1000)
+        config = self.config  # settings may have changed while we slept
+        if config.outage:
+            raise HTTPError(
+                503, "The payment gateway is unavailable (outage).", "api_error", "outage"
+            )
+        if self.chance(config.failure_rate):
+            raise HTTPError(
+                503,
+                "The payment gateway is temporarily unavailable.",
+                "api_error",
+                "service_unavailable",
+            )
+        request = parse_charge_request(idempotency_key, body)
+        outcome = self.ledger.charge(request, config.flaky_card_failures)
+        headers = {"Idempotent-Replayed": "true"} if outcome.replayed else {}
+        delay = 0.0
+        if outcome.recorded and self.chance(config.timeout_rate):
+            delay = config.timeout_seconds  # recorded, but the client will not hear in time
+        return Response(outcome.status, outcome.body, headers, delay)
+
+
+_ROUTES: dict[str, tuple[str, ...]] = {
+    "/healthz": ("GET",),
+    "/v1/charges": ("GET", "POST"),
+    "/v1/control": ("GET", "POST"),
+}
+
+
+class GatewayRequestHandler(BaseHTTPRequestHandler):
+    server: GatewayHTTPServer
+    protocol_version = "HTTP/1.1"
+    server_version = "FakeGateway/1.0"
+    timeout = 120  # seconds of silence before an idle keep-alive connection is dropped
+    disable_nagle_algorithm = True  # headers and body are separate writes: no 40 ms stalls
+
+    def version_string(self) -> str:
+        return self.server_version
+
+    def do_GET(self) -> None:
+        self._handle()
+
+    def do_POST(self) -> None:
+        self._handle()
+
+    def do_HEAD(self) -> None:
+        self._handle()
+
+    def do_PUT(self) -> None:
+        self._handle()
+
+    def do_PATCH(self) -> None:
+        self._handle()
+
+    def do_DELETE(self) -> None:
+        self._handle()
+
+    def do_OPTIONS(self) -> None:
+        self._handle()
+
+    def _handle(self) -> None:
+        try:
+            response = self._dispatch(self._read_body())
+        except HTTPError as exc:
+            response = Response(exc.status, exc.body, exc.headers)
+        except Exception:
+            self.log_error("unexpected error:\n%s", traceback.format_exc().rstrip())
+            response = Response(
+                500, error_body("api_error", "Internal gateway error.", code="internal_error")
+            )
+        self.server.gateway.sleep(response.delay)
+        self._send(response)
+
+    def _read_body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding"):
+            self.close_connection = True
+            raise HTTPError(411, "Chunked bodies are not supported: send Content-Length.")
+        raw = self.headers.get("Content-Length")
+        if raw is None:
+            return b""
+        try:
+            length = int(raw)
+            if length < 0:
+                raise ValueError(raw)
+        except ValueError:
+            self.close_connection = True
+            raise HTTPError(400, "Invalid Content-Length header.") from None
+        if length > MAX_BODY_BYTES:
+            self.close_connection = True
+            if length <= _MAX_DRAIN_BYTES:
+                self.rfile.read(length)
+            raise HTTPError(413, f"Request body too large (limit {MAX_BODY_BYTES} bytes).")
+        return self.rfile.read(length)
+
+    def _dispatch(self, body: bytes) -> Response:
+        url = urlsplit(self.path)
+        allowed = _ROUTES.get(url.path)
+        if allowed is None:
+            raise HTTPError(404, f"Unrecognized request URL ({self.command} {url.path}).")
+        method = "GET" if self.command == "HEAD" else self.command
+        if method not in allowed:
+            raise HTTPError(
+                405,
+                f"Method {self.command} not allowed on {url.path}.",
+                headers={"Allow": ", ".join(allowed)},
+            )
+        gateway = self.server.gateway
+        if url.path == "/healthz":
+            return Response(200, {"status": "ok"})
+        if url.path == "/v1/control":
+            if method == "POST":
+                try:
+                    return Response(200, gateway.update_config(_parse_json_object(body)).to_dict())
+                except ValueError as exc:
+                    raise HTTPError(400, f"Invalid settings: {exc}.") from None
+            return Response(200, gateway.config.to_dict())
+        if method == "POST":
+            return gateway.create_charge(self.headers.get("Idempotency-Key"), body)
+        keys = parse_qs(url.query, keep_blank_values=True).get("idempotency_key")
+        return Response(200, {"charges": gateway.ledger.list_charges(keys[0] if keys else None)})
+
+    def _send(self, response: Response) -> None:
+        payload = json.dumps(response.body).encode()
+        try:
+            self.send_response(response.status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            for name, value in response.headers.items():
+                self.send_header(name, value)
+            if self.close_connection:
+                self.send_header("Connection", "close")
+            self.end_headers()
+            if getattr(self, "command", None) != "HEAD":
+                self.wfile.write(payload)
+        except OSError as exc:  # the client went away (e.g. it timed out first)
+            self.close_connection = True
+            self.log_message("could not answer: %r", exc)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """Protocol-level errors (bad request line, unknown method...) as JSON, then close."""
+        self.close_connection = True
+        text = message or HTTPStatus(code).phrase
+        self._send(Response(code, error_body("invalid_request_error", text)))
+
+    def log_message(self, format: str, *args: Any) -> None:
+        sys.stderr.write(f"gateway: {self.address_string()} {format % args}\n")
+
+
+class GatewayHTTPServer(ThreadingHTTPServer):
+    """One thread per connection; different idempotency keys never wait for each other."""
+
+    daemon_threads = True
+    request_queue_size = 128
+
+    def __init__(self, address: tuple[str, int], gateway: Gateway) -> None:
+        self.gateway = gateway
+        super().__init__(address, GatewayRequestHandler)
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind would call socket.getfqdn(), which can stall on DNS.
+        socketserver.TCPServer.server_bind(self)
+        host, port = self.server_address[:2]
+        self.server_name = str(host)
+        self.server_port = int(port)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.server_name}:{self.server_port}"
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        exc = sys.exc_info()[1]
+        sys.stderr.write(f"gateway: connection error from {client_address}: {exc!r}\n")
+
+
+def make_server(
+    host: str, port: int, db_path: str, config: GatewayConfig | None = None
+) -> GatewayHTTPServer:
+    """Open the ledger (creating its directory) and bind; call ``serve_forever`` to run."""
+    Path(db_path).parent.mkdir(parents=True, exist_ok=True)
+    ledger = Ledger(db_path)
+    try:
+        return GatewayHTTPServer((host, port), Gateway(ledger, config or GatewayConfig()))
+    except BaseException:
+        ledger.close()
+        raise
+
+
+def serve(
+    host: str,
+    port: int,
+    db_path: str,
+    config: GatewayConfig | None = None,
+    *,
+    stop: threading.Event | None = None,
+) -> None:
+    """Run the gateway until ``stop`` is set or, without one, until SIGTERM or SIGINT.
+
+    Prints ``gateway listening on http://HOST:PORT`` once bound (port 0 picks a free port).
+    Returns normally after a clean shutdown.
+    """
+    server = make_server(host, port, db_path, config)
+    stop_event = stop if stop is not None else threading.Event()
+    signalled: list[int] = []
+    previous: dict[signal.Signals, Any] = {}
+    if stop is None and threading.current_thread() is threading.main_thread():
+
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            signalled.append(signum)  # no locks in a signal handler
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            previous[signum] = signal.signal(signum, on_signal)
+
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.1}, name="gateway", daemon=True
+    )
+    thread.start()
+    print(f"gateway listening on {server.url}", flush=True)
+    try:
+        while not signalled and not stop_event.wait(0.1):
+            pass
+    finally:
+        server.shutdown()
+        thread.join()
+        server.server_close()
+        server.gateway.close()
+        for restored, handler in previous.items():
+            signal.signal(restored, handler)

@@ -1,0 +1,124 @@
+"""Fixtures shared by the suite: a private Redis for every test, and on request the
+payment gateway and one real Celery worker per queue."""
+
+import os
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from django.db import connection
+
+from shop.gateway import client as gateway_client
+from shop.models import Product
+from tests.processes import QUEUES, Gateway, RedisServer, Worker
+
+
+@pytest.fixture(scope="session", autouse=True)
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """Every test talks to a private Redis; the machine's shared one is never touched."""
+    from jobs import app
+
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    os.environ["CELERY_BROKER_URL"] = server.url
+    app.conf.broker_url = server.url
+    yield server
+    app.pool.force_close_all()
+    server.stop()
+
+
+@pytest.fixture
+def broker(redis_server: RedisServer) -> RedisServer:
+    """The private Redis with empty queues."""
+    redis_server.purge_queues()
+    return redis_server
+
+
+@pytest.fixture(scope="session")
+def gateway_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    gateway = Gateway(tmp_path_factory.mktemp("gateway"))
+    gateway.start()
+    yield gateway
+    gateway.stop()
+
+
+@pytest.fixture
+def gateway(gateway_process: Gateway, settings: object) -> Gateway:
+    """The gateway with its faults off, and this process's client pointed at it."""
+    gateway_process.reset()
+    settings.PAYMENT_GATEWAY_URL = gateway_process.url  # type: ignore[attr-defined]
+    gateway_client._clients.clear()
+    return gateway_process
+
+
+@pytest.fixture(scope="session")
+def mail_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("mail")
+
+
+@pytest.fixture
+def mail_dir(mail_root: Path, settings: object) -> Path:
+    """The file-backend mail folder, emptied for this test."""
+    for message in mail_root.iterdir():
+        message.unlink()
+    settings.EMAIL_FILE_PATH = str(mail_root)  # type: ignore[attr-defined]
+    return mail_root
+
+
+def _test_database_url() -> str:
+    db = connection.settings_dict
+    return f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}"
+
+
+@pytest.fixture(scope="session")
+def worker_env(
+    django_db_setup: None,
+    django_db_blocker: pytest.FixtureRequest,
+    redis_server: RedisServer,
+    gateway_process: Gateway,
+    mail_root: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> dict[str, str]:
+    """The environment of worker subprocesses: the test database, broker and gateway."""
+    with django_db_blocker.unblock():  # type: ignore[attr-defined]
+        database_url = _test_database_url()
+    return {
+        **os.environ,
+        "DATABASE_URL": database_url,
+        "CELERY_BROKER_URL": redis_server.url,
+        "PAYMENT_GATEWAY_URL": gateway_process.url,
+        "EMAIL_FILE_PATH": str(mail_root),
+        "SHOP_VAR_DIR": str(tmp_path_factory.mktemp("var")),
+        "CELERY_WORKER_SOFT_SHUTDOWN_TIMEOUT": "1",
+        "LOG_LEVEL": "INFO",
+    }
+
+
+@pytest.fixture(scope="session")
+def worker_logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("worker-logs")
+
+
+@pytest.fixture(scope="module")
+def workers(worker_env: dict[str, str], worker_logs: Path) -> Iterator[dict[str, Worker]]:
+    """One real worker per queue, as `make run` starts them (module-scoped: modules
+    without this fixture see queues that nobody consumes)."""
+    started = {queue: Worker(queue, worker_env, worker_logs).start() for queue in QUEUES}
+    try:
+        for worker in started.values():
+            worker.wait_ready()
+        yield started
+    finally:
+        for worker in started.values():
+            worker.stop()
+
+
+@pytest.fixture
+def products(db: None) -> dict[str, Product]:
+    from tests.factories import ProductFactory
+
+    return {
+        "MUG": ProductFactory(sku="MUG", name="Mug", price=Decimal("12.50"), stock=10),
+        "TEE": ProductFactory(sku="TEE", name="Tee", price=Decimal("20.00"), stock=10),
+    }

@@ -1,0 +1,163 @@
+"""The outbox: rows written with the transaction, published after it, relayed when the
+publish did not happen, never double-published by two relays."""
+
+import json
+import threading
+from datetime import timedelta
+
+import pytest
+from celery.app.routes import Router, prepare
+from celery.exceptions import QueueNotFound
+from django.core.management import CommandError, call_command
+from django.db import connection, transaction
+from django.utils import timezone
+
+from jobs import app, outbox
+from jobs.models import OutboxMessage
+
+TASK = "shop.tasks.payments.charge_payment"
+
+
+def published_task_ids(broker) -> list[str]:
+    raw = broker.client().lrange("payments", 0, -1)
+    return [json.loads(message)["headers"]["id"] for message in raw]
+
+
+def old_unsent_rows(count: int) -> list[OutboxMessage]:
+    rows = OutboxMessage.objects.bulk_create(
+        OutboxMessage(task_name=TASK, args=[n]) for n in range(count)
+    )
+    OutboxMessage.objects.update(created_at=timezone.now() - timedelta(minutes=5))
+    return rows
+
+
+@pytest.mark.django_db(transaction=True)
+def test_enqueue_publishes_after_commit_with_the_rows_task_id(broker):
+    with transaction.atomic():
+        message = outbox.enqueue(TASK, args=[7])
+        assert published_task_ids(broker) == []
+
+    message.refresh_from_db()
+    assert published_task_ids(broker) == [str(message.task_id)]
+    assert message.sent_at is not None
+    assert message.attempts == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_broker_down_keeps_the_row_and_the_relay_publishes_it_later(broker):
+    broker.stop()
+    try:
+        # when: the broker is down at commit time
+        message = outbox.enqueue(TASK, args=[7])  # autocommit: publishes at once
+        message.refresh_from_db()
+        # then: the caller saw no error and the row waits, with the reason recorded
+        assert message.sent_at is None
+        assert message.attempts == 1
+        assert "Error" in message.last_error
+        assert outbox.relay_unsent(older_than=0) == 0  # still down: nothing relayed
+    finally:
+        broker.start()
+
+    assert outbox.relay_unsent(older_than=0) == 1
+
+    message.refresh_from_db()
+    assert message.sent_at is not None
+    assert published_task_ids(broker) == [str(message.task_id)]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_relay_leaves_young_rows_to_their_own_publisher(broker):
+    [young] = OutboxMessage.objects.bulk_create([OutboxMessage(task_name=TASK, args=[1])])
+
+    assert outbox.relay_unsent(older_than=60) == 0
+    assert outbox.relay_unsent(older_than=0) == 1
+    assert published_task_ids(broker) == [str(young.task_id)]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_relays_at_once_never_publish_a_row_twice(broker):
+    rows = old_unsent_rows(60)
+    counts: list[int] = []
+    barrier = threading.Barrier(2)
+
+    def relay() -> None:
+        barrier.wait()
+        try:
+            counts.append(outbox.relay_unsent(older_than=0, batch_size=40))
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=relay) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+
+    ids = published_task_ids(broker)
+    assert sum(counts) == len(ids)
+    assert len(ids) == len(set(ids))  # no row published twice
+    assert outbox.relay_all_unsent(older_than=0) == 60 - len(ids)
+    assert sorted(published_task_ids(broker)) == sorted(str(r.task_id) for r in rows)
+    assert not OutboxMessage.objects.filter(sent_at__isnull=True).exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_relay_all_drains_more_than_one_batch(broker, settings):
+    settings.JOBS_OUTBOX_BATCH_SIZE = 7
+    old_unsent_rows(20)
+
+    assert outbox.relay_all_unsent(older_than=0) == 20
+    assert broker.queue_lengths()["payments"] == 20
+
+
+@pytest.mark.django_db(transaction=True)
+def test_enqueue_to_an_undeclared_queue_fails_loudly_and_rolls_back(broker, monkeypatch):
+    typo = Router(
+        prepare({"shop.tasks.payments.*": {"queue": "paymnets"}}),
+        app.amqp.queues,
+        create_missing=False,
+        app=app,
+    )
+    monkeypatch.setattr(app.amqp, "router", typo)
+
+    with pytest.raises(QueueNotFound, match="paymnets"), transaction.atomic():
+        outbox.enqueue(TASK, args=[1])
+
+    assert OutboxMessage.objects.count() == 0
+
+
+@pytest.mark.django_db
+def test_enqueue_rejects_arguments_that_are_not_json():
+    with pytest.raises(TypeError), transaction.atomic():
+        outbox.enqueue(TASK, args=[object()])
+
+    assert OutboxMessage.objects.count() == 0
+
+
+@pytest.mark.django_db
+def test_prune_deletes_only_sent_rows_past_retention():
+    old_sent, recent_sent, old_unsent = OutboxMessage.objects.bulk_create(
+        OutboxMessage(task_name=TASK) for _ in range(3)
+    )
+    now = timezone.now()
+    OutboxMessage.objects.filter(pk=old_sent.pk).update(sent_at=now - timedelta(days=8))
+    OutboxMessage.objects.filter(pk=recent_sent.pk).update(sent_at=now - timedelta(days=1))
+    OutboxMessage.objects.filter(pk=old_unsent.pk).update(created_at=now - timedelta(days=30))
+
+    assert outbox.prune_sent(older_than_days=7, chunk=1) == 1
+    assert set(OutboxMessage.objects.values_list("pk", flat=True)) == {
+        recent_sent.pk,
+        old_unsent.pk,
+    }
+
+
+@pytest.mark.django_db(transaction=True)
+def test_outbox_relay_command(broker, capsys):
+    old_unsent_rows(3)
+
+    call_command("outbox_relay", grace=0)
+
+    assert capsys.readouterr().out.strip() == "relayed 3 message(s)"
+    assert broker.queue_lengths()["payments"] == 3
+    with pytest.raises(CommandError, match="positive"):
+        call_command("outbox_relay", loop=0)

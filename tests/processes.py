@@ -1,0 +1,193 @@
+"""Real processes for the tests: a private Redis, the payment gateway, Celery workers.
+
+Everything runs on free ports and temporary folders; the machine's shared services are
+never stopped or flushed.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import redis
+
+REPO = Path(__file__).resolve().parent.parent
+QUEUES = ("payments", "emails", "reports", "default")
+# kombu keeps each queue as one Redis list per priority step: name, name\x06\x163, ...
+_PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(
+    condition: Callable[[], Any], *, timeout: float, interval: float = 0.1, what: str = ""
+) -> Any:
+    """Poll `condition` until it returns something truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
+        time.sleep(interval)
+
+
+def _log_tail(path: Path, lines: int = 40) -> str:
+    if not path.exists():
+        return ""
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+class RedisServer:
+    """A private redis-server on a free port (no persistence unless asked)."""
+
+    def __init__(self, directory: Path, *extra: str) -> None:
+        self.port = free_port()
+        self.directory = directory
+        self.extra = extra
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port, socket_timeout=5)
+
+    def start(self) -> None:
+        args = ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port)]
+        args += ["--save", "", "--appendonly", "no", "--dir", str(self.directory), *self.extra]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(self._answers, timeout=10, what=f"redis-server on {self.port}")
+
+    def _answers(self) -> bool:
+        try:
+            return bool(self.client().ping())
+        except redis.ConnectionError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+
+    def queue_lengths(self) -> dict[str, int]:
+        client = self.client()
+        return {q: sum(client.llen(q + s) for s in _PRIORITY_SUFFIXES) for q in QUEUES}
+
+    def purge_queues(self) -> None:
+        client = self.client()
+        client.delete(*(q + s for q in QUEUES for s in _PRIORITY_SUFFIXES))
+        client.delete("unacked", "unacked_index")
+
+
+class Gateway:
+    """The fake payment gateway as its own process, with its own ledger file."""
+
+    def __init__(self, directory: Path) -> None:
+        self.port = free_port()
+        self.db = directory / "gateway.sqlite3"
+        self.log = directory / "gateway.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        args = [sys.executable, "-m", "shop.gateway", "--host", "127.0.0.1"]
+        args += ["--port", str(self.port), "--db", str(self.db)]
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(args, cwd=REPO, stdout=log, stderr=log)
+        wait_until(self._answers, timeout=15, what="the payment gateway")
+
+    def _answers(self) -> bool:
+        try:
+            return httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+
+    def ledger(self, idempotency_key: str | None = None) -> list[dict[str, Any]]:
+        params = {"idempotency_key": idempotency_key} if idempotency_key else {}
+        response = httpx.get(f"{self.url}/v1/charges", params=params, timeout=5)
+        response.raise_for_status()
+        return list(response.json()["charges"])
+
+    def control(self, **changes: Any) -> dict[str, Any]:
+        response = httpx.post(f"{self.url}/v1/control", json=changes, timeout=5)
+        response.raise_for_status()
+        return dict(response.json())
+
+    def reset(self) -> None:
+        self.control(latency_ms=0, failure_rate=0, timeout_rate=0, outage=False)
+
+
+class Worker:
+    """`celery -A jobs worker` for one queue, as a real prefork process."""
+
+    def __init__(self, queue: str, env: dict[str, str], log_dir: Path, concurrency: int = 1):
+        self.queue = queue
+        self.name = f"{queue}@test-{uuid.uuid4().hex[:8]}"
+        self.env = env
+        self.log = log_dir / f"worker-{self.name}.log"
+        self.concurrency = concurrency
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> "Worker":
+        args = [sys.executable, "-m", "celery", "-A", "jobs", "worker", "-Q", self.queue]
+        args += ["-n", self.name, "-c", str(self.concurrency), "-P", "prefork"]
+        args += ["--without-mingle", "--without-gossip", "--loglevel", "INFO"]
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                args, cwd=REPO, env=self.env, stdout=log, stderr=log, start_new_session=True
+            )
+        return self
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        from jobs import app
+
+        def ready() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"worker {self.name} exited:\n{_log_tail(self.log)}")
+            return bool(app.control.ping(destination=[self.name], timeout=0.5))
+
+        wait_until(ready, timeout=timeout, interval=0.2, what=f"worker {self.name}")
+
+    def stop(self, timeout: float = 30) -> int | None:
+        """Warm shutdown (SIGTERM); SIGKILL only if it does not finish in `timeout`."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        """SIGKILL the whole worker (main process and pool children), as an OOM kill would."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""

@@ -1,0 +1,216 @@
+"""Checkout writes one order, one payment and one outbox row, and publishes only after
+COMMIT; bad input gets a clear 4xx and writes nothing."""
+
+import json
+
+import pytest
+from django.db import transaction
+
+from jobs.models import OutboxMessage
+from shop.models import Order, Payment, Product
+from shop.services.checkout import checkout_complete, checkout_parse
+
+GOOD_CARD = "4242424242424242"
+
+
+def order_body(**overrides: object) -> dict[str, object]:
+    body: dict[str, object] = {
+        "email": "ada@example.com",
+        "card": GOOD_CARD,
+        "items": [{"sku": "MUG", "quantity": 2}, {"sku": "TEE", "quantity": 1}],
+    }
+    body.update(overrides)
+    return body
+
+
+def assert_nothing_written(broker, stock_before: dict[str, int]) -> None:
+    assert Order.objects.count() == 0
+    assert Payment.objects.count() == 0
+    assert OutboxMessage.objects.count() == 0
+    assert dict(Product.objects.values_list("sku", "stock")) == stock_before
+    assert broker.queue_lengths()["payments"] == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_api_checkout_writes_one_order_payment_and_outbox_row(client, broker, products):
+    response = client.post("/api/orders/", order_body(), content_type="application/json")
+
+    assert response.status_code == 201
+    body = response.json()
+    order = Order.objects.get()
+    assert body == {"id": order.pk, "status": "pending", "url": f"/api/orders/{order.pk}/"}
+    assert response["Location"] == body["url"]
+    assert order.total == 2 * products["MUG"].price + products["TEE"].price
+    payment = Payment.objects.get()
+    assert (payment.order_id, payment.amount, payment.status) == (order.pk, order.total, "pending")
+    message = OutboxMessage.objects.get()
+    assert message.task_name == "shop.tasks.payments.charge_payment"
+    assert message.args == [payment.pk]
+    assert message.sent_at is not None  # published right after commit
+    assert broker.queue_lengths() == {"payments": 1, "emails": 0, "reports": 0, "default": 0}
+    assert dict(Product.objects.values_list("sku", "stock")) == {"MUG": 8, "TEE": 9}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_html_checkout_writes_one_order_and_shows_its_page(client, broker, products):
+    client.post("/cart/update/", {"sku": "MUG", "quantity": "2", "mode": "add"})
+    client.post("/cart/update/", {"sku": "TEE", "quantity": "1", "mode": "add"})
+
+    form = {"email": "ada@example.com", "card": "4242 4242 4242 4242"}
+    response = client.post("/checkout/", form)
+
+    order = Order.objects.get()
+    assert response.status_code == 302
+    assert response["Location"] == f"/orders/{order.pk}/"
+    assert order.lines.count() == 2
+    assert Payment.objects.filter(order=order).count() == 1
+    assert OutboxMessage.objects.filter(sent_at__isnull=False).count() == 1
+    assert broker.queue_lengths()["payments"] == 1
+    page = client.get(response["Location"])
+    assert page.status_code == 200
+    assert b"Payment pending" in page.content
+    assert client.get("/cart/").context["lines"] == []  # the cart was emptied
+
+
+@pytest.mark.django_db(transaction=True)
+def test_nothing_is_published_before_commit(broker, products):
+    request = checkout_parse(order_body())
+
+    with transaction.atomic():
+        checkout_complete(request=request)
+        assert OutboxMessage.objects.get().sent_at is None
+        assert broker.queue_lengths()["payments"] == 0
+
+    assert broker.queue_lengths()["payments"] == 1
+    assert OutboxMessage.objects.get().sent_at is not None
+
+
+@pytest.mark.django_db(transaction=True)
+def test_rolled_back_checkout_publishes_nothing(broker, products):
+    request = checkout_parse(order_body())
+    stock_before = dict(Product.objects.values_list("sku", "stock"))
+
+    def checkout_then_fail() -> None:
+        with transaction.atomic():
+            checkout_complete(request=request)
+            raise RuntimeError("something later in the transaction failed")
+
+    with pytest.raises(RuntimeError):
+        checkout_then_fail()
+
+    assert_nothing_written(broker, stock_before)
+
+
+BAD_BODIES = [
+    ("unknown sku", order_body(items=[{"sku": "NOPE", "quantity": 1}]), "Unknown product"),
+    ("zero quantity", order_body(items=[{"sku": "MUG", "quantity": 0}]), "between 1 and 99"),
+    ("negative quantity", order_body(items=[{"sku": "MUG", "quantity": -3}]), "between 1"),
+    ("huge quantity", order_body(items=[{"sku": "MUG", "quantity": 10**9}]), "between 1"),
+    ("quantity as text", order_body(items=[{"sku": "MUG", "quantity": "2"}]), "whole number"),
+    ("quantity as bool", order_body(items=[{"sku": "MUG", "quantity": True}]), "whole number"),
+    ("more than in stock", order_body(items=[{"sku": "MUG", "quantity": 11}]), "Not enough"),
+    ("no items", order_body(items=[]), "at least one item"),
+    ("items not a list", order_body(items={"sku": "MUG"}), "at least one item"),
+    ("item not an object", order_body(items=["MUG"]), "sku must be"),
+    ("missing email", {k: v for k, v in order_body().items() if k != "email"}, "email"),
+    ("invalid email", order_body(email="not-an-email"), "valid email"),
+    ("bad card", order_body(card="4242424242424241"), "valid card"),
+    ("card as number", order_body(card=4242424242424242), "valid card"),
+    ("body not an object", ["MUG"], "JSON object"),
+]
+
+
+@pytest.mark.parametrize(("case", "body", "message"), BAD_BODIES, ids=[c[0] for c in BAD_BODIES])
+@pytest.mark.django_db(transaction=True)
+def test_api_rejects_bad_input_and_writes_nothing(client, broker, products, case, body, message):
+    stock_before = dict(Product.objects.values_list("sku", "stock"))
+
+    response = client.post("/api/orders/", body, content_type="application/json")
+
+    assert response.status_code == 400, case
+    assert message in json.dumps(response.json()["errors"])
+    assert_nothing_written(broker, stock_before)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_api_rejects_malformed_oversized_and_non_json_bodies(client, broker, products):
+    stock_before = dict(Product.objects.values_list("sku", "stock"))
+
+    malformed = client.post("/api/orders/", "{not json", content_type="application/json")
+    too_big = client.post(
+        "/api/orders/", json.dumps(order_body(pad="x" * 70_000)), content_type="application/json"
+    )
+    form = client.post("/api/orders/", {"email": "a@b.co"})
+    wrong_method = client.get("/api/orders/")
+
+    assert malformed.status_code == 400
+    assert malformed.json() == {"errors": {"body": ["Malformed JSON."]}}
+    assert too_big.status_code == 413
+    assert "too large" in too_big.json()["errors"]["body"][0]
+    assert form.status_code == 415
+    assert wrong_method.status_code == 405
+    assert wrong_method["Allow"] == "POST"
+    assert_nothing_written(broker, stock_before)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_checkout_form_shows_errors_and_writes_nothing(client, broker, products):
+    stock_before = dict(Product.objects.values_list("sku", "stock"))
+    client.post("/cart/update/", {"sku": "MUG", "quantity": "1", "mode": "add"})
+
+    response = client.post("/checkout/", {"email": "", "card": "1234"})
+
+    assert response.status_code == 400
+    assert b"Enter an email address for the receipt." in response.content
+    assert b"Enter a valid card number" in response.content
+    assert b'aria-invalid="true"' in response.content
+    assert_nothing_written(broker, stock_before)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_checkout_with_an_empty_cart_writes_nothing(client, broker, products):
+    stock_before = dict(Product.objects.values_list("sku", "stock"))
+
+    response = client.post("/checkout/", {"email": "ada@example.com", "card": GOOD_CARD})
+
+    assert response.status_code == 400
+    assert b"Add at least one item" in response.content
+    assert_nothing_written(broker, stock_before)
+
+
+@pytest.mark.django_db
+def test_cart_rejects_unknown_products_and_bad_quantities(client, products):
+    unknown = client.post("/cart/update/", {"sku": "NOPE", "quantity": "1"}, follow=True)
+    bad = client.post("/cart/update/", {"sku": "MUG", "quantity": "lots"}, follow=True)
+
+    assert b"Choose a product and a quantity" in unknown.content
+    assert b"Choose a product and a quantity" in bad.content
+    assert client.get("/cart/").context["lines"] == []
+
+
+@pytest.mark.django_db
+def test_order_status_api(client, products):
+    order = checkout_complete(request=checkout_parse(order_body()))
+
+    response = client.get(f"/api/orders/{order.pk}/")
+    missing = client.get("/api/orders/999999/")
+
+    assert response.status_code == 200
+    body = response.json()
+    assert (body["id"], body["status"]) == (order.pk, "pending")
+    assert body["payment"]["status"] == "pending"
+    assert body["receipt"]["status"] == "pending"
+    assert missing.status_code == 404
+    assert missing.json() == {"errors": {"order": ["No order with id 999999."]}}
+    assert client.get("/orders/999999/").status_code == 404
+
+
+@pytest.mark.django_db
+def test_products_api_lists_the_catalog(client, products):
+    response = client.get("/api/products/")
+
+    assert response.status_code == 200
+    assert response.json() == [
+        {"sku": "MUG", "name": "Mug", "price": "12.50", "stock": 10},
+        {"sku": "TEE", "name": "Tee", "price": "20.00", "stock": 10},
+    ]

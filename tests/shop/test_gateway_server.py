@@ -1,0 +1,667 @@
+"""The fake payment gateway, run as a real process (`python -m shop.gateway`).
+
+Every test talks HTTP to the subprocess and checks the gateway's own SQLite ledger file
+directly: it is the independent witness that a card was charged exactly once.
+No Django here: run with ``pytest tests/shop/test_gateway_server.py -p no:django``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import selectors
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import closing
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from shop.gateway.server import GatewayConfig
+
+pytestmark = pytest.mark.stack
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+OK_CARD = "4242424242424242"
+DECLINED_CARD = "4000000000000002"
+FLAKY_CARD = "4000000000000119"
+CHARGE_ID = re.compile(r"ch_[0-9a-f]{24}")
+SEED = 1234
+DEFAULTS: dict[str, Any] = {
+    "latency_ms": 0,
+    "failure_rate": 0.0,
+    "timeout_rate": 0.0,
+    "timeout_seconds": 30.0,
+    "outage": False,
+    "flaky_card_failures": 2,
+    "seed": SEED,
+}
+
+
+class GatewayProcess:
+    """`python -m shop.gateway` on a free port (``--port 0``) with its own ledger file."""
+
+    def __init__(self, db_path: Path, log_path: Path, env: dict[str, str] | None = None) -> None:
+        self.db_path = db_path
+        self.log_path = log_path
+        self.env = env or {}
+        self.url = ""
+        self.proc: subprocess.Popen[str] | None = None
+
+    def start(self) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+        env.update(self.env)
+        with self.log_path.open("a") as log:
+            self.proc = subprocess.Popen(
+                [
+                    *(sys.executable, "-m", "shop.gateway"),
+                    *("--host", "127.0.0.1", "--port", "0", "--db", str(self.db_path)),
+                ],
+                cwd=REPO_ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                text=True,
+            )
+        assert self.proc.stdout is not None
+        with selectors.DefaultSelector() as selector:
+            selector.register(self.proc.stdout, selectors.EVENT_READ)
+            ready = selector.select(timeout=10)
+        line = self.proc.stdout.readline() if ready else ""
+        match = re.fullmatch(r"gateway listening on (http://127\.0\.0\.1:\d+)\n", line)
+        assert match, f"unexpected first line {line!r}; log:\n{self.log()}"
+        self.url = match.group(1)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).json() == {"status": "ok"}:
+                    return
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, f"gateway never healthy; log:\n{self.log()}"
+            time.sleep(0.05)
+
+    def stop(self, signum: int = signal.SIGTERM) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signum)
+        try:
+            return self.proc.wait(timeout=10)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            assert self.proc.stdout is not None
+            self.proc.stdout.close()
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+
+@pytest.fixture(scope="module")
+def gateway_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    tmp = tmp_path_factory.mktemp("gateway")
+    process = GatewayProcess(tmp / "ledger.sqlite3", tmp / "gateway.log", {"GATEWAY_SEED": "1234"})
+    process.start()
+    yield process
+    assert process.stop() == 0, process.log()
+
+
+@pytest.fixture
+def client(gateway_server: GatewayProcess) -> Iterator[httpx.Client]:
+    """A client of the module's gateway, whose settings are back to DEFAULTS."""
+    with httpx.Client(base_url=gateway_server.url, timeout=10) as client:
+        response = client.post("/v1/control", json=DEFAULTS)
+        assert response.status_code == 200
+        assert response.json() == DEFAULTS
+        yield client
+
+
+def new_key() -> str:
+    return f"test-{uuid.uuid4()}"
+
+
+def charge(
+    client: httpx.Client,
+    key: str,
+    *,
+    amount: str = "12.34",
+    currency: str = "EUR",
+    card: str = OK_CARD,
+    timeout: float | None = None,
+) -> httpx.Response:
+    body = {"amount": amount, "currency": currency, "card": card, "description": "test order"}
+    kwargs: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
+    return client.post("/v1/charges", json=body, headers={"Idempotency-Key": key}, **kwargs)
+
+
+def control(client: httpx.Client, **settings: Any) -> None:
+    response = client.post("/v1/control", json=settings)
+    assert response.status_code == 200, response.text
+
+
+def ledger_rows(process: GatewayProcess, key: str | None = None) -> list[dict[str, Any]]:
+    """Rows read straight from the ledger file, not through the gateway's API."""
+    with closing(sqlite3.connect(process.db_path)) as conn:
+        conn.row_factory = sqlite3.Row
+        if key is None:
+            rows = conn.execute("SELECT * FROM charges ORDER BY seq").fetchall()
+        else:
+            rows = conn.execute(
+                "SELECT * FROM charges WHERE idempotency_key = ?", (key,)
+            ).fetchall()
+    return [dict(row) for row in rows]
+
+
+def api_rows(client: httpx.Client, key: str) -> list[dict[str, Any]]:
+    response = client.get("/v1/charges", params={"idempotency_key": key})
+    assert response.status_code == 200
+    charges: list[dict[str, Any]] = response.json()["charges"]
+    return charges
+
+
+# --- Charging -----------------------------------------------------------------------
+
+
+def test_healthz(client: httpx.Client) -> None:
+    response = client.get("/healthz")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok"}
+
+
+def test_charge_succeeds_with_201_and_one_ledger_row(
+    gateway_server: GatewayProcess, client: httpx.Client
+) -> None:
+    before = len(ledger_rows(gateway_server))
+    key = new_key()
+
+    response = charge(client, key)
+
+    assert response.status_code == 201
+    assert "Idempotent-Replayed" not in response.headers
+    body = response.json()
+    assert CHARGE_ID.fullmatch(body["id"])
+    assert {k: body[k] for k in ("status", "amount", "currency", "card_last4")} == {
+        "status": "succeeded",
+        "amount": "12.34",
+        "currency": "EUR",
+        "card_last4": "4242",
+    }
+    assert body["idempotency_key"] == key
+    created = datetime.fromisoformat(body["created"])
+    assert created.utcoffset() == timedelta(0)
+    assert api_rows(client, key) == [body]
+    (row,) = ledger_rows(gateway_server, key)
+    assert (row["id"], row["status"], row["amount"]) == (body["id"], "succeeded", "12.34")
+    assert OK_CARD not in row.values()  # the ledger keeps no card numbers
+    assert len(ledger_rows(gateway_server)) == before + 1
+
+
+def test_repeated_key_replays_the_first_answer_without_charging_again(
+    gateway_server: GatewayProcess, client: httpx.Client
+) -> None:
+    before = len(ledger_rows(gateway_server))
+    key = new_key()
+
+    first = charge(client, key)
+    second = charge(client, key)
+    third = charge(client, key)
+
+    assert first.status_code == second.status_code == third.status_code == 201
+    assert "Idempotent-Replayed" not in first.headers
+    assert second.headers["Idempotent-Replayed"] == "true"
+    assert third.headers["Idempotent-Replayed"] == "true"
+    assert second.content == third.content == first.content
+    assert [row["id"] for row in ledger_rows(gateway_server, key)] == [first.json()["id"]]
+    assert len(ledger_rows(gateway_server)) == before + 1
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"amount": "12.35"}, {"currency": "USD"}, {"card": "5555555555554444"}],
+    ids=["amount", "currency", "card"],
+)
+def test_same_key_with_other_parameters_is_a_409(
+    gateway_server: GatewayProcess, client: httpx.Client, change: dict[str, Any]
+) -> None:
+    key = new_key()
+    first = charge(client, key)
+    assert first.status_code == 201
+
+    response = charge(client, key, **change)
+
+    assert response.status_code == 409
+    assert response.json()["error"]["type"] == "idempotency_error"
+    assert response.json()["error"]["message"]
+    assert "Idempotent-Replayed" not in response.headers
+    assert api_rows(client, key) == [first.json()]
+    assert len(ledger_rows(gateway_server, key)) == 1
+
+
+def test_declined_card_is_a_402_stored_and_replayed(
+    gateway_server: GatewayProcess, client: httpx.Client
+) -> None:
+    key = new_key()
+
+    first = charge(client, key, card=DECLINED_CARD)
+    again = charge(client, key, card=DECLINED_CARD)
+
+    assert first.status_code == 402
+    error = first.json()["error"]
+    assert {k: error[k] for k in ("type", "code", "message")} == {
+        "type": "card_error",
+        "code": "card_declined",
+        "message": "Your card was declined.",
+    }
+    assert "Idempotent-Replayed" not in first.headers
+    assert again.status_code == 402
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert again.content == first.content
+    (row,) = ledger_rows(gateway_server, key)
+    assert (row["id"], row["status"], row["card_last4"]) == (error["charge"], "declined", "0002")
+    (listed,) = api_rows(client, key)
+    assert (listed["id"], listed["status"]) == (error["charge"], "declined")
+
+
+@pytest.mark.parametrize("failures", [0, 2, 3])
+def test_flaky_card_fails_n_times_per_key_then_charges_once(
+    gateway_server: GatewayProcess, client: httpx.Client, failures: int
+) -> None:
+    control(client, flaky_card_failures=failures)
+    key = new_key()
+
+    for _ in range(failures):
+        response = charge(client, key, card=FLAKY_CARD)
+        assert response.status_code == 503
+        assert response.json()["error"]["type"] == "api_error"
+        assert response.json()["error"]["code"] == "processing_error"
+        assert "Idempotent-Replayed" not in response.headers
+        assert ledger_rows(gateway_server, key) == []  # a transient answer is not stored
+
+    success = charge(client, key, card=FLAKY_CARD)
+    replay = charge(client, key, card=FLAKY_CARD)
+
+    assert success.status_code == 201
+    assert "Idempotent-Replayed" not in success.headers
+    assert replay.status_code == 201
+    assert replay.headers["Idempotent-Replayed"] == "true"
+    assert replay.json()["id"] == success.json()["id"]
+    assert [row["id"] for row in ledger_rows(gateway_server, key)] == [success.json()["id"]]
+    # The failure budget is per key: a fresh key fails again first.
+    if failures:
+        assert charge(client, new_key(), card=FLAKY_CARD).status_code == 503
+
+
+def test_concurrent_requests_with_one_key_charge_exactly_once(
+    gateway_server: GatewayProcess, client: httpx.Client
+) -> None:
+    control(client, latency_ms=200)  # all twenty are in flight at the same time
+    key = new_key()
+    barrier = threading.Barrier(20)
+    responses: list[httpx.Response] = []
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        try:
+            barrier.wait(timeout=5)
+            with httpx.Client(base_url=gateway_server.url, timeout=10) as own:
+                responses.append(charge(own, key))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=15)
+
+    assert errors == []
+    assert [r.status_code for r in responses] == [201] * 20
+    ids = {r.json()["id"] for r in responses}
+    assert len(ids) == 1
+    replayed = [r.headers.get("Idempotent-Replayed") for r in responses]
+    assert replayed.count("true") == 19
+    assert replayed.count(None) == 1
+    assert [row["id"] for row in ledger_rows(gateway_server, key)] == list(ids)
+
+
+def test_different_keys_are_served_in_parallel(
+    gateway_server: GatewayProcess, client: httpx.Client
+) -> None:
+    control(client, latency_ms=400)
+    keys = [new_key() for _ in range(10)]
+    statuses: list[int] = []
+
+    def worker(key: str) -> None:
+        with httpx.Client(base_url=gateway_server.url, timeout=10) as own:
+            statuses.append(charge(own, key).status_code)
+
+    threads = [threading.Thread(target=worker, args=(key,)) for key in keys]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=15)
+    elapsed = time.monotonic() - started
+
+    assert statuses == [201] * 10
+    assert elapsed < 2.0  # one after the other would take at least 4 s
+    assert all(len(ledger_rows(gateway_server, key)) == 1 for key in keys)
+
+
+def test_charges_are_listed_in_creation_order(
+    gateway_server: GatewayProcess, client: httpx.Client
+) -> None:
+    ids = [
+        charge(client, new_key()).json()["id"],
+        charge(client, new_key(), card=DECLINED_CARD).json()["error"]["charge"],
+        charge(client, new_key(), amount="1").json()["id"],
+    ]
+
+    response = client.get("/v1/charges")
+
+    assert response.status_code == 200
+    listed = response.json()["charges"]
+    assert [c["id"] for c in listed][-3:] == ids
+    assert [c["status"] for c in listed][-3:] == ["succeeded", "declined", "succeeded"]
+    assert listed[-1]["amount"] == "1.00"
+    assert [c["id"] for c in listed] == [row["id"] for row in ledger_rows(gateway_server)]
+    assert api_rows(client, "no-such-key") == []
+
+
+# --- Faults -------------------------------------------------------------------------
+
+
+def test_outage_answers_503_and_stores_nothing(
+    gateway_server: GatewayProcess, client: httpx.Client
+) -> None:
+    before = len(ledger_rows(gateway_server))
+    control(client, outage=True)
+    key = new_key()
+
+    responses = [charge(client, key), charge(client, new_key(), card=DECLINED_CARD)]
+
+    assert [r.status_code for r in responses] == [503, 503]
+    assert all(r.json()["error"]["type"] == "api_error" for r in responses)
+    assert client.get("/healthz").status_code == 200  # only charging is down
+    assert len(ledger_rows(gateway_server)) == before
+    control(client, outage=False)
+    after = charge(client, key)
+    assert after.status_code == 201
+    assert "Idempotent-Replayed" not in after.headers
+    assert len(ledger_rows(gateway_server)) == before + 1
+
+
+def test_failure_rate_one_answers_503_and_stores_nothing(
+    gateway_server: GatewayProcess, client: httpx.Client
+) -> None:
+    before = len(ledger_rows(gateway_server))
+    control(client, failure_rate=1.0)
+    key = new_key()
+
+    statuses = [charge(client, key).status_code for _ in range(3)]
+
+    assert statuses == [503, 503, 503]
+    assert len(ledger_rows(gateway_server)) == before
+    control(client, failure_rate=0.0)
+    after = charge(client, key)
+    assert after.status_code == 201
+    assert "Idempotent-Replayed" not in after.headers
+    assert len(ledger_rows(gateway_server, key)) == 1
+
+
+def test_seeded_failures_are_repeatable(client: httpx.Client) -> None:
+    def run() -> list[int]:
+        control(client, failure_rate=0.5, seed=42)
+        return [charge(client, new_key()).status_code for _ in range(12)]
+
+    first, second = run(), run()
+
+    assert first == second
+    assert set(first) == {201, 503}
+
+
+def test_timeout_records_the_charge_and_a_retry_gets_it_back(
+    gateway_server: GatewayProcess, client: httpx.Client
+) -> None:
+    before = len(ledger_rows(gateway_server))
+    control(client, timeout_rate=1.0, timeout_seconds=2.0)
+    key = new_key()
+
+    with pytest.raises(httpx.ReadTimeout):
+        charge(client, key, timeout=0.5)
+
+    # The client does not know, but the charge happened.
+    (recorded,) = api_rows(client, key)
+    assert recorded["status"] == "succeeded"
+    assert [row["id"] for row in ledger_rows(gateway_server, key)] == [recorded["id"]]
+
+    control(client, timeout_rate=0.0)
+    started = time.monotonic()
+    retry = charge(client, key)
+
+    assert time.monotonic() - started < 1.0  # not held up by the first request's sleep
+    assert retry.status_code == 201
+    assert retry.headers["Idempotent-Replayed"] == "true"
+    assert retry.json()["id"] == recorded["id"]
+    assert len(ledger_rows(gateway_server, key)) == 1
+    assert len(ledger_rows(gateway_server)) == before + 1
+
+
+def test_latency_delays_charges(client: httpx.Client) -> None:
+    control(client, latency_ms=300)
+
+    started = time.monotonic()
+    response = charge(client, new_key())
+
+    assert response.status_code == 201
+    assert time.monotonic() - started >= 0.3
+
+
+# --- Bad requests -------------------------------------------------------------------
+
+VALID = '{"amount": "12.34", "currency": "EUR", "card": "4242424242424242"}'
+
+
+@pytest.mark.parametrize(
+    ("key", "content"),
+    [
+        pytest.param(None, VALID, id="missing-key"),
+        pytest.param("", VALID, id="empty-key"),
+        pytest.param("k" * 256, VALID, id="key-too-long"),
+        pytest.param("KEY", "{not json", id="bad-json"),
+        pytest.param("KEY", "", id="empty-body"),
+        pytest.param("KEY", "[1, 2]", id="not-an-object"),
+        pytest.param("KEY", '{"currency": "EUR", "card": "4242424242424242"}', id="no-amount"),
+        pytest.param("KEY", VALID.replace('"12.34"', "12.34"), id="amount-number"),
+        pytest.param("KEY", VALID.replace("12.34", "0"), id="amount-zero"),
+        pytest.param("KEY", VALID.replace("12.34", "-1"), id="amount-negative"),
+        pytest.param("KEY", VALID.replace("12.34", "abc"), id="amount-text"),
+        pytest.param("KEY", VALID.replace("12.34", "NaN"), id="amount-nan"),
+        pytest.param("KEY", VALID.replace("12.34", "1e3"), id="amount-exponent"),
+        pytest.param("KEY", VALID.replace("12.34", "12.345"), id="amount-sub-cent"),
+        pytest.param("KEY", '{"amount": "1", "card": "4242424242424242"}', id="no-currency"),
+        pytest.param("KEY", VALID.replace("EUR", "EU"), id="currency-short"),
+        pytest.param("KEY", VALID.replace("EUR", "EURO"), id="currency-long"),
+        pytest.param("KEY", VALID.replace("EUR", "E1R"), id="currency-digit"),
+        pytest.param("KEY", '{"amount": "1", "currency": "EUR"}', id="no-card"),
+        pytest.param("KEY", VALID.replace("4242424242424242", "42424242424"), id="card-11"),
+        pytest.param("KEY", VALID.replace("4242424242424242", "4" * 20), id="card-20"),
+        pytest.param("KEY", VALID.replace("4242424242424242", "4242x242424242"), id="card-x"),
+        pytest.param("KEY", VALID.replace('"4242424242424242"', "4242424242424242"), id="card-int"),
+        pytest.param("KEY", VALID[:-1] + ', "description": 5}', id="description-number"),
+    ],
+)
+def test_invalid_charge_requests_are_400_and_store_nothing(
+    gateway_server: GatewayProcess, client: httpx.Client, key: str | None, content: str
+) -> None:
+    before = len(ledger_rows(gateway_server))
+    unique = f"{key}-{uuid.uuid4()}" if key == "KEY" else key
+    headers = {"Content-Type": "application/json"}
+    if unique is not None:
+        headers["Idempotency-Key"] = unique
+
+    response = client.post("/v1/charges", content=content, headers=headers)
+
+    assert response.status_code == 400
+    assert response.json()["error"]["type"] == "invalid_request_error"
+    assert response.json()["error"]["message"]
+    assert len(ledger_rows(gateway_server)) == before
+    if unique:
+        assert api_rows(client, unique) == []
+
+
+def test_body_over_64_kib_is_413_and_stores_nothing(
+    gateway_server: GatewayProcess, client: httpx.Client
+) -> None:
+    before = len(ledger_rows(gateway_server))
+    key = new_key()
+    content = VALID[:-1] + ', "description": "' + "x" * (64 * 1024) + '"}'
+
+    response = client.post("/v1/charges", content=content, headers={"Idempotency-Key": key})
+
+    assert response.status_code == 413
+    assert response.json()["error"]["type"] == "invalid_request_error"
+    assert len(ledger_rows(gateway_server)) == before
+    assert client.get("/healthz").status_code == 200
+
+
+def test_unknown_path_is_404_and_wrong_method_is_405(client: httpx.Client) -> None:
+    missing = client.get("/v1/refunds")
+    wrong = client.put("/v1/charges", json={})
+    wrong_health = client.delete("/healthz")
+
+    assert missing.status_code == 404
+    assert missing.json()["error"]["type"] == "invalid_request_error"
+    assert wrong.status_code == 405
+    assert wrong.headers["Allow"] == "GET, POST"
+    assert wrong.json()["error"]["type"] == "invalid_request_error"
+    assert wrong_health.status_code == 405
+    assert wrong_health.headers["Allow"] == "GET"
+
+
+# --- Control ------------------------------------------------------------------------
+
+
+def test_control_reads_and_updates_settings(client: httpx.Client) -> None:
+    assert client.get("/v1/control").json() == DEFAULTS
+
+    response = client.post("/v1/control", json={"latency_ms": 5, "outage": True})
+
+    assert response.status_code == 200
+    expected = DEFAULTS | {"latency_ms": 5, "outage": True}
+    assert response.json() == expected
+    assert client.get("/v1/control").json() == expected
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        '{"failure_rate": 1.5}',
+        '{"failure_rate": -0.1}',
+        '{"failure_rate": "0.5"}',
+        '{"timeout_rate": 2}',
+        '{"timeout_seconds": -1}',
+        '{"latency_ms": -1}',
+        '{"latency_ms": 1.5}',
+        '{"latency_ms": true}',
+        '{"outage": "yes"}',
+        '{"outage": 1}',
+        '{"flaky_card_failures": -1}',
+        '{"flaky_card_failures": "2"}',
+        '{"seed": "x"}',
+        '{"no_such_setting": 1}',
+        '{"latency_ms": 50, "failure_rate": 7}',
+        "[]",
+        "not json",
+    ],
+)
+def test_control_rejects_bad_values_and_changes_nothing(client: httpx.Client, content: str) -> None:
+    response = client.post("/v1/control", content=content)
+
+    assert response.status_code == 400
+    assert response.json()["error"]["type"] == "invalid_request_error"
+    assert client.get("/v1/control").json() == DEFAULTS
+
+
+def test_config_from_env() -> None:
+    config = GatewayConfig.from_env(
+        {
+            "GATEWAY_LATENCY_MS": "25",
+            "GATEWAY_FAILURE_RATE": "0.25",
+            "GATEWAY_TIMEOUT_RATE": "0.5",
+            "GATEWAY_TIMEOUT_SECONDS": "3",
+            "GATEWAY_OUTAGE": "true",
+            "GATEWAY_FLAKY_CARD_FAILURES": "4",
+            "GATEWAY_SEED": "9",
+        }
+    )
+
+    assert config == GatewayConfig(
+        latency_ms=25,
+        failure_rate=0.25,
+        timeout_rate=0.5,
+        timeout_seconds=3.0,
+        outage=True,
+        flaky_card_failures=4,
+        seed=9,
+    )
+    assert GatewayConfig.from_env({}) == GatewayConfig()
+    assert GatewayConfig.from_env({"GATEWAY_OUTAGE": "0"}).outage is False
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("GATEWAY_LATENCY_MS", "fast"),
+        ("GATEWAY_LATENCY_MS", "-5"),
+        ("GATEWAY_FAILURE_RATE", "1.5"),
+        ("GATEWAY_TIMEOUT_RATE", "nan"),
+        ("GATEWAY_OUTAGE", "maybe"),
+        ("GATEWAY_FLAKY_CARD_FAILURES", "1.5"),
+        ("GATEWAY_SEED", "abc"),
+    ],
+)
+def test_config_from_env_rejects_bad_values(name: str, value: str) -> None:
+    with pytest.raises(ValueError, match=name):
+        GatewayConfig.from_env({name: value})
+
+
+# --- Restart ------------------------------------------------------------------------
+
+
+def test_ledger_survives_a_restart(tmp_path: Path) -> None:
+    env = {"GATEWAY_FLAKY_CARD_FAILURES": "5", "GATEWAY_SEED": "7"}
+    process = GatewayProcess(tmp_path / "ledger.sqlite3", tmp_path / "gateway.log", env)
+    key = new_key()
+    process.start()
+    try:
+        with httpx.Client(base_url=process.url, timeout=10) as first_client:
+            settings = first_client.get("/v1/control").json()
+            first = charge(first_client, key)
+    finally:
+        assert process.stop(signal.SIGINT) == 0, process.log()
+    assert settings["flaky_card_failures"] == 5
+    assert settings["seed"] == 7
+    assert first.status_code == 201
+
+    process.start()
+    try:
+        with httpx.Client(base_url=process.url, timeout=10) as second_client:
+            listed = api_rows(second_client, key)
+            again = charge(second_client, key)
+    finally:
+        assert process.stop(signal.SIGTERM) == 0, process.log()
+
+    assert listed == [first.json()]
+    assert again.status_code == 201
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert again.json() == first.json()
+    assert [row["id"] for row in ledger_rows(process, key)] == [first.json()["id"]]
