@@ -98,7 +98,8 @@ def main() -> int:
         ["seed_demo"],
         ["ensure_admin", "--url", f"{site}/admin/"],
     ):
-        subprocess.run([*manage, *command], check=True, env=env)
+        if subprocess.run([*manage, *command], env=env, check=False).returncode:
+            return _fail(f"`manage.py {command[0]}` failed (its error is above).")
 
     print(
         f"\n  shop:   {site}/\n  admin:  {site}/admin/\n"

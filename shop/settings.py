@@ -25,7 +25,8 @@ def _load_env_file(path: Path) -> None:
         if not line or line.startswith("#") or "=" not in line:
             continue
         key, _, value = line.partition("=")
-        os.environ.setdefault(key.strip(), value.strip().strip("'\""))
+        value = value.split(" #", 1)[0].strip().strip("'\"")  # drop a trailing comment
+        os.environ.setdefault(key.strip(), value)
 
 
 _load_env_file(BASE_DIR / ".env")

@@ -59,9 +59,11 @@ def mail_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def mail_dir(mail_root: Path, settings: object) -> Path:
-    """The file-backend mail folder, emptied for this test."""
+    """The file-backend mail folder, emptied for this test (pytest-django switches the
+    backend to locmem; the files are the witness the workers also write to)."""
     for message in mail_root.iterdir():
         message.unlink()
+    settings.EMAIL_BACKEND = "django.core.mail.backends.filebased.EmailBackend"  # type: ignore[attr-defined]
     settings.EMAIL_FILE_PATH = str(mail_root)  # type: ignore[attr-defined]
     return mail_root
 
@@ -116,9 +118,7 @@ def workers(worker_env: dict[str, str], worker_logs: Path) -> Iterator[dict[str,
 
 @pytest.fixture
 def products(db: None) -> dict[str, Product]:
-    from tests.factories import ProductFactory
-
     return {
-        "MUG": ProductFactory(sku="MUG", name="Mug", price=Decimal("12.50"), stock=10),
-        "TEE": ProductFactory(sku="TEE", name="Tee", price=Decimal("20.00"), stock=10),
+        "MUG": Product.objects.create(sku="MUG", name="Mug", price=Decimal("12.50"), stock=10),
+        "TEE": Product.objects.create(sku="TEE", name="Tee", price=Decimal("20.00"), stock=10),
     }

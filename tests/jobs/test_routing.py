@@ -1,0 +1,73 @@
+"""Routing: each task lands on its own queue, declared once; a typo fails loudly."""
+
+import re
+
+import pytest
+from celery.exceptions import QueueNotFound
+from django.conf import settings
+
+from jobs import app, outbox
+from tests.processes import QUEUES, REPO
+
+TASK_QUEUES = [
+    ("shop.tasks.payments.charge_payment", [1], "payments"),
+    ("shop.tasks.emails.send_receipt", [1], "emails"),
+    ("shop.tasks.reports.build_sales_report", [], "reports"),
+    ("jobs.tasks.relay_outbox", [], "default"),
+    ("celery.backend_cleanup", [], "default"),
+]
+
+
+@pytest.mark.parametrize(("task", "args", "queue"), TASK_QUEUES)
+@pytest.mark.django_db(transaction=True)
+def test_each_task_lands_on_its_queue(broker, task, args, queue):
+    outbox.enqueue(task, args=args)
+
+    expected = dict.fromkeys(QUEUES, 0) | {queue: 1}
+    assert broker.queue_lengths() == expected
+
+
+def test_every_shop_task_has_a_route_and_no_task_sets_its_own_queue():
+    app.loader.import_default_modules()
+    shop_tasks = [name for name in app.tasks if name.startswith("shop.")]
+
+    assert len(shop_tasks) == 3
+    for name in shop_tasks:
+        assert app.amqp.router.route({}, name)["queue"].name != "default", name
+        assert getattr(app.tasks[name], "queue", None) is None, name
+
+
+def test_a_task_sent_to_an_undeclared_queue_fails_loudly(broker):
+    with pytest.raises(QueueNotFound, match="paymnets"):
+        app.send_task("shop.tasks.payments.charge_payment", args=[1], queue="paymnets")
+
+    assert broker.queue_lengths() == dict.fromkeys(QUEUES, 0)
+
+
+def test_queues_are_declared_once_and_routes_target_declared_queues():
+    declared = [queue.name for queue in settings.CELERY_TASK_QUEUES]
+
+    assert sorted(declared) == sorted(QUEUES)
+    assert settings.CELERY_TASK_DEFAULT_QUEUE in declared
+    assert settings.CELERY_TASK_CREATE_MISSING_QUEUES is False
+    for route in settings.CELERY_TASK_ROUTES.values():
+        assert route["queue"] in declared
+
+
+def test_make_run_starts_exactly_one_worker_per_declared_queue_and_one_beat():
+    procfile = (REPO / "deploy" / "Procfile").read_text()
+    commands = dict(
+        line.split(":", 1) for line in procfile.splitlines() if line and not line.startswith("#")
+    )
+    consumed = [
+        queue
+        for command in commands.values()
+        if " worker " in command
+        for queue in re.search(r"-Q (\S+)", command).group(1).split(",")  # type: ignore[union-attr]
+    ]
+
+    assert sorted(consumed) == sorted(QUEUES)
+    assert sum(" beat" in command for command in commands.values()) == 1
+    for command in commands.values():
+        if "celery" in command:
+            assert "celery -A jobs " in command

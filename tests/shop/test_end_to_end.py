@@ -1,0 +1,125 @@
+"""The order flow on real processes: one prefork worker per queue, the gateway process,
+PostgreSQL and a private Redis. The witnesses are external: the gateway's own ledger and
+the mail folder, not the shop's bookkeeping."""
+
+import json
+import uuid
+from pathlib import Path
+
+import pytest
+from django.core.management import call_command
+from django_celery_results.models import TaskResult
+
+from jobs import app
+from jobs.models import OutboxMessage
+from shop.models import Order, Payment, Receipt
+from tests.processes import wait_until
+
+pytestmark = [pytest.mark.stack, pytest.mark.django_db(transaction=True)]
+
+ORDER = {
+    "email": "ada@example.com",
+    "card": "4242424242424242",
+    "items": [{"sku": "MUG", "quantity": 1}],
+}
+
+
+def place_order(client) -> int:
+    response = client.post("/api/orders/", ORDER, content_type="application/json")
+    assert response.status_code == 201, response.content
+    return int(response.json()["id"])
+
+
+def wait_for_receipt(client, order_id: int, timeout: float = 45) -> dict:
+    def settled() -> dict | None:
+        body = client.get(f"/api/orders/{order_id}/").json()
+        return body if body["receipt"]["status"] == "sent" else None
+
+    return wait_until(settled, timeout=timeout, interval=0.2, what=f"receipt of order {order_id}")
+
+
+def finished(task_id: str, timeout: float = 30) -> TaskResult:
+    return wait_until(
+        lambda: TaskResult.objects.filter(task_id=task_id, status="SUCCESS").first(),
+        timeout=timeout,
+        what=f"task {task_id}",
+    )
+
+
+def mails_with(mail_dir: Path, message_id: str) -> int:
+    return sum(message_id in path.read_text() for path in mail_dir.iterdir())
+
+
+def test_an_order_is_charged_once_and_receipted_by_the_queue_workers(
+    client, workers, gateway, mail_dir, products
+):
+    order_id = place_order(client)
+
+    body = wait_for_receipt(client, order_id)
+
+    assert (body["status"], body["payment"]["status"]) == ("paid", "charged")
+    payment = Payment.objects.get(order_id=order_id)
+    [charge] = gateway.ledger(str(payment.idempotency_key))
+    assert (charge["status"], charge["id"]) == ("succeeded", payment.gateway_charge_id)
+    receipt = Receipt.objects.get(order_id=order_id)
+    assert mails_with(mail_dir, receipt.message_id) == 1
+    # each task ran on the worker of its own queue
+    ran_on = dict(TaskResult.objects.values_list("task_name", "worker"))
+    assert ran_on["shop.tasks.payments.charge_payment"] == workers["payments"].name
+    assert ran_on["shop.tasks.emails.send_receipt"] == workers["emails"].name
+
+
+def test_delivering_both_tasks_again_changes_nothing(client, workers, gateway, mail_dir, products):
+    order_id = place_order(client)
+    wait_for_receipt(client, order_id)
+    payment = Payment.objects.get(order_id=order_id)
+
+    # when: both tasks are delivered twice more (as a redelivery or a replay would)
+    duplicates = [
+        app.send_task(name, args=[arg], task_id=str(uuid.uuid4())).id
+        for name, arg in [
+            ("shop.tasks.payments.charge_payment", payment.pk),
+            ("shop.tasks.emails.send_receipt", order_id),
+        ]
+        for _ in range(2)
+    ]
+    for task_id in duplicates:
+        finished(task_id)
+
+    # then: one charge in the gateway's ledger, one receipt row, one mail
+    assert len(gateway.ledger(str(payment.idempotency_key))) == 1
+    assert Receipt.objects.filter(order_id=order_id).count() == 1
+    assert mails_with(mail_dir, Receipt.objects.get(order_id=order_id).message_id) == 1
+    assert OutboxMessage.objects.filter(task_name="shop.tasks.emails.send_receipt").count() == 1
+
+
+def test_broker_down_at_checkout_the_order_completes_after_recovery(
+    client, workers, gateway, mail_dir, broker, products
+):
+    broker.stop()
+    try:
+        # when: Redis is down while the shopper checks out
+        order_id = place_order(client)  # still 201: the order is accepted
+        message = OutboxMessage.objects.get()
+        assert message.sent_at is None
+        assert Order.objects.get(pk=order_id).status == Order.Status.PENDING
+    finally:
+        broker.start()
+
+    # then: the relay publishes the row and the workers (reconnected) finish the order
+    call_command("outbox_relay", grace=0)
+    body = wait_for_receipt(client, order_id, timeout=90)
+
+    assert body["status"] == "paid"
+    payment = Payment.objects.get(order_id=order_id)
+    assert len(gateway.ledger(str(payment.idempotency_key))) == 1
+
+
+def test_the_sales_report_runs_on_the_reports_worker(client, workers, products):
+    response = client.post("/api/reports/sales/")
+
+    assert response.status_code == 202
+    result = finished(response.json()["task_id"])
+    assert result.worker == workers["reports"].name
+    path = Path(json.loads(result.result))
+    assert path.read_text().splitlines()[0] == "sku,name,units,revenue"

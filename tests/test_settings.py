@@ -1,0 +1,39 @@
+"""Settings are read from the environment in one place and documented in one file."""
+
+import re
+import subprocess
+import sys
+
+from shop.gateway.server import GatewayConfig
+from tests.processes import REPO
+
+
+def variables_read_by_settings() -> set[str]:
+    source = (REPO / "shop" / "settings.py").read_text()
+    return set(re.findall(r"\benv(?:_bool|_int|_float)?\(\s*\"([A-Z_]+)\"", source))
+
+
+def variables_in_example() -> set[str]:
+    lines = (REPO / ".env.example").read_text().splitlines()
+    return {m.group(1) for line in lines if (m := re.match(r"#?\s*([A-Z][A-Z0-9_]+)=", line))}
+
+
+def test_every_variable_the_settings_read_is_in_the_example_env_file_and_vice_versa():
+    read = variables_read_by_settings()
+
+    assert len(read) > 20  # the regex found the reads
+    assert read | set(GatewayConfig.ENV_VARS.values()) == variables_in_example()
+
+
+def test_production_mode_refuses_to_start_without_a_secret_key():
+    result = subprocess.run(
+        [sys.executable, "-c", "import shop.settings"],
+        cwd=REPO,
+        env={"SHOP_ENV": "production", "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+    assert result.returncode != 0
+    assert "SECRET_KEY must be set when SHOP_ENV=production" in result.stderr
