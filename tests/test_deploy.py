@@ -1,0 +1,77 @@
+"""docker-compose.yml cannot run here (no Docker): check it against the code instead."""
+
+import re
+
+import pytest
+import yaml
+from django.conf import settings
+
+from jobs import app
+from tests.processes import QUEUES, REPO
+from tests.test_settings import variables_in_example
+
+
+@pytest.fixture(scope="module")
+def services() -> dict[str, dict]:
+    return yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]
+
+
+def command(service: dict) -> str:
+    value = service.get("command", [])
+    return " ".join(value) if isinstance(value, list) else str(value)
+
+
+def seconds(duration: str) -> int:
+    match = re.fullmatch(r"(\d+)s", duration)
+    assert match, duration
+    return int(match.group(1))
+
+
+def test_each_declared_queue_has_exactly_one_worker_service(services):
+    consumed = [
+        queue
+        for service in services.values()
+        if " worker " in command(service)
+        for queue in re.search(r"-Q (\S+)", command(service)).group(1).split(",")  # type: ignore[union-attr]
+    ]
+
+    assert sorted(consumed) == sorted(QUEUES)
+
+
+def test_exactly_one_beat_and_every_celery_command_uses_the_project_app(services):
+    celery_commands = [command(s) for s in services.values() if "celery" in command(s)]
+
+    assert sum(" beat" in c for c in celery_commands) == 1
+    assert all(c.startswith("celery -A jobs ") for c in celery_commands)
+
+
+def test_worker_grace_period_outlasts_the_longest_task_and_soft_shutdown(services):
+    app.loader.import_default_modules()
+    longest = max(
+        task.time_limit or settings.CELERY_TASK_TIME_LIMIT
+        for name, task in app.tasks.items()
+        if not name.startswith("celery.")
+    )
+    needed = longest + settings.CELERY_WORKER_SOFT_SHUTDOWN_TIMEOUT
+
+    for name, service in services.items():
+        if " worker " in command(service):
+            assert seconds(service["stop_grace_period"]) > needed, name
+
+
+def test_redis_is_configured_as_a_broker_should_be(services):
+    redis_command = command(services["redis"])
+
+    assert "--appendonly yes" in redis_command
+    assert "--appendfsync everysec" in redis_command
+    assert "--maxmemory-policy noeviction" in redis_command
+    assert "healthcheck" in services["redis"]
+
+
+def test_every_variable_compose_sets_is_one_the_project_reads(services):
+    known = variables_in_example()
+    app_services = [s for s in services.values() if s.get("image") == "reliable-shop"]
+
+    assert len(app_services) >= 8
+    for service in app_services:
+        assert set(service["environment"]) <= known
