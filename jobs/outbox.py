@@ -18,9 +18,15 @@ from django.conf import settings
 from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
+from kombu.exceptions import OperationalError
 
 from jobs.celery import app
 from jobs.models import OutboxMessage
+
+# Errors that mean "the broker is unreachable": stop the batch, the rest would fail too.
+# Anything else is about one message (a task routed to a queue that no longer exists):
+# record it on the row and go on, so one bad row never blocks the rows behind it.
+BROKER_DOWN = (OperationalError, ConnectionError, TimeoutError, OSError)
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +105,7 @@ def relay_unsent(
     Rows are locked with SELECT ... FOR UPDATE SKIP LOCKED for the whole batch, so two
     relays running at once take different rows and never publish the same row twice.
     A row younger than the grace period is left to the publisher of its own transaction.
-    On the first broker error the batch stops: the rest wait for the next run.
+    When the broker is unreachable the batch stops: the rest wait for the next run.
     """
     grace = settings.JOBS_OUTBOX_RELAY_GRACE if older_than is None else older_than
     limit = settings.JOBS_OUTBOX_BATCH_SIZE if batch_size is None else batch_size
@@ -115,9 +121,12 @@ def relay_unsent(
         for message in batch:
             try:
                 _send(message, _PUBLISH_RETRY_POLICY)
-            except Exception as exc:
+            except BROKER_DOWN as exc:
                 _record_failure(message, exc, using)
                 break
+            except Exception as exc:
+                _record_failure(message, exc, using)
+                continue
             sent.append(message.pk)
         OutboxMessage.objects.using(using).filter(pk__in=sent).update(
             sent_at=timezone.now(), attempts=F("attempts") + 1
@@ -128,7 +137,7 @@ def relay_unsent(
 
 
 def relay_all_unsent(*, older_than: float | None = None, using: str | None = None) -> int:
-    """Relay batches until no unsent row is left or a batch stops short (broker down)."""
+    """Relay batches until a batch comes back short (no rows left, or the broker down)."""
     total = 0
     limit = settings.JOBS_OUTBOX_BATCH_SIZE
     while True:

@@ -126,6 +126,23 @@ def test_enqueue_to_an_undeclared_queue_fails_loudly_and_rolls_back(broker, monk
     assert OutboxMessage.objects.count() == 0
 
 
+@pytest.mark.django_db(transaction=True)
+def test_a_row_that_cannot_be_routed_does_not_block_the_rows_behind_it(broker, monkeypatch):
+    [stuck, *others] = old_unsent_rows(3)
+    OutboxMessage.objects.filter(pk=stuck.pk).update(task_name="shop.tasks.retired.old_task")
+    routes = {"shop.tasks.retired.*": {"queue": "retired"}, "shop.tasks.payments.*": "payments"}
+    monkeypatch.setattr(
+        app.amqp, "router", Router(prepare(routes), app.amqp.queues, create_missing=False, app=app)
+    )
+
+    assert outbox.relay_unsent(older_than=0) == 2
+
+    stuck.refresh_from_db()
+    assert stuck.sent_at is None
+    assert "retired" in stuck.last_error
+    assert sorted(published_task_ids(broker)) == sorted(str(r.task_id) for r in others)
+
+
 @pytest.mark.django_db
 def test_enqueue_rejects_arguments_that_are_not_json():
     with pytest.raises(TypeError), transaction.atomic():

@@ -168,6 +168,18 @@ def test_checkout_form_shows_errors_and_writes_nothing(client, broker, products)
 
 
 @pytest.mark.django_db(transaction=True)
+def test_checkout_form_with_an_oversized_body_is_a_400_page(client, broker, products):
+    stock_before = dict(Product.objects.values_list("sku", "stock"))
+    client.post("/cart/update/", {"sku": "MUG", "quantity": "1", "mode": "add"})
+
+    response = client.post("/checkout/", {"email": "a@b.co", "card": GOOD_CARD, "x": "y" * 70_000})
+
+    assert response.status_code == 400
+    assert b"could not be read" in response.content
+    assert_nothing_written(broker, stock_before)
+
+
+@pytest.mark.django_db(transaction=True)
 def test_checkout_with_an_empty_cart_writes_nothing(client, broker, products):
     stock_before = dict(Product.objects.values_list("sku", "stock"))
 
