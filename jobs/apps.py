@@ -4,3 +4,6 @@ from django.apps import AppConfig
 class JobsConfig(AppConfig):
     name = "jobs"
     verbose_name = "Background jobs"
+
+    def ready(self) -> None:
+        from jobs import checks, dead_letters  # noqa: F401  (register the check and receivers)

@@ -1,27 +1,57 @@
-"""The base class of every task in the project.
+"""The base class of every task in the project, and the story of a job told once.
 
-The story of a job, told once:
-  1. It is published only after the transaction that asked for it commits
-     (jobs.outbox.enqueue writes an outbox row in that transaction).
-  2. It is acked only after it ran (acks_late, prefetch 1, see settings): a worker that
-     dies mid-task leaves the message to be delivered again, so every task must be
-     idempotent ("ran twice" is normal; constraints and conditional updates make it so).
-  3. A TransientError is retried with exponential backoff and full jitter, up to
-     max_retries; the delay cap stays far below the broker's visibility timeout.
-  4. A PermanentError fails at once: no retry budget is burnt on a declined card.
+1. Publish after commit. jobs.outbox.enqueue writes an outbox row in the caller's
+   transaction; the row is published after COMMIT, or later by the relay.
+2. Ack after running. acks_late with prefetch 1 (settings): a worker that dies
+   mid-task leaves the message to be delivered again, so "ran twice" is normal and
+   every task is idempotent (unique constraints, conditional updates).
+3. Retry what may heal. A TransientError (timeout, connection refused, a 5xx), and
+   any unexpected exception (a bug), is retried with exponential backoff and full
+   jitter (jobs.retry.backoff), at most `max_retries` times. The longest wait stays far
+   below the broker's visibility timeout (a system check refuses to start otherwise).
+4. Fail fast on what cannot. A PermanentError (declined card, invalid data, a row that
+   must exist and does not) is not retried.
+5. Dead-letter. Every terminal failure (retries exhausted, permanent error, hard time
+   limit, pool child lost every time, poison message) becomes one DeadLetter row,
+   written by the task_failure receiver in jobs.dead_letters.
+6. Replay. An operator replays dead letters from the admin or `manage.py dlq replay`;
+   the replay goes through the outbox with a new task id and a link to the original.
 """
 
-from celery.contrib.django.task import DjangoTask
+from typing import Any, ClassVar
 
-from jobs.errors import PermanentError, TransientError
+from celery.contrib.django.task import DjangoTask
+from celery.exceptions import Ignore, Reject, Retry
+
+from jobs.errors import PermanentError
+from jobs.retry import RetryPolicy
 
 
 class ReliableTask(DjangoTask):
     acks_late = True
-    autoretry_for = (TransientError,)
-    dont_autoretry_for = (PermanentError,)
-    max_retries = 5
-    # Delays of about 2, 4, 8, 16, 32 s (full jitter: uniform in 0..delay), capped at 60 s.
-    retry_backoff = 2
-    retry_backoff_max = 60
-    retry_jitter = True
+    retry_policy: ClassVar[RetryPolicy] = RetryPolicy.from_settings()
+    # Read by Celery itself: Task.retry() and the worker-lost retry (which waits
+    # default_retry_delay) both stop at max_retries, then the task FAILS.
+    max_retries = retry_policy.max_retries
+    default_retry_delay = retry_policy.base
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.max_retries = cls.retry_policy.max_retries
+        cls.default_retry_delay = cls.retry_policy.base
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().__call__(*args, **kwargs)
+        except (Retry, Ignore, Reject, PermanentError):
+            raise
+        except Exception as exc:
+            if self.request.called_directly:
+                raise
+            # Raises Retry after publishing the next attempt, or re-raises `exc` once
+            # max_retries is reached, which fails the task (-> dead letter).
+            raise self.retry(
+                exc=exc,
+                countdown=self.retry_policy.delay(self.request.retries),
+                max_retries=self.max_retries,
+            ) from exc

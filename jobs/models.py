@@ -37,3 +37,65 @@ class OutboxMessage(models.Model):
     def __str__(self) -> str:
         state = "sent" if self.sent_at else "unsent"
         return f"{self.task_name} {self.task_id} ({state})"
+
+
+class DeadLetter(models.Model):
+    """A task that failed for good: the job, why it died, and what was done about it.
+
+    One row per original task id (unique), however often its failure is signalled.
+    `dead` rows wait for an operator; `replayed` and `discarded` rows keep the audit
+    trail until retention prunes them. `dead` rows are never pruned automatically.
+    """
+
+    class Reason(models.TextChoices):
+        RETRIES_EXHAUSTED = "retries_exhausted", "Retries exhausted"
+        PERMANENT_ERROR = "permanent_error", "Permanent error"
+        WORKER_LOST = "worker_lost", "Worker lost"
+        TIME_LIMIT = "time_limit", "Time limit"
+        POISON = "poison", "Poison message"
+
+    class Status(models.TextChoices):
+        DEAD = "dead", "Dead"
+        REPLAYED = "replayed", "Replayed"
+        DISCARDED = "discarded", "Discarded"
+
+    class Outcome(models.TextChoices):
+        NONE = "", "-"
+        PENDING = "pending", "Pending"
+        SUCCEEDED = "succeeded", "Succeeded"
+        FAILED = "failed", "Failed again"
+
+    task_id = models.CharField(max_length=255, unique=True)
+    task_name = models.CharField(max_length=200, db_index=True)
+    args = models.JSONField(default=list, blank=True)
+    kwargs = models.JSONField(default=dict, blank=True)
+    queue = models.CharField(max_length=100, blank=True, db_index=True)
+    reason = models.CharField(max_length=30, choices=Reason.choices, db_index=True)
+    exception_class = models.CharField(max_length=200, blank=True)
+    exception_message = models.TextField(blank=True)
+    traceback = models.TextField(blank=True)
+    attempts = models.PositiveIntegerField(default=1)
+    correlation_id = models.CharField(max_length=100, blank=True, db_index=True)
+    replay_of = models.CharField(max_length=255, blank=True, help_text="Task id this replayed.")
+    first_failed_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    last_failed_at = models.DateTimeField(auto_now_add=True)
+    status = models.CharField(
+        max_length=20, choices=Status.choices, default=Status.DEAD, db_index=True
+    )
+    # The audit trail: who replayed or discarded it, when, and what became of the replay.
+    handled_by = models.CharField(max_length=150, blank=True)
+    handled_at = models.DateTimeField(null=True, blank=True)
+    replay_task_id = models.CharField(max_length=255, blank=True, db_index=True)
+    replay_outcome = models.CharField(
+        max_length=20, choices=Outcome.choices, default=Outcome.NONE, blank=True
+    )
+
+    class Meta:
+        ordering = ["-last_failed_at"]
+        permissions = [
+            ("replay_deadletter", "Can replay dead letters"),
+            ("discard_deadletter", "Can discard dead letters"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.task_name} {self.task_id} ({self.reason}, {self.status})"

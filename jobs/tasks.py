@@ -2,7 +2,7 @@
 
 from celery import shared_task
 
-from jobs import outbox
+from jobs import dead_letters, outbox
 
 
 @shared_task(name="jobs.tasks.relay_outbox", ignore_result=True)
@@ -15,3 +15,9 @@ def relay_outbox() -> int:
 def prune_outbox() -> int:
     """Delete sent outbox rows older than the retention period."""
     return outbox.prune_sent()
+
+
+@shared_task(name="jobs.tasks.prune_dead_letters", ignore_result=True)
+def prune_dead_letters() -> int:
+    """Delete replayed and discarded dead letters past retention (never `dead` ones)."""
+    return dead_letters.dead_letter_prune()

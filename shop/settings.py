@@ -267,6 +267,7 @@ CELERY_BEAT_SCHEDULE = {
         "schedule": env_float("OUTBOX_RELAY_INTERVAL", 10.0),
     },
     "prune-outbox": {"task": "jobs.tasks.prune_outbox", "schedule": 3600.0},
+    "prune-dead-letters": {"task": "jobs.tasks.prune_dead_letters", "schedule": 86400.0},
     "build-sales-report": {
         "task": "shop.tasks.reports.build_sales_report",
         "schedule": env_float("SALES_REPORT_INTERVAL", 3600.0),
@@ -279,6 +280,19 @@ CELERY_BEAT_SCHEDULE = {
 JOBS_OUTBOX_RELAY_GRACE = env_float("OUTBOX_RELAY_GRACE", 10.0)
 JOBS_OUTBOX_BATCH_SIZE = env_int("OUTBOX_BATCH_SIZE", 500)
 JOBS_OUTBOX_RETENTION_DAYS = env_int("OUTBOX_RETENTION_DAYS", 7)
+
+# --- Retries and dead letters (jobs/retry.py, jobs/dead_letters.py) ------------------
+
+# Exponential backoff with full jitter: retry n waits uniform(0, min(cap, base * 2**n)) s.
+# The cap stays far below the visibility timeout (a system check enforces < half).
+JOBS_RETRY_MAX_RETRIES = env_int("RETRY_MAX_RETRIES", 5)
+JOBS_RETRY_BACKOFF_BASE = env_float("RETRY_BACKOFF_BASE", 2.0)
+JOBS_RETRY_BACKOFF_CAP = env_float("RETRY_BACKOFF_CAP", 60.0)
+# Replayed and discarded dead letters are pruned after this; `dead` ones never are.
+JOBS_DEAD_LETTER_RETENTION_DAYS = env_int("DEAD_LETTER_RETENTION_DAYS", 30)
+# A bulk replay publishes this many rows per transaction, pausing between batches.
+JOBS_REPLAY_BATCH_SIZE = 100
+JOBS_REPLAY_BATCH_PAUSE = 0.2
 
 # --- Processes started by `make run` (deploy/run_local.py) ------------------------
 

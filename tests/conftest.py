@@ -93,6 +93,10 @@ def worker_env(
         "EMAIL_FILE_PATH": str(mail_root),
         "SHOP_VAR_DIR": str(tmp_path_factory.mktemp("var")),
         "CELERY_WORKER_SOFT_SHUTDOWN_TIMEOUT": "1",
+        # Short retries so exhausting them takes a second, not minutes.
+        "RETRY_MAX_RETRIES": "3",
+        "RETRY_BACKOFF_BASE": "0.1",
+        "RETRY_BACKOFF_CAP": "0.4",
         "LOG_LEVEL": "INFO",
     }
 

@@ -142,8 +142,16 @@ class Gateway:
 class Worker:
     """`celery -A jobs worker` for one queue, as a real prefork process."""
 
-    def __init__(self, queue: str, env: dict[str, str], log_dir: Path, concurrency: int = 1):
+    def __init__(
+        self,
+        queue: str,
+        env: dict[str, str],
+        log_dir: Path,
+        concurrency: int = 1,
+        include: str = "",
+    ) -> None:
         self.queue = queue
+        self.include = include
         self.name = f"{queue}@test-{uuid.uuid4().hex[:8]}"
         self.env = env
         self.log = log_dir / f"worker-{self.name}.log"
@@ -154,6 +162,8 @@ class Worker:
         args = [sys.executable, "-m", "celery", "-A", "jobs", "worker", "-Q", self.queue]
         args += ["-n", self.name, "-c", str(self.concurrency), "-P", "prefork"]
         args += ["--without-mingle", "--without-gossip", "--loglevel", "INFO"]
+        if self.include:
+            args += ["-I", self.include]
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
                 args, cwd=REPO, env=self.env, stdout=log, stderr=log, start_new_session=True

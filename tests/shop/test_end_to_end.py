@@ -11,7 +11,7 @@ from django.core.management import call_command
 from django_celery_results.models import TaskResult
 
 from jobs import app
-from jobs.models import OutboxMessage
+from jobs.models import DeadLetter, OutboxMessage
 from shop.models import Order, Payment, Receipt
 from tests.processes import wait_until
 
@@ -22,10 +22,12 @@ ORDER = {
     "card": "4242424242424242",
     "items": [{"sku": "MUG", "quantity": 1}],
 }
+DECLINED, FLAKY = "4000000000000002", "4000000000000119"
 
 
-def place_order(client) -> int:
-    response = client.post("/api/orders/", ORDER, content_type="application/json")
+def place_order(client, card: str = "4242424242424242") -> int:
+    body = {**ORDER, "card": card}
+    response = client.post("/api/orders/", body, content_type="application/json")
     assert response.status_code == 201, response.content
     return int(response.json()["id"])
 
@@ -123,3 +125,57 @@ def test_the_sales_report_runs_on_the_reports_worker(client, workers, products):
     assert result.worker == workers["reports"].name
     path = Path(json.loads(result.result))
     assert path.read_text().splitlines()[0] == "sku,name,units,revenue"
+
+
+def dead_letter_of(task_name: str, timeout: float = 30) -> DeadLetter:
+    return wait_until(
+        lambda: DeadLetter.objects.filter(task_name=task_name).first(),
+        timeout=timeout,
+        what=f"a dead letter of {task_name}",
+    )
+
+
+def test_a_card_that_fails_transiently_is_retried_and_charged_once(
+    client, workers, gateway, mail_dir, products
+):
+    order_id = place_order(client, FLAKY)
+
+    body = wait_for_receipt(client, order_id)
+
+    assert body["payment"]["status"] == "charged"
+    payment = Payment.objects.get(order_id=order_id)
+    assert len(gateway.ledger(str(payment.idempotency_key))) == 1
+    assert not DeadLetter.objects.exists()
+
+
+def test_a_declined_card_is_dead_lettered_at_once_and_the_customer_sees_it(
+    client, workers, gateway, products
+):
+    order_id = place_order(client, DECLINED)
+
+    letter = dead_letter_of("shop.tasks.payments.charge_payment")
+
+    payment = Payment.objects.get(order_id=order_id)
+    assert (letter.reason, letter.attempts, letter.queue) == ("permanent_error", 1, "payments")
+    assert letter.args == [payment.pk]
+    assert [c["status"] for c in gateway.ledger(str(payment.idempotency_key))] == ["declined"]
+    body = client.get(f"/api/orders/{order_id}/").json()
+    assert (body["status"], body["payment"]["message"]) == ("failed", "Your card was declined.")
+    page = client.get(f"/orders/{order_id}/").content.decode()
+    assert "Payment failed" in page
+    assert "Your card was declined." in page
+
+
+def test_a_gateway_outage_exhausts_the_retries_and_charges_nothing(
+    client, workers, gateway, products
+):
+    gateway.control(outage=True)
+
+    order_id = place_order(client)
+
+    letter = dead_letter_of("shop.tasks.payments.charge_payment")
+    payment = Payment.objects.get(order_id=order_id)
+    assert (letter.reason, letter.attempts) == ("retries_exhausted", 4)
+    assert letter.exception_class == "shop.gateway.client.GatewayUnavailable"
+    assert payment.status == Payment.Status.PENDING
+    assert gateway.ledger(str(payment.idempotency_key)) == []

@@ -1,0 +1,63 @@
+"""Start-up checks: refuse a configuration that makes Redis redeliver tasks in a loop.
+
+On Redis a message is handed to another worker once it has been unacked for the
+visibility timeout, counted from delivery. A task that runs, or waits for its retry
+countdown, longer than that is delivered again, and again (research notes, section 2).
+Every hard time limit and retry delay must stay safely below it: under half.
+"""
+
+import sys
+from typing import Any
+
+from celery.signals import beat_init, worker_init
+from django.conf import settings
+from django.core.checks import CheckMessage, Error, register
+from django.utils.module_loading import autodiscover_modules
+
+
+@register("jobs")
+def visibility_timeout_check(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    from jobs.base import ReliableTask
+    from jobs.celery import app
+
+    visibility = settings.CELERY_BROKER_TRANSPORT_OPTIONS.get("visibility_timeout", 3600)
+    safe = visibility / 2
+    hint = (
+        f"Keep it below half the visibility timeout ({visibility} s), or raise "
+        "CELERY_VISIBILITY_TIMEOUT (which also delays recovery of a lost task)."
+    )
+    errors: list[CheckMessage] = []
+
+    def require(value: float | None, what: str) -> None:
+        if value is not None and value >= safe:
+            errors.append(
+                Error(f"{what} is {value} s: redelivery loop.", hint=hint, id="jobs.E001")
+            )
+
+    require(settings.CELERY_TASK_TIME_LIMIT, "CELERY_TASK_TIME_LIMIT")
+    require(settings.JOBS_RETRY_BACKOFF_CAP, "The retry backoff cap (RETRY_BACKOFF_CAP)")
+    require(settings.JOBS_RETRY_BACKOFF_BASE, "The retry delay base (RETRY_BACKOFF_BASE)")
+    # Not app.loader.import_default_modules(): Celery's Django fixup runs the system
+    # checks from that very signal, which would recurse.
+    autodiscover_modules("tasks")
+    # Tasks that set their own values (the defaults are checked once, above).
+    for name, task in sorted(app.tasks.items()):
+        time_limit = getattr(task, "time_limit", None)
+        if time_limit != settings.CELERY_TASK_TIME_LIMIT:
+            require(time_limit, f"{name}: hard time limit")
+        if isinstance(task, ReliableTask) and task.retry_policy != ReliableTask.retry_policy:
+            require(task.retry_policy.cap, f"{name}: retry backoff cap")
+            require(task.default_retry_delay, f"{name}: default_retry_delay")
+    return errors
+
+
+@worker_init.connect
+@beat_init.connect
+def refuse_to_start_with_a_redelivery_loop(**_: Any) -> None:
+    """Celery's Django fixup runs the system checks but starts the worker anyway."""
+    errors = visibility_timeout_check()
+    if errors:
+        for error in errors:
+            print(f"{error.id}: {error.msg}\n  {error.hint}", file=sys.stderr)
+        # SystemExit, not an Exception: Celery's signal dispatch logs and swallows those.
+        raise SystemExit(1)

@@ -1,0 +1,215 @@
+"""Dead letters: written from the one place that sees every terminal failure, replayed
+or discarded by an operator, pruned after retention.
+
+The writer is a `task_failure` receiver. It fires in the pool child for an exception
+raised by the task body, and in the worker's main process when the child was lost
+(WorkerLostError) or killed by the hard time limit; `Task.on_failure` misses the first
+of those. A failure is signalled again when a message is redelivered, so the write is
+idempotent: one row per original task id.
+"""
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from billiard.exceptions import TimeLimitExceeded, WorkerLostError
+from celery import Task
+from celery.signals import task_failure, task_success
+from django.conf import settings
+from django.db import close_old_connections, transaction
+from django.db.models import QuerySet
+from django.utils import timezone
+
+from jobs import outbox
+from jobs.celery import app
+from jobs.errors import PermanentError
+from jobs.models import DeadLetter
+
+logger = logging.getLogger(__name__)
+
+REPLAY_HEADER = "replay_of"
+CORRELATION_HEADER = "correlation_id"
+
+
+def request_header(request: Any, name: str) -> str:
+    """A custom message header as the worker sees it ('' when absent)."""
+    value = getattr(request, name, None) or (getattr(request, "headers", None) or {}).get(name)
+    return str(value) if value else ""
+
+
+def failure_reason(task: Task, exception: BaseException, retries: int) -> str:
+    if isinstance(exception, WorkerLostError):
+        return DeadLetter.Reason.WORKER_LOST
+    if isinstance(exception, TimeLimitExceeded):
+        return DeadLetter.Reason.TIME_LIMIT
+    if isinstance(exception, PermanentError):
+        return DeadLetter.Reason.PERMANENT_ERROR
+    return DeadLetter.Reason.RETRIES_EXHAUSTED
+
+
+def _queue_of(task_name: str, request: Any) -> str:
+    delivery = getattr(request, "delivery_info", None) or {}
+    if delivery.get("routing_key"):
+        return str(delivery["routing_key"])
+    return str(app.amqp.router.route({}, task_name)["queue"].name)
+
+
+def dead_letter_record(
+    *,
+    task: Task,
+    task_id: str,
+    exception: BaseException,
+    args: Iterable[Any] | None,
+    kwargs: dict[str, Any] | None,
+    traceback: str,
+    reason: str | None = None,
+) -> DeadLetter:
+    """Write (or touch) the dead letter of `task_id`. Safe to call any number of times."""
+    request = task.request
+    retries = int(getattr(request, "retries", 0) or 0)
+    now = timezone.now()
+    letter, created = DeadLetter.objects.get_or_create(
+        task_id=task_id,
+        defaults={
+            "task_name": task.name,
+            "args": list(args or []),
+            "kwargs": dict(kwargs or {}),
+            "queue": _queue_of(task.name, request),
+            "reason": reason or failure_reason(task, exception, retries),
+            "exception_class": f"{type(exception).__module__}.{type(exception).__qualname__}",
+            "exception_message": str(exception)[:5000],
+            "traceback": traceback[:50_000],
+            "attempts": retries + 1,
+            "correlation_id": request_header(request, CORRELATION_HEADER),
+            "replay_of": request_header(request, REPLAY_HEADER),
+        },
+    )
+    if not created:
+        DeadLetter.objects.filter(pk=letter.pk).update(last_failed_at=now)
+    if letter.replay_of:
+        DeadLetter.objects.filter(task_id=letter.replay_of).update(
+            replay_outcome=DeadLetter.Outcome.FAILED
+        )
+    logger.warning(
+        "dead letter: %s[%s] %s after %d attempt(s): %s",
+        task.name,
+        task_id,
+        letter.reason,
+        letter.attempts,
+        letter.exception_message,
+    )
+    return letter
+
+
+@task_failure.connect
+def _on_task_failure(
+    sender: Task,
+    task_id: str,
+    exception: BaseException,
+    args: Iterable[Any] | None = None,
+    kwargs: dict[str, Any] | None = None,
+    einfo: Any = None,
+    **_: Any,
+) -> None:
+    try:
+        dead_letter_record(
+            task=sender,
+            task_id=task_id,
+            exception=exception,
+            args=args,
+            kwargs=kwargs,
+            traceback=str(getattr(einfo, "traceback", "") or ""),
+        )
+    except Exception:
+        # The dead-letter table must never take the worker down with it; the failure is
+        # still in the result backend and the logs.
+        logger.exception("dead letter: could not record %s[%s]", sender.name, task_id)
+    finally:
+        # In the worker's main process Celery's Django fixup does not manage connections.
+        close_old_connections()
+
+
+@task_success.connect
+def _on_task_success(sender: Task, **_: Any) -> None:
+    replay_of = request_header(sender.request, REPLAY_HEADER)
+    if replay_of:
+        DeadLetter.objects.filter(task_id=replay_of).update(
+            replay_outcome=DeadLetter.Outcome.SUCCEEDED
+        )
+
+
+@dataclass(frozen=True)
+class Handled:
+    done: int
+    refused: int
+
+
+def _chunks(ids: list[int], size: int) -> Iterable[list[int]]:
+    for start in range(0, len(ids), size):
+        yield ids[start : start + size]
+
+
+def dead_letter_replay(*, ids: Iterable[int], actor: str) -> Handled:
+    """Publish each `dead` row again (new task id, `replay_of` header) and record who did.
+
+    Rows are locked for the transaction, so two operators replaying the same rows at
+    once publish each row once; rows not `dead` are refused. Large selections go in
+    batches, each its own transaction, with a pause between them so a replay of
+    thousands does not flood the queues. The tasks are idempotent: a replayed charge
+    never charges twice.
+    """
+    done = refused = 0
+    batches = list(_chunks(sorted(set(ids)), settings.JOBS_REPLAY_BATCH_SIZE))
+    for number, batch in enumerate(batches):
+        if number:
+            time.sleep(settings.JOBS_REPLAY_BATCH_PAUSE)
+        with transaction.atomic():
+            rows = list(DeadLetter.objects.select_for_update().filter(pk__in=batch))
+            refused += len(batch) - len(rows)
+            for row in rows:
+                if row.status != DeadLetter.Status.DEAD:
+                    refused += 1
+                    continue
+                headers = {REPLAY_HEADER: row.task_id}
+                if row.correlation_id:
+                    headers[CORRELATION_HEADER] = row.correlation_id
+                message = outbox.enqueue(
+                    row.task_name, args=row.args, kwargs=row.kwargs, headers=headers
+                )
+                row.status = DeadLetter.Status.REPLAYED
+                row.handled_by, row.handled_at = actor, timezone.now()
+                row.replay_task_id = str(message.task_id)
+                row.replay_outcome = DeadLetter.Outcome.PENDING
+                row.save(
+                    update_fields=[
+                        "status",
+                        "handled_by",
+                        "handled_at",
+                        "replay_task_id",
+                        "replay_outcome",
+                    ]
+                )
+                done += 1
+    logger.info("dead letters: %s replayed %d, refused %d", actor, done, refused)
+    return Handled(done=done, refused=refused)
+
+
+def dead_letter_discard(*, ids: Iterable[int], actor: str) -> Handled:
+    """Mark `dead` rows discarded (kept for the audit trail until retention)."""
+    wanted = set(ids)
+    with transaction.atomic():
+        done = DeadLetter.objects.filter(pk__in=wanted, status=DeadLetter.Status.DEAD).update(
+            status=DeadLetter.Status.DISCARDED, handled_by=actor, handled_at=timezone.now()
+        )
+    logger.info("dead letters: %s discarded %d", actor, done)
+    return Handled(done=done, refused=len(wanted) - done)
+
+
+def dead_letter_prune(*, older_than_days: int | None = None) -> int:
+    """Delete replayed and discarded rows handled before retention. Never `dead` rows."""
+    days = settings.JOBS_DEAD_LETTER_RETENTION_DAYS if older_than_days is None else older_than_days
+    handled: QuerySet[DeadLetter] = DeadLetter.objects.exclude(status=DeadLetter.Status.DEAD)
+    return handled.filter(handled_at__lt=timezone.now() - timedelta(days=days)).delete()[0]

@@ -1,0 +1,64 @@
+"""Tasks that fail on purpose, loaded only into test workers (`celery worker -I`).
+
+Each run appends a line to a file the test gives, so the test counts attempts on an
+external witness, not in the task's own bookkeeping.
+"""
+
+import os
+import signal
+import time
+from pathlib import Path
+
+from celery import shared_task
+from celery.exceptions import SoftTimeLimitExceeded
+
+from jobs.base import ReliableTask
+from jobs.errors import PermanentError, TransientError
+
+
+def _attempt(path: str) -> int:
+    with Path(path).open("a") as log:
+        log.write(f"{time.time()}\n")
+    return len(Path(path).read_text().splitlines())
+
+
+@shared_task(name="tests.fault_tasks.fail_until", base=ReliableTask)
+def fail_until(path: str, failures: int) -> int:
+    attempt = _attempt(path)
+    if attempt <= failures:
+        raise TransientError(f"attempt {attempt} of a flaky dependency")
+    return attempt
+
+
+@shared_task(name="tests.fault_tasks.refuse", base=ReliableTask)
+def refuse(path: str) -> None:
+    _attempt(path)
+    raise PermanentError("this input can never work")
+
+
+@shared_task(name="tests.fault_tasks.bug", base=ReliableTask)
+def bug(path: str) -> float:
+    _attempt(path)
+    return 1 / 0
+
+
+@shared_task(name="tests.fault_tasks.overrun", base=ReliableTask, soft_time_limit=1, time_limit=2)
+def overrun(path: str) -> None:
+    _attempt(path)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # ignores the soft limit: only the hard one stops it
+        try:
+            time.sleep(0.1)
+        except SoftTimeLimitExceeded:
+            continue
+
+
+@shared_task(name="tests.fault_tasks.die", base=ReliableTask)
+def die(path: str, deaths: int, done: str) -> int:
+    """SIGKILL its own pool child on the first `deaths` attempts, then finish."""
+    attempt = _attempt(path)
+    if attempt <= deaths:
+        os.kill(os.getpid(), signal.SIGKILL)
+    with Path(done).open("a") as log:
+        log.write("done\n")
+    return attempt

@@ -1,0 +1,165 @@
+"""Terminal failures on a real prefork worker end as exactly one dead letter with the
+right reason; failures that heal end as none. Test workers retry 3 times, 0.1-0.4 s apart.
+"""
+
+import itertools
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from django_celery_results.models import TaskResult
+
+from jobs import app
+from jobs.dead_letters import dead_letter_record
+from jobs.errors import PermanentError
+from jobs.models import DeadLetter
+from tests.processes import Worker, wait_until
+
+pytestmark = [pytest.mark.stack, pytest.mark.django_db(transaction=True)]
+
+MAX_RETRIES = 3  # RETRY_MAX_RETRIES in the worker environment
+
+
+@pytest.fixture(scope="module")
+def fault_worker(worker_env: dict[str, str], worker_logs: Path) -> Iterator[Worker]:
+    worker = Worker("default", worker_env, worker_logs, include="tests.fault_tasks").start()
+    try:
+        worker.wait_ready()
+        yield worker
+    finally:
+        worker.stop()
+
+
+def send(name: str, *args: object) -> str:
+    return str(app.send_task(f"tests.fault_tasks.{name}", args=list(args)).id)
+
+
+def dead_letter(task_id: str, timeout: float = 30) -> DeadLetter:
+    return wait_until(
+        lambda: DeadLetter.objects.filter(task_id=task_id).first(),
+        timeout=timeout,
+        what=f"the dead letter of {task_id}",
+    )
+
+
+def attempts(path: Path) -> list[float]:
+    return [float(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_a_transient_failure_that_heals_is_retried_with_backoff_and_leaves_no_dead_letter(
+    fault_worker, tmp_path
+):
+    log = tmp_path / "attempts"
+
+    task_id = send("fail_until", str(log), 2)
+
+    wait_until(
+        lambda: TaskResult.objects.filter(task_id=task_id, status="SUCCESS").exists(),
+        timeout=30,
+        what="the task to succeed",
+    )
+    times = attempts(log)
+    assert len(times) == 3
+    gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
+    assert all(gap < 0.1 * 2**n + 1.0 for n, gap in enumerate(gaps))  # within each ceiling
+    assert not DeadLetter.objects.exists()
+
+
+def test_retries_exhausted_give_exactly_one_dead_letter(fault_worker, tmp_path):
+    log = tmp_path / "attempts"
+
+    task_id = send("fail_until", str(log), 99)
+
+    letter = dead_letter(task_id)
+    assert letter.reason == DeadLetter.Reason.RETRIES_EXHAUSTED
+    assert letter.attempts == MAX_RETRIES + 1 == len(attempts(log))
+    assert letter.exception_class == "jobs.errors.TransientError"
+    assert "attempt 4 of a flaky dependency" in letter.exception_message
+    assert "Traceback" in letter.traceback
+    assert "fail_until" in letter.traceback
+    assert (letter.task_name, letter.queue, letter.args) == (
+        "tests.fault_tasks.fail_until",
+        "default",
+        [str(log), 99],
+    )
+    assert letter.status == DeadLetter.Status.DEAD
+    assert DeadLetter.objects.count() == 1
+
+
+def test_a_bug_is_retried_within_bounds_then_dead_lettered(fault_worker, tmp_path):
+    log = tmp_path / "attempts"
+
+    letter = dead_letter(send("bug", str(log)))
+
+    assert letter.reason == DeadLetter.Reason.RETRIES_EXHAUSTED
+    assert letter.exception_class == "builtins.ZeroDivisionError"
+    assert len(attempts(log)) == MAX_RETRIES + 1
+
+
+def test_a_permanent_error_is_dead_lettered_at_once(fault_worker, tmp_path):
+    log = tmp_path / "attempts"
+
+    letter = dead_letter(send("refuse", str(log)))
+
+    assert letter.reason == DeadLetter.Reason.PERMANENT_ERROR
+    assert letter.attempts == 1
+    assert len(attempts(log)) == 1  # no retry budget burnt
+
+
+def test_the_hard_time_limit_gives_a_time_limit_dead_letter(fault_worker, tmp_path):
+    log = tmp_path / "attempts"
+
+    letter = dead_letter(send("overrun", str(log)))
+
+    assert letter.reason == DeadLetter.Reason.TIME_LIMIT
+    assert letter.exception_class.endswith("TimeLimitExceeded")
+    assert len(attempts(log)) == 1
+    assert fault_worker.proc is not None
+    assert fault_worker.proc.poll() is None
+
+
+def test_a_child_killed_once_is_redelivered_and_completes_once(fault_worker, tmp_path):
+    log, done = tmp_path / "attempts", tmp_path / "done"
+
+    task_id = send("die", str(log), 1, str(done))
+
+    wait_until(
+        lambda: TaskResult.objects.filter(task_id=task_id, status="SUCCESS").exists(),
+        timeout=30,
+        what="the task to succeed after its child was killed",
+    )
+    assert len(attempts(log)) == 2
+    assert done.read_text() == "done\n"
+    assert not DeadLetter.objects.exists()
+
+
+def test_a_child_killed_every_time_ends_as_a_worker_lost_dead_letter(fault_worker, tmp_path):
+    log, done = tmp_path / "attempts", tmp_path / "done"
+
+    letter = dead_letter(send("die", str(log), 99, str(done)), timeout=60)
+
+    assert letter.reason == DeadLetter.Reason.WORKER_LOST
+    assert letter.exception_class.endswith("WorkerLostError")
+    assert len(attempts(log)) == MAX_RETRIES + 1  # bounded, not a loop
+    assert not done.exists()
+
+
+def test_recording_the_same_failure_twice_writes_one_row():
+    from shop.tasks.payments import charge_payment as task
+
+    task_id = str(uuid.uuid4())
+
+    for _ in range(2):
+        dead_letter_record(
+            task=task,
+            task_id=task_id,
+            exception=PermanentError("declined"),
+            args=[1],
+            kwargs={},
+            traceback="Traceback ...",
+        )
+
+    letter = DeadLetter.objects.get()
+    assert (letter.reason, letter.queue) == (DeadLetter.Reason.PERMANENT_ERROR, "payments")
+    assert letter.last_failed_at >= letter.first_failed_at
