@@ -179,3 +179,52 @@ def test_a_gateway_outage_exhausts_the_retries_and_charges_nothing(
     assert letter.exception_class == "shop.gateway.client.GatewayUnavailable"
     assert payment.status == Payment.Status.PENDING
     assert gateway.ledger(str(payment.idempotency_key)) == []
+
+
+def test_an_operator_replays_the_dead_letter_from_the_admin_and_the_order_completes(
+    client, workers, gateway, mail_dir, products, django_user_model
+):
+    from django.contrib.auth.models import Permission
+
+    # given: an order whose charge died while the gateway was down
+    gateway.control(outage=True)
+    order_id = place_order(client)
+    letter = dead_letter_of("shop.tasks.payments.charge_payment")
+    gateway.control(outage=False)
+    operator = django_user_model.objects.create_user("operator", password="pw", is_staff=True)
+    operator.user_permissions.set(
+        Permission.objects.filter(codename__in=["view_deadletter", "replay_deadletter"])
+    )
+    client.force_login(operator)
+
+    # when: the operator replays it from the admin
+    response = client.post(
+        "/admin/jobs/deadletter/",
+        {"action": "replay_selected", "_selected_action": [letter.pk]},
+        follow=True,
+    )
+
+    # then: the order completes, charged once, and the audit trail says who and how
+    assert [str(m) for m in response.context["messages"]] == ["1 dead letter replayed."]
+    body = wait_for_receipt(client, order_id)
+    assert body["payment"]["status"] == "charged"
+    payment = Payment.objects.get(order_id=order_id)
+    assert len(gateway.ledger(str(payment.idempotency_key))) == 1
+    letter.refresh_from_db()
+    assert (letter.status, letter.handled_by) == ("replayed", "operator")
+    assert letter.replay_task_id
+    wait_until(
+        lambda: DeadLetter.objects.get(pk=letter.pk).replay_outcome == "succeeded",
+        timeout=10,
+        what="the replay's outcome",
+    )
+    # and a second replay of the same row is refused
+    again = client.post(
+        "/admin/jobs/deadletter/",
+        {"action": "replay_selected", "_selected_action": [letter.pk]},
+        follow=True,
+    )
+    assert [str(m) for m in again.context["messages"]] == [
+        "1 was not replayed: only dead letters in state 'dead' can be."
+    ]
+    assert OutboxMessage.objects.filter(task_name=letter.task_name).count() == 2  # order + replay

@@ -1,0 +1,245 @@
+"""Replay and discard: through the outbox, once per row however many operators click,
+guarded by permissions, in batches; from the admin and from `manage.py dlq`."""
+
+import json
+import threading
+import uuid
+from datetime import timedelta
+
+import pytest
+from django.contrib.auth.models import Permission, User
+from django.core.management import CommandError, call_command
+from django.db import connection
+from django.utils import timezone
+
+from jobs import dead_letters
+from jobs.models import DeadLetter, OutboxMessage
+
+CHANGELIST = "/admin/jobs/deadletter/"
+
+
+def make_letter(**fields: object) -> DeadLetter:
+    defaults: dict[str, object] = {
+        "task_id": str(uuid.uuid4()),
+        "task_name": "shop.tasks.payments.charge_payment",
+        "args": [42],
+        "queue": "payments",
+        "reason": DeadLetter.Reason.RETRIES_EXHAUSTED,
+        "exception_class": "shop.gateway.client.GatewayUnavailable",
+        "exception_message": "payment gateway answered 503",
+        "traceback": 'Traceback (most recent call last):\n  File "x.py"\nGatewayUnavailable: 503',
+        "attempts": 6,
+        "correlation_id": "req-123",
+    }
+    return DeadLetter.objects.create(**(defaults | fields))
+
+
+def staff(username: str, *codenames: str) -> User:
+    user = User.objects.create_user(username, password="pw", is_staff=True)
+    wanted = ["view_deadletter", *codenames]
+    user.user_permissions.set(Permission.objects.filter(codename__in=wanted))
+    return user
+
+
+def replayed_messages() -> list[OutboxMessage]:
+    return list(OutboxMessage.objects.order_by("id"))
+
+
+@pytest.mark.django_db(transaction=True)
+def test_replay_publishes_through_the_outbox_with_a_link_and_an_audit_trail(broker):
+    letter = make_letter()
+
+    result = dead_letters.dead_letter_replay(ids=[letter.pk], actor="ops")
+
+    assert (result.done, result.refused) == (1, 0)
+    [message] = replayed_messages()
+    assert (message.task_name, message.args) == (letter.task_name, [42])
+    assert message.headers == {"replay_of": letter.task_id, "correlation_id": "req-123"}
+    assert str(message.task_id) != letter.task_id
+    assert message.sent_at is not None
+    assert broker.queue_lengths()["payments"] == 1
+    letter.refresh_from_db()
+    assert letter.status == DeadLetter.Status.REPLAYED
+    assert (letter.handled_by, letter.replay_task_id) == ("ops", str(message.task_id))
+    assert letter.handled_at is not None
+    assert letter.replay_outcome == DeadLetter.Outcome.PENDING
+
+
+@pytest.mark.django_db(transaction=True)
+def test_replaying_a_row_twice_or_from_two_operators_at_once_publishes_once(broker):
+    letter = make_letter()
+    results: list[dead_letters.Handled] = []
+    barrier = threading.Barrier(2)
+
+    def replay() -> None:
+        barrier.wait()
+        try:
+            results.append(dead_letters.dead_letter_replay(ids=[letter.pk], actor="ops"))
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=replay) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    again = dead_letters.dead_letter_replay(ids=[letter.pk], actor="ops")
+
+    assert sorted((r.done, r.refused) for r in results) == [(0, 1), (1, 0)]
+    assert (again.done, again.refused) == (0, 1)
+    assert len(replayed_messages()) == 1
+    assert broker.queue_lengths()["payments"] == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_bulk_replay_goes_in_batches(broker, settings):
+    settings.JOBS_REPLAY_BATCH_SIZE = 10
+    settings.JOBS_REPLAY_BATCH_PAUSE = 0
+    letters = [make_letter(args=[n]) for n in range(25)]
+
+    result = dead_letters.dead_letter_replay(ids=[x.pk for x in letters], actor="ops")
+
+    assert result.done == 25
+    assert broker.queue_lengths()["payments"] == 25
+    assert not DeadLetter.objects.filter(status=DeadLetter.Status.DEAD).exists()
+
+
+@pytest.mark.django_db
+def test_discard_marks_dead_rows_only():
+    dead, replayed = make_letter(), make_letter(status=DeadLetter.Status.REPLAYED)
+
+    result = dead_letters.dead_letter_discard(ids=[dead.pk, replayed.pk], actor="ops")
+
+    assert (result.done, result.refused) == (1, 1)
+    dead.refresh_from_db()
+    assert (dead.status, dead.handled_by) == (DeadLetter.Status.DISCARDED, "ops")
+    assert DeadLetter.objects.get(pk=replayed.pk).status == DeadLetter.Status.REPLAYED
+
+
+@pytest.mark.django_db
+def test_prune_deletes_old_handled_rows_and_never_dead_ones():
+    long_ago = timezone.now() - timedelta(days=90)
+    old_dead = make_letter()
+    DeadLetter.objects.filter(pk=old_dead.pk).update(first_failed_at=long_ago)
+    old_replayed = make_letter(status=DeadLetter.Status.REPLAYED, handled_at=long_ago)
+    old_discarded = make_letter(status=DeadLetter.Status.DISCARDED, handled_at=long_ago)
+    recent = make_letter(status=DeadLetter.Status.DISCARDED, handled_at=timezone.now())
+
+    assert dead_letters.dead_letter_prune(older_than_days=30) == 2
+
+    remaining = set(DeadLetter.objects.values_list("pk", flat=True))
+    assert remaining == {old_dead.pk, recent.pk}
+    assert not {old_replayed.pk, old_discarded.pk} & remaining
+
+
+@pytest.mark.django_db(transaction=True)
+def test_admin_without_the_permission_neither_sees_nor_runs_the_actions(client, broker):
+    letter = make_letter()
+    client.force_login(staff("viewer"))
+
+    page = client.get(CHANGELIST)
+    posted = client.post(CHANGELIST, {"action": "replay_selected", "_selected_action": [letter.pk]})
+    discard = client.post(
+        CHANGELIST, {"action": "discard_selected", "_selected_action": [letter.pk]}
+    )
+
+    assert page.status_code == 200
+    assert b"replay_selected" not in page.content
+    assert b"discard_selected" not in page.content
+    assert (posted.status_code, discard.status_code) == (403, 403)
+    assert DeadLetter.objects.get().status == DeadLetter.Status.DEAD
+    assert replayed_messages() == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_admin_replay_and_discard_report_counts(client, broker):
+    first, second, gone = make_letter(), make_letter(), make_letter(status="discarded")
+    client.force_login(staff("operator", "replay_deadletter", "discard_deadletter"))
+
+    page = client.get(CHANGELIST)
+    replay = client.post(
+        CHANGELIST,
+        {"action": "replay_selected", "_selected_action": [first.pk, gone.pk]},
+        follow=True,
+    )
+    discard = client.post(
+        CHANGELIST, {"action": "discard_selected", "_selected_action": [second.pk]}, follow=True
+    )
+
+    assert b"replay_selected" in page.content
+    assert b"discard_selected" in page.content
+    replay_messages = [str(m) for m in replay.context["messages"]]
+    assert replay_messages == [
+        "1 dead letter replayed.",
+        "1 was not replayed: only dead letters in state 'dead' can be.",
+    ]
+    assert [str(m) for m in discard.context["messages"]] == ["1 dead letter discarded."]
+    assert DeadLetter.objects.get(pk=first.pk).handled_by == "operator"
+    assert len(replayed_messages()) == 1
+
+
+@pytest.mark.django_db
+def test_admin_filters_search_and_a_readable_read_only_detail_page(client):
+    letter = make_letter(kwargs={"note": "x"})
+    make_letter(reason=DeadLetter.Reason.PERMANENT_ERROR, task_name="other.task")
+    client.force_login(staff("viewer"))
+
+    filtered = client.get(CHANGELIST, {"reason": "retries_exhausted"})
+    searched = client.get(CHANGELIST, {"q": letter.task_id})
+    detail = client.get(f"{CHANGELIST}{letter.pk}/change/")
+
+    assert filtered.context["cl"].result_count == 1
+    assert searched.context["cl"].result_count == 1
+    assert detail.status_code == 200
+    html = detail.content.decode()
+    assert "GatewayUnavailable: 503" in html
+    assert "<pre" in html
+    assert "&quot;note&quot;: &quot;x&quot;" in html
+    assert 'name="reason"' not in html  # read-only: no form inputs for the fields
+    assert client.get("/admin/jobs/deadletter/add/").status_code == 403
+
+
+@pytest.mark.django_db(transaction=True)
+def test_dlq_command_lists_shows_replays_and_discards(broker, capsys):
+    a = make_letter(reason=DeadLetter.Reason.PERMANENT_ERROR)
+    b = make_letter()
+
+    call_command("dlq", "list")
+    listing = capsys.readouterr().out
+    call_command("dlq", "show", str(b.pk))
+    shown = capsys.readouterr().out
+    call_command("dlq", "replay", "--reason", "retries_exhausted", "--dry-run")
+    dry = capsys.readouterr().out
+    assert replayed_messages() == []
+    call_command("dlq", "replay", "--reason", "retries_exhausted", "--since", "1h")
+    replayed = capsys.readouterr().out
+    call_command("dlq", "discard", str(a.pk))
+    discarded = capsys.readouterr().out
+
+    assert str(a.pk) in listing and str(b.pk) in listing  # noqa: PT018
+    assert "GatewayUnavailable: 503" in shown
+    assert dry.strip() == "would replay 1 dead letter(s) (dry run)"
+    assert replayed.strip() == "replayed 1 dead letter(s), refused 0"
+    assert discarded.strip() == "discarded 1 dead letter(s), refused 0"
+    assert DeadLetter.objects.get(pk=b.pk).handled_by.startswith("cli:")
+    assert [m.args for m in replayed_messages()] == [[42]]
+    assert json.loads(json.dumps(replayed_messages()[0].headers))["replay_of"] == b.task_id
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["replay"], "say which rows to replay"),
+        (["discard"], "say which rows to discard"),
+        (["show", "999"], "no dead letter with id 999"),
+        (["list", "--since", "yesterday"], "--since: expected"),
+    ],
+)
+def test_dlq_command_usage_errors_change_nothing(args, message):
+    make_letter()
+
+    with pytest.raises(CommandError, match=message):
+        call_command("dlq", *args)
+
+    assert DeadLetter.objects.get().status == DeadLetter.Status.DEAD
