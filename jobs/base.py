@@ -22,8 +22,10 @@ from typing import Any, ClassVar
 
 from celery.contrib.django.task import DjangoTask
 from celery.exceptions import Ignore, Reject, Retry
+from django.conf import settings
 
-from jobs.errors import PermanentError
+from jobs.errors import PermanentError, PoisonMessage
+from jobs.poison import delivery_count
 from jobs.retry import RetryPolicy
 
 
@@ -41,6 +43,13 @@ class ReliableTask(DjangoTask):
         cls.default_retry_delay = cls.retry_policy.base
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        request = self.request
+        if not request.called_directly and not request.is_eager:
+            deliveries = delivery_count(request.id, request.retries)
+            if deliveries > settings.JOBS_POISON_MAX_DELIVERIES:
+                raise PoisonMessage(
+                    f"delivered {deliveries} times without finishing: it kills its worker"
+                )
         try:
             return super().__call__(*args, **kwargs)
         except (Retry, Ignore, Reject, PermanentError):

@@ -25,7 +25,7 @@ from django.utils import timezone
 
 from jobs import outbox
 from jobs.celery import app
-from jobs.errors import PermanentError
+from jobs.errors import PermanentError, PoisonMessage
 from jobs.models import DeadLetter
 
 logger = logging.getLogger(__name__)
@@ -45,6 +45,8 @@ def failure_reason(task: Task, exception: BaseException, retries: int) -> str:
         return DeadLetter.Reason.WORKER_LOST
     if isinstance(exception, TimeLimitExceeded):
         return DeadLetter.Reason.TIME_LIMIT
+    if isinstance(exception, PoisonMessage):
+        return DeadLetter.Reason.POISON
     if isinstance(exception, PermanentError):
         return DeadLetter.Reason.PERMANENT_ERROR
     return DeadLetter.Reason.RETRIES_EXHAUSTED

@@ -14,3 +14,7 @@ class TransientError(Exception):
 
 class PermanentError(Exception):
     """A failure that will happen again however often the task is retried."""
+
+
+class PoisonMessage(PermanentError):
+    """This message was delivered too often without finishing: it kills its worker."""

@@ -290,6 +290,8 @@ JOBS_RETRY_BACKOFF_BASE = env_float("RETRY_BACKOFF_BASE", 2.0)
 JOBS_RETRY_BACKOFF_CAP = env_float("RETRY_BACKOFF_CAP", 60.0)
 # Replayed and discarded dead letters are pruned after this; `dead` ones never are.
 JOBS_DEAD_LETTER_RETENTION_DAYS = env_int("DEAD_LETTER_RETENTION_DAYS", 30)
+# A message delivered more often than this without finishing is dead-lettered as poison.
+JOBS_POISON_MAX_DELIVERIES = env_int("POISON_MAX_DELIVERIES", 5)
 # A bulk replay publishes this many rows per transaction, pausing between batches.
 JOBS_REPLAY_BATCH_SIZE = 100
 JOBS_REPLAY_BATCH_PAUSE = 0.2

@@ -62,3 +62,10 @@ def die(path: str, deaths: int, done: str) -> int:
     with Path(done).open("a") as log:
         log.write("done\n")
     return attempt
+
+
+@shared_task(name="tests.fault_tasks.hang", base=ReliableTask)
+def hang(path: str) -> None:
+    """Log the attempt, then hang until the test kills the whole worker."""
+    _attempt(path)
+    time.sleep(30)
