@@ -14,7 +14,7 @@ from django.db.models import F, Q
 from django.template.loader import render_to_string
 from django.utils import timezone
 
-from jobs.errors import TransientError
+from jobs.errors import PermanentError, TransientError
 from shop.models import Order, Receipt
 
 logger = logging.getLogger(__name__)
@@ -29,7 +29,10 @@ class ReceiptBusy(TransientError):
 
 def receipt_send(*, order_id: int) -> None:
     receipt = Receipt.objects.filter(order_id=order_id).first()
-    if receipt is None or receipt.status == Receipt.Status.SENT:
+    if receipt is None:
+        # Written in the same transaction that enqueued this task: it must exist.
+        raise PermanentError(f"order {order_id} has no receipt to send")
+    if receipt.status == Receipt.Status.SENT:
         return
     now = timezone.now()
     claimable = Q(status=Receipt.Status.PENDING) | Q(

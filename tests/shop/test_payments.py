@@ -7,6 +7,7 @@ from collections.abc import Callable
 from decimal import Decimal
 
 import pytest
+from celery.exceptions import SoftTimeLimitExceeded
 from django.db import connection
 
 from jobs.errors import PermanentError, TransientError
@@ -152,10 +153,33 @@ def test_gateway_down_is_transient_and_charges_nothing(broker, gateway, products
     assert gateway.ledger(str(payment.idempotency_key)) == []
 
 
+@pytest.mark.django_db(transaction=True)
+def test_soft_time_limit_mid_charge_leaves_payment_unknown_for_the_retry(
+    broker, gateway, products, monkeypatch
+):
+    payment = place_order()
+
+    def interrupted(**_: object) -> None:
+        raise SoftTimeLimitExceeded()
+
+    monkeypatch.setattr(gateway_client, "charge_create", interrupted)
+    with pytest.raises(TransientError, match="unknown"):
+        payment_charge(payment_id=payment.pk)
+    assert Payment.objects.get().status == Payment.Status.UNKNOWN
+
+    # the retry asks the gateway first (nothing under this key), then charges once
+    monkeypatch.undo()
+    payment_charge(payment_id=payment.pk)
+    assert Payment.objects.get().status == Payment.Status.CHARGED
+    assert len(gateway.ledger(str(payment.idempotency_key))) == 1
+
+
 @pytest.mark.django_db
-def test_missing_payment_is_a_permanent_error():
+def test_missing_rows_that_must_exist_are_permanent_errors():
     with pytest.raises(PermanentError, match="does not exist"):
         payment_charge(payment_id=424242)
+    with pytest.raises(PermanentError, match="no receipt"):
+        receipt_send(order_id=424242)
 
 
 @pytest.mark.django_db(transaction=True)
