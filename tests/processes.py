@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -42,6 +43,33 @@ def wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
         time.sleep(interval)
+
+
+def run_concurrently(action: Callable[[], Any], times: int = 2) -> list[BaseException]:
+    """Run `action` in `times` threads released together; return what they raised.
+
+    Each thread has its own database connection (closed at the end), as two workers would.
+    """
+    from django.db import connection
+
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(times)
+
+    def run() -> None:
+        barrier.wait()
+        try:
+            action()
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=run) for _ in range(times)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    return errors
 
 
 def _log_tail(path: Path, lines: int = 40) -> str:

@@ -2,18 +2,17 @@
 guarded by permissions, in batches; from the admin and from `manage.py dlq`."""
 
 import json
-import threading
 import uuid
 from datetime import timedelta
 
 import pytest
 from django.contrib.auth.models import Permission, User
 from django.core.management import CommandError, call_command
-from django.db import connection
 from django.utils import timezone
 
 from jobs import dead_letters
 from jobs.models import DeadLetter, OutboxMessage
+from tests.processes import run_concurrently
 
 CHANGELIST = "/admin/jobs/deadletter/"
 
@@ -69,22 +68,13 @@ def test_replay_publishes_through_the_outbox_with_a_link_and_an_audit_trail(brok
 def test_replaying_a_row_twice_or_from_two_operators_at_once_publishes_once(broker):
     letter = make_letter()
     results: list[dead_letters.Handled] = []
-    barrier = threading.Barrier(2)
 
-    def replay() -> None:
-        barrier.wait()
-        try:
-            results.append(dead_letters.dead_letter_replay(ids=[letter.pk], actor="ops"))
-        finally:
-            connection.close()
-
-    threads = [threading.Thread(target=replay) for _ in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=30)
+    errors = run_concurrently(
+        lambda: results.append(dead_letters.dead_letter_replay(ids=[letter.pk], actor="ops"))
+    )
     again = dead_letters.dead_letter_replay(ids=[letter.pk], actor="ops")
 
+    assert errors == []
     assert sorted((r.done, r.refused) for r in results) == [(0, 1), (1, 0)]
     assert (again.done, again.refused) == (0, 1)
     assert len(replayed_messages()) == 1

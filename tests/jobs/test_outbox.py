@@ -2,18 +2,18 @@
 publish did not happen, never double-published by two relays."""
 
 import json
-import threading
 from datetime import timedelta
 
 import pytest
 from celery.app.routes import Router, prepare
 from celery.exceptions import QueueNotFound
 from django.core.management import CommandError, call_command
-from django.db import connection, transaction
+from django.db import transaction
 from django.utils import timezone
 
 from jobs import app, outbox
 from jobs.models import OutboxMessage
+from tests.processes import run_concurrently
 
 TASK = "shop.tasks.payments.charge_payment"
 
@@ -78,21 +78,12 @@ def test_relay_leaves_young_rows_to_their_own_publisher(broker):
 def test_two_relays_at_once_never_publish_a_row_twice(broker):
     rows = old_unsent_rows(60)
     counts: list[int] = []
-    barrier = threading.Barrier(2)
 
-    def relay() -> None:
-        barrier.wait()
-        try:
-            counts.append(outbox.relay_unsent(older_than=0, batch_size=40))
-        finally:
-            connection.close()
+    errors = run_concurrently(
+        lambda: counts.append(outbox.relay_unsent(older_than=0, batch_size=40))
+    )
 
-    threads = [threading.Thread(target=relay) for _ in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=30)
-
+    assert errors == []
     ids = published_task_ids(broker)
     assert sum(counts) == len(ids)
     assert len(ids) == len(set(ids))  # no row published twice

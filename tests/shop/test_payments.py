@@ -2,13 +2,10 @@
 run concurrently, declined, flaky, timed out. Task logic only; the worker behaviour is in
 test_end_to_end.py."""
 
-import threading
-from collections.abc import Callable
 from decimal import Decimal
 
 import pytest
 from celery.exceptions import SoftTimeLimitExceeded
-from django.db import connection
 
 from jobs.errors import PermanentError, TransientError
 from jobs.models import OutboxMessage
@@ -17,6 +14,7 @@ from shop.models import Order, Payment, Product, Receipt
 from shop.services.checkout import checkout_complete, checkout_parse
 from shop.services.payments import payment_charge
 from shop.services.receipts import receipt_send
+from tests.processes import run_concurrently
 
 GOOD, DECLINED, FLAKY = "4242424242424242", "4000000000000002", "4000000000000119"
 SEND_RECEIPT = "shop.tasks.emails.send_receipt"
@@ -27,27 +25,6 @@ def place_order(card: str = GOOD) -> Payment:
         {"email": "ada@example.com", "card": card, "items": [{"sku": "MUG", "quantity": 2}]}
     )
     return checkout_complete(request=request).payment
-
-
-def run_concurrently(action: Callable[[], None], times: int = 2) -> list[BaseException]:
-    errors: list[BaseException] = []
-    barrier = threading.Barrier(times)
-
-    def run() -> None:
-        barrier.wait()
-        try:
-            action()
-        except BaseException as exc:
-            errors.append(exc)
-        finally:
-            connection.close()
-
-    threads = [threading.Thread(target=run) for _ in range(times)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
-    return errors
 
 
 def mails_with(mail_dir, message_id: str) -> int:
