@@ -6,4 +6,4 @@ class JobsConfig(AppConfig):
     verbose_name = "Background jobs"
 
     def ready(self) -> None:
-        from jobs import checks, dead_letters  # noqa: F401  (register the check and receivers)
+        from jobs import checks, dead_letters, lifecycle  # noqa: F401  (checks, receivers)

@@ -23,21 +23,17 @@ from django.db import close_old_connections, transaction
 from django.db.models import QuerySet
 from django.utils import timezone
 
-from jobs import outbox
+from jobs import correlation, outbox
 from jobs.celery import app
 from jobs.errors import PermanentError, PoisonMessage
+from jobs.lifecycle import request_header
+from jobs.logs import job_event
 from jobs.models import DeadLetter
 
 logger = logging.getLogger(__name__)
 
 REPLAY_HEADER = "replay_of"
-CORRELATION_HEADER = "correlation_id"
-
-
-def request_header(request: Any, name: str) -> str:
-    """A custom message header as the worker sees it ('' when absent)."""
-    value = getattr(request, name, None) or (getattr(request, "headers", None) or {}).get(name)
-    return str(value) if value else ""
+CORRELATION_HEADER = correlation.HEADER
 
 
 def failure_reason(task: Task, exception: BaseException, retries: int) -> str:
@@ -85,7 +81,7 @@ def dead_letter_record(
             "exception_message": str(exception)[:5000],
             "traceback": traceback[:50_000],
             "attempts": retries + 1,
-            "correlation_id": request_header(request, CORRELATION_HEADER),
+            "correlation_id": request_header(request, CORRELATION_HEADER) or correlation.get(),
             "replay_of": request_header(request, REPLAY_HEADER),
         },
     )
@@ -95,13 +91,13 @@ def dead_letter_record(
         DeadLetter.objects.filter(task_id=letter.replay_of).update(
             replay_outcome=DeadLetter.Outcome.FAILED
         )
-    logger.warning(
-        "dead letter: %s[%s] %s after %d attempt(s): %s",
-        task.name,
-        task_id,
-        letter.reason,
-        letter.attempts,
-        letter.exception_message,
+    job_event(
+        "dead_lettered",
+        task_id=task_id,
+        task_name=task.name,
+        queue=letter.queue,
+        attempt=letter.attempts,
+        reason=letter.reason,
     )
     return letter
 
@@ -185,6 +181,13 @@ def dead_letter_replay(*, ids: Iterable[int], actor: str) -> Handled:
                 row.handled_by, row.handled_at = actor, timezone.now()
                 row.replay_task_id = str(message.task_id)
                 row.replay_outcome = DeadLetter.Outcome.PENDING
+                job_event(
+                    "replayed",
+                    task_id=row.replay_task_id,
+                    task_name=row.task_name,
+                    queue=row.queue,
+                    reason=f"replay of {row.task_id} by {actor}",
+                )
                 row.save(
                     update_fields=[
                         "status",

@@ -20,7 +20,9 @@ from django.db.models import F
 from django.utils import timezone
 from kombu.exceptions import OperationalError
 
+from jobs import correlation
 from jobs.celery import app
+from jobs.logs import job_event
 from jobs.models import OutboxMessage
 
 # Errors that mean "the broker is unreachable": stop the batch, the rest would fail too.
@@ -50,11 +52,15 @@ def enqueue(
     """
     name = task if isinstance(task, str) else task.name
     args, kwargs = list(args), dict(kwargs or {})
-    app.amqp.router.route({}, name, args, kwargs)  # raises QueueNotFound when misrouted
+    queue = app.amqp.router.route({}, name, args, kwargs)["queue"].name  # QueueNotFound
+    headers = dict(headers or {})
+    if correlation.get():
+        headers.setdefault(correlation.HEADER, correlation.get())
     message = OutboxMessage.objects.using(using).create(
-        task_name=name, args=args, kwargs=kwargs, headers=dict(headers or {})
+        task_name=name, args=args, kwargs=kwargs, headers=headers
     )
     transaction.on_commit(partial(_publish_committed, message, using), using=using, robust=True)
+    job_event("enqueued", task_id=str(message.task_id), task_name=name, queue=queue)
     return message
 
 
@@ -92,6 +98,7 @@ def _publish_committed(message: OutboxMessage, using: str | None) -> None:
     OutboxMessage.objects.using(using).filter(pk=message.pk, sent_at__isnull=True).update(
         sent_at=timezone.now(), attempts=F("attempts") + 1
     )
+    job_event("published", task_id=str(message.task_id), task_name=message.task_name)
 
 
 def relay_unsent(
@@ -128,6 +135,7 @@ def relay_unsent(
                 _record_failure(message, exc, using)
                 continue
             sent.append(message.pk)
+            job_event("published", task_id=str(message.task_id), task_name=message.task_name)
         OutboxMessage.objects.using(using).filter(pk__in=sent).update(
             sent_at=timezone.now(), attempts=F("attempts") + 1
         )

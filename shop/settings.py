@@ -80,6 +80,7 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    "jobs.middleware.CorrelationIdMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -303,11 +304,27 @@ GATEWAY_PORT = env_int("GATEWAY_PORT", urlsplit(PAYMENT_GATEWAY_URL).port or 810
 FLOWER_PORT = env_int("FLOWER_PORT", 5555)
 FLOWER_BASIC_AUTH = env("FLOWER_BASIC_AUTH", "")
 
+# Human-readable lines by default; LOG_FORMAT=json gives one JSON object per line with the
+# correlation id and the job fields (jobs/logs.py). Workers use the same configuration.
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "filters": {"correlation": {"()": "jobs.logs.CorrelationFilter"}},
+    "formatters": {
+        "console": {
+            "format": "%(asctime)s %(levelname)s %(name)s [%(correlation_id)s] %(message)s"
+        },
+        "json": {"()": "jobs.logs.JsonFormatter"},
+    },
+    "handlers": {
+        "console": {
+            "class": "logging.StreamHandler",
+            "formatter": env("LOG_FORMAT", "console"),
+            "filters": ["correlation"],
+        }
+    },
     "root": {"handlers": ["console"], "level": env("LOG_LEVEL", "INFO")},
-    "loggers": {"django.db.backends": {"level": "WARNING"}},
+    "loggers": {"django.db.backends": {"level": "WARNING"}, "httpx": {"level": "WARNING"}},
 }
+# Workers log through the LOGGING above instead of Celery replacing the root logger.
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False

@@ -1,5 +1,5 @@
 from django.contrib import admin
-from django.urls import path
+from django.urls import include, path
 
 from shop.views import api, pages
 
@@ -14,4 +14,5 @@ urlpatterns = [
     path("api/orders/<int:order_id>/", api.order_detail, name="api-order-detail"),
     path("api/reports/sales/", api.sales_report, name="api-sales-report"),
     path("admin/", admin.site.urls),
+    path("", include("jobs.urls")),
 ]

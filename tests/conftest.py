@@ -98,6 +98,7 @@ def worker_env(
         "RETRY_BACKOFF_BASE": "0.1",
         "RETRY_BACKOFF_CAP": "0.4",
         "LOG_LEVEL": "INFO",
+        "LOG_FORMAT": "json",
     }
 
 

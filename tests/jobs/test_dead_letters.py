@@ -31,8 +31,8 @@ def fault_worker(worker_env: dict[str, str], worker_logs: Path) -> Iterator[Work
         worker.stop()
 
 
-def send(name: str, *args: object) -> str:
-    return str(app.send_task(f"tests.fault_tasks.{name}", args=list(args)).id)
+def send(name: str, *args: object, headers: dict[str, str] | None = None) -> str:
+    return str(app.send_task(f"tests.fault_tasks.{name}", args=list(args), headers=headers).id)
 
 
 def dead_letter(task_id: str, timeout: float = 30) -> DeadLetter:
@@ -137,9 +137,11 @@ def test_a_child_killed_once_is_redelivered_and_completes_once(fault_worker, tmp
 def test_a_child_killed_every_time_ends_as_a_worker_lost_dead_letter(fault_worker, tmp_path):
     log, done = tmp_path / "attempts", tmp_path / "done"
 
-    letter = dead_letter(send("die", str(log), 99, str(done)), timeout=60)
+    headers = {"x_correlation_id": "req-lost"}
+    letter = dead_letter(send("die", str(log), 99, str(done), headers=headers), timeout=60)
 
     assert letter.reason == DeadLetter.Reason.WORKER_LOST
+    assert letter.correlation_id == "req-lost"  # carried through the worker-lost retries
     assert letter.exception_class.endswith("WorkerLostError")
     assert len(attempts(log)) == MAX_RETRIES + 1  # bounded, not a loop
     assert not done.exists()

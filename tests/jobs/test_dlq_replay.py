@@ -53,7 +53,7 @@ def test_replay_publishes_through_the_outbox_with_a_link_and_an_audit_trail(brok
     assert (result.done, result.refused) == (1, 0)
     [message] = replayed_messages()
     assert (message.task_name, message.args) == (letter.task_name, [42])
-    assert message.headers == {"replay_of": letter.task_id, "correlation_id": "req-123"}
+    assert message.headers == {"replay_of": letter.task_id, "x_correlation_id": "req-123"}
     assert str(message.task_id) != letter.task_id
     assert message.sent_at is not None
     assert broker.queue_lengths()["payments"] == 1

@@ -3,6 +3,7 @@ PostgreSQL and a private Redis. The witnesses are external: the gateway's own le
 the mail folder, not the shop's bookkeeping."""
 
 import json
+import re
 import uuid
 from pathlib import Path
 
@@ -228,3 +229,31 @@ def test_an_operator_replays_the_dead_letter_from_the_admin_and_the_order_comple
         "1 was not replayed: only dead letters in state 'dead' can be."
     ]
     assert OutboxMessage.objects.filter(task_name=letter.task_name).count() == 2  # order + replay
+
+
+def test_the_request_id_follows_the_charge_through_its_retries_into_logs_and_dead_letter(
+    client, workers, gateway, products
+):
+    gateway.control(outage=True)
+
+    response = client.post(
+        "/api/orders/",
+        ORDER,
+        content_type="application/json",
+        headers={"X-Request-ID": "checkout-0042"},
+    )
+
+    letter = dead_letter_of("shop.tasks.payments.charge_payment")
+    assert response.status_code == 201
+    assert (letter.correlation_id, letter.attempts) == ("checkout-0042", 4)
+    lines = [
+        json.loads(line)
+        for line in workers["payments"].log_text().splitlines()
+        if line.startswith("{") and "checkout-0042" in line
+    ]
+    events = [(line["event"], line["attempt"]) for line in lines if line.get("event")]
+    assert [e for e in events if e[0] == "started"] == [("started", n) for n in range(1, 5)]
+    assert ("dead_lettered", 4) in events
+    assert all(
+        re.fullmatch(r"[0-9a-f-]{36}", line["task_id"]) for line in lines if "task_id" in line
+    )

@@ -1,0 +1,25 @@
+from dataclasses import asdict
+
+from django.http import HttpRequest, JsonResponse
+from django.views.decorators.cache import never_cache
+
+from jobs.health import readiness
+
+
+@never_cache
+def healthz(request: HttpRequest) -> JsonResponse:
+    """Liveness: the process answers. Nothing else is checked, so a database outage
+    does not make an orchestrator restart every web process."""
+    return JsonResponse({"status": "ok"})
+
+
+@never_cache
+def readyz(request: HttpRequest) -> JsonResponse:
+    """Readiness: database reachable, broker reachable, migrations applied."""
+    checks = readiness()
+    ready = all(check.ok for check in checks.values())
+    body = {
+        "status": "ok" if ready else "unavailable",
+        "checks": {name: asdict(check) for name, check in checks.items()},
+    }
+    return JsonResponse(body, status=200 if ready else 503)
