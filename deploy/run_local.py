@@ -69,6 +69,12 @@ def main() -> int:
     if not settings.FLOWER_BASIC_AUTH:
         env.pop("FLOWER_BASIC_AUTH", None)
     Path(settings.STATIC_ROOT).mkdir(parents=True, exist_ok=True)  # whitenoise expects it
+    # One metrics folder for every process of this run, emptied: counts start at zero.
+    metrics_dir = Path(
+        env.setdefault("PROMETHEUS_MULTIPROC_DIR", str(settings.VAR_DIR / "metrics"))
+    )
+    shutil.rmtree(metrics_dir, ignore_errors=True)
+    metrics_dir.mkdir(parents=True)
 
     for name in ("WEB_PORT", "GATEWAY_PORT", "FLOWER_PORT"):
         if _answers("127.0.0.1", int(env[name])):

@@ -23,7 +23,7 @@ from django.db import close_old_connections, transaction
 from django.db.models import QuerySet
 from django.utils import timezone
 
-from jobs import correlation, outbox
+from jobs import correlation, metrics, outbox
 from jobs.celery import app
 from jobs.errors import PermanentError, PoisonMessage
 from jobs.lifecycle import request_header
@@ -85,7 +85,9 @@ def dead_letter_record(
             "replay_of": request_header(request, REPLAY_HEADER),
         },
     )
-    if not created:
+    if created:
+        metrics.DEAD_LETTERED.labels(task.name, letter.queue, letter.reason).inc()
+    else:
         DeadLetter.objects.filter(pk=letter.pk).update(last_failed_at=now)
     if letter.replay_of:
         DeadLetter.objects.filter(task_id=letter.replay_of).update(

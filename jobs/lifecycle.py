@@ -1,14 +1,28 @@
-"""Worker-side bookkeeping of every job: its correlation id while it runs, and one log
-line per transition (started, retried, succeeded; failures in jobs.dead_letters)."""
+"""Bookkeeping of every job: the time it was published (a message header), and in the
+worker its correlation id while it runs, one log line and the metrics per transition
+(started, retried, succeeded, failed; dead letters in jobs.dead_letters)."""
 
 import time
+from datetime import datetime
 from typing import Any
 
 from celery import Task
-from celery.signals import task_postrun, task_prerun, task_retry, task_success
+from celery.signals import (
+    before_task_publish,
+    task_failure,
+    task_postrun,
+    task_prerun,
+    task_retry,
+    task_success,
+    worker_ready,
+)
+from django.conf import settings
 
-from jobs import correlation
+from jobs import correlation, metrics
+from jobs.celery import app
 from jobs.logs import job_event
+
+SENT_AT_HEADER = "x_sent_at"
 
 _started: dict[str, tuple[float, Any]] = {}
 
@@ -25,15 +39,41 @@ def describe(task: Task) -> dict[str, Any]:
     return {
         "task_id": request.id,
         "task_name": task.name,
-        "queue": delivery.get("routing_key", ""),
+        # Without a delivery (a failure seen in the main process), the route says it.
+        "queue": delivery.get("routing_key") or app.amqp.router.route({}, task.name)["queue"].name,
         "attempt": int(getattr(request, "retries", 0) or 0) + 1,
     }
+
+
+@before_task_publish.connect
+def _stamp_sent_at(headers: dict[str, Any] | None = None, **_: Any) -> None:
+    """Every publish (first send, retry, replay) stamps the time: queue wait starts here."""
+    if headers is not None:
+        headers[SENT_AT_HEADER] = time.time()
+
+
+def _queue_wait(request: Any) -> float | None:
+    sent = request_header(request, SENT_AT_HEADER)
+    if not sent:
+        return None
+    ready = float(sent)
+    if eta := getattr(request, "eta", None):  # a countdown is not waiting in line
+        ready = max(ready, datetime.fromisoformat(str(eta)).timestamp())
+    return max(0.0, time.time() - ready)
+
+
+def _labels(task: Task) -> tuple[str, str]:
+    info = describe(task)
+    return info["task_name"], info["queue"]
 
 
 @task_prerun.connect
 def _on_prerun(task_id: str, task: Task, **_: Any) -> None:
     value = request_header(task.request, correlation.HEADER) or task_id
     _started[task_id] = (time.monotonic(), correlation.activate(value))
+    metrics.STARTED.labels(*_labels(task)).inc()
+    if (wait := _queue_wait(task.request)) is not None:
+        metrics.QUEUE_WAIT.labels(*_labels(task)).observe(wait)
     job_event("started", **describe(task))
 
 
@@ -49,16 +89,40 @@ def _duration_ms(task_id: str) -> float | None:
     return round((time.monotonic() - started[0]) * 1000, 1) if started else None
 
 
+def _observe_runtime(task: Task) -> float | None:
+    duration = _duration_ms(task.request.id)
+    if duration is not None:
+        metrics.RUNTIME.labels(*_labels(task)).observe(duration / 1000)
+    return duration
+
+
 @task_success.connect
 def _on_success(sender: Task, **_: Any) -> None:
-    job_event("succeeded", **describe(sender), duration_ms=_duration_ms(sender.request.id))
+    metrics.SUCCEEDED.labels(*_labels(sender)).inc()
+    job_event("succeeded", **describe(sender), duration_ms=_observe_runtime(sender))
+
+
+@task_failure.connect
+def _on_failure(sender: Task, **_: Any) -> None:
+    # In the pool child the run is timed; in the main process (child lost, hard time
+    # limit) there is no start time and only the failure is counted.
+    metrics.FAILED.labels(*_labels(sender)).inc()
+    _observe_runtime(sender)
 
 
 @task_retry.connect
 def _on_retry(sender: Task, request: Any = None, reason: Any = None, **_: Any) -> None:
+    metrics.RETRIED.labels(*_labels(sender)).inc()
     job_event(
         "retried",
         **describe(sender),
-        duration_ms=_duration_ms(sender.request.id),
+        duration_ms=_observe_runtime(sender),
         reason=repr(reason)[:300],
     )
+
+
+@worker_ready.connect
+def _serve_metrics(**_: Any) -> None:
+    """A worker on its own host exports its task metrics when WORKER_METRICS_PORT is set."""
+    if settings.JOBS_WORKER_METRICS_PORT:
+        metrics.serve_worker_metrics(settings.JOBS_WORKER_METRICS_PORT)

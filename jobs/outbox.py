@@ -20,7 +20,7 @@ from django.db.models import F
 from django.utils import timezone
 from kombu.exceptions import OperationalError
 
-from jobs import correlation
+from jobs import correlation, metrics
 from jobs.celery import app
 from jobs.logs import job_event
 from jobs.models import OutboxMessage
@@ -64,6 +64,15 @@ def enqueue(
     return message
 
 
+def _queue_of(task_name: str) -> str:
+    return str(app.amqp.router.route({}, task_name)["queue"].name)
+
+
+def _sent(message: OutboxMessage) -> None:
+    metrics.PUBLISHED.labels(message.task_name, _queue_of(message.task_name)).inc()
+    job_event("published", task_id=str(message.task_id), task_name=message.task_name)
+
+
 def _send(message: OutboxMessage, retry_policy: Mapping[str, Any]) -> None:
     app.send_task(
         message.task_name,
@@ -90,6 +99,7 @@ def _record_failure(message: OutboxMessage, exc: Exception, using: str | None) -
 
 def _publish_committed(message: OutboxMessage, using: str | None) -> None:
     """The after-commit publisher. Never raises: the request that committed has succeeded."""
+    metrics.ENQUEUED.labels(message.task_name, _queue_of(message.task_name)).inc()
     try:
         _send(message, _PUBLISH_RETRY_POLICY)
     except Exception as exc:
@@ -98,7 +108,7 @@ def _publish_committed(message: OutboxMessage, using: str | None) -> None:
     OutboxMessage.objects.using(using).filter(pk=message.pk, sent_at__isnull=True).update(
         sent_at=timezone.now(), attempts=F("attempts") + 1
     )
-    job_event("published", task_id=str(message.task_id), task_name=message.task_name)
+    _sent(message)
 
 
 def relay_unsent(
@@ -135,7 +145,7 @@ def relay_unsent(
                 _record_failure(message, exc, using)
                 continue
             sent.append(message.pk)
-            job_event("published", task_id=str(message.task_id), task_name=message.task_name)
+            _sent(message)
         OutboxMessage.objects.using(using).filter(pk__in=sent).update(
             sent_at=timezone.now(), attempts=F("attempts") + 1
         )

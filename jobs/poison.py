@@ -9,33 +9,20 @@ the message and dead-letters it.
 """
 
 import logging
-import os
 
 import redis
 from django.conf import settings
 
-from jobs.celery import app
+from jobs.broker import redis_client
 
 logger = logging.getLogger(__name__)
-
-_clients: dict[int, redis.Redis] = {}
-
-
-def _client() -> redis.Redis | None:
-    url = str(app.conf.broker_url or "")
-    if not url.startswith(("redis://", "rediss://")):
-        return None  # RabbitMQ bounds redeliveries itself (quorum delivery-limit)
-    pid = os.getpid()  # one client per process: a prefork child must not share sockets
-    if pid not in _clients:
-        _clients[pid] = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
-    return _clients[pid]
 
 
 def delivery_count(task_id: str, retries: int) -> int:
     """Count this delivery and return how many there have been (0: could not count)."""
-    client = _client()
+    client = redis_client()
     if client is None:
-        return 0
+        return 0  # not Redis: RabbitMQ bounds redeliveries itself (quorum delivery-limit)
     key = f"jobs:deliveries:{task_id}:{retries}"
     # Long enough to see the next redeliveries, which come a visibility timeout apart.
     ttl = int(settings.CELERY_VISIBILITY_TIMEOUT * (settings.JOBS_POISON_MAX_DELIVERIES + 1))

@@ -1,8 +1,9 @@
 from dataclasses import asdict
 
-from django.http import HttpRequest, JsonResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.cache import never_cache
 
+from jobs import metrics as job_metrics
 from jobs.health import readiness
 
 
@@ -23,3 +24,10 @@ def readyz(request: HttpRequest) -> JsonResponse:
         "checks": {name: asdict(check) for name, check in checks.items()},
     }
     return JsonResponse(body, status=200 if ready else 503)
+
+
+@never_cache
+def metrics(request: HttpRequest) -> HttpResponse:
+    """Prometheus exposition. Keep it on an internal network: it is not authenticated."""
+    body, content_type = job_metrics.exposition()
+    return HttpResponse(body, content_type=content_type)

@@ -297,6 +297,12 @@ JOBS_POISON_MAX_DELIVERIES = env_int("POISON_MAX_DELIVERIES", 5)
 JOBS_REPLAY_BATCH_SIZE = 100
 JOBS_REPLAY_BATCH_PAUSE = 0.2
 
+# --- Metrics (jobs/metrics.py) -------------------------------------------------------
+# PROMETHEUS_MULTIPROC_DIR (read by prometheus-client itself): a folder shared by the
+# processes of one host, so /metrics sums the counts of every worker child.
+# A worker on a host of its own serves its share on this port (0: off).
+JOBS_WORKER_METRICS_PORT = env_int("WORKER_METRICS_PORT", 0)
+
 # --- Processes started by `make run` (deploy/run_local.py) ------------------------
 
 WEB_PORT = env_int("WEB_PORT", 8000)

@@ -5,7 +5,10 @@ so the code under test and the workers run on exactly the same configuration.
 """
 
 import os
+import tempfile
 
 os.environ.setdefault("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/shop")
+# Metrics of the test process and its worker subprocesses, summed as on one host.
+os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="metrics-"))
 
 from shop.settings import *  # noqa: F403

@@ -257,3 +257,34 @@ def test_the_request_id_follows_the_charge_through_its_retries_into_logs_and_dea
     assert all(
         re.fullmatch(r"[0-9a-f-]{36}", line["task_id"]) for line in lines if "task_id" in line
     )
+
+
+def test_metrics_follow_a_real_worker_run(client, workers, gateway, mail_dir, products):
+    from tests.jobs.test_metrics import scrape, value
+
+    charge, receipt = "shop.tasks.payments.charge_payment", "shop.tasks.emails.send_receipt"
+    before = scrape(client)
+
+    # one order that retries twice, then is paid; one that is declined (dead letter)
+    flaky = place_order(client, FLAKY)
+    wait_for_receipt(client, flaky)
+    place_order(client, DECLINED)
+    dead_letter_of(charge)
+    after = scrape(client)
+
+    def delta(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    on_payments = {"task": charge, "queue": "payments"}
+    assert delta("jobs_tasks_enqueued_total", **on_payments) == 2
+    assert delta("jobs_tasks_started_total", **on_payments) == 4  # 3 flaky attempts + 1
+    assert delta("jobs_tasks_retried_total", **on_payments) == 2
+    assert delta("jobs_tasks_succeeded_total", **on_payments) == 1
+    assert delta("jobs_tasks_failed_total", **on_payments) == 1
+    assert delta("jobs_tasks_succeeded_total", task=receipt, queue="emails") == 1
+    assert delta("jobs_dead_letters_total", reason="permanent_error", **on_payments) == 1
+    assert delta("jobs_task_runtime_seconds_count", **on_payments) == 4
+    assert delta("jobs_task_queue_wait_seconds_count", **on_payments) == 4
+    assert value(after, "jobs_dead_letters", reason="permanent_error", status="dead") == 1
+    assert value(after, "jobs_queue_consumers", queue="payments") == 1
+    assert value(after, "jobs_queue_depth", queue="payments") == 0

@@ -1,0 +1,223 @@
+"""Prometheus metrics of the job system, exported at /metrics on the web process.
+
+Two kinds:
+- Events, counted where they happen (web, worker main processes, pool children):
+  enqueued, published, started, succeeded, retried, failed, dead-lettered; run time and
+  queue wait. With PROMETHEUS_MULTIPROC_DIR set, every process writes its own file and
+  /metrics sums them (prometheus-client's multiprocess mode). `make run` points all its
+  processes at one folder; a worker on another host exports its own share on
+  JOBS_METRICS_PORT (see `serve_worker_metrics`).
+- State, read at scrape time: queue depth and oldest waiting age (every Redis priority
+  list), unacked deliveries and the oldest one's age (kombu's `unacked` structures),
+  consumers online, dead letters by reason and status, outbox backlog.
+"""
+
+import json
+import os
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+    multiprocess,
+    start_http_server,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from jobs.broker import redis_client
+from jobs.celery import app
+
+LABELS = ("task", "queue")
+ENQUEUED = Counter("jobs_tasks_enqueued_total", "Tasks whose outbox row committed.", LABELS)
+PUBLISHED = Counter("jobs_tasks_published_total", "Outbox rows handed to the broker.", LABELS)
+STARTED = Counter("jobs_tasks_started_total", "Task executions started.", LABELS)
+SUCCEEDED = Counter("jobs_tasks_succeeded_total", "Task executions that succeeded.", LABELS)
+RETRIED = Counter("jobs_tasks_retried_total", "Task executions that asked for a retry.", LABELS)
+FAILED = Counter("jobs_tasks_failed_total", "Tasks that failed for good.", LABELS)
+DEAD_LETTERED = Counter(
+    "jobs_dead_letters_total", "Dead letters written.", ("task", "queue", "reason")
+)
+RUNTIME = Histogram(
+    "jobs_task_runtime_seconds",
+    "Task run time.",
+    LABELS,
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 600),
+)
+QUEUE_WAIT = Histogram(
+    "jobs_task_queue_wait_seconds",
+    "Time from publish (or ETA) to the start of the task.",
+    LABELS,
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+)
+
+# kombu keeps each queue as one list per priority step: name, name + sep + step.
+_PRIORITY_SEP = "\x06\x16"
+_PRIORITY_STEPS = (0, 3, 6, 9)
+_CONSUMERS_TTL = 15.0  # seconds between `inspect active_queues` broadcasts
+_consumers_cache: tuple[float, dict[str, int]] = (0.0, {})
+
+
+def _sent_at(raw: bytes) -> float | None:
+    try:
+        headers = json.loads(raw)["headers"]
+        return float(headers["x_sent_at"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _queue_state(client: Any, queues: Iterable[str], now: float) -> Iterator[Metric]:
+    depth = GaugeMetricFamily(
+        "jobs_queue_depth", "Messages waiting in the queue.", labels=["queue"]
+    )
+    oldest = GaugeMetricFamily(
+        "jobs_queue_oldest_age_seconds", "Age of the oldest waiting message.", labels=["queue"]
+    )
+    for queue in queues:
+        lists = [
+            queue if step == 0 else f"{queue}{_PRIORITY_SEP}{step}" for step in _PRIORITY_STEPS
+        ]
+        pipe = client.pipeline()
+        for name in lists:
+            pipe.llen(name)
+            pipe.lindex(name, -1)  # BRPOP takes from the right: the next, oldest message
+        replies = pipe.execute()
+        depth.add_metric([queue], sum(replies[0::2]))
+        ages = [now - t for raw in replies[1::2] if raw and (t := _sent_at(raw)) is not None]
+        oldest.add_metric([queue], max(ages, default=0.0))
+    yield depth
+    yield oldest
+
+
+def _unacked_state(client: Any, queues: Iterable[str], now: float) -> Iterator[Metric]:
+    count = GaugeMetricFamily(
+        "jobs_unacked", "Messages delivered to a worker and not acked yet.", labels=["queue"]
+    )
+    oldest = GaugeMetricFamily(
+        "jobs_unacked_oldest_age_seconds",
+        "Age of the oldest unacked delivery (redelivered at the visibility timeout).",
+        labels=["queue"],
+    )
+    delivered = dict(client.zrange("unacked_index", 0, -1, withscores=True))
+    counts: dict[str, int] = defaultdict(int)
+    ages: dict[str, float] = defaultdict(float)
+    for tag, entry in client.hgetall("unacked").items():
+        try:
+            queue = json.loads(entry)[2]
+        except (ValueError, IndexError, TypeError):
+            continue
+        counts[queue] += 1
+        if tag in delivered:
+            ages[queue] = max(ages[queue], now - delivered[tag])
+    for queue in queues:
+        count.add_metric([queue], counts[queue])
+        oldest.add_metric([queue], ages[queue])
+    yield count
+    yield oldest
+
+
+def _consumers(queues: Iterable[str]) -> Iterator[Metric]:
+    global _consumers_cache
+    checked, per_queue = _consumers_cache
+    if time.monotonic() - checked > _CONSUMERS_TTL:
+        replies = app.control.inspect(timeout=0.5).active_queues() or {}
+        per_queue = defaultdict(int)
+        for worker_queues in replies.values():
+            for declared in worker_queues:
+                per_queue[declared["name"]] += 1
+        _consumers_cache = (time.monotonic(), dict(per_queue))
+    gauge = GaugeMetricFamily(
+        "jobs_queue_consumers", "Workers consuming the queue (cached 15 s).", labels=["queue"]
+    )
+    for queue in queues:
+        gauge.add_metric([queue], per_queue.get(queue, 0))
+    yield gauge
+
+
+def _database_state(now: float) -> Iterator[Metric]:
+    from django.db.models import Count, Min
+
+    from jobs.models import DeadLetter, OutboxMessage
+
+    letters = GaugeMetricFamily(
+        "jobs_dead_letters", "Rows in the dead-letter table.", labels=["reason", "status"]
+    )
+    for row in DeadLetter.objects.values("reason", "status").annotate(n=Count("id")):
+        letters.add_metric([row["reason"], row["status"]], row["n"])
+    yield letters
+    backlog = OutboxMessage.objects.filter(sent_at__isnull=True).aggregate(
+        n=Count("id"), oldest=Min("created_at")
+    )
+    yield GaugeMetricFamily(
+        "jobs_outbox_unsent", "Outbox rows not yet published.", value=backlog["n"]
+    )
+    age = now - backlog["oldest"].timestamp() if backlog["oldest"] else 0.0
+    yield GaugeMetricFamily(
+        "jobs_outbox_oldest_unsent_age_seconds", "Age of the oldest unpublished row.", value=age
+    )
+
+
+class StateCollector(Collector):
+    """Reads broker and database state at scrape time. A part that cannot be read (Redis
+    down) is left out of the scrape, and `jobs_scrape_errors` says which."""
+
+    def collect(self) -> Iterator[Metric]:
+        now = time.time()
+        queues = sorted(app.amqp.queues)
+        errors = GaugeMetricFamily(
+            "jobs_scrape_errors", "1 when a part of the state could not be read.", labels=["part"]
+        )
+        client = redis_client()
+        try:
+            broker_up = client is not None and bool(client.ping())
+        except Exception:
+            broker_up = False
+        parts: dict[str, Any] = {"database": lambda: _database_state(now)}
+        if broker_up:
+            parts["queues"] = lambda: _queue_state(client, queues, now)
+            parts["unacked"] = lambda: _unacked_state(client, queues, now)
+            parts["consumers"] = lambda: _consumers(queues)
+        else:  # fail fast: no inspect broadcast, no reconnect loop
+            for part in ("queues", "unacked", "consumers"):
+                errors.add_metric([part], 1)
+        for part, read in parts.items():
+            try:
+                metrics = list(read())
+            except Exception:
+                errors.add_metric([part], 1)
+                continue
+            errors.add_metric([part], 0)
+            yield from metrics
+        yield errors
+
+
+def _multiprocess_registry() -> CollectorRegistry:
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    return registry
+
+
+def exposition() -> tuple[bytes, str]:
+    """The body and content type of /metrics."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = _multiprocess_registry()
+        registry.register(StateCollector())
+    else:
+        registry = REGISTRY
+        if not getattr(exposition, "_registered", False):
+            REGISTRY.register(StateCollector())
+            exposition._registered = True  # type: ignore[attr-defined]
+    return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+def serve_worker_metrics(port: int) -> None:
+    """Export this worker host's task metrics (all its pool children) on `port`."""
+    registry = _multiprocess_registry() if os.environ.get("PROMETHEUS_MULTIPROC_DIR") else REGISTRY
+    start_http_server(port, registry=registry)

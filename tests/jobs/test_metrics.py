@@ -1,0 +1,79 @@
+"""/metrics reads the broker and the database at scrape time: queue depth and oldest age
+on every priority list, unacked deliveries, dead letters, outbox backlog."""
+
+import time
+import uuid
+
+import pytest
+from kombu import Connection
+from prometheus_client.parser import text_string_to_metric_families
+
+from jobs import outbox
+from jobs.models import DeadLetter, OutboxMessage
+
+CHARGE = "shop.tasks.payments.charge_payment"
+
+
+def scrape(client) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    response = client.get("/metrics")
+    assert response.status_code == 200
+    samples = {}
+    for family in text_string_to_metric_families(response.content.decode()):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def value(samples, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_queue_depth_and_oldest_age_count_every_priority_list(client, broker):
+    outbox.enqueue(CHARGE, args=[1])
+    time.sleep(0.3)
+    outbox.enqueue(CHARGE, args=[2])
+    from jobs import app
+
+    app.send_task(CHARGE, args=[3], priority=9)  # lands on the `payments\x06\x169` list
+
+    samples = scrape(client)
+
+    assert value(samples, "jobs_queue_depth", queue="payments") == 3
+    assert value(samples, "jobs_queue_depth", queue="emails") == 0
+    assert 0.3 <= value(samples, "jobs_queue_oldest_age_seconds", queue="payments") < 30
+    assert value(samples, "jobs_tasks_enqueued_total", task=CHARGE, queue="payments") >= 2
+    assert value(samples, "jobs_scrape_errors", part="queues") == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_unacked_deliveries_are_counted_per_queue_with_their_age(client, broker):
+    outbox.enqueue(CHARGE, args=[1])
+    with Connection(broker.url) as conn:
+        message = conn.default_channel.basic_get("payments", no_ack=False)  # taken, not acked
+        assert message is not None
+        time.sleep(0.2)
+
+        samples = scrape(client)
+
+    assert value(samples, "jobs_unacked", queue="payments") == 1
+    assert value(samples, "jobs_queue_depth", queue="payments") == 0
+    assert value(samples, "jobs_unacked_oldest_age_seconds", queue="payments") >= 0.2
+
+
+@pytest.mark.django_db(transaction=True)
+def test_dead_letters_and_outbox_backlog_are_reported(client, broker):
+    DeadLetter.objects.create(task_id=str(uuid.uuid4()), task_name=CHARGE, reason="poison")
+    broker.stop()
+    try:
+        outbox.enqueue(CHARGE, args=[1])  # stays unsent: the broker is down
+
+        down = scrape(client)
+    finally:
+        broker.start()
+
+    assert value(down, "jobs_dead_letters", reason="poison", status="dead") == 1
+    assert value(down, "jobs_outbox_unsent") == 1
+    assert value(down, "jobs_outbox_oldest_unsent_age_seconds") >= 0
+    assert value(down, "jobs_scrape_errors", part="queues") == 1  # said, not a 500
+    assert OutboxMessage.objects.filter(sent_at__isnull=True).count() == 1
