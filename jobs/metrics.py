@@ -33,6 +33,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from jobs.broker import redis_client
+from jobs.canary import canary_ages
 from jobs.celery import app
 
 LABELS = ("task", "queue")
@@ -141,6 +142,17 @@ def _consumers(queues: Iterable[str]) -> Iterator[Metric]:
     yield gauge
 
 
+def _canaries(queues: list[str], now: float) -> Iterator[Metric]:
+    gauge = GaugeMetricFamily(
+        "jobs_canary_age_seconds",
+        "Seconds since the queue's last canary completed (+Inf: never).",
+        labels=["queue"],
+    )
+    for queue, age in canary_ages(queues, now).items():
+        gauge.add_metric([queue], age)
+    yield gauge
+
+
 def _database_state(now: float) -> Iterator[Metric]:
     from django.db.models import Count, Min
 
@@ -184,8 +196,9 @@ class StateCollector(Collector):
             parts["queues"] = lambda: _queue_state(client, queues, now)
             parts["unacked"] = lambda: _unacked_state(client, queues, now)
             parts["consumers"] = lambda: _consumers(queues)
+            parts["canaries"] = lambda: _canaries(queues, now)
         else:  # fail fast: no inspect broadcast, no reconnect loop
-            for part in ("queues", "unacked", "consumers"):
+            for part in ("queues", "unacked", "consumers", "canaries"):
                 errors.add_metric([part], 1)
         for part, read in parts.items():
             try:

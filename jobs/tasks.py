@@ -2,6 +2,7 @@
 
 from celery import shared_task
 
+from jobs import canary as canaries
 from jobs import dead_letters, outbox
 
 
@@ -21,3 +22,9 @@ def prune_outbox() -> int:
 def prune_dead_letters() -> int:
     """Delete replayed and discarded dead letters past retention (never `dead` ones)."""
     return dead_letters.dead_letter_prune()
+
+
+@shared_task(name="jobs.tasks.canary", ignore_result=True)
+def canary(queue: str) -> None:
+    """Sent to every queue by beat (jobs.canary); records that this queue is consumed."""
+    canaries.canary_record(queue)

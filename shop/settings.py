@@ -269,6 +269,17 @@ CELERY_BEAT_SCHEDULE = {
     },
     "prune-outbox": {"task": "jobs.tasks.prune_outbox", "schedule": 3600.0},
     "prune-dead-letters": {"task": "jobs.tasks.prune_dead_letters", "schedule": 86400.0},
+    # A canary to every queue (jobs/canary.py); beat sends them itself, not through a
+    # task on `default`, so a dead `default` worker cannot silence the other canaries.
+    **{
+        f"canary-{queue.name}": {
+            "task": "jobs.tasks.canary",
+            "schedule": env_float("CANARY_INTERVAL", 30.0),
+            "args": [queue.name],
+            "options": {"queue": queue.name, "expires": 60.0, "ignore_result": True},
+        }
+        for queue in CELERY_TASK_QUEUES
+    },
     "build-sales-report": {
         "task": "shop.tasks.reports.build_sales_report",
         "schedule": env_float("SALES_REPORT_INTERVAL", 3600.0),
