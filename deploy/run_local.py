@@ -66,6 +66,9 @@ def main() -> int:
         FLOWER_PORT=str(settings.FLOWER_PORT),
         SHOP_VAR_DIR=str(settings.VAR_DIR),
     )
+    # Flower takes its options from FLOWER_* variables.
+    env["FLOWER_COOKIE_SECRET"] = settings.FLOWER_COOKIE_SECRET
+    env["FLOWER_READ_ONLY"] = str(settings.FLOWER_READ_ONLY).lower()
     if not settings.FLOWER_BASIC_AUTH:
         env.pop("FLOWER_BASIC_AUTH", None)
     Path(settings.STATIC_ROOT).mkdir(parents=True, exist_ok=True)  # whitenoise expects it

@@ -319,7 +319,12 @@ JOBS_WORKER_METRICS_PORT = env_int("WORKER_METRICS_PORT", 0)
 WEB_PORT = env_int("WEB_PORT", 8000)
 GATEWAY_PORT = env_int("GATEWAY_PORT", urlsplit(PAYMENT_GATEWAY_URL).port or 8100)
 FLOWER_PORT = env_int("FLOWER_PORT", 5555)
-FLOWER_BASIC_AUTH = env("FLOWER_BASIC_AUTH", "")
+# Flower reads FLOWER_* itself; these are the ones `make run` and compose pass on.
+FLOWER_BASIC_AUTH = env("FLOWER_BASIC_AUTH", "")  # user:password[,user2:password2]
+# Fixed, so sessions survive restarts and replicas agree (Flower's default is random).
+FLOWER_COOKIE_SECRET = env("FLOWER_COOKIE_SECRET", "" if PRODUCTION else "local-flower-cookie")
+# Read-only unless the operator opts out: replays belong in the admin, with an audit trail.
+FLOWER_READ_ONLY = env_bool("FLOWER_READ_ONLY", True)
 
 # Human-readable lines by default; LOG_FORMAT=json gives one JSON object per line with the
 # correlation id and the job fields (jobs/logs.py). Workers use the same configuration.

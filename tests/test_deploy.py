@@ -75,3 +75,12 @@ def test_every_variable_compose_sets_is_one_the_project_reads(services):
     assert len(app_services) >= 8
     for service in app_services:
         assert set(service["environment"]) <= known
+
+
+def test_flower_runs_authenticated_persistent_and_read_only_by_default(services):
+    flower = services["flower"]
+
+    for flag in ("--persistent=True", "--purge_offline_workers=3600"):
+        assert flag in command(flower)
+    assert {"FLOWER_BASIC_AUTH", "FLOWER_COOKIE_SECRET"} <= set(flower["environment"])
+    assert flower["environment"]["FLOWER_READ_ONLY"] == "${FLOWER_READ_ONLY:-true}"
