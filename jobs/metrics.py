@@ -156,7 +156,7 @@ def _canaries(queues: list[str], now: float) -> Iterator[Metric]:
 def _database_state(now: float) -> Iterator[Metric]:
     from django.db.models import Count, Min
 
-    from jobs.models import DeadLetter, OutboxMessage
+    from jobs.models import DeadLetter, OutboxMessage, ReconciliationFinding
 
     letters = GaugeMetricFamily(
         "jobs_dead_letters", "Rows in the dead-letter table.", labels=["reason", "status"]
@@ -174,6 +174,14 @@ def _database_state(now: float) -> Iterator[Metric]:
     yield GaugeMetricFamily(
         "jobs_outbox_oldest_unsent_age_seconds", "Age of the oldest unpublished row.", value=age
     )
+    gaps = GaugeMetricFamily(
+        "jobs_reconciliation_gap",
+        "What each reconciliation check found wrong on its last run.",
+        labels=["check"],
+    )
+    for finding in ReconciliationFinding.objects.all():
+        gaps.add_metric([finding.check_name], finding.found)
+    yield gaps
 
 
 class StateCollector(Collector):

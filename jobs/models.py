@@ -99,3 +99,21 @@ class DeadLetter(models.Model):
 
     def __str__(self) -> str:
         return f"{self.task_name} {self.task_id} ({self.reason}, {self.status})"
+
+
+class ReconciliationFinding(models.Model):
+    """The last result of one reconciliation check: what it found and what it repaired."""
+
+    check_name = models.CharField(max_length=100, unique=True)
+    description = models.CharField(max_length=300)
+    found = models.PositiveIntegerField(default=0)
+    repaired = models.PositiveIntegerField(default=0)
+    samples = models.JSONField(default=list, blank=True)
+    error = models.TextField(blank=True)
+    checked_at = models.DateTimeField()
+
+    class Meta:
+        ordering = ["check_name"]
+
+    def __str__(self) -> str:
+        return f"{self.check_name}: {self.found} found, {self.repaired} repaired"

@@ -28,3 +28,11 @@ def prune_dead_letters() -> int:
 def canary(queue: str) -> None:
     """Sent to every queue by beat (jobs.canary); records that this queue is consumed."""
     canaries.canary_record(queue)
+
+
+@shared_task(name="jobs.tasks.reconcile", ignore_result=True)
+def reconcile() -> None:
+    """Run the project's reconciliation checks (registered by the project's apps)."""
+    from jobs.reconcile import reconciler
+
+    reconciler.run(repair=True)

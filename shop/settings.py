@@ -185,6 +185,9 @@ SHOP_CURRENCY = "EUR"
 REPORTS_DIR = Path(env("REPORTS_DIR", str(VAR_DIR / "reports")))
 # Seconds the sales report sleeps per chunk of orders: makes the bulk job visibly slow.
 REPORT_CHUNK_DELAY = env_float("REPORT_CHUNK_DELAY", 0.5)
+# The reconciler (shop/reconcile.py) looks at orders and payments older than this only:
+# younger ones may simply still be in flight.
+RECONCILE_AFTER_MINUTES = env_int("RECONCILE_AFTER_MINUTES", 10)
 
 # --- Celery ---------------------------------------------------------------------
 # Each setting below is decided by ../shared/research/celery-pitfalls.md (section in [§]).
@@ -269,6 +272,10 @@ CELERY_BEAT_SCHEDULE = {
     },
     "prune-outbox": {"task": "jobs.tasks.prune_outbox", "schedule": 3600.0},
     "prune-dead-letters": {"task": "jobs.tasks.prune_dead_letters", "schedule": 86400.0},
+    "reconcile": {
+        "task": "jobs.tasks.reconcile",
+        "schedule": env_float("RECONCILE_INTERVAL", 300.0),
+    },
     # A canary to every queue (jobs/canary.py); beat sends them itself, not through a
     # task on `default`, so a dead `default` worker cannot silence the other canaries.
     **{

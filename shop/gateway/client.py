@@ -107,3 +107,11 @@ def charge_lookup(*, idempotency_key: str) -> Charge | None:
     if not charges:
         return None
     return Charge(id=charges[0].get("id", ""), status=charges[0]["status"])
+
+
+def charges_list() -> list[dict[str, Any]]:
+    """The gateway's whole ledger (the fake gateway's; a real PSP pages through it)."""
+    response = _request("GET", "/v1/charges")
+    if response.status_code >= 400:
+        raise GatewayRejected(f"{response.status_code}: {_error_message(response)}")
+    return list(response.json()["charges"])

@@ -1,0 +1,121 @@
+"""The reconciler checks outcomes: it repairs a stuck order through the outbox, leaves
+what an operator owns alone, and reports a double charge without touching anything."""
+
+import uuid
+from datetime import timedelta
+
+import httpx
+import pytest
+from django.core.management import call_command
+from django.utils import timezone
+
+from jobs.models import DeadLetter, OutboxMessage, ReconciliationFinding
+from jobs.reconcile import reconciler
+from shop.models import Order, Payment, Receipt
+from tests.jobs.test_metrics import scrape, value
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+LONG_AGO = timezone.now() - timedelta(hours=1)
+
+
+def paid_order(products, *, receipt: str | None = "pending") -> Order:
+    order = Order.objects.create(email="ada@example.com", total="12.50", status="paid")
+    Payment.objects.create(order=order, amount="12.50", card_token="4242", status="charged")
+    if receipt:
+        Receipt.objects.create(order=order, status=receipt)
+    Order.objects.filter(pk=order.pk).update(updated_at=LONG_AGO, created_at=LONG_AGO)
+    return order
+
+
+def finding(name: str) -> ReconciliationFinding:
+    return ReconciliationFinding.objects.get(check_name=name)
+
+
+def test_a_paid_order_without_a_sent_receipt_is_repaired_through_the_outbox(
+    broker, gateway, products
+):
+    stuck = paid_order(products)
+    done = paid_order(products, receipt="sent")
+
+    reconciler.run(repair=True)
+
+    result = finding("paid_without_receipt")
+    assert (result.found, result.repaired) == (1, 1)
+    assert result.samples == [f"order {stuck.pk}"]
+    [message] = OutboxMessage.objects.all()
+    assert (message.task_name, message.args) == ("shop.tasks.emails.send_receipt", [stuck.pk])
+    assert broker.queue_lengths()["emails"] == 1
+    assert Receipt.objects.get(order=done).status == "sent"
+
+
+def test_a_dry_run_reports_and_repairs_nothing(broker, gateway, products):
+    paid_order(products, receipt=None)
+
+    reconciler.run(repair=False)
+
+    assert (finding("paid_without_receipt").found, finding("paid_without_receipt").repaired) == (
+        1,
+        0,
+    )
+    assert not OutboxMessage.objects.exists()
+
+
+def test_a_stuck_payment_is_recharged_unless_an_operator_owns_its_dead_letter(
+    broker, gateway, products
+):
+    order = Order.objects.create(email="a@b.co", total="9.75")
+    mine = Payment.objects.create(order=order, amount="9.75", card_token="4242")
+    other = Order.objects.create(email="a@b.co", total="9.75")
+    theirs = Payment.objects.create(order=other, amount="9.75", card_token="4242")
+    Payment.objects.update(updated_at=LONG_AGO)
+    DeadLetter.objects.create(
+        task_id=str(uuid.uuid4()),
+        task_name="shop.tasks.payments.charge_payment",
+        args=[theirs.pk],
+        reason="retries_exhausted",
+    )
+
+    reconciler.run(repair=True)
+
+    assert (finding("payment_stuck").found, finding("payment_stuck").repaired) == (2, 1)
+    assert [m.args for m in OutboxMessage.objects.all()] == [[mine.pk]]
+
+
+def test_a_double_charge_is_reported_and_nothing_is_touched(broker, gateway, products):
+    order = paid_order(products, receipt="sent")
+    for _ in range(2):  # two charges for one order, under two different keys
+        response = httpx.post(
+            f"{gateway.url}/v1/charges",
+            headers={"Idempotency-Key": str(uuid.uuid4())},
+            json={
+                "amount": "12.50",
+                "currency": "EUR",
+                "card": "4242424242424242",
+                "description": f"Order #{order.pk}",
+            },
+        )
+        assert response.status_code == 201
+    ledger_before = gateway.ledger()
+
+    reconciler.run(repair=True)
+
+    result = finding("ledger_mismatch")
+    assert f"order {order.pk}: 2 charges" in result.samples
+    assert result.repaired == 0
+    assert gateway.ledger() == ledger_before
+    assert not OutboxMessage.objects.exists()
+    assert Payment.objects.get(order=order).status == "charged"
+
+
+def test_the_command_prints_each_check_and_the_gaps_are_metrics(
+    client, broker, gateway, products, capsys
+):
+    stuck = paid_order(products)
+
+    call_command("reconcile", "--dry-run")
+
+    out = capsys.readouterr().out
+    assert f"paid_without_receipt: found 1, repaired 0 (e.g. order {stuck.pk})" in out
+    assert "receipt_resent: found 0, repaired 0" in out
+    assert value(scrape(client), "jobs_reconciliation_gap", check="paid_without_receipt") == 1
