@@ -1,10 +1,15 @@
 from dataclasses import asdict
 
+from django.conf import settings
+from django.contrib import admin
 from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.shortcuts import render
 from django.views.decorators.cache import never_cache
 
 from jobs import metrics as job_metrics
 from jobs.health import readiness
+from jobs.models import DeadLetter
+from jobs.ops import snapshot
 
 
 @never_cache
@@ -31,3 +36,16 @@ def metrics(request: HttpRequest) -> HttpResponse:
     """Prometheus exposition. Keep it on an internal network: it is not authenticated."""
     body, content_type = job_metrics.exposition()
     return HttpResponse(body, content_type=content_type)
+
+
+def operations(request: HttpRequest) -> HttpResponse:
+    """The Operations page (staff only, wrapped by admin_view in the URLconf)."""
+    context = {
+        **admin.site.each_context(request),
+        "title": "Operations",
+        "snapshot": snapshot(),
+        "reasons": DeadLetter.Reason.choices,
+        "flower_url": settings.FLOWER_URL,
+        "refresh": 10,
+    }
+    return render(request, "jobs/operations.html", context)

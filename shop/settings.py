@@ -68,6 +68,7 @@ CSRF_TRUSTED_ORIGINS = [o for o in env("CSRF_TRUSTED_ORIGINS", "").split(",") if
 VAR_DIR = Path(env("SHOP_VAR_DIR", str(BASE_DIR / "var")))
 
 INSTALLED_APPS = [
+    "jobs",  # first: its admin/index.html adds the Operations link to the admin's own
     "django.contrib.admin",
     "django.contrib.auth",
     "django.contrib.contenttypes",
@@ -75,7 +76,6 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "django_celery_results",
-    "jobs",
     "shop",
 ]
 
@@ -326,6 +326,7 @@ JOBS_WORKER_METRICS_PORT = env_int("WORKER_METRICS_PORT", 0)
 WEB_PORT = env_int("WEB_PORT", 8000)
 GATEWAY_PORT = env_int("GATEWAY_PORT", urlsplit(PAYMENT_GATEWAY_URL).port or 8100)
 FLOWER_PORT = env_int("FLOWER_PORT", 5555)
+FLOWER_URL = env("FLOWER_URL", f"http://127.0.0.1:{FLOWER_PORT}/")  # linked from Operations
 # Flower reads FLOWER_* itself; these are the ones `make run` and compose pass on.
 FLOWER_BASIC_AUTH = env("FLOWER_BASIC_AUTH", "")  # user:password[,user2:password2]
 # Fixed, so sessions survive restarts and replicas agree (Flower's default is random).

@@ -1,6 +1,7 @@
 from django.contrib import admin
 from django.urls import include, path
 
+from jobs.views import operations
 from shop.views import api, pages
 
 urlpatterns = [
@@ -13,6 +14,7 @@ urlpatterns = [
     path("api/orders/", api.orders, name="api-orders"),
     path("api/orders/<int:order_id>/", api.order_detail, name="api-order-detail"),
     path("api/reports/sales/", api.sales_report, name="api-sales-report"),
+    path("admin/operations/", admin.site.admin_view(operations), name="jobs-operations"),
     path("admin/", admin.site.urls),
     path("", include("jobs.urls")),
 ]

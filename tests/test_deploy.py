@@ -84,3 +84,33 @@ def test_flower_runs_authenticated_persistent_and_read_only_by_default(services)
         assert flag in command(flower)
     assert {"FLOWER_BASIC_AUTH", "FLOWER_COOKIE_SECRET"} <= set(flower["environment"])
     assert flower["environment"]["FLOWER_READ_ONLY"] == "${FLOWER_READ_ONLY:-true}"
+
+
+def test_every_alert_uses_only_exported_metrics_and_has_a_runbook_section(client, db, broker):
+    from prometheus_client.metrics import MetricWrapperBase
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from jobs import metrics
+
+    rules = yaml.safe_load((REPO / "deploy" / "prometheus" / "alerts.yml").read_text())
+    # the event metrics the code defines (a scrape omits those no process touched yet),
+    # and the state metrics a scrape reads
+    families = [
+        family
+        for metric in vars(metrics).values()
+        if isinstance(metric, MetricWrapperBase)
+        for family in metric.describe()
+    ] + list(text_string_to_metric_families(client.get("/metrics").content.decode()))
+    suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_count", "_sum"]}
+    exported = {f.name + s for f in families for s in ["", *suffixes.get(f.type, [])]}
+    runbook = (REPO / "deploy" / "RUNBOOK.md").read_text()
+    headings = {line[3:].strip().lower() for line in runbook.splitlines() if line.startswith("## ")}
+    alerts = [rule for group in rules["groups"] for rule in group["rules"]]
+
+    assert len(alerts) >= 7
+    for rule in alerts:
+        used = set(re.findall(r"\b(jobs_[a-z_]+)\b", rule["expr"]))
+        assert used, rule["alert"]
+        assert used <= exported, (rule["alert"], used - exported)
+        assert rule["annotations"]["runbook"] == f"deploy/RUNBOOK.md#{rule['alert'].lower()}"
+        assert rule["alert"].lower() in headings
