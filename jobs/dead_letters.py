@@ -22,6 +22,7 @@ from django.conf import settings
 from django.db import close_old_connections, transaction
 from django.db.models import QuerySet
 from django.utils import timezone
+from django.utils.module_loading import autodiscover_modules
 
 from jobs import correlation, metrics, outbox
 from jobs.celery import app
@@ -162,6 +163,9 @@ def dead_letter_replay(*, ids: Iterable[int], actor: str) -> Handled:
     never charges twice.
     """
     done = refused = 0
+    # A row is data, not code: only a task this project registers is ever re-sent.
+    autodiscover_modules("tasks")
+    registered = set(app.tasks)
     batches = list(_chunks(sorted(set(ids)), settings.JOBS_REPLAY_BATCH_SIZE))
     for number, batch in enumerate(batches):
         if number:
@@ -170,6 +174,10 @@ def dead_letter_replay(*, ids: Iterable[int], actor: str) -> Handled:
             rows = list(DeadLetter.objects.select_for_update().filter(pk__in=batch))
             refused += len(batch) - len(rows)
             for row in rows:
+                if row.task_name not in registered:
+                    logger.warning("dead letter %s names no registered task: refused", row.pk)
+                    refused += 1
+                    continue
                 if row.status != DeadLetter.Status.DEAD:
                     refused += 1
                     continue

@@ -12,3 +12,7 @@ os.environ.setdefault("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/shop")
 os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="metrics-"))
 
 from shop.settings import *  # noqa: F403
+
+# A test database of this run's own: two suites at once (a developer's and CI's, two
+# clones) must not drop each other's database.
+DATABASES["default"]["TEST"] = {"NAME": f"test_shop_{os.getpid()}"}  # noqa: F405

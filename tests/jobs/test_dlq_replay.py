@@ -94,6 +94,18 @@ def test_bulk_replay_goes_in_batches(broker, settings):
     assert not DeadLetter.objects.filter(status=DeadLetter.Status.DEAD).exists()
 
 
+@pytest.mark.django_db(transaction=True)
+def test_a_row_naming_a_task_that_is_not_registered_is_refused(broker):
+    tampered = make_letter(task_name="os.system", args=["rm -rf /"])
+
+    result = dead_letters.dead_letter_replay(ids=[tampered.pk], actor="ops")
+
+    assert (result.done, result.refused) == (0, 1)
+    assert DeadLetter.objects.get().status == DeadLetter.Status.DEAD
+    assert replayed_messages() == []
+    assert broker.queue_lengths() == dict.fromkeys(broker.queue_lengths(), 0)
+
+
 @pytest.mark.django_db
 def test_discard_marks_dead_rows_only():
     dead, replayed = make_letter(), make_letter(status=DeadLetter.Status.REPLAYED)
