@@ -47,4 +47,12 @@ class PaymentAdmin(admin.ModelAdmin):
 class ReceiptAdmin(admin.ModelAdmin):
     list_display = ["order", "status", "attempts", "sent_at"]
     list_filter = ["status"]
-    readonly_fields = ["order", "status", "claimed_at", "sent_at", "attempts", "message_id"]
+    readonly_fields = [
+        "order",
+        "status",
+        "claimed_at",
+        "claimed_by",
+        "sent_at",
+        "attempts",
+        "message_id",
+    ]

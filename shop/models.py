@@ -111,6 +111,9 @@ class Receipt(models.Model):
     order = models.OneToOneField(Order, on_delete=models.CASCADE, related_name="receipt")
     status = models.CharField(max_length=20, choices=Status.choices, default=Status.PENDING)
     claimed_at = models.DateTimeField(null=True, blank=True)
+    # The task id holding the claim: its own retry (same id) may take the claim over at
+    # once, because Celery retries only after the previous attempt has ended or died.
+    claimed_by = models.CharField(max_length=255, blank=True)
     sent_at = models.DateTimeField(null=True, blank=True)
     attempts = models.PositiveIntegerField(default=0)
 

@@ -69,3 +69,12 @@ def hang(path: str) -> None:
     """Log the attempt, then hang until the test kills the whole worker."""
     _attempt(path)
     time.sleep(30)
+
+
+@shared_task(name="tests.fault_tasks.slow", base=ReliableTask)
+def slow(path: str, seconds: float) -> None:
+    """Log the start, work for `seconds`, log the end."""
+    _attempt(path)
+    time.sleep(seconds)
+    with Path(path).open("a") as log:
+        log.write("finished\n")

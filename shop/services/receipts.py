@@ -1,8 +1,10 @@
 """Sending the receipt: claim the row, send, mark sent.
 
-The claim is a conditional UPDATE pending -> sending with a lease. A worker that dies
-after sending but before marking leaves `sending`; once the lease expires the next
-attempt sends again, with the same Message-ID, so the duplicate is recognisable.
+The claim is a conditional UPDATE pending -> sending, naming the claiming task. A worker
+that dies after sending but before marking leaves `sending`: the retry of the same task
+takes its own claim over at once; another task (a duplicate delivery, the reconciler)
+waits until the lease expires. Either way it sends again with the same Message-ID, so
+the duplicate is recognisable.
 """
 
 import logging
@@ -27,7 +29,7 @@ class ReceiptBusy(TransientError):
     """Another worker holds a live claim on this receipt: look again later."""
 
 
-def receipt_send(*, order_id: int) -> None:
+def receipt_send(*, order_id: int, claimant: str = "") -> None:
     receipt = Receipt.objects.filter(order_id=order_id).first()
     if receipt is None:
         # Written in the same transaction that enqueued this task: it must exist.
@@ -35,11 +37,15 @@ def receipt_send(*, order_id: int) -> None:
     if receipt.status == Receipt.Status.SENT:
         return
     now = timezone.now()
-    claimable = Q(status=Receipt.Status.PENDING) | Q(
-        status=Receipt.Status.SENDING, claimed_at__lt=now - CLAIM_LEASE
-    )
+    abandoned = Q(claimed_at__lt=now - CLAIM_LEASE)
+    if claimant:
+        abandoned |= Q(claimed_by=claimant)
+    claimable = Q(status=Receipt.Status.PENDING) | (Q(status=Receipt.Status.SENDING) & abandoned)
     claimed = Receipt.objects.filter(claimable, pk=receipt.pk).update(
-        status=Receipt.Status.SENDING, claimed_at=now, attempts=F("attempts") + 1
+        status=Receipt.Status.SENDING,
+        claimed_at=now,
+        claimed_by=claimant,
+        attempts=F("attempts") + 1,
     )
     if not claimed:
         if Receipt.objects.filter(pk=receipt.pk, status=Receipt.Status.SENT).exists():

@@ -7,8 +7,9 @@ from shop.services.receipts import receipt_send
 @shared_task(
     name="shop.tasks.emails.send_receipt",
     base=ReliableTask,
+    bind=True,
     soft_time_limit=25,
     time_limit=30,
 )
-def send_receipt(order_id: int) -> None:
-    receipt_send(order_id=order_id)
+def send_receipt(self: ReliableTask, order_id: int) -> None:
+    receipt_send(order_id=order_id, claimant=self.request.id)

@@ -6,6 +6,7 @@ from decimal import Decimal
 
 import pytest
 from celery.exceptions import SoftTimeLimitExceeded
+from django.utils import timezone
 
 from jobs.errors import PermanentError, TransientError
 from jobs.models import OutboxMessage
@@ -188,3 +189,23 @@ def test_concurrent_receipt_sends_send_one_mail(broker, gateway, products, mail_
     assert mails_with(mail_dir, receipt.message_id) == 1
     # a loser either saw `sent` and returned, or saw the live claim and asked to retry
     assert all(type(error).__name__ == "ReceiptBusy" for error in errors)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_retry_of_the_same_task_takes_its_own_claim_over_and_another_task_waits(
+    broker, gateway, products, mail_dir
+):
+    payment = place_order()
+    payment_charge(payment_id=payment.pk)
+    # given: task A claimed the receipt and died after sending (the row says `sending`)
+    Receipt.objects.update(status="sending", claimed_by="task-A", claimed_at=timezone.now())
+
+    # when: another task comes along within the lease, it must wait
+    with pytest.raises(TransientError, match="another worker"):
+        receipt_send(order_id=payment.order_id, claimant="task-B")
+    # when: A's own retry comes, it takes the claim over at once and sends
+    receipt_send(order_id=payment.order_id, claimant="task-A")
+
+    receipt = Receipt.objects.get()
+    assert (receipt.status, receipt.claimed_by) == ("sent", "task-A")
+    assert mails_with(mail_dir, receipt.message_id) == 1
