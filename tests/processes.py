@@ -97,6 +97,7 @@ class RedisServer:
     def start(self) -> None:
         args = ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port)]
         args += ["--save", "", "--appendonly", "no", "--dir", str(self.directory), *self.extra]
+        args += ["--appenddirname", "aof"]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_until(self._answers, timeout=10, what=f"redis-server on {self.port}")
 
@@ -109,6 +110,12 @@ class RedisServer:
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
+            self.proc.wait(timeout=10)
+
+    def crash(self) -> None:
+        """SIGKILL: no shutdown save, no goodbye; only what is on disk survives."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
             self.proc.wait(timeout=10)
 
     def queue_lengths(self) -> dict[str, int]:
@@ -217,7 +224,10 @@ class Worker:
         def ready() -> bool:
             if self.proc is not None and self.proc.poll() is not None:
                 raise AssertionError(f"worker {self.name} exited:\n{_log_tail(self.log)}")
-            return bool(app.control.ping(destination=[self.name], timeout=0.5))
+            try:
+                return bool(app.control.ping(destination=[self.name], timeout=0.5))
+            except (redis.ConnectionError, OSError):  # our pooled connection died with Redis
+                return False
 
         wait_until(ready, timeout=timeout, interval=0.2, what=f"worker {self.name}")
 
