@@ -14,6 +14,7 @@ from jobs.outbox import enqueue
 from shop.models import Order, OrderLine, Payment, Product
 from shop.tasks.payments import charge_payment as charge_payment_task
 
+SKU = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,39}")  # what a product code looks like
 MAX_LINES = 20
 MAX_QUANTITY = 99
 MAX_EMAIL_LENGTH = 254
@@ -83,7 +84,8 @@ def _clean_items(value: Any, errors: dict[str, list[str]]) -> tuple[CheckoutItem
     for index, item in enumerate(value):
         sku = item.get("sku") if isinstance(item, dict) else None
         quantity = item.get("quantity") if isinstance(item, dict) else None
-        if not isinstance(sku, str) or not 0 < len(sku) <= 40:
+        if not isinstance(sku, str) or not SKU.fullmatch(sku):
+            # Checked by shape before any query: a NUL byte would reach PostgreSQL.
             messages.append(f"Item {index + 1}: sku must be a product code.")
         elif isinstance(quantity, bool) or not isinstance(quantity, int):
             messages.append(f"Item {index + 1}: quantity must be a whole number.")

@@ -8,7 +8,13 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 from shop import selectors
 from shop.cart import cart_clear, cart_items, cart_lines, cart_set
 from shop.models import Product
-from shop.services.checkout import MAX_QUANTITY, CheckoutError, checkout_complete, checkout_parse
+from shop.services.checkout import (
+    MAX_QUANTITY,
+    SKU,
+    CheckoutError,
+    checkout_complete,
+    checkout_parse,
+)
 
 
 def _quantity(raw: str | None) -> int | None:
@@ -28,7 +34,7 @@ def catalog(request: HttpRequest) -> HttpResponse:
 def cart_update(request: HttpRequest) -> HttpResponse:
     sku = request.POST.get("sku", "")
     quantity = _quantity(request.POST.get("quantity"))
-    product = Product.objects.filter(sku=sku).first()
+    product = Product.objects.filter(sku=sku).first() if SKU.fullmatch(sku) else None
     if product is None or quantity is None:
         messages.error(request, f"Choose a product and a quantity from 0 to {MAX_QUANTITY}.")
         return redirect("cart")
