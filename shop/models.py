@@ -34,6 +34,9 @@ class Order(models.Model):
         FAILED = "failed", "Payment failed"
         CANCELLED = "cancelled", "Cancelled"
 
+    # What the shopper's URLs and the API use: unguessable, so nobody can look at an order
+    # they did not place by counting. The integer pk stays internal (task arguments).
+    reference = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
     email = models.EmailField()
     status = models.CharField(max_length=20, choices=Status.choices, default=Status.PENDING)
     total = models.DecimalField(max_digits=12, decimal_places=2)

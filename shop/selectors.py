@@ -1,6 +1,7 @@
 """Reads for pages and the API."""
 
 from typing import Any
+from uuid import UUID
 
 from django.urls import reverse
 
@@ -11,11 +12,11 @@ def product_list() -> list[Product]:
     return list(Product.objects.order_by("name"))
 
 
-def order_get(*, order_id: int) -> Order | None:
+def order_get(*, reference: UUID) -> Order | None:
     return (
         Order.objects.select_related("payment", "receipt")
         .prefetch_related("lines__product")
-        .filter(pk=order_id)
+        .filter(reference=reference)
         .first()
     )
 
@@ -25,12 +26,13 @@ def order_status(order: Order) -> dict[str, Any]:
     payment = getattr(order, "payment", None)
     receipt: Receipt | None = getattr(order, "receipt", None)
     return {
-        "id": order.pk,
+        "id": str(order.reference),
+        "number": order.pk,
         "status": order.status,
         "status_display": order.get_status_display(),
         "total": str(order.total),
-        "url": reverse("api-order-detail", args=[order.pk]),
-        "page": reverse("order-detail", args=[order.pk]),
+        "url": reverse("api-order-detail", args=[order.reference]),
+        "page": reverse("order-detail", args=[order.reference]),
         "created_at": order.created_at.isoformat(),
         "payment": {
             "status": payment.status if payment else None,

@@ -2,6 +2,7 @@
 
 import json
 from typing import Any
+from uuid import UUID
 
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
@@ -60,17 +61,18 @@ def orders(request: HttpRequest) -> HttpResponse:
     except CheckoutError as exc:
         return _errors(400, exc.errors)
     url = selectors.order_status(order)["url"]
-    response = JsonResponse({"id": order.pk, "status": order.status, "url": url}, status=201)
+    body = {"id": str(order.reference), "status": order.status, "url": url}
+    response = JsonResponse(body, status=201)
     response["Location"] = url
     return response
 
 
-def order_detail(request: HttpRequest, order_id: int) -> HttpResponse:
+def order_detail(request: HttpRequest, reference: UUID) -> HttpResponse:
     if request.method != "GET":
         return _method_not_allowed("GET")
-    order = selectors.order_get(order_id=order_id)
+    order = selectors.order_get(reference=reference)
     if order is None:
-        return _errors(404, {"order": [f"No order with id {order_id}."]})
+        return _errors(404, {"order": [f"No order with id {reference}."]})
     return JsonResponse(selectors.order_status(order))
 
 

@@ -1,5 +1,7 @@
 """HTML pages: catalog, cart, checkout, live order status. Thin: parse, call, render."""
 
+from uuid import UUID
+
 from django.contrib import messages
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
@@ -71,12 +73,12 @@ def checkout(request: HttpRequest) -> HttpResponse:
         context.update(errors=exc.errors, summary=summary, form=form)
         return render(request, "shop/checkout.html", context, status=400)
     cart_clear(request)
-    return redirect("order-detail", order_id=order.pk)
+    return redirect("order-detail", reference=order.reference)
 
 
 @require_GET
-def order_detail(request: HttpRequest, order_id: int) -> HttpResponse:
-    order = selectors.order_get(order_id=order_id)
+def order_detail(request: HttpRequest, reference: UUID) -> HttpResponse:
+    order = selectors.order_get(reference=reference)
     if order is None:
         raise Http404("No such order.")
     return render(

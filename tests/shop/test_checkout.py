@@ -2,6 +2,7 @@
 COMMIT; bad input gets a clear 4xx and writes nothing."""
 
 import json
+import uuid
 
 import pytest
 from django.db import transaction
@@ -38,7 +39,8 @@ def test_api_checkout_writes_one_order_payment_and_outbox_row(client, broker, pr
     assert response.status_code == 201
     body = response.json()
     order = Order.objects.get()
-    assert body == {"id": order.pk, "status": "pending", "url": f"/api/orders/{order.pk}/"}
+    url = f"/api/orders/{order.reference}/"
+    assert body == {"id": str(order.reference), "status": "pending", "url": url}
     assert response["Location"] == body["url"]
     assert order.total == 2 * products["MUG"].price + products["TEE"].price
     payment = Payment.objects.get()
@@ -61,7 +63,7 @@ def test_html_checkout_writes_one_order_and_shows_its_page(client, broker, produ
 
     order = Order.objects.get()
     assert response.status_code == 302
-    assert response["Location"] == f"/orders/{order.pk}/"
+    assert response["Location"] == f"/orders/{order.reference}/"
     assert order.lines.count() == 2
     assert Payment.objects.filter(order=order).count() == 1
     assert OutboxMessage.objects.filter(sent_at__isnull=False).count() == 1
@@ -206,17 +208,25 @@ def test_cart_rejects_unknown_products_and_bad_quantities(client, products):
 def test_order_status_api(client, products):
     order = checkout_complete(request=checkout_parse(order_body()))
 
-    response = client.get(f"/api/orders/{order.pk}/")
-    missing = client.get("/api/orders/999999/")
+    response = client.get(f"/api/orders/{order.reference}/")
+    unknown = uuid.uuid4()
+    missing = client.get(f"/api/orders/{unknown}/")
 
     assert response.status_code == 200
     body = response.json()
-    assert (body["id"], body["status"]) == (order.pk, "pending")
+    assert (body["id"], body["number"], body["status"]) == (
+        str(order.reference),
+        order.pk,
+        "pending",
+    )
     assert body["payment"]["status"] == "pending"
     assert body["receipt"]["status"] == "pending"
     assert missing.status_code == 404
-    assert missing.json() == {"errors": {"order": ["No order with id 999999."]}}
-    assert client.get("/orders/999999/").status_code == 404
+    assert missing.json() == {"errors": {"order": [f"No order with id {unknown}."]}}
+    assert client.get(f"/orders/{unknown}/").status_code == 404
+    # the sequential number is not a way in: only the unguessable reference is
+    assert client.get(f"/api/orders/{order.pk}/").status_code == 404
+    assert client.get(f"/orders/{order.pk}/").status_code == 404
 
 
 @pytest.mark.django_db

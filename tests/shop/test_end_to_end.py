@@ -30,12 +30,16 @@ def place_order(client, card: str = "4242424242424242") -> int:
     body = {**ORDER, "card": card}
     response = client.post("/api/orders/", body, content_type="application/json")
     assert response.status_code == 201, response.content
-    return int(response.json()["id"])
+    return Order.objects.get(reference=response.json()["id"]).pk
+
+
+def status_url(order_id: int) -> str:
+    return f"/api/orders/{Order.objects.get(pk=order_id).reference}/"
 
 
 def wait_for_receipt(client, order_id: int, timeout: float = 45) -> dict:
     def settled() -> dict | None:
-        body = client.get(f"/api/orders/{order_id}/").json()
+        body = client.get(status_url(order_id)).json()
         return body if body["receipt"]["status"] == "sent" else None
 
     return wait_until(settled, timeout=timeout, interval=0.2, what=f"receipt of order {order_id}")
@@ -160,9 +164,9 @@ def test_a_declined_card_is_dead_lettered_at_once_and_the_customer_sees_it(
     assert (letter.reason, letter.attempts, letter.queue) == ("permanent_error", 1, "payments")
     assert letter.args == [payment.pk]
     assert [c["status"] for c in gateway.ledger(str(payment.idempotency_key))] == ["declined"]
-    body = client.get(f"/api/orders/{order_id}/").json()
+    body = client.get(status_url(order_id)).json()
     assert (body["status"], body["payment"]["message"]) == ("failed", "Your card was declined.")
-    page = client.get(f"/orders/{order_id}/").content.decode()
+    page = client.get(status_url(order_id).removeprefix("/api")).content.decode()
     assert "Payment failed" in page
     assert "Your card was declined." in page
 
