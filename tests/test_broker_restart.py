@@ -3,6 +3,7 @@ persistence the queued messages are gone, and the reconciler gets the orders don
 
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -36,11 +37,23 @@ def run_orders_through_a_broker_crash(client, broker, count: int) -> list[int]:
     return orders
 
 
-def start_workers(env, logs) -> list[Worker]:
+@contextmanager
+def workers_running(env, logs) -> Iterator[None]:
     workers = [Worker(queue, env, logs).start() for queue in QUEUES if queue != "reports"]
-    for worker in workers:
-        worker.wait_ready()
-    return workers
+    try:
+        for worker in workers:
+            worker.wait_ready()
+        yield
+    finally:
+        for worker in workers:
+            worker.stop()
+
+
+def assert_each_order_paid_and_charged_once(client, gateway, orders: list[int]) -> None:
+    for order_id in orders:
+        assert wait_for_receipt(client, order_id)["payment"]["status"] == "charged"
+    for payment in Payment.objects.all():
+        assert len(gateway.ledger(str(payment.idempotency_key))) == 1
 
 
 def test_with_aof_a_broker_crash_loses_nothing(
@@ -52,15 +65,8 @@ def test_with_aof_a_broker_crash_loses_nothing(
     orders = run_orders_through_a_broker_crash(client, restartable_broker, 3)
 
     assert restartable_broker.queue_lengths()["payments"] == 3  # replayed from the AOF
-    workers = start_workers(worker_env, worker_logs)
-    try:
-        for order_id in orders:
-            assert wait_for_receipt(client, order_id)["payment"]["status"] == "charged"
-    finally:
-        for worker in workers:
-            worker.stop()
-    for payment in Payment.objects.all():
-        assert len(gateway.ledger(str(payment.idempotency_key))) == 1
+    with workers_running(worker_env, worker_logs):
+        assert_each_order_paid_and_charged_once(client, gateway, orders)
 
 
 def test_without_persistence_the_reconciler_recovers_what_the_broker_lost(
@@ -72,17 +78,10 @@ def test_without_persistence_the_reconciler_recovers_what_the_broker_lost(
 
     # the messages are gone, and the outbox rows say "sent": the relay cannot know
     assert restartable_broker.queue_lengths()["payments"] == 0
-    workers = start_workers(worker_env, worker_logs)
-    try:
+    with workers_running(worker_env, worker_logs):
         assert set(Order.objects.values_list("status", flat=True)) == {"pending"}
         # the reconciler looks at outcomes: payments still pending are charged again
         settings.RECONCILE_AFTER_MINUTES = 0
         reconciler.run(repair=True)
-        for order_id in orders:
-            assert wait_for_receipt(client, order_id)["payment"]["status"] == "charged"
-    finally:
-        for worker in workers:
-            worker.stop()
-    for payment in Payment.objects.all():
-        assert len(gateway.ledger(str(payment.idempotency_key))) == 1
+        assert_each_order_paid_and_charged_once(client, gateway, orders)
     assert not DeadLetter.objects.exists()
