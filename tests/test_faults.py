@@ -111,3 +111,28 @@ def test_warm_shutdown_finishes_the_running_task_and_acks_it(
 
 def attempts_started(log: Path) -> list[str]:
     return [line for line in log.read_text().splitlines() if line != "finished"]
+
+
+def test_what_the_visibility_check_prevents_a_countdown_past_the_timeout_runs_twice(
+    broker, worker_env, worker_logs, tmp_path
+):
+    """jobs.E001 refuses retry delays and time limits near the visibility timeout. Here
+    is why: a worker holds a countdown task unacked until its ETA; once the visibility
+    timeout passes first, Redis hands the same message to a worker again."""
+    log = tmp_path / "slow"
+    worker = Worker(
+        "default", worker_env, worker_logs, concurrency=2, include="tests.fault_tasks"
+    ).start()
+    try:
+        worker.wait_ready()
+        app.send_task("tests.fault_tasks.slow", args=[str(log), 1.0], countdown=3)
+        wait_until(lambda: broker.unacked() == 1, timeout=10, what="the ETA task to be held")
+
+        # when: the visibility timeout (shorter than the countdown) passes
+        assert broker.restore_unacked() == 1
+
+        # then: the same task runs twice, in parallel, at its ETA
+        wait_until(lambda: log.exists() and log.read_text().count("finished") == 2, timeout=20)
+    finally:
+        worker.stop()
+    assert len(attempts_started(log)) == 2
