@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint typecheck pytest lock clean
+.PHONY: install run chaos test lint typecheck pytest lock clean
 
 # Create .venv with the locked dependencies; does nothing when already up to date.
 install: $(STAMP)
@@ -17,6 +17,10 @@ $(STAMP): requirements/dev.txt
 # Start the whole shop in one terminal (web, gateway, one worker per queue, beat, Flower); Ctrl-C stops it.
 run: install
 	$(BIN)/python deploy/run_local.py
+
+# The failure lab: orders over HTTP while workers, web and Redis are killed; a verdict.
+chaos: install
+	mkdir -p var && $(BIN)/python deploy/chaos.py $(ARGS)
 
 # The whole suite: lint, format check, import contract, types, tests.
 test: install lint typecheck pytest
