@@ -11,3 +11,8 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "shop.settings")
 app = Celery("jobs", task_cls="jobs.base:ReliableTask")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
+
+
+def queue_of(task_name: str) -> str:
+    """The queue `task_routes` sends this task to; QueueNotFound when it is undeclared."""
+    return str(app.amqp.router.route({}, task_name)["queue"].name)

@@ -27,7 +27,7 @@ from django.utils.module_loading import autodiscover_modules
 from jobs import correlation, metrics, outbox
 from jobs.celery import app
 from jobs.errors import PermanentError, PoisonMessage
-from jobs.lifecycle import request_header
+from jobs.lifecycle import describe, request_header
 from jobs.logs import job_event
 from jobs.models import DeadLetter
 
@@ -47,13 +47,6 @@ def failure_reason(task: Task, exception: BaseException, retries: int) -> str:
     if isinstance(exception, PermanentError):
         return DeadLetter.Reason.PERMANENT_ERROR
     return DeadLetter.Reason.RETRIES_EXHAUSTED
-
-
-def _queue_of(task_name: str, request: Any) -> str:
-    delivery = getattr(request, "delivery_info", None) or {}
-    if delivery.get("routing_key"):
-        return str(delivery["routing_key"])
-    return str(app.amqp.router.route({}, task_name)["queue"].name)
 
 
 def dead_letter_record(
@@ -76,7 +69,7 @@ def dead_letter_record(
             "task_name": task.name,
             "args": list(args or []),
             "kwargs": dict(kwargs or {}),
-            "queue": _queue_of(task.name, request),
+            "queue": describe(task)["queue"],
             "reason": reason or failure_reason(task, exception, retries),
             "exception_class": f"{type(exception).__module__}.{type(exception).__qualname__}",
             "exception_message": str(exception)[:5000],

@@ -19,7 +19,7 @@ from celery.signals import (
 from django.conf import settings
 
 from jobs import correlation, metrics
-from jobs.celery import app
+from jobs.celery import queue_of
 from jobs.logs import job_event
 
 SENT_AT_HEADER = "x_sent_at"
@@ -40,7 +40,7 @@ def describe(task: Task) -> dict[str, Any]:
         "task_id": request.id,
         "task_name": task.name,
         # Without a delivery (a failure seen in the main process), the route says it.
-        "queue": delivery.get("routing_key") or app.amqp.router.route({}, task.name)["queue"].name,
+        "queue": delivery.get("routing_key") or queue_of(task.name),
         "attempt": int(getattr(request, "retries", 0) or 0) + 1,
     }
 

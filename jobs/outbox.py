@@ -21,7 +21,7 @@ from django.utils import timezone
 from kombu.exceptions import OperationalError
 
 from jobs import correlation, metrics
-from jobs.celery import app
+from jobs.celery import app, queue_of
 from jobs.logs import job_event
 from jobs.models import OutboxMessage
 
@@ -52,7 +52,7 @@ def enqueue(
     """
     name = task if isinstance(task, str) else task.name
     args, kwargs = list(args), dict(kwargs or {})
-    queue = app.amqp.router.route({}, name, args, kwargs)["queue"].name  # QueueNotFound
+    queue = queue_of(name)  # raises QueueNotFound: a misrouted task fails loudly, here
     headers = dict(headers or {})
     if correlation.get():
         headers.setdefault(correlation.HEADER, correlation.get())
@@ -64,12 +64,8 @@ def enqueue(
     return message
 
 
-def _queue_of(task_name: str) -> str:
-    return str(app.amqp.router.route({}, task_name)["queue"].name)
-
-
 def _sent(message: OutboxMessage) -> None:
-    metrics.PUBLISHED.labels(message.task_name, _queue_of(message.task_name)).inc()
+    metrics.PUBLISHED.labels(message.task_name, queue_of(message.task_name)).inc()
     job_event("published", task_id=str(message.task_id), task_name=message.task_name)
 
 
@@ -99,7 +95,7 @@ def _record_failure(message: OutboxMessage, exc: Exception, using: str | None) -
 
 def _publish_committed(message: OutboxMessage, using: str | None) -> None:
     """The after-commit publisher. Never raises: the request that committed has succeeded."""
-    metrics.ENQUEUED.labels(message.task_name, _queue_of(message.task_name)).inc()
+    metrics.ENQUEUED.labels(message.task_name, queue_of(message.task_name)).inc()
     try:
         _send(message, _PUBLISH_RETRY_POLICY)
     except Exception as exc:
