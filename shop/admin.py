@@ -20,8 +20,16 @@ class OrderLineInline(admin.TabularInline):
 class OrderAdmin(admin.ModelAdmin):
     list_display = ["id", "email", "status", "total", "created_at"]
     list_filter = ["status", "created_at"]
-    search_fields = ["id", "email"]
-    readonly_fields = ["email", "status", "total", "created_at", "updated_at"]
+    search_fields = ["id", "=reference", "email", "=idempotency_key"]
+    readonly_fields = [
+        "reference",
+        "idempotency_key",
+        "email",
+        "status",
+        "total",
+        "created_at",
+        "updated_at",
+    ]
     inlines = [OrderLineInline]
 
 

@@ -37,6 +37,13 @@ class Order(models.Model):
     # What the shopper's URLs and the API use: unguessable, so nobody can look at an order
     # they did not place by counting. The integer pk stays internal (task arguments).
     reference = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
+    # The client's Idempotency-Key (API header, or the checkout form's hidden token): a
+    # retried request (the response was lost, the web process died after COMMIT) finds
+    # this order instead of placing and charging a second one. Unique, so two concurrent
+    # retries cannot both insert.
+    idempotency_key = models.CharField(
+        max_length=255, unique=True, null=True, blank=True, editable=False
+    )
     email = models.EmailField()
     status = models.CharField(max_length=20, choices=Status.choices, default=Status.PENDING)
     total = models.DecimalField(max_digits=12, decimal_places=2)

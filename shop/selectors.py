@@ -12,6 +12,10 @@ def product_list() -> list[Product]:
     return list(Product.objects.order_by("name"))
 
 
+def order_for_idempotency_key(key: str) -> Order | None:
+    return Order.objects.filter(idempotency_key=key).first()
+
+
 def order_get(*, reference: UUID) -> Order | None:
     return (
         Order.objects.select_related("payment", "receipt")

@@ -7,7 +7,7 @@ from typing import Any
 
 from django.core.exceptions import ValidationError
 from django.core.validators import validate_email
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.db.models import F
 
 from jobs.outbox import enqueue
@@ -18,6 +18,7 @@ SKU = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,39}")  # what a product code look
 MAX_LINES = 20
 MAX_QUANTITY = 99
 MAX_EMAIL_LENGTH = 254
+IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")  # printable ASCII, no spaces
 
 
 class CheckoutError(Exception):
@@ -26,6 +27,10 @@ class CheckoutError(Exception):
     def __init__(self, errors: dict[str, list[str]]) -> None:
         super().__init__(errors)
         self.errors = errors
+
+
+class CheckoutConflict(CheckoutError):
+    """The idempotency key was already used for a different order request."""
 
 
 @dataclass(frozen=True)
@@ -112,12 +117,66 @@ def checkout_parse(data: Any) -> CheckoutRequest:
     return CheckoutRequest(email=email, card=card, items=items)
 
 
-def checkout_complete(*, request: CheckoutRequest) -> Order:
+@dataclass(frozen=True)
+class Placed:
+    order: Order
+    replayed: bool  # True: the idempotency key found an order placed earlier
+
+
+def idempotency_key_parse(value: str | None) -> str | None:
+    """The client's key, None when absent. Raises CheckoutError when malformed."""
+    if value is None:
+        return None
+    if not IDEMPOTENCY_KEY.fullmatch(value):
+        raise CheckoutError(
+            {"idempotency_key": ["Idempotency-Key must be 1-255 printable ASCII characters."]}
+        )
+    return value
+
+
+def _same_request(order: Order, request: CheckoutRequest) -> bool:
+    lines = {line.product.sku: line.quantity for line in order.lines.select_related("product")}
+    return (
+        order.email == request.email
+        and order.payment.card_token == request.card
+        and lines == {item.sku: item.quantity for item in request.items}
+    )
+
+
+def _replay(key: str, request: CheckoutRequest) -> Placed | None:
+    order = Order.objects.select_related("payment").filter(idempotency_key=key).first()
+    if order is None:
+        return None
+    if not _same_request(order, request):
+        raise CheckoutConflict(
+            {"idempotency_key": ["This Idempotency-Key was used for a different order."]}
+        )
+    return Placed(order=order, replayed=True)
+
+
+def checkout_complete(*, request: CheckoutRequest, idempotency_key: str | None = None) -> Placed:
     """Reserve stock, write Order + lines + Payment, and enqueue the charge: all or nothing.
 
     The charge task is published only after COMMIT (through the outbox), so a worker never
-    sees an order that does not exist yet, and a crash after COMMIT loses no order.
+    sees an order that does not exist yet, and a crash after COMMIT loses no order. With an
+    idempotency key, a retry of the same request returns the order placed the first time
+    (nothing is reserved, written or charged again); the same key with a different request
+    raises CheckoutConflict.
     """
+    if idempotency_key is not None and (placed := _replay(idempotency_key, request)):
+        return placed
+    try:
+        order = _place(request, idempotency_key)
+    except IntegrityError:
+        # A concurrent retry with the same key committed first (our insert rolled back,
+        # stock included): answer with its order.
+        if idempotency_key is None or not (placed := _replay(idempotency_key, request)):
+            raise
+        return placed
+    return Placed(order=order, replayed=False)
+
+
+def _place(request: CheckoutRequest, idempotency_key: str | None) -> Order:
     skus = [item.sku for item in request.items]
     with transaction.atomic():
         products = {p.sku: p for p in Product.objects.filter(sku__in=skus)}
@@ -138,7 +197,9 @@ def checkout_complete(*, request: CheckoutRequest) -> Order:
                 {"items": [f"Not enough {products[sku].name} in stock." for sku in short]}
             )
         total = sum((products[i.sku].price * i.quantity for i in lines), Decimal("0"))
-        order = Order.objects.create(email=request.email, total=total)
+        order = Order.objects.create(
+            email=request.email, total=total, idempotency_key=idempotency_key
+        )
         OrderLine.objects.bulk_create(
             OrderLine(
                 order=order,

@@ -11,7 +11,13 @@ from django.views.decorators.csrf import csrf_exempt
 
 from jobs.outbox import enqueue
 from shop import selectors
-from shop.services.checkout import CheckoutError, checkout_complete, checkout_parse
+from shop.services.checkout import (
+    CheckoutConflict,
+    CheckoutError,
+    checkout_complete,
+    checkout_parse,
+    idempotency_key_parse,
+)
 from shop.tasks.reports import build_sales_report as build_sales_report_task
 
 
@@ -57,13 +63,22 @@ def orders(request: HttpRequest) -> HttpResponse:
     except (ValueError, UnicodeDecodeError):
         return _errors(400, {"body": ["Malformed JSON."]})
     try:
-        order = checkout_complete(request=checkout_parse(data))
+        placed = checkout_complete(
+            request=checkout_parse(data),
+            idempotency_key=idempotency_key_parse(request.headers.get("Idempotency-Key")),
+        )
+    except CheckoutConflict as exc:
+        return _errors(409, exc.errors)
     except CheckoutError as exc:
         return _errors(400, exc.errors)
+    order = placed.order
     url = selectors.order_status(order)["url"]
     body = {"id": str(order.reference), "status": order.status, "url": url}
+    # A replay answers as the first request did (201, same order), and says so.
     response = JsonResponse(body, status=201)
     response["Location"] = url
+    if placed.replayed:
+        response["Idempotent-Replayed"] = "true"
     return response
 
 

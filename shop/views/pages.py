@@ -1,6 +1,6 @@
 """HTML pages: catalog, cart, checkout, live order status. Thin: parse, call, render."""
 
-from uuid import UUID
+from uuid import UUID, uuid4
 
 from django.contrib import messages
 from django.http import Http404, HttpRequest, HttpResponse
@@ -13,9 +13,11 @@ from shop.models import Product
 from shop.services.checkout import (
     MAX_QUANTITY,
     SKU,
+    CheckoutConflict,
     CheckoutError,
     checkout_complete,
     checkout_parse,
+    idempotency_key_parse,
 )
 
 
@@ -61,16 +63,29 @@ def checkout(request: HttpRequest) -> HttpResponse:
         if not lines:
             messages.info(request, "Your cart is empty.")
             return redirect("catalog")
-        return render(request, "shop/checkout.html", context)
+        return render(request, "shop/checkout.html", {**context, "token": uuid4()})
     form = {"email": request.POST.get("email", ""), "card": request.POST.get("card", "")}
     items = [{"sku": sku, "quantity": qty} for sku, qty in cart_items(request).items()]
+    # The form's hidden token: a second submit (double click, back and resubmit, a retry
+    # after the web process died) lands on the order the first one placed.
+    token = request.POST.get("idempotency_key") or None
+    if token and (earlier := selectors.order_for_idempotency_key(token)) is not None:
+        return redirect("order-detail", reference=earlier.reference)
     try:
-        order = checkout_complete(request=checkout_parse({**form, "items": items}))
+        order = checkout_complete(
+            request=checkout_parse({**form, "items": items}),
+            idempotency_key=idempotency_key_parse(token),
+        ).order
+    except CheckoutConflict:  # the first submit won a race with this one and emptied the cart
+        earlier = selectors.order_for_idempotency_key(token or "")
+        if earlier is None:
+            raise
+        return redirect("order-detail", reference=earlier.reference)
     except CheckoutError as exc:
         # A flat list for the summary: in a template, errors.items would look up the key
         # "items" before the dict method.
         summary = [message for messages in exc.errors.values() for message in messages]
-        context.update(errors=exc.errors, summary=summary, form=form)
+        context.update(errors=exc.errors, summary=summary, form=form, token=uuid4())
         return render(request, "shop/checkout.html", context, status=400)
     cart_clear(request)
     return redirect("order-detail", reference=order.reference)

@@ -206,7 +206,7 @@ def test_cart_rejects_unknown_products_and_bad_quantities(client, products):
 
 @pytest.mark.django_db
 def test_order_status_api(client, products):
-    order = checkout_complete(request=checkout_parse(order_body()))
+    order = checkout_complete(request=checkout_parse(order_body())).order
 
     response = client.get(f"/api/orders/{order.reference}/")
     unknown = uuid.uuid4()

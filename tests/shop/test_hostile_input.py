@@ -51,17 +51,22 @@ def counts() -> tuple[int, int, int, list[int]]:
 
 @pytest.mark.django_db
 @HYPOTHESIS
-@given(body=ORDER | JSON)
-def test_the_orders_api_never_fails_and_writes_only_on_201(client, products, body):
+@given(body=ORDER | JSON, key=st.none() | st.sampled_from(["k1", "k2"]) | st.text(max_size=260))
+def test_the_orders_api_never_fails_and_writes_only_on_a_new_201(client, products, body, key):
     before = counts()
+    headers = {} if key is None else {"Idempotency-Key": key}
 
-    response = client.post("/api/orders/", json.dumps(body), content_type="application/json")
+    response = client.post(
+        "/api/orders/", json.dumps(body), content_type="application/json", headers=headers
+    )
 
-    assert response.status_code in {201, 400}, response.content
-    if response.status_code == 400:
+    assert response.status_code in {201, 400, 409}, response.content
+    if response.status_code in {400, 409}:
         errors = response.json()["errors"]
         assert errors
         assert all(isinstance(m, str) and m for ms in errors.values() for m in ms)
+        assert counts() == before
+    elif response.has_header("Idempotent-Replayed"):
         assert counts() == before
     else:
         assert counts()[0] == before[0] + 1

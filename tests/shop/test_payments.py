@@ -25,7 +25,7 @@ def place_order(card: str = GOOD) -> Payment:
     request = checkout_parse(
         {"email": "ada@example.com", "card": card, "items": [{"sku": "MUG", "quantity": 2}]}
     )
-    return checkout_complete(request=request).payment
+    return checkout_complete(request=request).order.payment
 
 
 def mails_with(mail_dir, message_id: str) -> int:
