@@ -4,11 +4,16 @@ judges the outcome by independent witnesses, not by the shop's own bookkeeping:
   - accepted orders (HTTP 201) vs orders that reached a terminal state or a dead letter;
   - the payment gateway's own ledger: charges per order;
   - the mail folder: receipts per Message-ID;
-  - the dead-letter table: every declined card there as `permanent_error`, tried once.
+  - the dead-letter table: every declined card there as `permanent_error`, tried once;
+  - orders in the database vs orders the clients placed: a client retry (same
+    Idempotency-Key) never places a second order.
 
 Runs the full stack on PostgreSQL (database `shop_chaos`, recreated) with a private
-Redis that persists like a broker should (AOF everysec, noeviction). Exit status 0 only
-when every invariant holds.
+Redis that persists like a broker should (AOF everysec, noeviction). Faults run in a
+seeded rotation, so every kind happens in a long enough run. Then the replay step: the
+gateway is fixed, `manage.py dlq replay --reason retries_exhausted` runs, and the verdict
+is taken again, now with every accepted order paid and receipted. Exit status 0 only
+when every invariant holds, both times.
 """
 
 import argparse
@@ -22,6 +27,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -56,6 +62,7 @@ class Lab:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.rng = random.Random(args.seed)
+        (BASE_DIR / "var").mkdir(exist_ok=True)
         self.dir = Path(tempfile.mkdtemp(prefix="chaos-", dir=BASE_DIR / "var"))
         self.redis_port, self.web_port, self.gateway_port = free_port(), free_port(), free_port()
         self.env = {
@@ -73,7 +80,9 @@ class Lab:
             "OUTBOX_RELAY_GRACE": "2",
             "RECONCILE_INTERVAL": "15",
             "RECONCILE_AFTER_MINUTES": "1",
-            "RETRY_BACKOFF_CAP": "10",
+            "RETRY_MAX_RETRIES": "3",  # a gateway outage of ~15 s exhausts some charges
+            "RETRY_BACKOFF_CAP": "8",
+            "EMAIL_BACKEND": "deploy.lab_mail.TrapFileBackend",
             "CELERY_WORKER_SOFT_SHUTDOWN_TIMEOUT": "2",
             "GATEWAY_FAILURE_RATE": str(args.gateway_failure_rate),
             "GATEWAY_TIMEOUT_RATE": str(args.gateway_timeout_rate),
@@ -84,6 +93,9 @@ class Lab:
         (self.dir / "metrics").mkdir()
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.faults: list[tuple[float, str]] = []
+        self.lock = threading.Lock()  # faults and the supervisor do not restart at once
+        self.exits: list[str] = []  # processes that exited on their own
+        self.trapped_mails = 0
         self.log = (self.dir / "processes.log").open("ab")
 
     # --- processes ----------------------------------------------------------------
@@ -174,6 +186,11 @@ class Lab:
         )
         for queue in QUEUES:
             self.worker(queue)
+        self.beat()
+        wait_for("the web", lambda: httpx.get(self.url("/healthz")).status_code == 200, 60)
+        wait_for("the gateway", lambda: httpx.get(self.gw("/healthz")).status_code == 200, 30)
+
+    def beat(self) -> None:
         self.spawn(
             "beat",
             sys.executable,
@@ -187,8 +204,6 @@ class Lab:
             "--loglevel",
             "WARNING",
         )
-        wait_for("the web", lambda: httpx.get(self.url("/healthz")).status_code == 200, 60)
-        wait_for("the gateway", lambda: httpx.get(self.gw("/healthz")).status_code == 200, 30)
 
     def recreate_database(self) -> None:
         import psycopg
@@ -230,10 +245,19 @@ class Lab:
                 "card": card,
                 "items": [{"sku": random.choice(skus), "quantity": 1}],
             }
-            for _ in range(20):  # a client retries a failed request (the web was killed)
+            # A careful client: one key per order, the same key on every retry of it, so a
+            # request whose answer was lost (the web process died after COMMIT) is never
+            # placed twice.
+            headers = {"Idempotency-Key": str(uuid.uuid4())}
+            for _ in range(40):
                 try:
-                    response = httpx.post(self.url("/api/orders/"), json=body, timeout=30)
+                    response = httpx.post(
+                        self.url("/api/orders/"), json=body, headers=headers, timeout=30
+                    )
                 except httpx.HTTPError:
+                    time.sleep(0.5)
+                    continue
+                if response.status_code >= 500:
                     time.sleep(0.5)
                     continue
                 if response.status_code == 201:
@@ -247,80 +271,198 @@ class Lab:
         declined = [ref for card, ref in results if ref and card == DECLINED]
         return accepted, declined, sum(1 for _, ref in results if ref is None)
 
+    def fault_schedule(self) -> list[str]:
+        """Every chosen fault once per round, in a seeded order."""
+        names = list(self.args.faults)
+        self.rng.shuffle(names)
+        return names
+
     def inject_faults(self, stop: threading.Event) -> None:
-        faults = [
-            self.kill_child,
-            self.kill_worker,
-            self.restart_broker,
-            self.broker_outage,
-            self.kill_web_worker,
-        ]
+        schedule: list[str] = []
         while not stop.wait(self.args.fault_every):
-            fault = self.rng.choice(faults)
-            self.faults.append((time.monotonic(), fault.__name__))
-            fault()
+            if not schedule:
+                schedule = self.fault_schedule()
+            name = schedule.pop(0)
+            getattr(self, name)()
+            self.faults.append((time.monotonic(), name))  # when it ended
 
     def _children(self, pid: int) -> list[int]:
         path = Path(f"/proc/{pid}/task/{pid}/children")
         return [int(p) for p in path.read_text().split()] if path.exists() else []
 
+    def _kill_children(self, name: str) -> None:
+        for child in self._children(self.procs[name].pid):
+            os.kill(child, signal.SIGKILL)
+
+    def gateway_control(self, **settings: object) -> None:
+        httpx.post(self.gw("/v1/control"), json=settings, timeout=10).raise_for_status()
+
     def kill_child(self) -> None:
+        """A worker child SIGKILLed at a random moment (the OOM killer's way)."""
         queue = self.rng.choice(list(QUEUES))
         children = self._children(self.procs[f"worker-{queue}"].pid)
         if children:
             os.kill(self.rng.choice(children), signal.SIGKILL)
 
     def kill_worker(self) -> None:
+        """A whole worker SIGKILLed (a lost host): its unacked tasks wait for the
+        visibility timeout, the reconciler finds the stuck payments first."""
         queue = self.rng.choice(["payments", "emails"])
-        proc = self.procs[f"worker-{queue}"]
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        self.worker(queue)
+        with self.lock:
+            proc = self.procs[f"worker-{queue}"]
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            self.worker(queue)
+
+    def supervise(self, stop: threading.Event) -> None:
+        """Restart a worker or beat that exits on its own, as systemd or Kubernetes
+        would. (Celery 5.7 can exit with "Unrecoverable error" when the broker restarts
+        under it; a worker process must always run under a supervisor.)"""
+        while not stop.wait(0.5):
+            with self.lock:
+                for name, proc in list(self.procs.items()):
+                    if proc.poll() is None or not name.startswith(("worker-", "beat")):
+                        continue
+                    self.exits.append(f"{name} (exit {proc.returncode})")
+                    if name == "beat":
+                        self.beat()
+                    else:
+                        self.worker(name.removeprefix("worker-"))
+
+    def kill_mid_charge(self) -> None:
+        """The gateway records charges and answers late; the payments children are
+        SIGKILLed while they wait: charged at the gateway, not marked in the shop. The
+        retry must find the charge by its idempotency key, not charge again."""
+        self.gateway_control(timeout_rate=1, timeout_seconds=3)
+        time.sleep(1.0)
+        self._kill_children("worker-payments")
+        self.gateway_control(timeout_rate=self.args.gateway_timeout_rate, timeout_seconds=17)
+
+    def kill_between_send_and_mark(self) -> None:
+        """The next receipt is written to the mail folder, then its worker child is
+        SIGKILLed before the Receipt row is marked sent (deploy/lab_mail.py)."""
+        armed, pid_file = self.dir / "mail-trap", self.dir / "mail-trap.pid"
+        pid_file.unlink(missing_ok=True)
+        armed.touch()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not pid_file.exists():
+            time.sleep(0.02)
+        armed.unlink(missing_ok=True)
+        if pid_file.exists():
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+            self.trapped_mails += 1
+
+    def kill_web_after_commit(self) -> None:
+        """Redis is frozen (SIGSTOP: connections hang, nothing is refused), so checkouts
+        commit and then wait in the publish; every web worker is SIGKILLed there. The
+        orders exist, their outbox rows are unsent, the clients saw errors and retry."""
+        redis = self.procs["redis"]
+        os.kill(redis.pid, signal.SIGSTOP)
+        try:
+            time.sleep(1.5)
+            self._kill_children("web")  # gunicorn starts new ones
+            time.sleep(self.args.outage_seconds)
+        finally:
+            os.kill(redis.pid, signal.SIGCONT)
 
     def restart_broker(self) -> None:
+        """Redis stopped cleanly and started again from its AOF."""
         self.procs["redis"].terminate()
         self.procs["redis"].wait()
         self.redis()
 
     def broker_outage(self) -> None:
+        """Redis SIGKILLed (up to a second of writes lost: appendfsync everysec), down
+        for a few seconds during checkout: the outbox keeps what could not be sent."""
         self.procs["redis"].kill()
         self.procs["redis"].wait()
         time.sleep(self.args.outage_seconds)
         self.redis()
 
     def kill_web_worker(self) -> None:
+        """One gunicorn worker SIGKILLed at a random moment."""
         children = self._children(self.procs["web"].pid)
         if children:
             os.kill(self.rng.choice(children), signal.SIGKILL)  # gunicorn starts another
 
+    def gateway_outage(self) -> None:
+        """The gateway answers 503 to every charge for a while: charges retry with
+        backoff, and those that run out of retries are dead-lettered (replayed later)."""
+        self.gateway_control(outage=True)
+        time.sleep(self.args.gateway_outage_seconds)
+        self.gateway_control(outage=False)
+
     # --- the verdict ----------------------------------------------------------------------
 
-    def settle(self, accepted: list[str], declined: list[str]) -> float:
-        start = time.monotonic()
-        deadline = start + self.args.settle_timeout
+    def settle(self, accepted: list[str], declined: list[str], since: float) -> float:
+        """Wait (bounded) until every order settled; seconds from `since` until then."""
+        deadline = time.monotonic() + self.args.settle_timeout
         while time.monotonic() < deadline:
-            if self.unsettled(accepted, declined) == 0:
+            if not self.unsettled(accepted, declined):
                 break
-            time.sleep(2)
-        return time.monotonic() - start
+            time.sleep(1)
+        return time.monotonic() - since
 
-    def status(self, ref: str) -> dict:
-        return httpx.get(self.url(f"/api/orders/{ref}/"), timeout=10).json()
-
-    def unsettled(self, accepted: list[str], declined: list[str]) -> int:
-        done = sum(1 for ref in accepted if self.status(ref)["receipt"]["status"] == "sent")
-        failed = sum(1 for ref in declined if self.status(ref)["status"] == "failed")
-        return len(accepted) + len(declined) - done - failed
-
-    def verdict(
-        self, accepted: list[str], declined: list[str], refused: int, settle: float
-    ) -> bool:
+    def setup_django(self) -> None:
         import django
 
         os.environ.update({k: self.env[k] for k in ("DATABASE_URL", "CELERY_BROKER_URL")})
         os.environ.setdefault("DJANGO_SETTINGS_MODULE", "shop.settings")
         sys.path.insert(0, str(BASE_DIR))
         django.setup()
+
+    def dead_lettered(self) -> set[str]:
+        """References of orders whose payment or receipt task is a dead letter now."""
+        from jobs.models import DeadLetter
+        from shop.models import Order
+
+        rows = DeadLetter.objects.filter(status="dead").values_list("task_name", "args")
+        payments = {a[0] for t, a in rows if t == "shop.tasks.payments.charge_payment"}
+        orders = {a[0] for t, a in rows if t == "shop.tasks.emails.send_receipt"}
+        return {
+            str(ref)
+            for ref in Order.objects.filter(pk__in=orders).values_list("reference", flat=True)
+        } | {
+            str(ref)
+            for ref in Order.objects.filter(payment__pk__in=payments).values_list(
+                "reference", flat=True
+            )
+        }
+
+    def unsettled(self, accepted: list[str], declined: list[str]) -> list[str]:
+        """Accepted orders neither receipted nor dead-lettered, declined ones not failed."""
+        from shop.models import Order
+
+        receipted = set(
+            map(
+                str,
+                Order.objects.filter(reference__in=accepted, receipt__status="sent").values_list(
+                    "reference", flat=True
+                ),
+            )
+        )
+        failed = set(
+            map(
+                str,
+                Order.objects.filter(reference__in=declined, status="failed").values_list(
+                    "reference", flat=True
+                ),
+            )
+        )
+        dead = self.dead_lettered()
+        return [r for r in accepted if r not in receipted and r not in dead] + [
+            r for r in declined if r not in failed and r not in dead
+        ]
+
+    def verdict(
+        self,
+        accepted: list[str],
+        declined: list[str],
+        refused: int,
+        settle: float,
+        *,
+        after_replay: bool = False,
+    ) -> bool:
         from jobs.models import DeadLetter
         from shop.models import Order, Receipt
 
@@ -334,26 +476,47 @@ class Lab:
             if line.lower().startswith("message-id:")
         )
         paid = [orders[r] for r in accepted if orders[r].status == "paid"]
-        lost = [
-            r
-            for r in accepted
-            if self.status(r)["receipt"]["status"] != "sent"
-            and not DeadLetter.objects.filter(args=[orders[r].payment.pk]).exists()
-        ]
+        dead = self.dead_lettered()
+        lost = [r for r in self.unsettled(accepted, []) if r not in dead]
+        waiting = [r for r in accepted if r in dead]  # good cards only
         doubles = [o.pk for o in paid if charges[f"Order #{o.pk}"] > 1]
         uncharged = [o.pk for o in paid if charges[f"Order #{o.pk}"] == 0]
-        declined_pks = [orders[r].payment.pk for r in declined]
-        declined_dead = DeadLetter.objects.filter(
-            reason="permanent_error", attempts=1, task_name="shop.tasks.payments.charge_payment"
-        ).values_list("args", flat=True)
-        declined_ok = sorted(declined_pks) == sorted(a[0] for a in declined_dead)
+        # A decline is final: one permanent_error dead letter per declined payment (a
+        # retry after the decline would add rows). A declined card caught by a gateway
+        # outage first runs out of retries instead, and waits for the replay.
+        permanent = Counter(
+            a[0]
+            for a in DeadLetter.objects.filter(
+                reason="permanent_error", task_name="shop.tasks.payments.charge_payment"
+            ).values_list("args", flat=True)
+        )
+        declined_final = [
+            r
+            for r in declined
+            if orders[r].status == "failed" and permanent[orders[r].payment.pk] == 1
+        ]
+        declined_waiting = [r for r in declined if r in dead and r not in declined_final]
+        declined_ok = len(declined_final) + (0 if after_replay else len(declined_waiting)) == len(
+            declined
+        ) and sum(permanent.values()) == len(declined_final)
+        exhausted = DeadLetter.objects.filter(reason="retries_exhausted").count()
         duplicates = sum(n - 1 for n in mails.values() if n > 1)
         receipts = Receipt.objects.count()
         injected = Counter(name for _, name in self.faults)
         total = len(accepted) + len(declined)
         rows = [
             ("orders accepted (201) / refused", f"{total} / {refused}", True),
+            (
+                "orders in the database (client retries placed none twice)",
+                len(orders),
+                len(orders) == total,
+            ),
             ("lost (accepted, no receipt, no dead letter)", len(lost), not lost),
+            (
+                "accepted orders waiting in the dead letters (replayable)",
+                len(waiting),
+                not (after_replay and waiting),
+            ),
             ("paid orders charged twice (gateway ledger)", len(doubles), not doubles),
             ("paid orders with no charge (gateway ledger)", len(uncharged), not uncharged),
             (
@@ -361,56 +524,122 @@ class Lab:
                 f"{receipts} for {len(paid)} paid",
                 receipts == len(paid),
             ),
-            ("duplicate emails (same Message-ID, a provider drops them)", duplicates, True),
             (
-                "declined: all dead-lettered permanent_error, tried once",
-                f"{len(declined_pks)} declined",
+                "duplicate emails (same Message-ID, a provider drops them)",
+                f"{duplicates} ({self.trapped_mails} kills between send and mark)",
+                True,
+            ),
+            (
+                "declined: failed, one permanent_error dead letter each",
+                f"{len(declined_final)} of {len(declined)} ({len(declined_waiting)} waiting)",
                 declined_ok,
             ),
+            ("dead letters retries_exhausted (all time)", exhausted, True),
+            (
+                "processes that exited on their own (restarted)",
+                ", ".join(self.exits) or "none",
+                True,
+            ),
             ("faults injected", ", ".join(f"{n} {f}" for f, n in injected.items()) or "none", True),
-            ("time to settle after the last fault", f"{settle:.0f} s", True),
+            (
+                "time to settle after the replay"
+                if after_replay
+                else "time to settle after the last fault",
+                f"{settle:.0f} s",
+                True,
+            ),
         ]
         width = max(len(r[0]) for r in rows)
         print(
             "\n"
             + "\n".join(
                 f"{'ok ' if ok else 'BAD'} {name:<{width}}  {value}" for name, value, ok in rows
-            )
+            ),
+            flush=True,
         )
-        (self.dir / "verdict.json").write_text(
+        name = "verdict-after-replay.json" if after_replay else "verdict.json"
+        (self.dir / name).write_text(
             json.dumps({name: str(value) for name, value, _ in rows}, indent=2)
         )
         return all(ok for _, _, ok in rows)
 
+    def replay(self) -> None:
+        """The operator's fix: the gateway works again, the dead letters are replayed."""
+        self.gateway_control(outage=False, failure_rate=0, timeout_rate=0)
+        result = subprocess.run(
+            [sys.executable, "manage.py", "dlq", "replay", "--reason", "retries_exhausted"],
+            cwd=BASE_DIR,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        print(f"chaos: gateway fixed; dlq replay --reason retries_exhausted: {result.stdout}")
 
-def main() -> int:
+
+FAULTS = [
+    "kill_child",
+    "kill_worker",
+    "kill_mid_charge",
+    "kill_between_send_and_mark",
+    "kill_web_after_commit",
+    "kill_web_worker",
+    "restart_broker",
+    "broker_outage",
+    "gateway_outage",
+]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--orders", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--declined-share", type=float, default=0.05)
     parser.add_argument("--fault-every", type=float, default=4.0, help="seconds between faults")
+    parser.add_argument(
+        "--faults",
+        default=",".join(FAULTS),
+        help=f"comma-separated, from: {', '.join(FAULTS)} (default: all)",
+    )
     parser.add_argument("--outage-seconds", type=float, default=5.0)
+    parser.add_argument("--gateway-outage-seconds", type=float, default=15.0)
     parser.add_argument(
         "--chaos-seconds", type=float, default=30.0, help="faults go on this long after the load"
     )
     parser.add_argument("--gateway-failure-rate", type=float, default=0.05)
     parser.add_argument("--gateway-timeout-rate", type=float, default=0.01)
     parser.add_argument("--settle-timeout", type=float, default=600.0)
+    parser.add_argument("--no-replay", action="store_true", help="stop after the first verdict")
     parser.add_argument(
         "--database-url",
         default=os.environ.get(
             "CHAOS_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/shop_chaos"
         ),
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.orders < 1 or not 0 <= args.declined_share <= 1:
         parser.error("--orders must be positive and --declined-share within 0..1")
+    args.faults = [name.strip() for name in args.faults.split(",") if name.strip()]
+    unknown = sorted(set(args.faults) - set(FAULTS))
+    if unknown or not args.faults:
+        parser.error(
+            f"unknown fault(s) {', '.join(unknown) or '(none given)'}; choose from "
+            f"{', '.join(FAULTS)}"
+        )
+    return args
+
+
+def main() -> int:
+    args = parse_args()
     lab = Lab(args)
     print(f"chaos: lab in {lab.dir}; {args.orders} orders, seed {args.seed}", flush=True)
+    supervisor_stop, stop = threading.Event(), threading.Event()
+    supervisor = threading.Thread(target=lab.supervise, args=(supervisor_stop,))
     try:
         lab.start()
-        stop = threading.Event()
+        lab.setup_django()
+        supervisor.start()
         chaos = threading.Thread(target=lab.inject_faults, args=(stop,))
         chaos.start()
         accepted, declined, refused = lab.place_orders()
@@ -419,9 +648,18 @@ def main() -> int:
         stop.set()
         chaos.join()
         print(f"chaos: {len(lab.faults)} fault(s) injected; settling...", flush=True)
-        settle = lab.settle(accepted, declined)
+        last_fault = lab.faults[-1][0] if lab.faults else time.monotonic()
+        settle = lab.settle(accepted, declined, since=last_fault)
         ok = lab.verdict(accepted, declined, refused, settle)
+        if not args.no_replay:
+            replayed_at = time.monotonic()
+            lab.replay()
+            settle = lab.settle(accepted, declined, since=replayed_at)
+            ok = lab.verdict(accepted, declined, refused, settle, after_replay=True) and ok
     finally:
+        supervisor_stop.set()
+        if supervisor.is_alive():
+            supervisor.join()
         lab.stop()
     print("\nchaos: every invariant holds" if ok else "\nchaos: INVARIANT BROKEN (see above)")
     return 0 if ok else 1

@@ -10,7 +10,7 @@ import pytest
 from jobs.models import DeadLetter
 from jobs.reconcile import reconciler
 from shop.models import Order, Payment
-from tests.processes import QUEUES, RedisServer, Worker
+from tests.processes import QUEUES, RedisServer, Worker, wait_until
 from tests.shop.test_end_to_end import place_order, wait_for_receipt
 
 pytestmark = [pytest.mark.stack, pytest.mark.django_db(transaction=True)]
@@ -38,8 +38,9 @@ def run_orders_through_a_broker_crash(client, broker, count: int) -> list[int]:
 
 
 @contextmanager
-def workers_running(env, logs) -> Iterator[None]:
-    workers = [Worker(queue, env, logs).start() for queue in QUEUES if queue != "reports"]
+def workers_running(env, logs, queues: list[str] | None = None) -> Iterator[None]:
+    queues = queues or [queue for queue in QUEUES if queue != "reports"]
+    workers = [Worker(queue, env, logs).start() for queue in queues]
     try:
         for worker in workers:
             worker.wait_ready()
@@ -85,3 +86,40 @@ def test_without_persistence_the_reconciler_recovers_what_the_broker_lost(
         reconciler.run(repair=True)
         assert_each_order_paid_and_charged_once(client, gateway, orders)
     assert not DeadLetter.objects.exists()
+
+
+def test_tasks_in_flight_at_a_broker_restart_wait_in_unacked_until_recovered(
+    client, restartable_broker, gateway, worker_env, worker_logs, mail_dir, products, settings
+):
+    """Celery 5.7 terminates a late-ack task whose connection was lost (its ack could not
+    reach the new connection) and tries to restore the delivery while the broker is
+    down: the message stays in the `unacked` hash until the visibility timeout. The
+    reconciler, which looks at outcomes, gets the order done first; charged once."""
+    restartable_broker.extra = ("--appendonly", "yes", "--appendfsync", "always")
+    restartable_broker.start()
+    gateway.control(latency_ms=1500)  # charges in flight (unacked) when Redis goes
+    worker = Worker("payments", worker_env, worker_logs, concurrency=2).start()
+    try:
+        worker.wait_ready()
+        orders = [place_order(client) for _ in range(2)]
+        wait_until(lambda: restartable_broker.unacked() == 2, timeout=10, what="2 in flight")
+        restartable_broker.stop()
+        time.sleep(0.5)
+        restartable_broker.start()
+        gateway.control(latency_ms=0)
+
+        wait_until(
+            lambda: "cannot be acknowledged after a connection loss" in worker.log.read_text(),
+            timeout=15,
+            what="the in-flight tasks terminated",
+        )
+        assert restartable_broker.unacked() == 2  # not restored: the broker was down
+        assert set(Order.objects.values_list("status", flat=True)) == {"pending"}
+        if worker.proc is not None and worker.proc.poll() is not None:
+            worker.start()  # what a supervisor does (see the README: Celery 5.7 may exit)
+        with workers_running(worker_env, worker_logs, queues=["emails", "default"]):
+            settings.RECONCILE_AFTER_MINUTES = 0
+            reconciler.run(repair=True)
+            assert_each_order_paid_and_charged_once(client, gateway, orders)
+    finally:
+        worker.stop()
