@@ -1,5 +1,7 @@
 """`make chaos` refuses nonsense before starting anything."""
 
+import os
+import re
 import subprocess
 import sys
 
@@ -22,3 +24,42 @@ def test_chaos_usage_errors_start_nothing(args):
     assert result.returncode == 2
     assert "usage: chaos.py" in result.stderr
     assert "lab in" not in result.stdout
+
+
+@pytest.mark.stack
+def test_a_small_lab_run_keeps_every_invariant():
+    """The lab itself, small: 40 orders while a child, the payments children mid-charge,
+    the web workers after COMMIT (Redis frozen), Redis (restarted) and the gateway
+    (down, so some charges run out of retries) fail; then the replay step."""
+    database = f"postgres://postgres@127.0.0.1:5432/test_chaos_{os.getpid()}"
+    faults = "kill_mid_charge,kill_web_after_commit,restart_broker,gateway_outage,kill_child"
+    args = ["--orders", "40", "--concurrency", "8", "--seed", "3", "--faults", faults]
+    args += ["--fault-every", "1", "--chaos-seconds", "6", "--outage-seconds", "2"]
+    args += ["--gateway-outage-seconds", "6", "--settle-timeout", "240"]
+    try:
+        result = subprocess.run(
+            [sys.executable, "deploy/chaos.py", *args, "--database-url", database],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
+    finally:
+        drop_database(database)
+
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    verdicts = result.stdout.split("chaos: gateway fixed")
+    assert len(verdicts) == 2  # the verdict, the replay step, the verdict again
+    assert re.search(r"ok +lost \(accepted, no receipt, no dead letter\) +0\n", verdicts[0])
+    assert re.search(r"ok +accepted orders waiting in the dead letters \S+ +0\n", verdicts[1])
+    assert "BAD" not in result.stdout
+    assert "chaos: every invariant holds" in result.stdout
+
+
+def drop_database(url: str) -> None:
+    import psycopg
+
+    server, name = url.rsplit("/", 1)
+    with psycopg.connect(f"{server}/postgres", autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
