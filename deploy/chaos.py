@@ -271,17 +271,21 @@ class Lab:
         declined = [ref for card, ref in results if ref and card == DECLINED]
         return accepted, declined, sum(1 for _, ref in results if ref is None)
 
-    def fault_schedule(self) -> list[str]:
-        """Every chosen fault once per round, in a seeded order."""
+    def fault_schedule(self, first_round: bool) -> list[str]:
+        """Every chosen fault once per round, in a seeded order. The first round opens
+        with the gateway outage, while orders still flow, so the replay step has work."""
         names = list(self.args.faults)
         self.rng.shuffle(names)
+        if first_round and "gateway_outage" in names:
+            names.remove("gateway_outage")
+            names.insert(0, "gateway_outage")
         return names
 
     def inject_faults(self, stop: threading.Event) -> None:
         schedule: list[str] = []
         while not stop.wait(self.args.fault_every):
             if not schedule:
-                schedule = self.fault_schedule()
+                schedule = self.fault_schedule(first_round=not self.faults)
             name = schedule.pop(0)
             getattr(self, name)()
             self.faults.append((time.monotonic(), name))  # when it ended
@@ -499,7 +503,7 @@ class Lab:
         declined_ok = len(declined_final) + (0 if after_replay else len(declined_waiting)) == len(
             declined
         ) and sum(permanent.values()) == len(declined_final)
-        exhausted = DeadLetter.objects.filter(reason="retries_exhausted").count()
+        exhausted = DeadLetter.objects.filter(reason__in=REPLAYED_REASONS).count()
         duplicates = sum(n - 1 for n in mails.values() if n > 1)
         receipts = Receipt.objects.count()
         injected = Counter(name for _, name in self.faults)
@@ -534,7 +538,7 @@ class Lab:
                 f"{len(declined_final)} of {len(declined)} ({len(declined_waiting)} waiting)",
                 declined_ok,
             ),
-            ("dead letters retries_exhausted (all time)", exhausted, True),
+            ("dead letters retries_exhausted or worker_lost (all time)", exhausted, True),
             (
                 "processes that exited on their own (restarted)",
                 ", ".join(self.exits) or "none",
@@ -564,19 +568,24 @@ class Lab:
         return all(ok for _, _, ok in rows)
 
     def replay(self) -> None:
-        """The operator's fix: the gateway works again, the dead letters are replayed."""
+        """The operator's fix: the gateway works again, and the dead letters whose cause
+        was the environment (not the job) are replayed."""
         self.gateway_control(outage=False, failure_rate=0, timeout_rate=0)
-        result = subprocess.run(
-            [sys.executable, "manage.py", "dlq", "replay", "--reason", "retries_exhausted"],
-            cwd=BASE_DIR,
-            env=self.env,
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        print(f"chaos: gateway fixed; dlq replay --reason retries_exhausted: {result.stdout}")
+        print("chaos: gateway fixed")
+        for reason in REPLAYED_REASONS:
+            result = subprocess.run(
+                [sys.executable, "manage.py", "dlq", "replay", "--reason", reason],
+                cwd=BASE_DIR,
+                env=self.env,
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            print(f"chaos: dlq replay --reason {reason}: {result.stdout.strip()}")
 
 
+# Out of retries while the gateway was down, or killed once too often: the job is fine.
+REPLAYED_REASONS = ["retries_exhausted", "worker_lost"]
 FAULTS = [
     "kill_child",
     "kill_worker",
