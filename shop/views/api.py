@@ -62,11 +62,20 @@ def orders(request: HttpRequest) -> HttpResponse:
         return _errors(413, {"body": [f"Request body too large (limit {limit} KiB)."]})
     except (ValueError, UnicodeDecodeError):
         return _errors(400, {"body": ["Malformed JSON."]})
+    errors: dict[str, list[str]] = {}
+    key, order_request = None, None
+    try:  # both checked, so one answer lists every problem
+        key = idempotency_key_parse(request.headers.get("Idempotency-Key"))
+    except CheckoutError as exc:
+        errors.update(exc.errors)
     try:
-        placed = checkout_complete(
-            request=checkout_parse(data),
-            idempotency_key=idempotency_key_parse(request.headers.get("Idempotency-Key")),
-        )
+        order_request = checkout_parse(data)
+    except CheckoutError as exc:
+        errors.update(exc.errors)
+    if errors or order_request is None:
+        return _errors(400, errors)
+    try:
+        placed = checkout_complete(request=order_request, idempotency_key=key)
     except CheckoutConflict as exc:
         return _errors(409, exc.errors)
     except CheckoutError as exc:

@@ -122,3 +122,12 @@ def test_every_checkout_page_carries_a_fresh_token(client, products):
     tokens = {form_token(client.get("/checkout/").text) for _ in range(3)}
 
     assert len(tokens) == 3
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_malformed_key_and_a_bad_body_are_reported_together(client, broker, products):
+    response = post_order(client, "bad key", order_body(email="nope"))
+
+    assert response.status_code == 400
+    assert set(response.json()["errors"]) == {"idempotency_key", "email"}
+    assert Order.objects.count() == 0
