@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run chaos test lint typecheck pytest lock clean
+.PHONY: install run chaos bench test lint typecheck pytest lock clean
 
 # Create .venv with the locked dependencies; does nothing when already up to date.
 install: $(STAMP)
@@ -20,7 +20,11 @@ run: install
 
 # The failure lab: orders over HTTP while workers, web and Redis are killed; a verdict.
 chaos: install
-	mkdir -p var && $(BIN)/python deploy/chaos.py $(ARGS)
+	mkdir -p var && $(BIN)/python -m deploy.chaos $(ARGS)
+
+# How fast, measured side by side: every scenario against its baseline; report in var/bench/.
+bench: install
+	$(BIN)/python -m deploy.bench $(ARGS)
 
 # The whole suite: lint, format check, import contract, types, tests.
 test: install lint typecheck pytest

@@ -21,214 +21,49 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 
-BASE_DIR = Path(__file__).resolve().parent.parent
+from deploy.stack import BASE_DIR, QUEUES, Stack
+
 GOOD, DECLINED = "4242424242424242", "4000000000000002"
-QUEUES = {"payments": 2, "emails": 2, "reports": 1, "default": 1}
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for(what: str, check: Callable[[], bool], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if check():
-                return
-        except Exception:  # noqa: S110  (not up yet)
-            pass
-        time.sleep(0.2)
-    raise SystemExit(f"chaos: {what} did not come up in {timeout:.0f} s")
-
-
-class Lab:
+class Lab(Stack):
     def __init__(self, args: argparse.Namespace) -> None:
+        super().__init__(
+            prefix="chaos-",
+            database_url=args.database_url,
+            env={
+                # Quick recovery: relay every 2 s, reconcile stuck orders after 1 minute.
+                "OUTBOX_RELAY_INTERVAL": "2",
+                "OUTBOX_RELAY_GRACE": "2",
+                "RECONCILE_INTERVAL": "15",
+                "RECONCILE_AFTER_MINUTES": "1",
+                "RETRY_MAX_RETRIES": "3",  # a gateway outage of ~15 s exhausts some charges
+                "RETRY_BACKOFF_CAP": "8",
+                "EMAIL_BACKEND": "deploy.lab_mail.TrapFileBackend",
+                "CELERY_WORKER_SOFT_SHUTDOWN_TIMEOUT": "2",
+                "GATEWAY_FAILURE_RATE": str(args.gateway_failure_rate),
+                "GATEWAY_TIMEOUT_RATE": str(args.gateway_timeout_rate),
+                "GATEWAY_TIMEOUT_SECONDS": "17",  # past the client's 15 s read timeout
+                "GATEWAY_SEED": str(args.seed),
+                "LOG_LEVEL": "WARNING",
+            },
+        )
         self.args = args
         self.rng = random.Random(args.seed)
-        (BASE_DIR / "var").mkdir(exist_ok=True)
-        self.dir = Path(tempfile.mkdtemp(prefix="chaos-", dir=BASE_DIR / "var"))
-        self.redis_port, self.web_port, self.gateway_port = free_port(), free_port(), free_port()
-        self.env = {
-            **os.environ,
-            "DJANGO_SETTINGS_MODULE": "shop.settings",
-            "DATABASE_URL": args.database_url,
-            "CELERY_BROKER_URL": f"redis://127.0.0.1:{self.redis_port}/0",
-            "PAYMENT_GATEWAY_URL": f"http://127.0.0.1:{self.gateway_port}",
-            "SHOP_VAR_DIR": str(self.dir),
-            "EMAIL_FILE_PATH": str(self.dir / "mail"),
-            "PROMETHEUS_MULTIPROC_DIR": str(self.dir / "metrics"),
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-            # Quick recovery: relay every 2 s, reconcile stuck orders after 1 minute.
-            "OUTBOX_RELAY_INTERVAL": "2",
-            "OUTBOX_RELAY_GRACE": "2",
-            "RECONCILE_INTERVAL": "15",
-            "RECONCILE_AFTER_MINUTES": "1",
-            "RETRY_MAX_RETRIES": "3",  # a gateway outage of ~15 s exhausts some charges
-            "RETRY_BACKOFF_CAP": "8",
-            "EMAIL_BACKEND": "deploy.lab_mail.TrapFileBackend",
-            "CELERY_WORKER_SOFT_SHUTDOWN_TIMEOUT": "2",
-            "GATEWAY_FAILURE_RATE": str(args.gateway_failure_rate),
-            "GATEWAY_TIMEOUT_RATE": str(args.gateway_timeout_rate),
-            "GATEWAY_TIMEOUT_SECONDS": "17",  # past the client's 15 s read timeout
-            "GATEWAY_SEED": str(args.seed),
-            "LOG_LEVEL": "WARNING",
-        }
-        (self.dir / "metrics").mkdir()
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.faults: list[tuple[float, str]] = []
         self.lock = threading.Lock()  # faults and the supervisor do not restart at once
         self.exits: list[str] = []  # processes that exited on their own
         self.trapped_mails = 0
-        self.log = (self.dir / "processes.log").open("ab")
-
-    # --- processes ----------------------------------------------------------------
-
-    def spawn(self, name: str, *command: str) -> None:
-        self.procs[name] = subprocess.Popen(
-            command,
-            cwd=BASE_DIR,
-            env=self.env,
-            stdout=self.log,
-            stderr=self.log,
-            start_new_session=True,
-        )
-
-    def redis(self) -> None:
-        self.spawn(
-            "redis",
-            "redis-server",
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            str(self.redis_port),
-            "--dir",
-            str(self.dir),
-            "--save",
-            "",
-            "--appendonly",
-            "yes",
-            "--appendfsync",
-            "everysec",
-            "--maxmemory-policy",
-            "noeviction",
-        )
-        wait_for("redis", lambda: self._redis_ping(), 10)
-
-    def _redis_ping(self) -> bool:
-        with socket.create_connection(("127.0.0.1", self.redis_port), timeout=1) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(16).startswith(b"+PONG")
-
-    def worker(self, queue: str) -> None:
-        self.spawn(
-            f"worker-{queue}",
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "jobs",
-            "worker",
-            "-Q",
-            queue,
-            "-n",
-            f"{queue}@chaos",
-            "-c",
-            str(QUEUES[queue]),
-            "--loglevel",
-            "WARNING",
-        )
-
-    def start(self) -> None:
-        manage = [sys.executable, "manage.py"]
-        self.recreate_database()
-        subprocess.run([*manage, "migrate", "-v", "0"], cwd=BASE_DIR, env=self.env, check=True)
-        subprocess.run([*manage, "seed_demo"], cwd=BASE_DIR, env=self.env, check=True)
-        self.redis()
-        self.spawn(
-            "gateway",
-            sys.executable,
-            "-m",
-            "shop.gateway",
-            "--port",
-            str(self.gateway_port),
-            "--db",
-            str(self.dir / "gateway.sqlite3"),
-        )
-        self.spawn(
-            "web",
-            sys.executable,
-            "-m",
-            "gunicorn",
-            "shop.wsgi:application",
-            "--bind",
-            f"127.0.0.1:{self.web_port}",
-            "--workers",
-            "2",
-            "--threads",
-            "8",
-        )
-        for queue in QUEUES:
-            self.worker(queue)
-        self.beat()
-        wait_for("the web", lambda: httpx.get(self.url("/healthz")).status_code == 200, 60)
-        wait_for("the gateway", lambda: httpx.get(self.gw("/healthz")).status_code == 200, 30)
-
-    def beat(self) -> None:
-        self.spawn(
-            "beat",
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "jobs",
-            "beat",
-            "--pidfile",
-            str(self.dir / "beat.pid"),
-            "--loglevel",
-            "WARNING",
-        )
-
-    def recreate_database(self) -> None:
-        import psycopg
-
-        url = self.args.database_url
-        name = url.rsplit("/", 1)[1]
-        with psycopg.connect(url.rsplit("/", 1)[0] + "/postgres", autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-            conn.execute(f'CREATE DATABASE "{name}"')
-
-    def stop(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.web_port}{path}"
-
-    def gw(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.gateway_port}{path}"
 
     # --- load and faults --------------------------------------------------------------
 
@@ -290,21 +125,10 @@ class Lab:
             getattr(self, name)()
             self.faults.append((time.monotonic(), name))  # when it ended
 
-    def _children(self, pid: int) -> list[int]:
-        path = Path(f"/proc/{pid}/task/{pid}/children")
-        return [int(p) for p in path.read_text().split()] if path.exists() else []
-
-    def _kill_children(self, name: str) -> None:
-        for child in self._children(self.procs[name].pid):
-            os.kill(child, signal.SIGKILL)
-
-    def gateway_control(self, **settings: object) -> None:
-        httpx.post(self.gw("/v1/control"), json=settings, timeout=10).raise_for_status()
-
     def kill_child(self) -> None:
         """A worker child SIGKILLed at a random moment (the OOM killer's way)."""
         queue = self.rng.choice(list(QUEUES))
-        children = self._children(self.procs[f"worker-{queue}"].pid)
+        children = self.children(f"worker-{queue}")
         if children:
             os.kill(self.rng.choice(children), signal.SIGKILL)
 
@@ -339,7 +163,7 @@ class Lab:
         retry must find the charge by its idempotency key, not charge again."""
         self.gateway_control(timeout_rate=1, timeout_seconds=3)
         time.sleep(1.0)
-        self._kill_children("worker-payments")
+        self.kill_children("worker-payments")
         self.gateway_control(timeout_rate=self.args.gateway_timeout_rate, timeout_seconds=17)
 
     def kill_between_send_and_mark(self) -> None:
@@ -364,7 +188,7 @@ class Lab:
         os.kill(redis.pid, signal.SIGSTOP)
         try:
             time.sleep(1.5)
-            self._kill_children("web")  # gunicorn starts new ones
+            self.kill_children("web")  # gunicorn starts new ones
             time.sleep(self.args.outage_seconds)
         finally:
             os.kill(redis.pid, signal.SIGCONT)
@@ -385,7 +209,7 @@ class Lab:
 
     def kill_web_worker(self) -> None:
         """One gunicorn worker SIGKILLed at a random moment."""
-        children = self._children(self.procs["web"].pid)
+        children = self.children("web")
         if children:
             os.kill(self.rng.choice(children), signal.SIGKILL)  # gunicorn starts another
 
@@ -406,14 +230,6 @@ class Lab:
                 break
             time.sleep(1)
         return time.monotonic() - since
-
-    def setup_django(self) -> None:
-        import django
-
-        os.environ.update({k: self.env[k] for k in ("DATABASE_URL", "CELERY_BROKER_URL")})
-        os.environ.setdefault("DJANGO_SETTINGS_MODULE", "shop.settings")
-        sys.path.insert(0, str(BASE_DIR))
-        django.setup()
 
     def dead_lettered(self) -> set[str]:
         """References of orders whose payment or receipt task is a dead letter now."""

@@ -72,9 +72,10 @@ def _on_prerun(task_id: str, task: Task, **_: Any) -> None:
     value = request_header(task.request, correlation.HEADER) or task_id
     _started[task_id] = (time.monotonic(), correlation.activate(value))
     metrics.STARTED.labels(*_labels(task)).inc()
-    if (wait := _queue_wait(task.request)) is not None:
+    wait = _queue_wait(task.request)
+    if wait is not None:
         metrics.QUEUE_WAIT.labels(*_labels(task)).observe(wait)
-    job_event("started", **describe(task))
+    job_event("started", **describe(task), wait_ms=None if wait is None else round(wait * 1000, 2))
 
 
 @task_postrun.connect

@@ -15,7 +15,16 @@ from jobs import correlation
 
 events = logging.getLogger("jobs.events")
 
-JOB_FIELDS = ("event", "task_id", "task_name", "queue", "attempt", "duration_ms", "reason")
+JOB_FIELDS = (
+    "event",
+    "task_id",
+    "task_name",
+    "queue",
+    "attempt",
+    "wait_ms",
+    "duration_ms",
+    "reason",
+)
 _RESERVED = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
 

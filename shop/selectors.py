@@ -25,6 +25,11 @@ def order_get(*, reference: UUID) -> Order | None:
     )
 
 
+def order_url(order: Order) -> str:
+    """The order's address in the API (no query: the status would need two)."""
+    return reverse("api-order-detail", args=[order.reference])
+
+
 def order_status(order: Order) -> dict[str, Any]:
     """The order's state as the API and the live order page show it."""
     payment = getattr(order, "payment", None)
@@ -35,7 +40,7 @@ def order_status(order: Order) -> dict[str, Any]:
         "status": order.status,
         "status_display": order.get_status_display(),
         "total": str(order.total),
-        "url": reverse("api-order-detail", args=[order.reference]),
+        "url": order_url(order),
         "page": reverse("order-detail", args=[order.reference]),
         "created_at": order.created_at.isoformat(),
         "payment": {

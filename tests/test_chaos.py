@@ -13,7 +13,7 @@ from tests.processes import REPO
 @pytest.mark.parametrize("args", [["--orders", "0"], ["--declined-share", "2"], ["--nope"]])
 def test_chaos_usage_errors_start_nothing(args):
     result = subprocess.run(
-        [sys.executable, "deploy/chaos.py", *args],
+        [sys.executable, "-m", "deploy.chaos", *args],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -38,7 +38,7 @@ def test_a_small_lab_run_keeps_every_invariant():
     args += ["--gateway-outage-seconds", "6", "--settle-timeout", "240"]
     try:
         result = subprocess.run(
-            [sys.executable, "deploy/chaos.py", *args, "--database-url", database],
+            [sys.executable, "-m", "deploy.chaos", *args, "--database-url", database],
             cwd=REPO,
             capture_output=True,
             text=True,

@@ -52,7 +52,7 @@ def receipt_send(*, order_id: int, claimant: str = "") -> None:
             return
         raise ReceiptBusy(f"receipt for order {order_id} is being sent by another worker")
     try:
-        _deliver(receipt)
+        receipt_deliver(receipt=receipt)
     except Exception as exc:
         Receipt.objects.filter(pk=receipt.pk, status=Receipt.Status.SENDING).update(
             status=Receipt.Status.PENDING, claimed_at=None
@@ -64,7 +64,9 @@ def receipt_send(*, order_id: int, claimant: str = "") -> None:
     logger.info("receipt for order %s sent", order_id)
 
 
-def _deliver(receipt: Receipt) -> None:
+def receipt_deliver(*, receipt: Receipt) -> None:
+    """Render and send the receipt mail; its Message-ID is derived from the receipt, so a
+    resend is recognisable as the same mail."""
     order = Order.objects.prefetch_related("lines__product").get(pk=receipt.order_id)
     body = render_to_string("shop/email/receipt.txt", {"order": order})
     message = EmailMessage(

@@ -81,7 +81,7 @@ def orders(request: HttpRequest) -> HttpResponse:
     except CheckoutError as exc:
         return _errors(400, exc.errors)
     order = placed.order
-    url = selectors.order_status(order)["url"]
+    url = selectors.order_url(order)
     body = {"id": str(order.reference), "status": order.status, "url": url}
     # A replay answers as the first request did (201, same order), and says so.
     response = JsonResponse(body, status=201)

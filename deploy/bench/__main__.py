@@ -1,0 +1,103 @@
+"""`make bench`: how fast the shop is, and what its reliability costs.
+
+Starts the full stack (PostgreSQL database `shop_bench`, recreated; a private Redis with
+AOF; the gateway at latency 0; gunicorn, 2 processes x 8 threads; one worker per queue;
+beat), then runs each scenario against its baseline in the same run, with a warm-up and
+`--reps` repetitions, alternating which goes first. Prints a table (median, min, max of
+the repetitions, and each goal checked on the median) and writes `bench.json`,
+`bench.txt` and `bench.png` under `var/bench/`. Absolute figures drift on a shared
+machine; the ratios are what to compare.
+"""
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from deploy.bench import report
+from deploy.bench.rig import Bench
+from deploy.bench.scenarios import SCENARIOS, Result
+from deploy.stack import BASE_DIR
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="make bench", description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--reps", type=int, default=3, help="repetitions of each scenario")
+    parser.add_argument("--seconds", type=float, default=5.0, help="length of each load run")
+    parser.add_argument("--clients", type=int, default=16, help="concurrent HTTP clients")
+    parser.add_argument("--web-workers", type=int, default=5, help="gunicorn processes")
+    parser.add_argument("--web-threads", type=int, default=1, help="threads per process")
+    parser.add_argument("--orders", type=int, default=1000, help="orders per pipeline drain")
+    parser.add_argument("--probes", type=int, default=200, help="enqueue probes of each kind")
+    parser.add_argument("--probe-gap", type=float, default=0.01, help="seconds between probes")
+    parser.add_argument("--reports", type=int, default=10_000, help="reports queued (5)")
+    parser.add_argument("--rate", type=float, default=40.0, help="orders/s in scenario 5")
+    parser.add_argument(
+        "--inline-rate", type=float, default=10.0, help="orders/s in scenario 2 (open loop)"
+    )
+    parser.add_argument("--gateway-latency-ms", type=int, default=300, help="scenario 2")
+    parser.add_argument(
+        "--only",
+        default=",".join(SCENARIOS),
+        help=f"comma-separated, from: {', '.join(SCENARIOS)} (default: all)",
+    )
+    parser.add_argument("--out", type=Path, default=BASE_DIR / "var" / "bench")
+    parser.add_argument(
+        "--quick", action="store_true", help="a tiny run that checks the harness, not speed"
+    )
+    parser.add_argument(
+        "--database-url",
+        default=os.environ.get(
+            "BENCH_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/shop_bench"
+        ),
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.reps, args.seconds, args.orders, args.probes = 1, 1.0, 20, 10
+        args.reports, args.rate, args.inline_rate, args.gateway_latency_ms = 100, 20.0, 5.0, 50
+    positive = ["reps", "seconds", "clients", "web_workers", "web_threads", "orders", "probes"]
+    positive += ["reports", "rate", "inline_rate"]
+    if any(getattr(args, name) <= 0 for name in positive) or args.gateway_latency_ms < 0:
+        parser.error(f"--{', --'.join(n.replace('_', '-') for n in positive)} must be positive")
+    args.only = [name.strip() for name in args.only.split(",") if name.strip()]
+    unknown = sorted(set(args.only) - set(SCENARIOS))
+    if unknown or not args.only:
+        parser.error(
+            f"unknown scenario(s) {', '.join(unknown) or '(none given)'}; choose from "
+            f"{', '.join(SCENARIOS)}"
+        )
+    return args
+
+
+def main() -> int:
+    args = parse_args()
+    bench = Bench(
+        database_url=args.database_url,
+        clients=args.clients,
+        web_workers=args.web_workers,
+        web_threads=args.web_threads,
+    )
+    print(f"bench: stack in {bench.dir}", flush=True)
+    results: list[Result] = []
+    try:
+        bench.start()
+        for name in SCENARIOS:  # in this order: broker_down stops workers and Redis
+            if name not in args.only:
+                continue
+            started = time.monotonic()
+            print(f"bench: {name}...", flush=True)
+            outcome = SCENARIOS[name](bench, args)
+            results.extend(outcome if isinstance(outcome, tuple) else [outcome])
+            print(f"bench: {name} took {time.monotonic() - started:.0f} s", flush=True)
+    finally:
+        bench.stop()
+    info = report.machine()
+    print("\n" + report.table(results, bench.peak_rss, info))
+    report.write(results, bench.peak_rss, info, args.out, args)
+    print(f"\nbench: wrote {args.out / 'bench.json'} and {args.out / 'bench.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

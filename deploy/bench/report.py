@@ -1,0 +1,150 @@
+"""The benchmark's report: a table on stdout, `bench.json` and `bench.png`."""
+
+import json
+import os
+import platform
+import statistics
+from datetime import UTC, datetime
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+from deploy.bench.scenarios import Result
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpus": os.cpu_count(),
+        "cpu": model,
+        "python": platform.python_version(),
+        "celery": version("celery"),
+        "django": version("django"),
+    }
+
+
+def summary(result: Result) -> dict[str, dict[str, float]]:
+    keys = list(result.reps[0]) if result.reps else []
+    return {
+        key: {
+            "median": statistics.median(rep[key] for rep in result.reps),
+            "min": min(rep[key] for rep in result.reps),
+            "max": max(rep[key] for rep in result.reps),
+        }
+        for key in keys
+    }
+
+
+def verdicts(result: Result) -> list[tuple[str, float, bool]]:
+    stats = summary(result)
+    return [(str(g), stats[g.key]["median"], g.met(stats[g.key]["median"])) for g in result.goals]
+
+
+def _number(value: float) -> str:
+    if value != value:  # NaN
+        return "-"
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
+    if abs(value) >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}"
+
+
+def table(results: list[Result], peak_rss: dict[str, int], info: dict[str, Any]) -> str:
+    lines = [
+        f"{info['date']}, {info['cpus']} cores ({info['cpu']}), Python {info['python']}, "
+        f"Celery {info['celery']}, Django {info['django']}",
+        "",
+        f"{'scenario / figure':<42} {'median':>10} {'min':>10} {'max':>10}",
+    ]
+    for result in sorted(results, key=lambda r: r.number):
+        lines.append(f"{result.number}. {result.title}")
+        for key, stats in summary(result).items():
+            lines.append(
+                f"   {key:<39} {_number(stats['median']):>10} {_number(stats['min']):>10} "
+                f"{_number(stats['max']):>10}"
+            )
+        for goal, value, met in verdicts(result):
+            verdict = "met" if met else "NOT MET"
+            lines.append(f"   goal {goal:<34} {_number(value):>10} {verdict:>21}")
+        lines.extend(f"   ({note})" for note in result.notes)
+    lines.append("peak RSS (MiB)")
+    lines.extend(f"   {role:<39} {kib / 1024:>10.0f}" for role, kib in sorted(peak_rss.items()))
+    return "\n".join(lines)
+
+
+def write(
+    results: list[Result], peak_rss: dict[str, int], info: dict[str, Any], out: Path, args: Any
+) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    data = {
+        "machine": info,
+        "settings": vars(args),
+        "scenarios": [
+            {
+                "number": r.number,
+                "title": r.title,
+                "summary": summary(r),
+                "repetitions": r.reps,
+                "goals": [
+                    {"goal": goal, "median": value, "met": met} for goal, value, met in verdicts(r)
+                ],
+                "notes": r.notes,
+            }
+            for r in sorted(results, key=lambda r: r.number)
+        ],
+        "peak_rss_mib": {role: round(kib / 1024, 1) for role, kib in peak_rss.items()},
+    }
+    (out / "bench.json").write_text(json.dumps(data, indent=2, default=str))
+    (out / "bench.txt").write_text(table(results, peak_rss, info) + "\n")
+    chart(results, out / "bench.png")
+
+
+def chart(results: list[Result], path: Path) -> None:
+    """One bar per goal: the measured median as a share of its bound (higher is better:
+    a bar past 1 meets the goal), min and max as the whisker."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels, scores, lows, highs, colours = [], [], [], [], []
+    for result in sorted(results, key=lambda r: r.number):
+        stats = summary(result)
+        for goal in result.goals:
+            s = stats[goal.key]
+
+            def score(value: float, goal: Any = goal) -> float:
+                if goal.op == ">=":
+                    return value / goal.bound
+                return goal.bound / value if value else (2.0 if goal.bound == 0 else 0.0)
+
+            if goal.bound == 0:  # "no errors": 1 when met, 0 otherwise
+                median_score = low = high = 1.0 if s["median"] <= 0 else 0.0
+            else:
+                values = sorted([score(s["min"]), score(s["max"])])
+                median_score, low, high = score(s["median"]), values[0], values[1]
+            labels.append(f"{result.number}. {goal}")
+            scores.append(median_score)
+            lows.append(max(0.0, median_score - low))
+            highs.append(max(0.0, high - median_score))
+            colours.append("#2e7d32" if goal.met(s["median"]) else "#c62828")
+    figure, axes = plt.subplots(figsize=(9, 0.45 * len(labels) + 1.2), dpi=100)
+    positions = range(len(labels))
+    axes.barh(positions, scores, xerr=[lows, highs], color=colours, capsize=3)
+    axes.axvline(1.0, color="black", linewidth=1)
+    axes.set_yticks(list(positions), labels, fontsize=8)
+    axes.invert_yaxis()
+    axes.set_xlabel("measured / goal (1 = the goal exactly; right of the line: met)")
+    axes.set_title("make bench: each goal, median of the repetitions (whiskers: min-max)")
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)

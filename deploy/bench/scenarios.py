@@ -1,0 +1,416 @@
+"""The seven scenarios. Each measures the shop and its baseline side by side, alternating
+which goes first in each repetition, so drift on a noisy machine hits both alike.
+
+A scenario returns one dict of figures per repetition; the report takes the median,
+min and max of each across repetitions and checks the goals on the medians.
+"""
+
+import argparse
+import json
+import signal
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import httpx
+
+from deploy.bench.load import Run, get, paced, percentile
+from deploy.bench.rig import NAIVE, ORDER_BODY, Bench, wait_until
+
+Figures = dict[str, float]
+
+
+@dataclass(frozen=True)
+class Goal:
+    key: str
+    op: str  # ">=" or "<="
+    bound: float
+
+    def met(self, value: float) -> bool:
+        return value >= self.bound if self.op == ">=" else value <= self.bound
+
+    def __str__(self) -> str:
+        return f"{self.key} {self.op} {self.bound:g}"
+
+
+@dataclass
+class Result:
+    number: int
+    title: str
+    goals: list[Goal]
+    reps: list[Figures] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def _alternate(rep: int, first: str, second: str) -> list[str]:
+    return [first, second] if rep % 2 == 0 else [second, first]
+
+
+def _latency(prefix: str, run: Run) -> Figures:
+    return {
+        f"{prefix}_p50_ms": run.percentile(50),
+        f"{prefix}_p95_ms": run.percentile(95),
+        f"{prefix}_p99_ms": run.percentile(99),
+        f"{prefix}_per_s": run.per_second(),
+        f"{prefix}_errors": float(run.errors),
+    }
+
+
+def _warm(bench: Bench, *requests: Callable[[], bytes]) -> None:
+    for request in requests:
+        bench.load(request, seconds=1.0)
+
+
+# --- 1 ---------------------------------------------------------------------------------
+
+
+def checkout(bench: Bench, args: argparse.Namespace) -> Result:
+    """POST /api/orders/ vs a trivial Django JSON view on the same server, same clients.
+    The charges wait in their queue (payments paused, purged after each run): this
+    measures the web tier, not the workers sharing its 2 cores (scenario 3 does)."""
+    result = Result(
+        1,
+        "Checkout vs a trivial JSON view",
+        [Goal("throughput_ratio", ">=", 0.4), Goal("checkout_p99_ms", "<=", 25)],
+    )
+    hello = get("127.0.0.1", bench.web_port, "/bench/hello/")
+    order = bench.request("/api/orders/")
+    bench.pause("payments")
+    _warm(bench, hello, order)
+    for rep in range(args.reps):
+        figures: Figures = {}
+        for variant in _alternate(rep, "checkout", "hello"):
+            run = bench.load(order if variant == "checkout" else hello, args.seconds)
+            figures |= _latency(variant, run)
+        figures["throughput_ratio"] = figures["checkout_per_s"] / figures["hello_per_s"]
+        result.reps.append(figures)
+        bench.purge("payments")
+    bench.resume("payments")
+    result.notes.append(f"{bench.clients} concurrent clients, {args.seconds:g} s per run")
+    return result
+
+
+# --- 2 ---------------------------------------------------------------------------------
+
+
+def inline(bench: Bench, args: argparse.Namespace) -> Result:
+    """The async checkout vs the same checkout charging the card and sending the receipt
+    inside the request, the gateway answering in 300 ms, at a steady rate the inline
+    variant can still keep up with (latency, not capacity: scenario 1 saturates). Workers
+    paused, queues purged: the inline variant must be the only one charging its orders."""
+    result = Result(2, "Async checkout vs charge + email inline", [Goal("p50_speedup", ">=", 20)])
+    bench.gateway_control(latency_ms=args.gateway_latency_ms)
+    bench.pause("payments", "emails")
+    asynchronous, synchronous = (
+        bench.request("/api/orders/"),
+        bench.request("/bench/orders-inline/", idempotent=False),
+    )
+    _warm(bench, asynchronous, synchronous)
+    for rep in range(args.reps):
+        figures: Figures = {}
+        for variant in _alternate(rep, "async", "inline"):
+            request = asynchronous if variant == "async" else synchronous
+            run = paced(
+                "127.0.0.1", bench.web_port, request, rate=args.inline_rate, seconds=args.seconds
+            )
+            figures |= _latency(variant, run)
+        figures["p50_speedup"] = figures["inline_p50_ms"] / figures["async_p50_ms"]
+        result.reps.append(figures)
+        bench.purge("payments", "emails")
+    bench.gateway_control(latency_ms=0)
+    bench.resume("payments", "emails")
+    result.notes.append(
+        f"gateway latency {args.gateway_latency_ms} ms; {args.inline_rate:g} orders/s for "
+        f"{args.seconds:g} s per run, open loop"
+    )
+    return result
+
+
+# --- 3 and 6 ---------------------------------------------------------------------------
+
+
+def drains(bench: Bench, args: argparse.Namespace) -> tuple[Result, Result]:
+    """N orders placed while the payments and emails consumers are paused, then released:
+    the time until every receipt is sent. Paired, in each repetition, with N x 2 bare
+    no-op tasks through the same two workers (3), and with the naive pipeline on the
+    same orders (6)."""
+    pipeline = Result(3, "Pipeline drain vs bare no-op tasks", [Goal("drain_ratio", ">=", 0.5)])
+    cost = Result(
+        6,
+        "Reliable vs naive pipeline",
+        [Goal("throughput_ratio", ">=", 0.8)],
+    )
+    _drain_noop(bench, min(args.orders, 100))  # warm-up
+    _drain_orders(bench, min(args.orders, 100))
+    for rep in range(args.reps):
+        variants = ["noop", "reliable", "naive"]
+        if rep % 2:
+            variants.reverse()
+        seconds = {}
+        for variant in variants:
+            if variant == "noop":
+                seconds[variant] = _drain_noop(bench, args.orders)
+            elif variant == "reliable":
+                seconds[variant] = _drain_orders(bench, args.orders)
+            else:
+                seconds[variant] = _drain_naive(bench, args.orders)
+        orders_per_s = args.orders / seconds["reliable"]
+        noop_per_s = 2 * args.orders / seconds["noop"]
+        naive_per_s = args.orders / seconds["naive"]
+        pipeline.reps.append(
+            {
+                "orders_per_s": orders_per_s,
+                "noop_tasks_per_s": noop_per_s,
+                "drain_ratio": orders_per_s / (noop_per_s / 2),
+            }
+        )
+        cost.reps.append(
+            {
+                "reliable_orders_per_s": orders_per_s,
+                "naive_orders_per_s": naive_per_s,
+                "throughput_ratio": orders_per_s / naive_per_s,
+            }
+        )
+    bench.resume(*NAIVE)
+    note = f"{args.orders} orders per run; 2 tasks per order (charge, receipt)"
+    pipeline.notes.append(note)
+    cost.notes.append(
+        "reliable: outbox, late acks, prefetch 1, conditional updates, receipt claim; "
+        "naive: .delay() after commit, early acks, prefetch 4, plain saves"
+    )
+    return pipeline, cost
+
+
+def _released(bench: Bench, done: Callable[[], bool], *, naive: bool = False) -> float:
+    started = time.monotonic()
+    bench.resume(*NAIVE, naive=naive)
+    finished = wait_until("the drain", done, timeout=600)
+    bench.pause(*NAIVE, naive=naive)
+    return finished - started
+
+
+def _drain_noop(bench: Bench, count: int) -> float:
+    from jobs.celery import app
+
+    bench.pause(*NAIVE)
+    with app.producer_or_acquire() as producer:
+        for index in range(2 * count):
+            app.send_task("bench.noop", queue=NAIVE[index % 2], producer=producer)
+    return _released(bench, lambda: bench.idle(*NAIVE))
+
+
+def _drain_orders(bench: Bench, count: int) -> float:
+    bench.pause(*NAIVE)
+    first, placed = bench.place_orders(count)
+    return _released(bench, lambda: bench.receipts_sent(first) >= placed)
+
+
+def _drain_naive(bench: Bench, count: int) -> float:
+    """The same orders, charged by the naive pipeline: the shop's own charge messages are
+    purged and each payment is sent to `bench.naive_charge` with a bare publish."""
+    from jobs.celery import app
+    from shop.models import Payment
+
+    bench.pause(*NAIVE)
+    first, placed = bench.place_orders(count)
+    bench.purge("payments")
+    payments = Payment.objects.filter(order_id__gte=first).values_list("pk", flat=True)
+    with app.producer_or_acquire() as producer:
+        for payment in payments:
+            app.send_task("bench.naive_charge", args=[payment], queue="payments", producer=producer)
+    return _released(bench, lambda: bench.receipts_sent(first) >= placed, naive=True)
+
+
+# --- 4 ---------------------------------------------------------------------------------
+
+
+def enqueue_latency(bench: Bench, args: argparse.Namespace) -> Result:
+    """From the COMMIT that enqueues (outbox row, after-commit publish) to the first line
+    of the task, on an idle `default` worker; vs a bare apply_async to the same task."""
+    from django.db import transaction
+
+    from deploy.bench.tasks import PROBE_KEY
+    from jobs.celery import app
+    from jobs.outbox import enqueue
+
+    result = Result(4, "Enqueue -> start: outbox vs bare apply_async", [Goal("p99_ratio", "<=", 2)])
+
+    def outbox(token: str) -> float:
+        with transaction.atomic():
+            enqueue("bench.probe", args=[token])
+            sent = time.time()  # the COMMIT and the publish come next
+        return sent
+
+    def bare(token: str) -> float:
+        sent = time.time()
+        app.send_task("bench.probe", args=[token])
+        return sent
+
+    bench.client.delete(PROBE_KEY)
+    for rep in range(args.reps + 1):  # the first round warms up
+        sent: dict[str, tuple[str, float]] = {}
+        for index in range(args.probes):
+            for variant in _alternate(rep + index, "outbox", "bare"):
+                token = uuid.uuid4().hex
+                sent[token] = (variant, (outbox if variant == "outbox" else bare)(token))
+                time.sleep(args.probe_gap)  # the worker is idle again before the next
+        wait_until("the probes", partial(_arrived, bench, len(sent)), 60)
+        waits: dict[str, list[float]] = {"outbox": [], "bare": []}
+        for raw in bench.client.lrange(PROBE_KEY, 0, -1):
+            token, started = json.loads(raw)
+            variant, at = sent[token]
+            waits[variant].append(started - at)
+        bench.client.delete(PROBE_KEY)
+        if rep == 0:
+            continue
+        figures: Figures = {}
+        for variant, values in waits.items():
+            figures[f"{variant}_p50_ms"] = percentile(values, 50) * 1000
+            figures[f"{variant}_p99_ms"] = percentile(values, 99) * 1000
+        figures["p99_ratio"] = figures["outbox_p99_ms"] / figures["bare_p99_ms"]
+        result.reps.append(figures)
+    result.notes.append(f"{args.probes} probes of each kind per repetition")
+    return result
+
+
+def _arrived(bench: Bench, count: int) -> bool:
+    from deploy.bench.tasks import PROBE_KEY
+
+    return int(bench.client.llen(PROBE_KEY)) >= count
+
+
+# --- 5 ---------------------------------------------------------------------------------
+
+
+def isolation(bench: Bench, args: argparse.Namespace) -> Result:
+    """The queue wait of charge_payment (publish -> start, from the payments worker's
+    `started` log lines) for orders placed at a steady rate, with 10,000 sales reports
+    queued (one running) vs none."""
+    from jobs.celery import app
+
+    result = Result(5, "Payment queue wait: reports queued vs none", [Goal("p99_ratio", "<=", 1.5)])
+    for rep in range(args.reps):
+        figures: Figures = {}
+        for variant in _alternate(rep, "quiet", "busy"):
+            if variant == "busy":
+                with app.producer_or_acquire() as producer:
+                    for _ in range(args.reports):
+                        app.send_task("shop.tasks.reports.build_sales_report", producer=producer)
+            waits = _paced_charge_waits(bench, args.rate, args.seconds)
+            figures[f"{variant}_reports_queued"] = float(bench.depth("reports"))
+            figures[f"{variant}_p50_ms"] = percentile(waits, 50)
+            figures[f"{variant}_p99_ms"] = percentile(waits, 99)
+            bench.purge("reports")
+        figures["p99_ratio"] = figures["busy_p99_ms"] / figures["quiet_p99_ms"]
+        result.reps.append(figures)
+    result.notes.append(f"{args.rate:g} orders/s for {args.seconds:g} s per run")
+    return result
+
+
+def _paced_charge_waits(bench: Bench, rate: float, seconds: float) -> list[float]:
+    from jobs.models import OutboxMessage
+
+    since = time.time()
+    first = _paced_orders(bench, rate, seconds)
+    wait_until("the paced orders", lambda: bench.receipts_sent(first[0]) >= first[1], 120)
+    task_ids = {
+        str(t)
+        for t in OutboxMessage.objects.filter(
+            task_name="shop.tasks.payments.charge_payment", created_at__gte=_aware(since)
+        ).values_list("task_id", flat=True)
+    }
+    return [w for task_id, w in _started_waits(bench) if task_id in task_ids]
+
+
+def _paced_orders(bench: Bench, rate: float, seconds: float) -> tuple[int, int]:
+    from shop.models import Order
+
+    first = (Order.objects.order_by("-pk").values_list("pk", flat=True).first() or 0) + 1
+    placed = 0
+    with httpx.Client(base_url=bench.url(""), timeout=30) as client:
+        start = time.monotonic()
+        for index in range(round(rate * seconds)):
+            time.sleep(max(0.0, start + index / rate - time.monotonic()))
+            response = client.post(
+                "/api/orders/",
+                content=ORDER_BODY,
+                headers={"Content-Type": "application/json"},
+            )
+            placed += response.status_code == 201
+    return first, placed
+
+
+def _started_waits(bench: Bench) -> Iterator[tuple[str, float]]:
+    for line in (bench.dir / "worker-payments.log").read_text(errors="replace").splitlines():
+        if not line.startswith("{"):
+            continue
+        record = json.loads(line)
+        if record.get("event") == "started" and record.get("wait_ms") is not None:
+            yield record["task_id"], float(record["wait_ms"])
+
+
+def _aware(timestamp: float) -> Any:
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(timestamp, UTC)
+
+
+# --- 7 ---------------------------------------------------------------------------------
+
+
+def broker_down(bench: Bench, args: argparse.Namespace) -> Result:
+    """Checkout with Redis SIGKILLed (connection refused) vs up. The payments and emails
+    workers are stopped first so neither run shares the CPU with them. Afterwards Redis
+    comes back from its AOF and the outbox relay must publish every row left unsent."""
+    from jobs.models import OutboxMessage
+
+    result = Result(
+        7,
+        "Checkout with Redis down vs up",
+        [Goal("p99_ratio", "<=", 2), Goal("down_errors", "<=", 0)],
+    )
+    for name in (
+        "worker-payments",
+        "worker-emails",
+        "worker-naive-payments",
+        "worker-naive-emails",
+    ):
+        bench.stop_process(name)
+    order = bench.request("/api/orders/")
+    _warm(bench, order)
+    for rep in range(args.reps):
+        figures: Figures = {}
+        for variant in _alternate(rep, "up", "down"):
+            if variant == "down":
+                bench.stop_process("redis", signal.SIGKILL)
+            figures |= _latency(variant, bench.load(order, args.seconds))
+            if variant == "down":
+                bench.redis()
+                _warm(bench, order)  # reconnect before the next run
+        figures["p99_ratio"] = figures["down_p99_ms"] / figures["up_p99_ms"]
+        result.reps.append(figures)
+    unsent = OutboxMessage.objects.filter(sent_at__isnull=True)
+    deadline = time.monotonic() + 60
+    while unsent.exists() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    left = unsent.count()
+    result.reps[-1]["unsent_after_60s"] = float(left)  # reported with the last repetition
+    result.notes.append(
+        "after Redis came back the relay published every outbox row left unsent"
+        if not left
+        else f"{left} outbox row(s) still unsent a minute after Redis came back"
+    )
+    return result
+
+
+SCENARIOS: dict[str, Callable[[Bench, argparse.Namespace], Any]] = {
+    "checkout": checkout,
+    "inline": inline,
+    "drains": drains,
+    "enqueue": enqueue_latency,
+    "isolation": isolation,
+    "broker_down": broker_down,
+}

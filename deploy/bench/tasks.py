@@ -1,0 +1,70 @@
+"""Tasks the benchmarks run beside the shop's own; bench workers load them with
+`-I deploy.bench.tasks`. Never part of a deployment.
+
+- `bench.noop`: a bare Celery task (no result, no project base class): the ceiling of
+  what the broker and a worker can move.
+- `bench.probe`: notes the moment its first line runs, for the enqueue -> start latency.
+- `bench.naive_charge` / `bench.naive_receipt`: the same pipeline as the shop's, written
+  the way a first version would be: `.delay()` after commit with no outbox, early acks,
+  plain saves instead of conditional transitions, no claim on the receipt. They do the
+  same work (the gateway call, the mail) so the difference is what reliability costs.
+"""
+
+import json
+import time
+from functools import cache
+
+import redis
+from celery import Task, shared_task
+from celery.contrib.django.task import DjangoTask
+from django.utils import timezone
+
+from jobs.celery import app
+from shop.gateway import client as gateway
+from shop.models import Order, Payment, Receipt
+from shop.services.receipts import receipt_deliver
+
+PROBE_KEY = "bench:probe"
+
+
+@cache
+def _redis() -> redis.Redis:
+    return redis.Redis.from_url(app.conf.broker_url)
+
+
+@shared_task(name="bench.noop", base=Task, ignore_result=True, track_started=False)
+def noop() -> None:
+    return None
+
+
+@shared_task(name="bench.probe", base=Task, ignore_result=True, track_started=False)
+def probe(token: str) -> None:
+    started = time.time()
+    _redis().rpush(PROBE_KEY, json.dumps([token, started]))
+
+
+@shared_task(name="bench.naive_charge", base=DjangoTask, acks_late=False)
+def naive_charge(payment_id: int) -> None:
+    payment = Payment.objects.select_related("order").get(pk=payment_id)
+    charge = gateway.charge_create(
+        idempotency_key=str(payment.idempotency_key),
+        amount=payment.amount,
+        currency="EUR",
+        card=payment.card_token,
+        description=f"Order #{payment.order_id}",
+    )
+    payment.status, payment.gateway_charge_id = Payment.Status.CHARGED, charge.id
+    payment.save(update_fields=["status", "gateway_charge_id", "updated_at"])
+    order = payment.order
+    order.status = Order.Status.PAID
+    order.save(update_fields=["status", "updated_at"])
+    Receipt.objects.create(order=order)
+    naive_receipt.apply_async(args=[order.pk], queue="emails")
+
+
+@shared_task(name="bench.naive_receipt", base=DjangoTask, acks_late=False)
+def naive_receipt(order_id: int) -> None:
+    receipt = Receipt.objects.get(order_id=order_id)
+    receipt_deliver(receipt=receipt)
+    receipt.status, receipt.sent_at = Receipt.Status.SENT, timezone.now()
+    receipt.save(update_fields=["status", "sent_at"])

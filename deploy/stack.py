@@ -1,0 +1,269 @@
+"""The whole shop as real processes on free ports, for the failure lab and the benchmarks.
+
+A private Redis (persisting like a broker should: AOF everysec, noeviction), the fake
+payment gateway, gunicorn, one Celery worker per queue and beat, all against one
+PostgreSQL database that is dropped and created anew. Nothing here touches the
+machine's shared Redis or another database.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import httpx
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+# Concurrency per queue, as `make run` and docker-compose run them.
+QUEUES = {"payments": 2, "emails": 2, "reports": 1, "default": 1}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(what: str, check: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except Exception:  # noqa: S110  (not up yet)
+            pass
+        time.sleep(0.1)
+    raise SystemExit(f"{what} did not come up in {timeout:.0f} s")
+
+
+def children(pid: int) -> list[int]:
+    """Direct children of a process (a worker's pool, gunicorn's workers)."""
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    try:
+        return [int(p) for p in path.read_text().split()]
+    except OSError:
+        return []
+
+
+class Stack:
+    """Starts and stops the shop's processes. `env` is every process's environment."""
+
+    def __init__(
+        self,
+        *,
+        prefix: str,
+        database_url: str,
+        env: Mapping[str, str],
+        web_workers: int = 2,
+        web_threads: int = 8,
+        wsgi: str = "shop.wsgi:application",
+        worker_args: tuple[str, ...] = (),
+    ) -> None:
+        (BASE_DIR / "var").mkdir(exist_ok=True)
+        self.dir = Path(tempfile.mkdtemp(prefix=prefix, dir=BASE_DIR / "var"))
+        self.database_url = database_url
+        self.redis_port, self.web_port, self.gateway_port = free_port(), free_port(), free_port()
+        self.web_workers, self.web_threads, self.wsgi = web_workers, web_threads, wsgi
+        self.worker_args = worker_args
+        self.env = {
+            **os.environ,
+            "DJANGO_SETTINGS_MODULE": "shop.settings",
+            "DATABASE_URL": database_url,
+            "CELERY_BROKER_URL": f"redis://127.0.0.1:{self.redis_port}/0",
+            "PAYMENT_GATEWAY_URL": f"http://127.0.0.1:{self.gateway_port}",
+            "SHOP_VAR_DIR": str(self.dir),
+            "EMAIL_FILE_PATH": str(self.dir / "mail"),
+            "PROMETHEUS_MULTIPROC_DIR": str(self.dir / "metrics"),
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+            **env,
+        }
+        (self.dir / "metrics").mkdir()
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    # --- processes ----------------------------------------------------------------
+
+    def spawn(self, name: str, *command: str) -> None:
+        """Start a process in its own session (so its children can be signalled with it),
+        logging to `<name>.log` in the stack's folder."""
+        with (self.dir / f"{name}.log").open("ab") as log:
+            self.procs[name] = subprocess.Popen(
+                command,
+                cwd=BASE_DIR,
+                env=self.env,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+            )
+
+    def start(self, *, beat: bool = True) -> None:
+        """Database, Redis, gateway, web, one worker per queue, beat; returns when up."""
+        manage = [sys.executable, "manage.py"]
+        self.recreate_database()
+        subprocess.run([*manage, "migrate", "-v", "0"], cwd=BASE_DIR, env=self.env, check=True)
+        subprocess.run(
+            [*manage, "seed_demo"], cwd=BASE_DIR, env=self.env, check=True, capture_output=True
+        )
+        self.redis()
+        self.gateway()
+        self.web()
+        for queue in QUEUES:
+            self.worker(queue)
+        if beat:
+            self.beat()
+        wait_for("the web", lambda: httpx.get(self.url("/healthz")).status_code == 200, 60)
+        wait_for("the gateway", lambda: httpx.get(self.gw("/healthz")).status_code == 200, 30)
+
+    def redis(self) -> None:
+        self.spawn(
+            "redis",
+            "redis-server",
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(self.redis_port),
+            "--dir",
+            str(self.dir),
+            "--save",
+            "",
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "everysec",
+            "--maxmemory-policy",
+            "noeviction",
+        )
+        wait_for("redis", self.redis_ping, 10)
+
+    def redis_ping(self) -> bool:
+        with socket.create_connection(("127.0.0.1", self.redis_port), timeout=1) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
+
+    def gateway(self) -> None:
+        self.spawn(
+            "gateway",
+            sys.executable,
+            "-m",
+            "shop.gateway",
+            "--port",
+            str(self.gateway_port),
+            "--db",
+            str(self.dir / "gateway.sqlite3"),
+        )
+
+    def web(self) -> None:
+        self.spawn(
+            "web",
+            sys.executable,
+            "-m",
+            "gunicorn",
+            self.wsgi,
+            "--bind",
+            f"127.0.0.1:{self.web_port}",
+            "--workers",
+            str(self.web_workers),
+            "--threads",
+            str(self.web_threads),
+        )
+
+    def worker(self, queue: str, *extra: str, name: str = "") -> None:
+        """One worker consuming `queue`, node `<name or queue>@<stack>`."""
+        name = name or queue
+        self.spawn(
+            f"worker-{name}",
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "jobs",
+            "worker",
+            "-Q",
+            queue,
+            "-n",
+            self.node(name),
+            "-c",
+            str(QUEUES[queue]),
+            "--loglevel",
+            self.env.get("LOG_LEVEL", "WARNING"),
+            *self.worker_args,
+            *extra,
+        )
+
+    def node(self, name: str) -> str:
+        return f"{name}@{self.dir.name}"
+
+    def beat(self) -> None:
+        self.spawn(
+            "beat",
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "jobs",
+            "beat",
+            "--pidfile",
+            str(self.dir / "beat.pid"),
+            "--loglevel",
+            "WARNING",
+        )
+
+    def stop_process(self, name: str, sig: int = signal.SIGTERM, timeout: float = 30) -> None:
+        proc = self.procs[name]
+        if proc.poll() is None:
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    def recreate_database(self) -> None:
+        import psycopg
+
+        server, name = self.database_url.rsplit("/", 1)
+        with psycopg.connect(f"{server}/postgres", autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            conn.execute(f'CREATE DATABASE "{name}"')
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+    def setup_django(self) -> None:
+        """Make this process a client of the stack's database and broker."""
+        import django
+
+        names = ("DATABASE_URL", "CELERY_BROKER_URL", "LOG_LEVEL", "LOG_FORMAT")
+        os.environ.update({k: self.env[k] for k in names if k in self.env})
+        os.environ.setdefault("DJANGO_SETTINGS_MODULE", "shop.settings")
+        sys.path.insert(0, str(BASE_DIR))
+        django.setup()
+
+    # --- addresses and control ------------------------------------------------------------
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.web_port}{path}"
+
+    def gw(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.gateway_port}{path}"
+
+    def gateway_control(self, **settings: object) -> None:
+        httpx.post(self.gw("/v1/control"), json=settings, timeout=10).raise_for_status()
+
+    def children(self, name: str) -> list[int]:
+        return children(self.procs[name].pid)
+
+    def kill_children(self, name: str) -> None:
+        for child in self.children(name):
+            os.kill(child, signal.SIGKILL)

@@ -1,0 +1,66 @@
+"""`make bench` runs and reports. Speed itself is never asserted here (these machines are
+shared and noisy): only that the harness measures every scenario and writes its report."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.processes import REPO
+from tests.test_chaos import drop_database
+
+SCENARIOS = {1, 2, 3, 4, 5, 6, 7}
+
+
+@pytest.mark.parametrize(
+    "args", [["--reps", "0"], ["--only", "checkout,nope"], ["--clients", "-1"], ["--nope"]]
+)
+def test_bench_usage_errors_start_nothing(args, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "deploy.bench", *args, "--out", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert result.returncode == 2
+    assert "usage: make bench" in result.stderr
+    assert "stack in" not in result.stdout
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.stack
+def test_a_quick_bench_measures_every_scenario_and_writes_its_report(tmp_path):
+    database = f"postgres://postgres@127.0.0.1:5432/test_bench_{os.getpid()}"
+    args = ["--quick", "--out", str(tmp_path), "--database-url", database]
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "deploy.bench", *args],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
+    finally:
+        drop_database(database)
+
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert {s["number"] for s in report["scenarios"]} == SCENARIOS
+    for scenario in report["scenarios"]:
+        assert scenario["repetitions"], scenario["title"]
+        assert scenario["goals"], scenario["title"]
+        for goal in scenario["goals"]:  # measured: a number, not NaN
+            assert goal["median"] == goal["median"], (scenario["title"], goal)
+    checkout = report["scenarios"][0]["summary"]
+    assert checkout["checkout_per_s"]["median"] > 0
+    assert checkout["checkout_errors"]["max"] == 0
+    assert {"web worker", "payments child", "emails child"} <= set(report["peak_rss_mib"])
+    assert (tmp_path / "bench.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    assert "goal throughput_ratio >= 0.4" in result.stdout
+    assert (tmp_path / "bench.txt").read_text() in result.stdout
