@@ -6,4 +6,4 @@ class JobsConfig(AppConfig):
     verbose_name = "Background jobs"
 
     def ready(self) -> None:
-        from jobs import checks, dead_letters, lifecycle  # noqa: F401  (checks, receivers)
+        from jobs import checks, connections, dead_letters, lifecycle  # noqa: F401  (receivers)

@@ -112,9 +112,9 @@ TEMPLATES = [
 
 DATABASE_URL = env("DATABASE_URL", "")
 if DATABASE_URL:
-    # Persistent connections: Celery's Django fixup closes the connection around every
-    # task unless CONN_MAX_AGE keeps it; a new PostgreSQL connection costs ~2.6 ms,
-    # ten times an insert (research/perf-anchors.md).
+    # Persistent connections, checked before reuse: a new PostgreSQL connection costs
+    # ~2.6 ms, ten times an insert (research/perf-anchors.md). Workers keep them across
+    # tasks too (CELERY_DB_REUSE_MAX below, jobs/connections.py).
     DATABASES = {
         "default": dj_database_url.parse(
             DATABASE_URL, conn_max_age=env_int("CONN_MAX_AGE", 60), conn_health_checks=True
@@ -248,6 +248,10 @@ CELERY_WORKER_SOFT_SHUTDOWN_TIMEOUT = env_float("CELERY_WORKER_SOFT_SHUTDOWN_TIM
 # Soft shutdown even when idle, so reserved ETA tasks are restored, not lost [§1].
 CELERY_WORKER_ENABLE_SOFT_SHUTDOWN_ON_IDLE = True
 CELERY_WORKER_ETA_TASK_LIMIT = 1000  # ETA/countdown tasks sit in worker RAM: cap them [§1]
+# Celery's Django fixup closes every database connection around every task, whatever
+# CONN_MAX_AGE says; with this it does so once per this many tasks, and jobs/connections.py
+# applies Django's own rule (CONN_MAX_AGE, health checks) around each task instead.
+CELERY_DB_REUSE_MAX = 1000
 CELERY_WORKER_MAX_TASKS_PER_CHILD = 1000  # recycle children: slow leaks cannot pile up [§6]
 CELERY_WORKER_MAX_MEMORY_PER_CHILD = 300_000  # KiB; a bloated child is replaced [§6]
 
@@ -270,7 +274,10 @@ CELERY_TASK_ROUTES = {
 
 CELERY_WORKER_SEND_TASK_EVENTS = True  # Flower sees tasks without `-E` on every worker [§8]
 CELERY_TASK_SEND_SENT_EVENT = True  # ...including the SENT state [§8]
-CELERY_TASK_TRACK_STARTED = True  # STARTED is visible in results and Flower
+# No STARTED row in the result backend: it cost every task one more database write (a
+# fifth of a charge's worker time, py-spy in make bench). Flower shows STARTED from the
+# task-started event, and the worker logs a `started` line.
+CELERY_TASK_TRACK_STARTED = False
 
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 CELERY_BEAT_SCHEDULE = {

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from celery import shared_task
 from celery.exceptions import SoftTimeLimitExceeded
+from django.db import connection
 
 from jobs.base import ReliableTask
 from jobs.errors import PermanentError, TransientError
@@ -78,3 +79,14 @@ def slow(path: str, seconds: float) -> None:
     time.sleep(seconds)
     with Path(path).open("a") as log:
         log.write("finished\n")
+
+
+@shared_task(name="tests.fault_tasks.database_session", base=ReliableTask)
+def database_session(path: str) -> int:
+    """Log which PostgreSQL session (backend pid) served this task."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        pid = int(cursor.fetchone()[0])
+    with Path(path).open("a") as log:
+        log.write(f"{pid}\n")
+    return pid

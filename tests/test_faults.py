@@ -6,6 +6,7 @@ zero timeout from the test process (RedisServer.restore_unacked): exactly what a
 worker's periodic sweep does once the real timeout has passed.
 """
 
+import json
 from pathlib import Path
 
 import pytest
@@ -20,8 +21,14 @@ from tests.shop.test_end_to_end import mails_with, place_order, wait_for_receipt
 pytestmark = [pytest.mark.stack, pytest.mark.django_db(transaction=True)]
 
 
-def started(task_name: str) -> bool:
-    return TaskResult.objects.filter(task_name=task_name, status="STARTED").exists()
+def started(worker: Worker, task_name: str) -> bool:
+    """The worker logged the task's `started` event (its first line is about to run)."""
+    for line in worker.log_text().splitlines():
+        if line.startswith("{"):
+            record = json.loads(line)
+            if (record.get("event"), record.get("task_name")) == ("started", task_name):
+                return True
+    return False
 
 
 def test_a_whole_worker_killed_mid_charge_is_replaced_and_the_card_is_charged_once(
@@ -35,7 +42,9 @@ def test_a_whole_worker_killed_mid_charge_is_replaced_and_the_card_is_charged_on
         gateway.control(latency_ms=1500)  # the charge is in flight for 1.5 s
         order_id = place_order(client)
         wait_until(
-            lambda: started("shop.tasks.payments.charge_payment"), timeout=20, what="the charge"
+            lambda: started(payments, "shop.tasks.payments.charge_payment"),
+            timeout=20,
+            what="the charge",
         )
 
         # when: the whole payments worker dies mid-charge (an OOM kill of the container)

@@ -1,0 +1,79 @@
+"""Workers keep their database connection across tasks (jobs/connections.py), and still
+replace one that the server closed or that is older than CONN_MAX_AGE. On a real
+prefork worker: Celery's Django fixup, the behaviour changed here, only runs there."""
+
+from functools import partial
+from pathlib import Path
+
+import pytest
+from django.db import connection
+
+from jobs import app
+from jobs.models import DeadLetter
+from tests.processes import Worker, wait_until
+
+pytestmark = [pytest.mark.stack, pytest.mark.django_db(transaction=True)]
+
+
+def runs(log: Path) -> list[int]:
+    """The backend pid of every run so far."""
+    return [int(pid) for pid in log.read_text().split()] if log.exists() else []
+
+
+def sessions(log: Path, count: int) -> list[int]:
+    """Run the task `count` more times, one after the other; every backend pid so far."""
+    for _ in range(count):
+        done = len(runs(log)) + 1
+        app.send_task("tests.fault_tasks.database_session", args=[str(log)])
+        wait_until(partial(lambda n: len(runs(log)) >= n, done), timeout=20, what=f"run {done}")
+    return runs(log)
+
+
+def test_a_worker_serves_its_tasks_from_one_database_connection(
+    broker, worker_env, worker_logs, tmp_path
+):
+    worker = Worker("default", worker_env, worker_logs, include="tests.fault_tasks").start()
+    try:
+        worker.wait_ready()
+        pids = sessions(tmp_path / "pids", 5)
+    finally:
+        worker.stop()
+
+    assert len(set(pids)) == 1, pids  # Celery's fixup alone would open five
+
+
+def test_a_connection_older_than_conn_max_age_is_not_reused(
+    broker, worker_env, worker_logs, tmp_path
+):
+    env = {**worker_env, "CONN_MAX_AGE": "0"}  # Django's rule: a connection per unit of work
+    worker = Worker("default", env, worker_logs, include="tests.fault_tasks").start()
+    try:
+        worker.wait_ready()
+        pids = sessions(tmp_path / "pids", 3)
+    finally:
+        worker.stop()
+
+    assert len(set(pids)) == 3, pids
+
+
+def test_a_connection_the_server_closed_is_replaced_before_the_next_task(
+    broker, worker_env, worker_logs, tmp_path
+):
+    log = tmp_path / "pids"
+    worker = Worker("default", worker_env, worker_logs, include="tests.fault_tasks").start()
+    try:
+        worker.wait_ready()
+        [first] = sessions(log, 1)
+
+        # when: the server ends the worker's idle session (a restart, a failover, a timeout)
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_terminate_backend(%s)", [first])
+
+        # then: the next task runs on a new connection, first time, no retry
+        second = sessions(log, 1)[1]
+    finally:
+        worker.stop()
+
+    assert second != first
+    assert "retried" not in worker.log_text()
+    assert not DeadLetter.objects.exists()
