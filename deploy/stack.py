@@ -21,6 +21,9 @@ import httpx
 BASE_DIR = Path(__file__).resolve().parent.parent
 # Concurrency per queue, as `make run` and docker-compose run them.
 QUEUES = {"payments": 2, "emails": 2, "reports": 1, "default": 1}
+# On one host the bulk pool yields the CPU to the urgent ones, as `make run` starts it
+# (deploy/Procfile); a deployment gives each pool its own CPU limit instead.
+BULK_PRIORITY = {"reports": ("nice", "-n", "10")}
 
 
 def free_port() -> int:
@@ -176,6 +179,7 @@ class Stack:
         name = name or queue
         self.spawn(
             f"worker-{name}",
+            *BULK_PRIORITY.get(queue, ()),
             sys.executable,
             "-m",
             "celery",
