@@ -8,16 +8,20 @@ Delivery is therefore at least once: consumers must be idempotent, and they are.
 """
 
 import logging
+import os
+import threading
+import time
 from collections.abc import Iterable, Mapping
 from datetime import timedelta
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 from celery import Task
 from django.conf import settings
 from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
+from kombu import Connection
 from kombu.exceptions import OperationalError
 
 from jobs import correlation, metrics
@@ -32,9 +36,42 @@ BROKER_DOWN = (OperationalError, ConnectionError, TimeoutError, OSError)
 
 logger = logging.getLogger(__name__)
 
-# In the request path, try the broker twice at most (one reconnect after a dropped
-# connection), then leave the row to the relay: checkout must not wait for Redis.
+# Try the broker twice at most (one reconnect after a dropped connection), then leave
+# the row to the relay: checkout must not wait for Redis.
 _PUBLISH_RETRY_POLICY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.1}
+
+# The after-commit publish runs in the request, so the broker gets a short leash there.
+# A publish to a healthy Redis takes under a millisecond; one that has not answered in
+# JOBS_OUTBOX_PUBLISH_TIMEOUT is talking to a frozen or partitioned broker. With the
+# workers' socket timeout (15 s) and the retry, a checkout against a SIGSTOPped Redis
+# hung for 30 s until gunicorn killed it: the shopper got a 500 for an order that was
+# placed (make bench, scenario 7). And once a publish failed, this process leaves the
+# next rows to the relay for JOBS_OUTBOX_PUBLISH_PAUSE seconds (a circuit breaker),
+# instead of making every checkout wait out the timeout again.
+_local = threading.local()
+_paused_until = 0.0  # time.monotonic() before which after-commit publishes are skipped
+
+
+def _publisher() -> Connection:
+    """This thread's broker connection for after-commit publishes (short timeouts)."""
+    if getattr(_local, "pid", None) != os.getpid():  # a forked child opens its own
+        timeout = settings.JOBS_OUTBOX_PUBLISH_TIMEOUT
+        options = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+        # redis-py would retry a timeout three times, backing off up to 10 s between.
+        options["retry_on_timeout"] = False
+        _local.connection = app.connection_for_write(transport_options=options)
+        _local.pid = os.getpid()
+    return cast(Connection, _local.connection)
+
+
+def publishing_paused() -> bool:
+    """True while the breaker is open: after-commit publishes are left to the relay."""
+    return time.monotonic() < _paused_until
+
+
+def resume_publishing() -> None:
+    global _paused_until
+    _paused_until = 0.0
 
 
 def enqueue(
@@ -69,15 +106,16 @@ def _sent(message: OutboxMessage) -> None:
     job_event("published", task_id=str(message.task_id), task_name=message.task_name)
 
 
-def _send(message: OutboxMessage, retry_policy: Mapping[str, Any]) -> None:
+def _send(message: OutboxMessage, connection: Connection | None = None) -> None:
     app.send_task(
         message.task_name,
         args=message.args,
         kwargs=message.kwargs,
         task_id=str(message.task_id),
         headers=message.headers or None,
+        connection=connection,
         retry=True,
-        retry_policy=dict(retry_policy),
+        retry_policy=_PUBLISH_RETRY_POLICY,
     )
 
 
@@ -95,10 +133,15 @@ def _record_failure(message: OutboxMessage, exc: Exception, using: str | None) -
 
 def _publish_committed(message: OutboxMessage, using: str | None) -> None:
     """The after-commit publisher. Never raises: the request that committed has succeeded."""
+    global _paused_until
     metrics.ENQUEUED.labels(message.task_name, queue_of(message.task_name)).inc()
+    if publishing_paused():
+        return  # the broker failed us moments ago: the relay sends this row
     try:
-        _send(message, _PUBLISH_RETRY_POLICY)
+        _send(message, _publisher())
     except Exception as exc:
+        if isinstance(exc, BROKER_DOWN):
+            _paused_until = time.monotonic() + settings.JOBS_OUTBOX_PUBLISH_PAUSE
         _record_failure(message, exc, using)
         return
     OutboxMessage.objects.using(using).filter(pk=message.pk, sent_at__isnull=True).update(
@@ -133,7 +176,7 @@ def relay_unsent(
         sent: list[int] = []
         for message in batch:
             try:
-                _send(message, _PUBLISH_RETRY_POLICY)
+                _send(message)
             except BROKER_DOWN as exc:
                 _record_failure(message, exc, using)
                 break

@@ -313,6 +313,12 @@ CELERY_BEAT_SCHEDULE = {
 # Rows younger than this are left to the publisher registered by their own transaction.
 JOBS_OUTBOX_RELAY_GRACE = env_float("OUTBOX_RELAY_GRACE", 10.0)
 JOBS_OUTBOX_BATCH_SIZE = env_int("OUTBOX_BATCH_SIZE", 500)
+# The after-commit publish (in the request) gives up on a broker that has not answered
+# in this many seconds, and the process then leaves publishing to the relay for
+# OUTBOX_PUBLISH_PAUSE seconds: a frozen Redis costs one checkout per web process about
+# three times the timeout (the publish, then the reconnect's PINGs), the next ones nothing.
+JOBS_OUTBOX_PUBLISH_TIMEOUT = env_float("OUTBOX_PUBLISH_TIMEOUT", 1.0)
+JOBS_OUTBOX_PUBLISH_PAUSE = env_float("OUTBOX_PUBLISH_PAUSE", 10.0)
 JOBS_OUTBOX_RETENTION_DAYS = env_int("OUTBOX_RETENTION_DAYS", 7)
 
 # --- Retries and dead letters (jobs/retry.py, jobs/dead_letters.py) ------------------

@@ -28,6 +28,15 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server.stop()
 
 
+@pytest.fixture(autouse=True)
+def _publishing_resumed() -> Iterator[None]:
+    """A test that took the broker down leaves the outbox's breaker closed behind it."""
+    from jobs import outbox
+
+    yield
+    outbox.resume_publishing()
+
+
 @pytest.fixture
 def broker(redis_server: RedisServer) -> RedisServer:
     """The private Redis with empty queues."""

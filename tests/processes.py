@@ -12,7 +12,8 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +118,17 @@ class RedisServer:
         if self.proc and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=10)
+
+    @contextmanager
+    def frozen(self) -> Iterator[None]:
+        """SIGSTOP, then SIGCONT: meanwhile the server accepts connections and reads
+        nothing, answers nothing (a hung or partitioned broker, not a refused one)."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            self.proc.send_signal(signal.SIGCONT)
 
     def queue_lengths(self) -> dict[str, int]:
         client = self.client()

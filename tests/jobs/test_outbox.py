@@ -2,6 +2,7 @@
 publish did not happen, never double-published by two relays."""
 
 import json
+import time
 from datetime import timedelta
 
 import pytest
@@ -13,7 +14,7 @@ from django.utils import timezone
 
 from jobs import app, outbox
 from jobs.models import OutboxMessage
-from tests.processes import run_concurrently
+from tests.processes import run_concurrently, wait_until
 
 TASK = "shop.tasks.payments.charge_payment"
 
@@ -63,6 +64,37 @@ def test_broker_down_keeps_the_row_and_the_relay_publishes_it_later(broker):
     message.refresh_from_db()
     assert message.sent_at is not None
     assert published_task_ids(broker) == [str(message.task_id)]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_frozen_broker_costs_one_short_timeout_then_the_relay_takes_over(broker, settings):
+    settings.JOBS_OUTBOX_PUBLISH_PAUSE = 0.5
+    with broker.frozen():
+        # when: the broker accepts connections but never answers
+        started = time.monotonic()
+        first = outbox.enqueue(TASK, args=[1])  # autocommit: the publish runs now
+        waited = time.monotonic() - started
+        second = outbox.enqueue(TASK, args=[2])
+        paused = outbox.publishing_paused()
+    first.refresh_from_db()
+    second.refresh_from_db()
+
+    # then: the first publish gave up after the request path's own timeout (1 s a try),
+    # not the workers' 15 s socket timeout that once held a checkout until gunicorn
+    # killed it; the second was not even tried: the breaker left it to the relay
+    assert waited < settings.CELERY_BROKER_TRANSPORT_OPTIONS["socket_timeout"]
+    assert (first.sent_at, first.attempts, "imeout" in first.last_error) == (None, 1, True)
+    assert (second.sent_at, second.attempts, second.last_error) == (None, 0, "")
+    assert paused
+    assert outbox.relay_unsent(older_than=0) == 2
+    assert sorted(published_task_ids(broker)) == sorted([str(first.task_id), str(second.task_id)])
+
+    # and after the pause, publishing after commit is tried again, and works
+    wait_until(lambda: not outbox.publishing_paused(), timeout=5)
+    third = outbox.enqueue(TASK, args=[3])
+    third.refresh_from_db()
+    assert third.sent_at is not None
+    assert str(third.task_id) in published_task_ids(broker)
 
 
 @pytest.mark.django_db(transaction=True)
