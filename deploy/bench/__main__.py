@@ -1,7 +1,7 @@
 """`make bench`: how fast the shop is, and what its reliability costs.
 
 Starts the full stack (PostgreSQL database `shop_bench`, recreated; a private Redis with
-AOF; the gateway at latency 0; gunicorn, 2 processes x 8 threads; one worker per queue;
+AOF; the gateway at latency 0; gunicorn, 5 processes of one thread; one worker per queue;
 beat), then runs each scenario against its baseline in the same run, with a warm-up and
 `--reps` repetitions, alternating which goes first. Prints a table (median, min, max of
 the repetitions, and each goal checked on the median) and writes `bench.json`,

@@ -57,7 +57,8 @@ def get(host: str, port: int, path: str) -> Request:
 
 def post_json(host: str, port: int, path: str, body: bytes, *, idempotent: bool) -> Request:
     """A POST of `body`; with `idempotent`, a fresh Idempotency-Key on every request, as
-    a careful client sends (the shop then looks the key up before placing the order)."""
+    a careful client sends (a new key costs the shop nothing: its unique constraint only
+    speaks up on a retry)."""
     head = (
         f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"

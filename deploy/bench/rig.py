@@ -26,7 +26,7 @@ NAIVE = ("payments", "emails")  # the queues the naive pipeline's own workers co
 
 class Bench(Stack):
     """The shop's full stack (PostgreSQL, AOF Redis, gateway at latency 0, gunicorn with
-    2 processes x 8 threads, one worker per queue, beat), plus a second, naive worker for
+    `--web-workers` processes, one worker per queue, beat), plus a second, naive worker for
     `payments` and `emails` whose consumers stay paused until the naive pipeline runs."""
 
     def __init__(
