@@ -31,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
-from deploy.stack import BASE_DIR, QUEUES, Stack
+from deploy.stack import BASE_DIR, QUEUES, Stack, choose
 
 GOOD, DECLINED = "4242424242424242", "4000000000000002"
 
@@ -445,13 +445,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.orders < 1 or not 0 <= args.declined_share <= 1:
         parser.error("--orders must be positive and --declined-share within 0..1")
-    args.faults = [name.strip() for name in args.faults.split(",") if name.strip()]
-    unknown = sorted(set(args.faults) - set(FAULTS))
-    if unknown or not args.faults:
-        parser.error(
-            f"unknown fault(s) {', '.join(unknown) or '(none given)'}; choose from "
-            f"{', '.join(FAULTS)}"
-        )
+    args.faults = choose(parser, args.faults, FAULTS, "fault")
     return args
 
 

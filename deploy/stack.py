@@ -6,6 +6,7 @@ PostgreSQL database that is dropped and created anew. Nothing here touches the
 machine's shared Redis or another database.
 """
 
+import argparse
 import os
 import signal
 import socket
@@ -13,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import httpx
@@ -24,6 +25,20 @@ QUEUES = {"payments": 2, "emails": 2, "reports": 1, "default": 1}
 # On one host the bulk pool yields the CPU to the urgent ones, as `make run` starts it
 # (deploy/Procfile); a deployment gives each pool its own CPU limit instead.
 BULK_PRIORITY = {"reports": ("nice", "-n", "10")}
+
+
+def choose(
+    parser: argparse.ArgumentParser, given: str, known: Iterable[str], what: str
+) -> list[str]:
+    """The names in a comma-separated option, each one of `known`; a usage error otherwise."""
+    names = [name.strip() for name in given.split(",") if name.strip()]
+    unknown = sorted(set(names) - set(known))
+    if unknown or not names:
+        parser.error(
+            f"unknown {what}(s) {', '.join(unknown) or '(none given)'}; choose from "
+            f"{', '.join(known)}"
+        )
+    return names
 
 
 def free_port() -> int:

@@ -18,7 +18,7 @@ from pathlib import Path
 from deploy.bench import report
 from deploy.bench.rig import Bench
 from deploy.bench.scenarios import SCENARIOS, Result
-from deploy.stack import BASE_DIR
+from deploy.stack import BASE_DIR, choose
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -60,13 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     positive += ["reports", "rate", "inline_rate"]
     if any(getattr(args, name) <= 0 for name in positive) or args.gateway_latency_ms < 0:
         parser.error(f"--{', --'.join(n.replace('_', '-') for n in positive)} must be positive")
-    args.only = [name.strip() for name in args.only.split(",") if name.strip()]
-    unknown = sorted(set(args.only) - set(SCENARIOS))
-    if unknown or not args.only:
-        parser.error(
-            f"unknown scenario(s) {', '.join(unknown) or '(none given)'}; choose from "
-            f"{', '.join(SCENARIOS)}"
-        )
+    args.only = choose(parser, args.only, SCENARIOS, "scenario")
     return args
 
 

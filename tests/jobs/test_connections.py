@@ -29,15 +29,19 @@ def sessions(log: Path, count: int) -> list[int]:
     return runs(log)
 
 
+def sessions_on_a_worker(env: dict[str, str], logs: Path, log: Path, count: int) -> list[int]:
+    worker = Worker("default", env, logs, include="tests.fault_tasks").start()
+    try:
+        worker.wait_ready()
+        return sessions(log, count)
+    finally:
+        worker.stop()
+
+
 def test_a_worker_serves_its_tasks_from_one_database_connection(
     broker, worker_env, worker_logs, tmp_path
 ):
-    worker = Worker("default", worker_env, worker_logs, include="tests.fault_tasks").start()
-    try:
-        worker.wait_ready()
-        pids = sessions(tmp_path / "pids", 5)
-    finally:
-        worker.stop()
+    pids = sessions_on_a_worker(worker_env, worker_logs, tmp_path / "pids", 5)
 
     assert len(set(pids)) == 1, pids  # Celery's fixup alone would open five
 
@@ -46,12 +50,7 @@ def test_a_connection_older_than_conn_max_age_is_not_reused(
     broker, worker_env, worker_logs, tmp_path
 ):
     env = {**worker_env, "CONN_MAX_AGE": "0"}  # Django's rule: a connection per unit of work
-    worker = Worker("default", env, worker_logs, include="tests.fault_tasks").start()
-    try:
-        worker.wait_ready()
-        pids = sessions(tmp_path / "pids", 3)
-    finally:
-        worker.stop()
+    pids = sessions_on_a_worker(env, worker_logs, tmp_path / "pids", 3)
 
     assert len(set(pids)) == 3, pids
 
