@@ -3,7 +3,9 @@
 `enqueue()` writes an OutboxMessage row in the caller's transaction and registers a
 publisher to run right after COMMIT. A rollback discards both. If the broker is down, or
 the process dies between COMMIT and publish, the row stays unsent and `relay_unsent()`
-(run by beat every few seconds, or `manage.py outbox_relay`) publishes it later.
+(run by beat every few seconds, or `manage.py outbox_relay`) publishes it later. A
+broker that does not answer costs the request a short timeout once; then this process
+leaves its rows to the relay for a while (a circuit breaker).
 Delivery is therefore at least once: consumers must be idempotent, and they are.
 """
 
@@ -140,9 +142,11 @@ def _publish_committed(message: OutboxMessage, using: str | None) -> None:
     try:
         _send(message, _publisher())
     except Exception as exc:
-        if isinstance(exc, BROKER_DOWN):
-            _paused_until = time.monotonic() + settings.JOBS_OUTBOX_PUBLISH_PAUSE
         _record_failure(message, exc, using)
+        if isinstance(exc, BROKER_DOWN):
+            pause = settings.JOBS_OUTBOX_PUBLISH_PAUSE
+            _paused_until = time.monotonic() + pause
+            logger.warning("outbox: publishing after commit paused for %g s", pause)
         return
     OutboxMessage.objects.using(using).filter(pk=message.pk, sent_at__isnull=True).update(
         sent_at=timezone.now(), attempts=F("attempts") + 1
