@@ -7,6 +7,7 @@ import yaml
 from django.conf import settings
 
 from jobs import app
+from jobs.celery import queue_of
 from tests.processes import QUEUES, REPO
 from tests.test_settings import variables_in_example
 
@@ -16,9 +17,30 @@ def services() -> dict[str, dict]:
     return yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]
 
 
+BIN = REPO / "deploy" / "bin"
+
+
 def command(service: dict) -> str:
     value = service.get("command", [])
     return " ".join(value) if isinstance(value, list) else str(value)
+
+
+def role(service: dict) -> str:
+    """The start script a service of the project's image runs (deploy/bin/<role>)."""
+    first = service["command"][0]
+    assert first.startswith("deploy/bin/"), first
+    return str(first.removeprefix("deploy/bin/"))
+
+
+def app_services(services: dict[str, dict]) -> dict[str, dict]:
+    return {name: s for name, s in services.items() if s.get("image") == "reliable-shop"}
+
+
+def workers(services: dict[str, dict]) -> dict[str, str]:
+    """Worker service -> the queue it consumes."""
+    return {
+        name: s["command"][1] for name, s in app_services(services).items() if role(s) == "worker"
+    }
 
 
 def seconds(duration: str) -> int:
@@ -27,36 +49,109 @@ def seconds(duration: str) -> int:
     return int(match.group(1))
 
 
+def scripts() -> dict[str, str]:
+    return {path.name: path.read_text() for path in sorted(BIN.iterdir())}
+
+
+def statements(script: str) -> list[str]:
+    """The script's commands, comments dropped and continued lines joined."""
+    joined = script.replace("\\\n", " ")
+    return [line.strip() for line in joined.splitlines() if line and not line.startswith("#")]
+
+
+def test_every_role_runs_a_start_script_with_strict_flags_that_execs():
+    assert set(scripts()) >= {"web", "worker", "beat", "flower", "migrate", "gateway"}
+    for name, text in scripts().items():
+        assert text.startswith("#!/usr/bin/env bash\n"), name
+        assert statements(text)[0] == "set -euo pipefail", name
+        # exec: the process the container runs gets the stop signal, not a shell around it
+        assert statements(text)[-1].startswith("exec "), name
+        assert (BIN / name).stat().st_mode & 0o111, f"{name} is not executable"
+
+
+def test_every_service_of_the_image_runs_one_of_the_start_scripts(services):
+    in_image = app_services(services)
+
+    assert len(in_image) >= 8
+    for name, service in in_image.items():
+        assert role(service) in scripts(), name
+
+
 def test_each_declared_queue_has_exactly_one_worker_service(services):
-    consumed = [
-        queue
-        for service in services.values()
-        if " worker " in command(service)
-        for queue in re.search(r"-Q (\S+)", command(service)).group(1).split(",")  # type: ignore[union-attr]
-    ]
-
-    assert sorted(consumed) == sorted(QUEUES)
+    assert sorted(workers(services).values()) == sorted(QUEUES)
 
 
-def test_exactly_one_beat_and_every_celery_command_uses_the_project_app(services):
-    celery_commands = [command(s) for s in services.values() if "celery" in command(s)]
+def test_start_scripts_name_real_entry_points():
+    from django.core.management import get_commands
 
-    assert sum(" beat" in c for c in celery_commands) == 1
-    assert all(c.startswith("celery -A jobs ") for c in celery_commands)
+    text = "\n".join(scripts().values())
+    celery_calls = re.findall(r"^exec celery (.*)", text, re.MULTILINE)
+    commands = re.findall(r"python manage\.py (\w+)", text)
+
+    assert len(celery_calls) == 4  # worker, worker-alive, beat, flower
+    assert all(call.startswith("-A jobs ") for call in celery_calls)
+    assert 'celery -A jobs worker -Q "$queue"' in scripts()["worker"]
+    assert commands
+    assert set(commands) <= set(get_commands())
+    assert "gunicorn shop.wsgi:application" in scripts()["web"]
+    assert "python -m shop.gateway" in scripts()["gateway"]
 
 
-def test_worker_grace_period_outlasts_the_longest_task_and_soft_shutdown(services):
+def test_start_scripts_read_only_variables_of_the_example_env_file():
+    used = set(re.findall(r"\$\{?([A-Z][A-Z0-9_]+)", "\n".join(scripts().values())))
+
+    assert used  # the regex found them
+    assert used <= variables_in_example()
+
+
+def test_exactly_one_beat(services):
+    assert [role(s) for s in app_services(services).values()].count("beat") == 1
+    assert "celery -A jobs beat" in scripts()["beat"]
+
+
+def test_each_worker_grace_period_outlasts_its_queues_longest_task_and_soft_shutdown(services):
     app.loader.import_default_modules()
-    longest = max(
-        task.time_limit or settings.CELERY_TASK_TIME_LIMIT
-        for name, task in app.tasks.items()
-        if not name.startswith("celery.")
-    )
-    needed = longest + settings.CELERY_WORKER_SOFT_SHUTDOWN_TIMEOUT
+    for name, queue in workers(services).items():
+        longest = max(
+            task.time_limit or settings.CELERY_TASK_TIME_LIMIT
+            for task_name, task in app.tasks.items()
+            if queue_of(task_name) == queue
+        )
+        needed = longest + settings.CELERY_WORKER_SOFT_SHUTDOWN_TIMEOUT
 
+        assert seconds(services[name]["stop_grace_period"]) > needed, (name, needed)
+
+
+def test_every_long_running_service_has_a_healthcheck_and_starts_in_order(services):
     for name, service in services.items():
-        if " worker " in command(service):
-            assert seconds(service["stop_grace_period"]) > needed, name
+        if service.get("restart") != "no":
+            assert service.get("healthcheck", {}).get("test"), name
+        for needed, condition in (service.get("depends_on") or {}).items():
+            assert needed in services, (name, needed)
+            if condition["condition"] == "service_healthy":
+                assert "healthcheck" in services[needed], (name, needed)
+            else:
+                assert condition["condition"] == "service_completed_successfully"
+                assert services[needed].get("restart") == "no", (name, needed)
+    for name in app_services(services):
+        if name != "migrate" and role(services[name]) != "gateway":
+            assert "migrate" in services[name]["depends_on"], name
+
+
+def test_worker_healthchecks_ping_their_own_worker(services):
+    for name, queue in workers(services).items():
+        assert services[name]["healthcheck"]["test"] == ["CMD", "deploy/bin/worker-alive", queue]
+        assert services[name]["healthcheck"]["interval"]  # merged from x-worker
+    assert '-n "${queue}@%h"' in scripts()["worker"]
+    assert '--destination "${queue}@$(hostname)"' in scripts()["worker-alive"]
+
+
+def test_each_worker_has_its_own_concurrency_and_limits(services):
+    for name in workers(services):
+        service = services[name]
+        assert "--concurrency" in service["command"], name
+        assert service["cpus"], name
+        assert service["mem_limit"], name
 
 
 def test_redis_is_configured_as_a_broker_should_be(services):
@@ -70,18 +165,17 @@ def test_redis_is_configured_as_a_broker_should_be(services):
 
 def test_every_variable_compose_sets_is_one_the_project_reads(services):
     known = variables_in_example()
-    app_services = [s for s in services.values() if s.get("image") == "reliable-shop"]
 
-    assert len(app_services) >= 8
-    for service in app_services:
+    for service in app_services(services).values():
         assert set(service["environment"]) <= known
 
 
 def test_flower_runs_authenticated_persistent_and_read_only_by_default(services):
     flower = services["flower"]
 
+    assert role(flower) == "flower"
     for flag in ("--persistent=True", "--purge_offline_workers=3600"):
-        assert flag in command(flower)
+        assert flag in scripts()["flower"]
     assert {"FLOWER_BASIC_AUTH", "FLOWER_COOKIE_SECRET"} <= set(flower["environment"])
     assert flower["environment"]["FLOWER_READ_ONLY"] == "${FLOWER_READ_ONLY:-true}"
 

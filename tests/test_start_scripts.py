@@ -1,0 +1,127 @@
+"""The start scripts of deploy/bin/, run for real (the containers run them; Docker does
+not run here): a worker comes up under its script, its healthcheck finds it alive, TERM
+reaches Celery itself (the script execs) and stops it warmly, and then the healthcheck
+says it is gone."""
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.processes import REPO, free_port, wait_until
+
+pytestmark = pytest.mark.stack
+
+BIN = REPO / "deploy" / "bin"
+
+
+@pytest.fixture
+def env(worker_env: dict[str, str]) -> dict[str, str]:
+    """The workers' environment, with this virtualenv's commands (celery, gunicorn) first
+    on PATH, as the image has them."""
+    return {**worker_env, "PATH": f"{Path(sys.executable).parent}:{worker_env['PATH']}"}
+
+
+def run(*args: str, env: dict[str, str]) -> int:
+    return subprocess.run(
+        [str(BIN / args[0]), *args[1:]], cwd=REPO, env=env, capture_output=True, timeout=60
+    ).returncode
+
+
+def test_a_worker_under_its_script_is_alive_for_its_healthcheck_and_stops_warmly_on_term(
+    broker, env, tmp_path
+):
+    log = (tmp_path / "worker.log").open("wb")
+    worker = subprocess.Popen(
+        [str(BIN / "worker"), "default", "--concurrency", "1", "--without-mingle"],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=log,
+    )
+    try:
+        wait_until(lambda: run("worker-alive", "default", env=env) == 0, timeout=60)
+        # the script exec'd: the container's main process is Celery, not a shell
+        cmdline = Path(f"/proc/{worker.pid}/cmdline").read_bytes().split(b"\0")
+        assert b"celery" in cmdline[1]
+        assert b"bash" not in cmdline[0]
+
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=60) == 0
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    assert "Warm shutdown" in (tmp_path / "worker.log").read_text()
+    assert run("worker-alive", "default", env=env) != 0
+
+
+def test_the_http_healthcheck_passes_on_an_answering_service_only(gateway_process, env):
+    assert run("http-ok", f"{gateway_process.url}/healthz", env=env) == 0
+    assert run("http-ok", f"http://127.0.0.1:{free_port()}/healthz", env=env) != 0
+
+
+def test_a_start_script_without_its_argument_is_a_usage_error(env):
+    result = subprocess.run(
+        [str(BIN / "worker")], cwd=REPO, env=env, capture_output=True, text=True
+    )
+
+    assert result.returncode != 0
+    assert "usage: deploy/bin/worker <queue>" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("script", "port_variable", "path"),
+    [
+        ("web", "WEB_PORT", "/healthz"),
+        ("gateway", "GATEWAY_PORT", "/healthz"),
+        ("flower", "FLOWER_PORT", "/healthcheck"),
+    ],
+)
+def test_an_http_role_under_its_script_passes_its_healthcheck_and_stops_on_term(
+    script, port_variable, path, broker, env, tmp_path
+):
+    port = free_port()
+    role_env = {**env, port_variable: str(port), "SHOP_VAR_DIR": str(tmp_path)}
+    role_env["FLOWER_BASIC_AUTH"] = "ops:secret"
+    log = (tmp_path / f"{script}.log").open("wb")
+    process = subprocess.Popen([str(BIN / script)], cwd=REPO, env=role_env, stdout=log, stderr=log)
+    try:
+        url = f"http://127.0.0.1:{port}{path}"
+        wait_until(lambda: run("http-ok", url, env=env) == 0, timeout=60, what=url)
+
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert run("http-ok", url, env=env) != 0
+
+
+def test_beat_under_its_script_passes_the_compose_healthcheck(broker, env, tmp_path):
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    kind, check = compose["services"]["beat"]["healthcheck"]["test"]
+    assert kind == "CMD-SHELL"
+    check = check.replace("/app/var", str(tmp_path))  # the image's SHOP_VAR_DIR
+    log = (tmp_path / "beat.log").open("wb")
+    beat = subprocess.Popen(
+        [str(BIN / "beat")],
+        cwd=REPO,
+        env={**env, "SHOP_VAR_DIR": str(tmp_path)},
+        stdout=log,
+        stderr=log,
+    )
+    try:
+        assert subprocess.run(["sh", "-c", check], check=False).returncode != 0  # not yet
+        wait_until(
+            lambda: subprocess.run(["sh", "-c", check], check=False).returncode == 0,
+            timeout=60,
+            what="beat's schedule file",
+        )
+        beat.send_signal(signal.SIGTERM)
+        assert beat.wait(timeout=30) == 0
+    finally:
+        if beat.poll() is None:
+            beat.kill()
