@@ -1,5 +1,7 @@
-"""docker-compose.yml cannot run here (no Docker): check it against the code instead."""
+"""docker-compose.yml cannot run here (no Docker): check it against the code instead;
+and the alert rules and the Grafana dashboard against the metrics the code exports."""
 
+import json
 import re
 
 import pytest
@@ -180,15 +182,15 @@ def test_flower_runs_authenticated_persistent_and_read_only_by_default(services)
     assert flower["environment"]["FLOWER_READ_ONLY"] == "${FLOWER_READ_ONLY:-true}"
 
 
-def test_every_alert_uses_only_exported_metrics_and_has_a_runbook_section(client, db, broker):
+@pytest.fixture
+def exported(client, db, broker) -> set[str]:
+    """Every series name the project exports: the event metrics the code defines (a
+    scrape omits those no process touched yet) and the state metrics a scrape reads."""
     from prometheus_client.metrics import MetricWrapperBase
     from prometheus_client.parser import text_string_to_metric_families
 
     from jobs import metrics
 
-    rules = yaml.safe_load((REPO / "deploy" / "prometheus" / "alerts.yml").read_text())
-    # the event metrics the code defines (a scrape omits those no process touched yet),
-    # and the state metrics a scrape reads
     families = [
         family
         for metric in vars(metrics).values()
@@ -196,7 +198,11 @@ def test_every_alert_uses_only_exported_metrics_and_has_a_runbook_section(client
         for family in metric.describe()
     ] + list(text_string_to_metric_families(client.get("/metrics").content.decode()))
     suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_count", "_sum"]}
-    exported = {f.name + s for f in families for s in ["", *suffixes.get(f.type, [])]}
+    return {f.name + s for f in families for s in ["", *suffixes.get(f.type, [])]}
+
+
+def test_every_alert_uses_only_exported_metrics_and_has_a_runbook_section(exported):
+    rules = yaml.safe_load((REPO / "deploy" / "prometheus" / "alerts.yml").read_text())
     runbook = (REPO / "deploy" / "RUNBOOK.md").read_text()
     headings = {line[3:].strip().lower() for line in runbook.splitlines() if line.startswith("## ")}
     alerts = [rule for group in rules["groups"] for rule in group["rules"]]
@@ -208,3 +214,21 @@ def test_every_alert_uses_only_exported_metrics_and_has_a_runbook_section(client
         assert used <= exported, (rule["alert"], used - exported)
         assert rule["annotations"]["runbook"] == f"deploy/RUNBOOK.md#{rule['alert'].lower()}"
         assert rule["alert"].lower() in headings
+
+
+def test_the_grafana_dashboard_charts_only_exported_metrics(exported):
+    dashboard = json.loads((REPO / "deploy" / "grafana" / "jobs.json").read_text())
+    panels = dashboard["panels"]
+
+    assert len(panels) >= 10
+    assert len({p["id"] for p in panels}) == len(panels)
+    charted: set[str] = set()
+    for panel in panels:
+        for target in panel["targets"]:
+            used = set(re.findall(r"\b(jobs_[a-z_]+)\b", target["expr"]))
+            assert used, (panel["title"], target["expr"])
+            assert used <= exported, (panel["title"], used - exported)
+            charted |= used
+    # the signals the alerts fire on are all on the dashboard
+    for name in ("jobs_queue_depth", "jobs_dead_letters", "jobs_canary_age_seconds"):
+        assert name in charted

@@ -1,0 +1,192 @@
+"""The Kubernetes manifests (deploy/k8s) cannot be applied here: check them against the
+code, and against the Kubernetes API schemas offline (kubernetes-validate)."""
+
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from django.conf import settings
+
+from jobs import app
+from jobs.celery import queue_of
+from tests.processes import QUEUES, REPO
+from tests.test_settings import variables_in_example
+
+K8S = REPO / "deploy" / "k8s"
+BIN = REPO / "deploy" / "bin"
+CUSTOM_KINDS = {"ScaledObject"}  # KEDA's: no schema in kubernetes-validate
+SECRET_KEYS = {"SECRET_KEY", "DATABASE_URL", "FLOWER_BASIC_AUTH", "FLOWER_COOKIE_SECRET"}
+
+
+def documents(path: Path) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+
+
+@pytest.fixture(scope="module")
+def objects() -> list[dict[str, Any]]:
+    kustomization = documents(K8S / "kustomization.yaml")[0]
+    return [doc for name in kustomization["resources"] for doc in documents(K8S / name)]
+
+
+def of_kind(objects: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
+    return {o["metadata"]["name"]: o for o in objects if o["kind"] == kind}
+
+
+def pod(deployment: dict[str, Any]) -> dict[str, Any]:
+    return dict(deployment["spec"]["template"]["spec"])
+
+
+def container(workload: dict[str, Any]) -> dict[str, Any]:
+    [only] = pod(workload)["containers"]
+    return dict(only)
+
+
+def workloads(objects: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return of_kind(objects, "Deployment") | of_kind(objects, "Job")
+
+
+def workers(objects: list[dict[str, Any]]) -> dict[str, str]:
+    """Worker Deployment -> the queue it consumes."""
+    return {
+        name: container(d)["command"][1]
+        for name, d in of_kind(objects, "Deployment").items()
+        if container(d)["command"][0] == "deploy/bin/worker"
+    }
+
+
+def test_the_kustomization_lists_every_manifest():
+    listed = documents(K8S / "kustomization.yaml")[0]["resources"]
+    files = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+
+    assert sorted(listed) == sorted(files)
+
+
+def test_every_object_is_valid_for_the_kubernetes_api(objects):
+    version = "1.31.0"
+    checked = 0
+    for obj in objects:
+        if obj["kind"] in CUSTOM_KINDS:
+            continue
+        kubernetes_validate.validate(obj, version, strict=True)  # raises when invalid
+        checked += 1
+
+    assert checked >= 15
+
+
+def test_a_broken_manifest_is_caught_by_the_schema_check(objects):
+    broken = yaml.safe_load(yaml.safe_dump(of_kind(objects, "Deployment")["web"]))
+    broken["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] = "forty"
+
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, "1.31.0", strict=True)
+
+
+def test_each_declared_queue_has_exactly_one_worker_deployment(objects):
+    assert sorted(workers(objects).values()) == sorted(QUEUES)
+
+
+def test_every_command_and_exec_probe_runs_a_start_script_that_exists(objects):
+    for name, workload in workloads(objects).items():
+        spec = container(workload)
+        commands = [spec["command"]]
+        probe = spec.get("livenessProbe", {}).get("exec")
+        if probe and probe["command"][0] != "sh":
+            commands.append(probe["command"])
+        for command in commands:
+            assert command[0].startswith("deploy/bin/"), (name, command)
+            assert (REPO / command[0]).is_file(), (name, command)
+
+
+def test_each_worker_outlasts_its_queues_longest_task_and_is_probed_and_bounded(objects):
+    app.loader.import_default_modules()
+    deployments = of_kind(objects, "Deployment")
+    for name, queue in workers(objects).items():
+        longest = max(
+            task.time_limit or settings.CELERY_TASK_TIME_LIMIT
+            for task_name, task in app.tasks.items()
+            if queue_of(task_name) == queue
+        )
+        spec = container(deployments[name])
+
+        grace = pod(deployments[name])["terminationGracePeriodSeconds"]
+        assert grace > longest + settings.CELERY_WORKER_SOFT_SHUTDOWN_TIMEOUT, name
+        assert spec["livenessProbe"]["exec"]["command"] == ["deploy/bin/worker-alive", queue]
+        assert spec["livenessProbe"]["timeoutSeconds"] >= 10  # a ping waits up to 10 s
+        assert "--concurrency" in spec["command"]
+        assert set(spec["resources"]) == {"requests", "limits"}
+
+
+def test_beat_runs_once_and_never_two_at_a_time(objects):
+    beats = [
+        d
+        for d in of_kind(objects, "Deployment").values()
+        if container(d)["command"][0] == "deploy/bin/beat"
+    ]
+
+    assert len(beats) == 1
+    assert beats[0]["spec"]["replicas"] == 1
+    assert beats[0]["spec"]["strategy"]["type"] == "Recreate"
+
+
+def test_web_is_probed_on_healthz_and_readyz_and_served(objects):
+    web = container(of_kind(objects, "Deployment")["web"])
+
+    assert web["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert web["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert of_kind(objects, "Service")["web"]["spec"]["selector"] == {
+        "app.kubernetes.io/name": "web"
+    }
+
+
+def test_selectors_of_services_and_budgets_match_pods(objects):
+    deployments = of_kind(objects, "Deployment").values()
+    labels = [d["spec"]["template"]["metadata"]["labels"] for d in deployments]
+    selectors = [s["spec"]["selector"] for s in of_kind(objects, "Service").values()]
+    selectors += [
+        b["spec"]["selector"]["matchLabels"]
+        for b in of_kind(objects, "PodDisruptionBudget").values()
+    ]
+
+    for selector in selectors:
+        assert any(selector.items() <= pod_labels.items() for pod_labels in labels), selector
+    budgeted = {b["metadata"]["name"] for b in of_kind(objects, "PodDisruptionBudget").values()}
+    assert {"web", *workers(objects)} <= budgeted
+
+
+def test_each_worker_is_scaled_by_keda_on_its_own_queue(objects):
+    scaled = of_kind(objects, "ScaledObject")
+
+    assert set(scaled) == set(workers(objects))
+    for name, queue in workers(objects).items():
+        [trigger] = scaled[name]["spec"]["triggers"]
+        assert scaled[name]["spec"]["scaleTargetRef"]["name"] == name
+        assert trigger["type"] == "redis"
+        assert trigger["metadata"]["listName"] == queue
+        assert int(trigger["metadata"]["listLength"]) > 0
+
+
+def test_every_variable_the_manifests_set_is_one_the_project_reads(objects):
+    known = variables_in_example()
+    [config] = of_kind(objects, "ConfigMap").values()
+    names = set(config["data"])
+    for name, workload in workloads(objects).items():
+        spec = container(workload)
+        names |= {variable["name"] for variable in spec.get("env", [])}
+        sources = {ref for source in spec.get("envFrom", []) for ref in source}
+        # every role of the shop reads the settings; the gateway stands alone (stdlib only)
+        expected = set() if name == "gateway" else {"configMapRef", "secretRef"}
+        assert sources == expected, name
+
+    assert names <= known
+    assert not names & SECRET_KEYS  # secrets come from the Secret, never from a manifest
+    assert known >= SECRET_KEYS
+
+
+def test_flower_is_read_only_and_authenticated_from_the_secret(objects):
+    flower = container(of_kind(objects, "Deployment")["flower"])
+
+    assert {"name": "FLOWER_READ_ONLY", "value": "true"} in flower["env"]
+    assert {"secretRef": {"name": "shop-secrets"}} in flower["envFrom"]
+    assert ': "${FLOWER_BASIC_AUTH:?' in (BIN / "flower").read_text()  # refuses to start without
