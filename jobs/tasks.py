@@ -24,7 +24,9 @@ def prune_dead_letters() -> int:
     return dead_letters.dead_letter_prune()
 
 
-@shared_task(name="jobs.tasks.canary", ignore_result=True)
+# A canary lands on every queue, so its time limit counts in every worker's grace period:
+# it writes one row, and must never be the longest task of a queue.
+@shared_task(name="jobs.tasks.canary", ignore_result=True, soft_time_limit=5, time_limit=10)
 def canary(queue: str) -> None:
     """Sent to every queue by beat (jobs.canary); records that this queue is consumed."""
     canaries.canary_record(queue)
