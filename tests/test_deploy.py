@@ -62,6 +62,27 @@ def statements(script: str) -> list[str]:
     return [line.strip() for line in joined.splitlines() if line and not line.startswith("#")]
 
 
+def compose_errors(document: dict) -> str:
+    """What the Compose specification finds wrong with the file ('' when nothing).
+    compose-spec reads the YAML after PyYAML has resolved the anchors and merge keys."""
+    from compose_spec import PyCompose
+
+    try:
+        PyCompose.from_yaml(yaml.safe_dump(document))
+    except ValueError as exc:
+        return str(exc)
+    return ""
+
+
+def test_the_file_follows_the_compose_specification():
+    document = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    broken = yaml.safe_load(yaml.safe_dump(document))
+    broken["services"]["web"]["healthcheck"]["interval"] = "often"
+
+    assert compose_errors(document) == ""
+    assert "does not contain ASCII digits" in compose_errors(broken)  # the check can fail
+
+
 def test_every_role_runs_a_start_script_with_strict_flags_that_execs():
     assert set(scripts()) >= {"web", "worker", "beat", "flower", "migrate", "gateway"}
     for name, text in scripts().items():
