@@ -3,6 +3,7 @@ code, and against the Kubernetes API schemas offline (kubernetes-validate)."""
 
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import kubernetes_validate
 import pytest
@@ -150,6 +151,8 @@ def test_selectors_of_services_and_budgets_match_pods(objects):
 
 def test_each_worker_is_scaled_by_keda_on_its_own_queue(objects):
     scaled = of_kind(objects, "ScaledObject")
+    [config] = of_kind(objects, "ConfigMap").values()
+    broker = urlsplit(config["data"]["CELERY_BROKER_URL"])
 
     assert set(scaled) == set(workers(objects))
     for name, queue in workers(objects).items():
@@ -157,6 +160,9 @@ def test_each_worker_is_scaled_by_keda_on_its_own_queue(objects):
         assert scaled[name]["spec"]["scaleTargetRef"]["name"] == name
         assert trigger["type"] == "redis"
         assert trigger["metadata"]["listName"] == queue
+        # the broker the workers consume, not another Redis
+        assert trigger["metadata"]["address"] == broker.netloc
+        assert trigger["metadata"]["databaseIndex"] == broker.path.strip("/")
         assert int(trigger["metadata"]["listLength"]) > 0
 
 
