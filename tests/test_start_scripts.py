@@ -35,15 +35,19 @@ def test_a_worker_under_its_script_is_alive_for_its_healthcheck_and_stops_warmly
     broker, env, tmp_path
 ):
     log = (tmp_path / "worker.log").open("wb")
+    metrics = tmp_path / "metrics"
+    metrics.mkdir()
+    (metrics / "counter_4242.db").write_bytes(b"from before a restart")
     worker = subprocess.Popen(
         [str(BIN / "worker"), "default", "--concurrency", "1", "--without-mingle"],
         cwd=REPO,
-        env=env,
+        env={**env, "PROMETHEUS_MULTIPROC_DIR": str(metrics)},
         stdout=log,
         stderr=log,
     )
     try:
         wait_until(lambda: run("worker-alive", "default", env=env) == 0, timeout=60)
+        assert not (metrics / "counter_4242.db").exists()  # the script emptied the folder
         # the script exec'd: the container's main process is Celery, not a shell
         cmdline = Path(f"/proc/{worker.pid}/cmdline").read_bytes().split(b"\0")
         assert b"celery" in cmdline[1]
