@@ -5,6 +5,33 @@ from django.http import HttpRequest, HttpResponse
 from jobs import correlation
 
 
+class ProbeMiddleware:
+    """Answers /healthz, /readyz and /metrics first, before any host validation.
+
+    Kubelet probes and Prometheus scrapes address a pod by its IP, which is not one of
+    ALLOWED_HOSTS: CommonMiddleware answered them 400 (DisallowedHost) in production, so
+    no pod ever became ready. These endpoints read nothing from the request, set no
+    cookie and link nowhere, so any Host may ask them. Keep this middleware before any
+    that reads the host (SecurityMiddleware, CommonMiddleware).
+    """
+
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
+        from jobs import views
+
+        self.get_response = get_response
+        self.probes = {
+            "/healthz": views.healthz,
+            "/readyz": views.readyz,
+            "/metrics": views.metrics,
+        }
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        probe = self.probes.get(request.path_info)
+        if probe is not None and request.method in ("GET", "HEAD"):
+            return probe(request)
+        return self.get_response(request)
+
+
 class CorrelationIdMiddleware:
     """Give every request a correlation id and echo it in the response."""
 

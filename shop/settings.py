@@ -81,6 +81,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "jobs.middleware.CorrelationIdMiddleware",
+    "jobs.middleware.ProbeMiddleware",  # probes and scrapes by pod IP: before host checks
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",

@@ -40,3 +40,14 @@ def test_readyz_is_503_with_the_broker_down_and_200_when_it_is_back(client, brok
     assert down.json()["checks"]["broker"]["ok"] is False
     assert down.json()["checks"]["database"]["ok"] is True
     assert back.status_code == 200
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("path", ["/healthz", "/readyz", "/metrics"])
+def test_probes_answer_whatever_the_host_and_pages_still_check_it(client, broker, settings, path):
+    """Kubelet and Prometheus address a pod by its IP, which is not an allowed host."""
+    settings.ALLOWED_HOSTS = ["shop.example.com"]
+
+    assert client.get(path, HTTP_HOST="10.1.2.3:8000").status_code == 200
+    assert client.get("/", HTTP_HOST="10.1.2.3:8000").status_code == 400
+    assert client.post(path, HTTP_HOST="10.1.2.3:8000").status_code == 400
