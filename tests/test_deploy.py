@@ -275,5 +275,5 @@ def test_the_image_never_holds_secrets_local_state_or_the_dev_virtualenv():
     assert {".env", ".venv", "var", ".git"} <= ignored
     assert "--require-hashes" in dockerfile  # the locked dependencies
     assert "requirements/base.txt" in dockerfile  # without the dev tools
-    assert "\nUSER shop\n" in dockerfile  # not root
+    assert "\nUSER 10001\n" in dockerfile  # not root, and numeric: runAsNonRoot can check it
     assert dockerfile.count("FROM ") == 2  # build stage, then the runtime stage

@@ -189,3 +189,12 @@ def test_flower_is_read_only_and_authenticated_from_the_secret(objects):
     assert {"name": "FLOWER_READ_ONLY", "value": "true"} in flower["env"]
     assert {"secretRef": {"name": "shop-secrets"}} in flower["envFrom"]
     assert ': "${FLOWER_BASIC_AUTH:?' in (BIN / "flower").read_text()  # refuses to start without
+
+
+def test_every_pod_runs_as_the_images_non_root_user(objects):
+    dockerfile = (REPO / "deploy" / "Dockerfile").read_text()
+    [user] = [line.split()[1] for line in dockerfile.splitlines() if line.startswith("USER ")]
+
+    assert user.isdigit()  # a name would fail runAsNonRoot: kubelet cannot verify it
+    for name, workload in workloads(objects).items():
+        assert pod(workload)["securityContext"] == {"runAsNonRoot": True}, name
