@@ -277,3 +277,12 @@ def test_the_image_never_holds_secrets_local_state_or_the_dev_virtualenv():
     assert "requirements/base.txt" in dockerfile  # without the dev tools
     assert "\nUSER 10001\n" in dockerfile  # not root, and numeric: runAsNonRoot can check it
     assert dockerfile.count("FROM ") == 2  # build stage, then the runtime stage
+
+
+def test_only_roles_whose_script_prepares_the_metrics_folder_are_given_one(services):
+    prepared = {name for name, text in scripts().items() if "/metrics-dir" in text}
+
+    assert prepared == {"web", "worker"}
+    for name, service in app_services(services).items():
+        if "PROMETHEUS_MULTIPROC_DIR" in service["environment"]:
+            assert role(service) in prepared, name  # elsewhere the folder would not exist

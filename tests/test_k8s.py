@@ -198,3 +198,17 @@ def test_every_pod_runs_as_the_images_non_root_user(objects):
     assert user.isdigit()  # a name would fail runAsNonRoot: kubelet cannot verify it
     for name, workload in workloads(objects).items():
         assert pod(workload)["securityContext"] == {"runAsNonRoot": True}, name
+
+
+def test_only_web_and_workers_are_given_a_metrics_folder_and_it_is_a_volume(objects):
+    [config] = of_kind(objects, "ConfigMap").values()
+    assert "PROMETHEUS_MULTIPROC_DIR" not in config["data"]
+    for name, workload in workloads(objects).items():
+        spec = container(workload)
+        folder = {v["name"]: v.get("value") for v in spec.get("env", [])}.get(
+            "PROMETHEUS_MULTIPROC_DIR"
+        )
+        if folder is None:
+            continue
+        assert spec["command"][0] in ("deploy/bin/web", "deploy/bin/worker"), name
+        assert {"name": "metrics", "mountPath": folder} in spec["volumeMounts"], name
