@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -64,3 +65,5 @@ def test_a_quick_bench_measures_every_scenario_and_writes_its_report(tmp_path):
     assert (tmp_path / "bench.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     assert "goal throughput_ratio >= 0.4" in result.stdout
     assert (tmp_path / "bench.txt").read_text() in result.stdout
+    stack = result.stdout.split("bench: stack in ", 1)[1].split()[0]
+    assert not Path(stack).exists()  # a run that succeeded leaves no logs behind

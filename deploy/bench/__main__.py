@@ -11,6 +11,7 @@ machine; the ratios are what to compare.
 
 import argparse
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -90,6 +91,9 @@ def main() -> int:
     print("\n" + report.table(results, bench.peak_rss, info))
     report.write(results, bench.peak_rss, info, args.out, args)
     print(f"\nbench: wrote {args.out / 'bench.json'} and {args.out / 'bench.png'}")
+    # The stack's logs and Redis files (hundreds of MB after 10,000 reports) are only
+    # worth keeping when something failed; then the exception leaves them for reading.
+    shutil.rmtree(bench.dir, ignore_errors=True)
     return 0
 
 
