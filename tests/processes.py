@@ -73,6 +73,18 @@ def run_concurrently(action: Callable[[], Any], times: int = 2) -> list[BaseExce
     return errors
 
 
+def run_module(module: str, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    """`python -m module args...` from the repository, its output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
 def _log_tail(path: Path, lines: int = 40) -> str:
     if not path.exists():
         return ""

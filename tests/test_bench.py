@@ -3,13 +3,11 @@ shared and noisy): only that the harness measures every scenario and writes its 
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.processes import REPO
+from tests.processes import run_module
 from tests.test_chaos import drop_database
 
 SCENARIOS = {1, 2, 3, 4, 5, 6, 7}
@@ -19,14 +17,7 @@ SCENARIOS = {1, 2, 3, 4, 5, 6, 7}
     "args", [["--reps", "0"], ["--only", "checkout,nope"], ["--clients", "-1"], ["--nope"]]
 )
 def test_bench_usage_errors_start_nothing(args, tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "deploy.bench", *args, "--out", str(tmp_path)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = run_module("deploy.bench", *args, "--out", str(tmp_path), timeout=60)
 
     assert result.returncode == 2
     assert "usage: make bench" in result.stderr
@@ -39,14 +30,7 @@ def test_a_quick_bench_measures_every_scenario_and_writes_its_report(tmp_path):
     database = f"postgres://postgres@127.0.0.1:5432/test_bench_{os.getpid()}"
     args = ["--quick", "--out", str(tmp_path), "--database-url", database]
     try:
-        result = subprocess.run(
-            [sys.executable, "-m", "deploy.bench", *args],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=600,
-            check=False,
-        )
+        result = run_module("deploy.bench", *args, timeout=600)
     finally:
         drop_database(database)
 

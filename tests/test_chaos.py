@@ -2,24 +2,15 @@
 
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 
-from tests.processes import REPO
+from tests.processes import run_module
 
 
 @pytest.mark.parametrize("args", [["--orders", "0"], ["--declined-share", "2"], ["--nope"]])
 def test_chaos_usage_errors_start_nothing(args):
-    result = subprocess.run(
-        [sys.executable, "-m", "deploy.chaos", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = run_module("deploy.chaos", *args, timeout=60)
 
     assert result.returncode == 2
     assert "usage: chaos.py" in result.stderr
@@ -37,14 +28,7 @@ def test_a_small_lab_run_keeps_every_invariant():
     args += ["--fault-every", "1", "--chaos-seconds", "6", "--outage-seconds", "2"]
     args += ["--gateway-outage-seconds", "6", "--settle-timeout", "240"]
     try:
-        result = subprocess.run(
-            [sys.executable, "-m", "deploy.chaos", *args, "--database-url", database],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=600,
-            check=False,
-        )
+        result = run_module("deploy.chaos", *args, "--database-url", database, timeout=600)
     finally:
         drop_database(database)
 
