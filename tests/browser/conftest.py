@@ -1,0 +1,118 @@
+"""A real browser (Debian's Chromium, driven by Playwright; no browser download) against
+the stack `make run` starts: web, gateway, one worker per queue, beat and Flower on the
+embedded SQLite database and a private Redis."""
+
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import closing
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.processes import REPO, free_port, wait_until
+from tests.test_make_run import answers, runner_env
+
+CHROMIUM = Path("/usr/bin/chromium")
+SCREENSHOTS = REPO / "var" / "screenshots"
+# Debian's Chromium, as root, on a machine without a network beyond the registries.
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    if CHROMIUM.exists():
+        return
+    skip = pytest.mark.skip(
+        reason=f"browser tests need Chromium at {CHROMIUM} (apt-get install chromium; "
+        ".ci/run installs it)"
+    )
+    for item in items:
+        if "tests/browser" in str(item.fspath):
+            item.add_marker(skip)
+
+
+@dataclass
+class Shop:
+    site: str
+    gateway: str
+    var: Path
+    admin_user: str
+    admin_password: str
+
+    def mails(self) -> list[Path]:
+        folder = self.var / "mail"
+        return sorted(folder.iterdir()) if folder.exists() else []
+
+
+@pytest.fixture(scope="package")
+def shop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shop]:
+    tmp_path = tmp_path_factory.mktemp("make-run")
+    env = runner_env(tmp_path, free_port())
+    env["RETRY_BACKOFF_BASE"], env["RETRY_BACKOFF_CAP"] = "0.2", "1"  # quick retries
+    site = f"http://127.0.0.1:{env['WEB_PORT']}"
+    log = tmp_path / "run.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "deploy/run_local.py"],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        wait_until(lambda: answers(f"{site}/"), timeout=120, what="the shop to answer")
+        gateway = env["PAYMENT_GATEWAY_URL"]
+        wait_until(lambda: answers(f"{gateway}/healthz"), timeout=30, what="the gateway")
+        login = re.search(r"user: (\S+)\s+password: (\S+)", log.read_text())
+        assert login, log.read_text()[-2000:]
+        yield Shop(site, gateway, tmp_path / "var", login.group(1), login.group(2))
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="package")
+def browser() -> Iterator[object]:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser):  # a fresh context: its own cookies, so its own cart
+    context = browser.new_context(viewport={"width": 1100, "height": 800})
+    yield context.new_page()
+    context.close()
+
+
+def screenshot(page, name: str) -> Path:
+    """Save the page under var/screenshots/ (the README shows some of them)."""
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    path = SCREENSHOTS / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    return path
+
+
+def gateway_control(shop: Shop, **settings: object) -> None:
+    httpx.post(f"{shop.gateway}/v1/control", json=settings, timeout=10).raise_for_status()
+
+
+def dead_letter_count(shop: Shop) -> int:
+    """Dead letters waiting for an operator, read from the stack's SQLite database."""
+    with closing(sqlite3.connect(shop.var / "shop.sqlite3", timeout=10)) as db:
+        return int(
+            db.execute("SELECT count(*) FROM jobs_deadletter WHERE status = 'dead'").fetchone()[0]
+        )
