@@ -44,6 +44,19 @@ class Shop:
     var: Path
     admin_user: str
     admin_password: str
+    env: dict[str, str]
+
+    def manage(self, *args: str) -> str:
+        """`manage.py` against the stack's own database."""
+        return subprocess.run(
+            [sys.executable, "manage.py", *args],
+            cwd=REPO,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        ).stdout
 
     def mails(self) -> list[Path]:
         folder = self.var / "mail"
@@ -72,7 +85,7 @@ def shop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shop]:
         wait_until(lambda: answers(f"{gateway}/healthz"), timeout=30, what="the gateway")
         login = re.search(r"user: (\S+)\s+password: (\S+)", log.read_text())
         assert login, log.read_text()[-2000:]
-        yield Shop(site, gateway, tmp_path / "var", login.group(1), login.group(2))
+        yield Shop(site, gateway, tmp_path / "var", login.group(1), login.group(2), env)
     finally:
         os.killpg(proc.pid, signal.SIGINT)
         try:
@@ -93,7 +106,7 @@ def browser() -> Iterator[object]:
 
 @pytest.fixture
 def page(browser):  # a fresh context: its own cookies, so its own cart
-    context = browser.new_context(viewport={"width": 1100, "height": 800})
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
     yield context.new_page()
     context.close()
 
@@ -116,3 +129,11 @@ def dead_letter_count(shop: Shop) -> int:
         return int(
             db.execute("SELECT count(*) FROM jobs_deadletter WHERE status = 'dead'").fetchone()[0]
         )
+
+
+def log_in(page, shop: Shop, user: str, password: str) -> None:
+    page.goto(f"{shop.site}/admin/login/")
+    page.get_by_label("Username").fill(user)
+    page.get_by_label("Password").fill(password)
+    page.get_by_role("button", name="Log in").click()
+    page.wait_for_url(f"{shop.site}/admin/")
