@@ -33,6 +33,22 @@ def check_out(page, card: str) -> None:
     page.wait_for_url(re.compile(r"/orders/[0-9a-f-]{36}/$"))
 
 
+def test_every_field_a_shopper_fills_has_a_label(shop, page):
+    page.goto(f"{shop.site}/")
+    add_to_cart(page, "Canvas tote bag")
+    page.get_by_role("link", name=re.compile("^Cart")).click()
+    page.get_by_role("link", name="Check out").click()
+
+    for path in ("/", "/cart/", "/checkout/"):
+        page.goto(f"{shop.site}{path}")
+        fields = page.locator("main input:not([type=hidden]), main select, main textarea")
+        assert fields.count() > 0, path
+        for index in range(fields.count()):
+            field_id = fields.nth(index).get_attribute("id")
+            assert field_id, (path, index)
+            assert page.locator(f'label[for="{field_id}"]').count() == 1, (path, field_id)
+
+
 def test_a_shopper_checks_out_and_watches_the_order_get_paid_and_receipted(shop, page):
     page.goto(f"{shop.site}/")
     screenshot(page, "catalog")
@@ -54,6 +70,8 @@ def test_a_shopper_checks_out_and_watches_the_order_get_paid_and_receipted(shop,
     screenshot(page, "order-receipt-sent")
 
     assert navigations == []  # the page followed the order without reloading
+    # a screen reader hears the change: the status box is a live region
+    assert page.locator("#order-status").get_attribute("aria-live") == "polite"
     expect(field(page, "status")).to_have_text("Paid")
     assert len(shop.mails()) == mails_before + 1
     assert "ada@example.com" in shop.mails()[-1].read_text()
