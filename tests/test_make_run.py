@@ -33,6 +33,29 @@ def runner_env(tmp_path: Path, broker_port: int) -> dict[str, str]:
     return env
 
 
+def start_make_run(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """`make run`'s launcher in a session of its own (as a terminal would run it)."""
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "deploy/run_local.py"],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def stop_make_run(proc: subprocess.Popen[bytes]) -> None:
+    """One Ctrl-C stops everything; raises if it did not within a minute."""
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+
+
 def answers(url: str) -> bool:
     try:
         return httpx.get(url, timeout=2).status_code == 200
@@ -45,15 +68,7 @@ def test_make_run_on_sqlite_serves_the_shop_and_completes_an_order(tmp_path):
     env = runner_env(tmp_path, broker_port)
     site = f"http://127.0.0.1:{env['WEB_PORT']}"
     log = tmp_path / "run.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "deploy/run_local.py"],
-            cwd=REPO,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    proc = start_make_run(env, log)
 
     def shop_answers() -> bool:
         if proc.poll() is not None:
@@ -89,13 +104,7 @@ def test_make_run_on_sqlite_serves_the_shop_and_completes_an_order(tmp_path):
         flower = f"http://127.0.0.1:{env['FLOWER_PORT']}/"
         wait_until(lambda: answers(flower), timeout=30, what="Flower")
     finally:
-        # one Ctrl-C stops everything
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            raise
+        stop_make_run(proc)
     assert not answers(f"{site}/")
 
 

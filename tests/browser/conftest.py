@@ -2,9 +2,7 @@
 the stack `make run` starts: web, gateway, one worker per queue, beat and Flower on the
 embedded SQLite database and a private Redis."""
 
-import os
 import re
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -17,7 +15,7 @@ import httpx
 import pytest
 
 from tests.processes import REPO, free_port, wait_until
-from tests.test_make_run import answers, runner_env
+from tests.test_make_run import answers, runner_env, start_make_run, stop_make_run
 
 CHROMIUM = Path("/usr/bin/chromium")
 SCREENSHOTS = REPO / "var" / "screenshots"
@@ -70,15 +68,7 @@ def shop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shop]:
     env["RETRY_BACKOFF_BASE"], env["RETRY_BACKOFF_CAP"] = "0.2", "1"  # quick retries
     site = f"http://127.0.0.1:{env['WEB_PORT']}"
     log = tmp_path / "run.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "deploy/run_local.py"],
-            cwd=REPO,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    proc = start_make_run(env, log)
     try:
         wait_until(lambda: answers(f"{site}/"), timeout=120, what="the shop to answer")
         gateway = env["PAYMENT_GATEWAY_URL"]
@@ -87,11 +77,7 @@ def shop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shop]:
         assert login, log.read_text()[-2000:]
         yield Shop(site, gateway, tmp_path / "var", login.group(1), login.group(2), env)
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_make_run(proc)
 
 
 @pytest.fixture(scope="package")
