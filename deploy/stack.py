@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 
 import httpx
@@ -28,7 +28,7 @@ BULK_PRIORITY = {"reports": ("nice", "-n", "10")}
 
 
 def choose(
-    parser: argparse.ArgumentParser, given: str, known: Iterable[str], what: str
+    parser: argparse.ArgumentParser, given: str, known: Collection[str], what: str
 ) -> list[str]:
     """The names in a comma-separated option, each one of `known`; a usage error otherwise."""
     names = [name.strip() for name in given.split(",") if name.strip()]

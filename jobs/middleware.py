@@ -16,14 +16,10 @@ class ProbeMiddleware:
     """
 
     def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
-        from jobs import views
+        from jobs.urls import urlpatterns  # the probes' one declaration
 
         self.get_response = get_response
-        self.probes = {
-            "/healthz": views.healthz,
-            "/readyz": views.readyz,
-            "/metrics": views.metrics,
-        }
+        self.probes = {f"/{pattern.pattern}": pattern.callback for pattern in urlpatterns}
 
     def __call__(self, request: HttpRequest) -> HttpResponse:
         probe = self.probes.get(request.path_info)

@@ -162,6 +162,10 @@ def test_every_long_running_service_has_a_healthcheck_and_starts_in_order(servic
     for name, service in services.items():
         if service.get("restart") != "no":
             assert service.get("healthcheck", {}).get("test"), name
+        if name in app_services(services) and "healthcheck" in service:
+            probe = service["healthcheck"]["test"]
+            assert probe[0] == "CMD", name  # a start script of the image, not a shell line
+            assert probe[1].removeprefix("deploy/bin/") in scripts(), (name, probe)
         for needed, condition in (service.get("depends_on") or {}).items():
             assert needed in services, (name, needed)
             if condition["condition"] == "service_healthy":

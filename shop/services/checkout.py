@@ -201,8 +201,8 @@ def _place(request: CheckoutRequest, idempotency_key: str | None) -> Order:
         payment = Payment.objects.create(order=order, amount=total, card_token=request.card)
         enqueue(charge_payment_task, args=[payment.pk])
         # Stock is reserved last: the UPDATE locks the product rows until COMMIT, and
-        # every checkout of a popular product waits for that lock. Taken first, it was
-        # held through four inserts and limited checkout to ~70/s (make bench, scenario 1).
+        # every checkout of the same product waits for that lock; taken last, it is held
+        # for these statements and the COMMIT only, not through the four inserts.
         short = [
             item.sku
             for item in lines
