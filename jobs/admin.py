@@ -12,6 +12,18 @@ from jobs.dead_letters import Handled, dead_letter_discard, dead_letter_replay
 from jobs.models import DeadLetter, OutboxMessage
 
 
+class ActionsRefusedLoudly(admin.ModelAdmin):
+    """Django silently ignores a posted action the user may not run; this says it: 403."""
+
+    def changelist_view(
+        self, request: HttpRequest, extra_context: dict[str, Any] | None = None
+    ) -> HttpResponse:
+        action = request.POST.get("action")
+        if action in (self.actions or ()) and action not in self.get_actions(request):
+            raise PermissionDenied(f"You may not run {action!r}.")
+        return super().changelist_view(request, extra_context)
+
+
 @admin.register(OutboxMessage)
 class OutboxMessageAdmin(admin.ModelAdmin):
     """Read-only: the outbox is written by enqueue() and drained by the relay."""
@@ -41,7 +53,7 @@ _SECTIONS: list[tuple[str | None, list[str]]] = [
 
 
 @admin.register(DeadLetter)
-class DeadLetterAdmin(admin.ModelAdmin):
+class DeadLetterAdmin(ActionsRefusedLoudly):
     """Dead letters are evidence: every field is read-only; the actions change the state."""
 
     list_display = [
@@ -83,15 +95,6 @@ class DeadLetterAdmin(admin.ModelAdmin):
     def has_discard_permission(self, request: HttpRequest) -> bool:
         return request.user.has_perm("jobs.discard_deadletter")
 
-    def changelist_view(
-        self, request: HttpRequest, extra_context: dict[str, Any] | None = None
-    ) -> HttpResponse:
-        # Django silently ignores a posted action the user may not run; say it: 403.
-        action = request.POST.get("action")
-        if action in self.actions and action not in self.get_actions(request):
-            raise PermissionDenied(f"You may not run {action!r}.")
-        return super().changelist_view(request, extra_context)
-
     def _report(self, request: HttpRequest, result: Handled, verb: str) -> None:
         if result.done:
             message = ngettext(
@@ -105,6 +108,8 @@ class DeadLetterAdmin(admin.ModelAdmin):
                 result.refused,
             ) % {"count": result.refused, "verb": verb}
             self.message_user(request, message, messages.WARNING)
+        for error in result.errors:
+            self.message_user(request, error, messages.ERROR)
 
     @admin.action(description="Replay selected dead letters", permissions=["replay"])
     def replay_selected(self, request: HttpRequest, queryset: QuerySet[DeadLetter]) -> None:

@@ -10,7 +10,7 @@ idempotent: one row per original task id.
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -26,7 +26,7 @@ from django.utils.module_loading import autodiscover_modules
 
 from jobs import correlation, metrics, outbox
 from jobs.celery import app
-from jobs.errors import PermanentError, PoisonMessage
+from jobs.errors import PermanentError, PoisonMessage, TransientError
 from jobs.lifecycle import describe, request_header
 from jobs.logs import job_event
 from jobs.models import DeadLetter
@@ -138,7 +138,8 @@ def _on_task_success(sender: Task, **_: Any) -> None:
 @dataclass(frozen=True)
 class Handled:
     done: int
-    refused: int
+    refused: int  # not in state `dead` (or gone)
+    errors: tuple[str, ...] = ()  # could not be handled now: said why, try again later
 
 
 def _chunks(ids: list[int], size: int) -> Iterable[list[int]]:
@@ -205,15 +206,57 @@ def dead_letter_replay(*, ids: Iterable[int], actor: str) -> Handled:
     return Handled(done=done, refused=refused)
 
 
+DiscardHandler = Callable[[DeadLetter, str], None]
+_discard_handlers: dict[str, DiscardHandler] = {}
+
+
+def on_discard(task_name: str) -> Callable[[DiscardHandler], DiscardHandler]:
+    """Register what discarding a dead letter of `task_name` means for the business.
+
+    Discarding is a decision, not housekeeping: the job will never run again, so whatever
+    waited for it must end (a charge's order is cancelled, a receipt is abandoned). The
+    handler gets the row and the actor, runs in the discard's transaction, and raises
+    (a TransientError when a dependency cannot be asked) to refuse the discard: the row
+    then stays `dead` and nothing is written. Register from your AppConfig.ready().
+    """
+
+    def register(handler: DiscardHandler) -> DiscardHandler:
+        _discard_handlers[task_name] = handler
+        return handler
+
+    return register
+
+
 def dead_letter_discard(*, ids: Iterable[int], actor: str) -> Handled:
-    """Mark `dead` rows discarded (kept for the audit trail until retention)."""
-    wanted = set(ids)
-    with transaction.atomic():
-        done = DeadLetter.objects.filter(pk__in=wanted, status=DeadLetter.Status.DEAD).update(
-            status=DeadLetter.Status.DISCARDED, handled_by=actor, handled_at=timezone.now()
-        )
-    logger.info("dead letters: %s discarded %d", actor, done)
-    return Handled(done=done, refused=len(wanted) - done)
+    """Mark `dead` rows discarded (kept for the audit trail until retention), each with
+    its business consequence (on_discard), one row per transaction."""
+    done = refused = 0
+    errors: list[str] = []
+    for pk in sorted(set(ids)):
+        try:
+            with transaction.atomic():
+                row = DeadLetter.objects.select_for_update().filter(pk=pk).first()
+                if row is None or row.status != DeadLetter.Status.DEAD:
+                    refused += 1
+                    continue
+                handler = _discard_handlers.get(row.task_name)
+                if handler is not None:
+                    handler(row, actor)
+                row.status = DeadLetter.Status.DISCARDED
+                row.handled_by, row.handled_at = actor, timezone.now()
+                row.save(update_fields=["status", "handled_by", "handled_at"])
+        except TransientError as exc:
+            logger.warning("dead letter %s: discard refused: %r", pk, exc)
+            errors.append(f"Dead letter {pk} was not discarded: {type(exc).__name__}; try again.")
+            continue
+        except Exception:
+            logger.exception("dead letter %s: discard failed", pk)
+            errors.append(f"Dead letter {pk} was not discarded: an error was logged.")
+            continue
+        job_event("discarded", task_id=row.task_id, task_name=row.task_name, queue=row.queue)
+        done += 1
+    logger.info("dead letters: %s discarded %d, refused %d", actor, done, refused + len(errors))
+    return Handled(done=done, refused=refused, errors=tuple(errors))
 
 
 def dead_letter_prune(*, older_than_days: int | None = None) -> int:

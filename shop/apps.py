@@ -6,4 +6,5 @@ class ShopConfig(AppConfig):
     verbose_name = "Shop"
 
     def ready(self) -> None:
-        from shop import reconcile  # noqa: F401  (registers the reconciliation checks)
+        # Registers the reconciliation checks and what discarding a dead letter means.
+        from shop import decisions, reconcile  # noqa: F401

@@ -52,6 +52,7 @@ class Order(models.Model):
 
     class Meta:
         ordering = ["-id"]
+        permissions = [("cancel_order", "Can cancel unpaid orders")]
 
     def __str__(self) -> str:
         return f"Order #{self.pk} ({self.status})"
@@ -88,6 +89,10 @@ class Payment(models.Model):
         CHARGED = "charged", "Charged"
         DECLINED = "declined", "Declined"
         FAILED = "failed", "Failed"
+        # Closed without a charge: an operator cancelled the order (or discarded its
+        # charge's dead letter), or its payment deadline passed. The gateway was told
+        # first (the key is cancelled there), so no later attempt can charge it.
+        CANCELLED = "cancelled", "Cancelled"
 
     order = models.OneToOneField(Order, on_delete=models.CASCADE, related_name="payment")
     idempotency_key = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
@@ -117,6 +122,8 @@ class Receipt(models.Model):
         PENDING = "pending", "Pending"
         SENDING = "sending", "Sending"
         SENT = "sent", "Sent"
+        # An operator discarded its dead letter: never sent, never resent automatically.
+        ABANDONED = "abandoned", "Abandoned"
 
     order = models.OneToOneField(Order, on_delete=models.CASCADE, related_name="receipt")
     status = models.CharField(max_length=20, choices=Status.choices, default=Status.PENDING)

@@ -1,7 +1,9 @@
 """The shop's reconciliation checks (registered with jobs.reconcile at start-up).
 
 Safe to repair: re-enqueue send_receipt or charge_payment through the outbox; both are
-idempotent (a claimed receipt, an idempotency key at the gateway). Never repaired, only
+idempotent (a claimed receipt, an idempotency key at the gateway). Work an operator owns
+(a `dead` or `discarded` dead letter) is never re-enqueued. An order unpaid past its
+deadline is cancelled, the gateway asked first. Never repaired, only
 reported: anything involving money that already moved (a double charge, a charge with no
 paid order); a person decides about refunds.
 """
@@ -14,31 +16,39 @@ from django.conf import settings
 from django.db.models import Q
 from django.utils import timezone
 
+from jobs.dead_letters import dead_letter_discard
 from jobs.models import DeadLetter
 from jobs.outbox import enqueue
 from jobs.reconcile import Result, reconciler
 from shop.gateway import client as gateway
 from shop.models import Order, Payment, Receipt
+from shop.services.orders import Cancelled, order_cancel
+from shop.services.payments import CANCELLED_MESSAGE
 from shop.tasks.emails import send_receipt as send_receipt_task
 from shop.tasks.payments import charge_payment as charge_payment_task
 
 ORDER_REF = re.compile(r"^Order #(\d+)$")  # the description charge_create sends
+DEADLINE_ACTOR = "payment deadline"  # who cancelled, in the logs and the dead letters' audit
 
 
 def _cutoff() -> datetime:
     return timezone.now() - timedelta(minutes=settings.RECONCILE_AFTER_MINUTES)
 
 
-def _dead(task_name: str, arg: int) -> bool:
-    """An operator owns it: the job is in the dead-letter table, waiting for a decision."""
+def _operator_owned(task_name: str, arg: int) -> bool:
+    """An operator owns the job: its dead letter waits for a decision (`dead`), or the
+    decision was to never run it again (`discarded`). Either way, not ours to re-run."""
     return DeadLetter.objects.filter(
-        task_name=task_name, status=DeadLetter.Status.DEAD, args=[arg]
+        task_name=task_name,
+        status__in=[DeadLetter.Status.DEAD, DeadLetter.Status.DISCARDED],
+        args=[arg],
     ).exists()
 
 
 @reconciler.register("paid_without_receipt", "Paid orders whose receipt was not sent")
 def paid_without_receipt(*, repair: bool) -> Result:
-    stale = Q(receipt__isnull=True) | ~Q(receipt__status=Receipt.Status.SENT)
+    settled = [Receipt.Status.SENT, Receipt.Status.ABANDONED]  # abandoned: an operator's call
+    stale = Q(receipt__isnull=True) | ~Q(receipt__status__in=settled)
     orders = list(
         Order.objects.filter(stale, status=Order.Status.PAID, updated_at__lt=_cutoff()).values_list(
             "pk", flat=True
@@ -46,7 +56,7 @@ def paid_without_receipt(*, repair: bool) -> Result:
     )
     repaired = 0
     for order_id in orders:
-        if repair and not _dead(send_receipt_task.name, order_id):
+        if repair and not _operator_owned(send_receipt_task.name, order_id):
             Receipt.objects.get_or_create(order_id=order_id)
             enqueue(send_receipt_task, args=[order_id])
             repaired += 1
@@ -57,17 +67,41 @@ def paid_without_receipt(*, repair: bool) -> Result:
 def payment_stuck(*, repair: bool) -> Result:
     payments = list(
         Payment.objects.filter(
-            status__in=[Payment.Status.PENDING, Payment.Status.UNKNOWN], updated_at__lt=_cutoff()
+            status__in=[Payment.Status.PENDING, Payment.Status.UNKNOWN],
+            order__status=Order.Status.PENDING,
+            updated_at__lt=_cutoff(),
         ).values_list("pk", flat=True)
     )
     repaired = 0
     for payment_id in payments:
-        if repair and not _dead(charge_payment_task.name, payment_id):
+        if repair and not _operator_owned(charge_payment_task.name, payment_id):
             enqueue(charge_payment_task, args=[payment_id])  # same idempotency key: safe
             repaired += 1
     return Result(
         found=len(payments), repaired=repaired, samples=[f"payment {p}" for p in payments]
     )
+
+
+@reconciler.register("unpaid_past_deadline", "Orders still unpaid after ORDER_PAYMENT_DEADLINE")
+def unpaid_past_deadline(*, repair: bool) -> Result:
+    """The deadline of every unpaid order, whoever holds it (a retrying charge, a dead
+    letter nobody decided on). Repair cancels, asking the gateway first (a charge that
+    happened makes the order paid), and closes the charge's dead letters."""
+    deadline = timezone.now() - timedelta(seconds=settings.ORDER_PAYMENT_DEADLINE)
+    overdue = list(
+        Order.objects.filter(status=Order.Status.PENDING, created_at__lt=deadline).values_list(
+            "pk", "payment__pk"
+        )
+    )
+    repaired = 0
+    for order_id, payment_id in overdue if repair else ():
+        outcome = order_cancel(order_id=order_id, actor=DEADLINE_ACTOR, message=CANCELLED_MESSAGE)
+        letters = DeadLetter.objects.filter(
+            task_name=charge_payment_task.name, status=DeadLetter.Status.DEAD, args=[payment_id]
+        ).values_list("pk", flat=True)
+        dead_letter_discard(ids=list(letters), actor=DEADLINE_ACTOR)
+        repaired += outcome != Cancelled.ALREADY_FINAL
+    return Result(found=len(overdue), repaired=repaired, samples=[f"order {o}" for o, _ in overdue])
 
 
 @reconciler.register(

@@ -197,6 +197,11 @@ REPORT_CHUNK_DELAY = env_float("REPORT_CHUNK_DELAY", 0.5)
 # The reconciler (shop/reconcile.py) looks at orders and payments older than this only:
 # younger ones may simply still be in flight.
 RECONCILE_AFTER_MINUTES = env_int("RECONCILE_AFTER_MINUTES", 10)
+# Seconds an order may stay unpaid (its charge retrying, or its dead letter waiting for
+# an operator) before the reconciler cancels it, after asking the gateway: a charge that
+# happened makes it paid instead. Card processors forget idempotency keys after about a
+# day, and stock reserved by an order nobody pays is stock nobody else can buy.
+ORDER_PAYMENT_DEADLINE = env_float("ORDER_PAYMENT_DEADLINE", 24 * 3600.0)
 
 # --- Celery ---------------------------------------------------------------------
 # Each setting below is decided by ../shared/research/celery-pitfalls.md (section in [§]).

@@ -31,6 +31,10 @@ class GatewayRejected(PermanentError):
     """The gateway refused the request itself (4xx): a bug on our side, not a blip."""
 
 
+class ChargeCancelled(PermanentError):
+    """The payment was cancelled at the gateway (charge_cancel): it can never be charged."""
+
+
 @dataclass(frozen=True)
 class Charge:
     id: str
@@ -58,6 +62,13 @@ def _error_message(response: httpx.Response) -> str:
         return str(response.json()["error"]["message"])
     except (ValueError, KeyError, TypeError):
         return response.text[:200]
+
+
+def _error_code(response: httpx.Response) -> str:
+    try:
+        return str(response.json()["error"].get("code", ""))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return ""
 
 
 def _request(method: str, url: str, **kwargs: Any) -> httpx.Response:
@@ -92,6 +103,8 @@ def charge_create(
     )
     if response.status_code == 402:
         raise CardDeclined(_error_message(response))
+    if response.status_code == 409 and _error_code(response) == "payment_cancelled":
+        raise ChargeCancelled(_error_message(response))
     if response.status_code >= 400:
         raise GatewayRejected(f"{response.status_code}: {_error_message(response)}")
     body = response.json()
@@ -107,6 +120,24 @@ def charge_lookup(*, idempotency_key: str) -> Charge | None:
     if not charges:
         return None
     return Charge(id=charges[0].get("id", ""), status=charges[0]["status"])
+
+
+def charge_cancel(*, idempotency_key: str) -> Charge | None:
+    """Close the key's payment at the gateway so nothing can charge it any more.
+
+    Asking and closing are one step at the gateway, so a charge attempt racing with the
+    cancellation either happened (its Charge is returned: the payment was made) or is
+    refused for good (None: cancelled). Raises GatewayUnavailable or GatewayTimeout when
+    the gateway cannot say; then nothing may be assumed.
+    """
+    response = _request("POST", "/v1/cancellations", headers={"Idempotency-Key": idempotency_key})
+    if response.status_code >= 400:
+        raise GatewayRejected(f"{response.status_code}: {_error_message(response)}")
+    body = response.json()
+    if body["cancelled"]:
+        return None
+    charge = body["charge"]
+    return Charge(id=charge.get("id", ""), status=charge["status"])
 
 
 def charges_list() -> list[dict[str, Any]]:

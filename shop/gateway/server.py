@@ -12,6 +12,12 @@ API (JSON in, JSON out):
 - ``POST /v1/charges`` with header ``Idempotency-Key`` and body
   ``{"amount": "12.34", "currency": "EUR", "card": "4242424242424242", "description": "..."}``
 - ``GET /v1/charges[?idempotency_key=K]``: every recorded outcome, oldest first
+- ``POST /v1/cancellations`` with header ``Idempotency-Key``: cancel the payment of that
+  key before it is charged (like cancelling a Stripe PaymentIntent). Atomic with charges:
+  when the key has an outcome already, nothing is cancelled and the answer carries the
+  charge (``{"cancelled": false, "charge": {...}}``); otherwise every later charge with
+  the key is refused (409, code ``payment_cancelled``) and the answer is
+  ``{"cancelled": true}``. Cancelling twice is the same cancellation.
 - ``GET /v1/control`` / ``POST /v1/control``: read / change the fault settings
 - ``GET /healthz``
 
@@ -238,14 +244,19 @@ class ChargeRequest:
         return hashlib.sha256(self.card.encode("ascii")).hexdigest()
 
 
-def parse_charge_request(idempotency_key: str | None, body: bytes) -> ChargeRequest:
-    """Validate a charge request; raises HTTPError(400) naming the first problem."""
+def parse_idempotency_key(idempotency_key: str | None) -> str:
     if idempotency_key is None or not idempotency_key.strip():
         raise HTTPError(400, "Missing required header: Idempotency-Key.")
     if len(idempotency_key) > MAX_IDEMPOTENCY_KEY_LENGTH:
         raise HTTPError(
             400, f"Idempotency-Key must be at most {MAX_IDEMPOTENCY_KEY_LENGTH} characters."
         )
+    return idempotency_key
+
+
+def parse_charge_request(idempotency_key: str | None, body: bytes) -> ChargeRequest:
+    """Validate a charge request; raises HTTPError(400) naming the first problem."""
+    key = parse_idempotency_key(idempotency_key)
     data = _parse_json_object(body)
 
     amount = data.get("amount")
@@ -286,7 +297,7 @@ def parse_charge_request(idempotency_key: str | None, body: bytes) -> ChargeRequ
             )
 
     return ChargeRequest(
-        idempotency_key=idempotency_key,
+        idempotency_key=key,
         amount=str(value.quantize(_CENT)),
         currency=currency.upper(),
         card=card,
@@ -320,6 +331,10 @@ CREATE TABLE IF NOT EXISTS charges (
     created TEXT NOT NULL,
     response_status INTEGER NOT NULL,
     response_body TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS cancellations (
+    idempotency_key TEXT PRIMARY KEY,
+    created TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS transient_failures (
     idempotency_key TEXT PRIMARY KEY,
@@ -373,6 +388,30 @@ class Ledger:
             self._conn.execute("COMMIT")
             return outcome
 
+    def cancel(self, idempotency_key: str) -> Outcome:
+        """Cancel the key's payment unless it has an outcome; one transaction with charges."""
+        with self._lock:
+            conn = self._conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                row = conn.execute(
+                    f"SELECT {_VIEW_COLUMNS} FROM charges WHERE idempotency_key = ?",  # noqa: S608
+                    (idempotency_key,),
+                ).fetchone()
+                if row is None:
+                    conn.execute(
+                        "INSERT INTO cancellations (idempotency_key, created) VALUES (?, ?)"
+                        " ON CONFLICT (idempotency_key) DO NOTHING",
+                        (idempotency_key, datetime.now(UTC).isoformat(timespec="microseconds")),
+                    )
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        if row is None:
+            return Outcome(200, {"cancelled": True, "idempotency_key": idempotency_key})
+        return Outcome(200, {"cancelled": False, "charge": dict(row)})
+
     def _charge(self, request: ChargeRequest, flaky_card_failures: int) -> Outcome:
         conn = self._conn
         row = conn.execute(
@@ -395,6 +434,19 @@ class Ledger:
                     ),
                 )
             return Outcome(row["response_status"], json.loads(row["response_body"]), replayed=True)
+
+        cancelled = conn.execute(
+            "SELECT 1 FROM cancellations WHERE idempotency_key = ?", (request.idempotency_key,)
+        ).fetchone()
+        if cancelled is not None:
+            return Outcome(
+                409,
+                error_body(
+                    "invalid_request_error",
+                    "This payment was cancelled; it can no longer be charged.",
+                    code="payment_cancelled",
+                ),
+            )
 
         if request.card == FLAKY_CARD:
             failures = conn.execute(
@@ -530,10 +582,21 @@ class Gateway:
             delay = config.timeout_seconds  # recorded, but the client will not hear in time
         return Response(outcome.status, outcome.body, headers, delay)
 
+    def cancel_payment(self, idempotency_key: str | None) -> Response:
+        config = self.config
+        self.sleep(config.latency_ms / 1000)
+        if self.config.outage:
+            raise HTTPError(
+                503, "The payment gateway is unavailable (outage).", "api_error", "outage"
+            )
+        outcome = self.ledger.cancel(parse_idempotency_key(idempotency_key))
+        return Response(outcome.status, outcome.body)
+
 
 _ROUTES: dict[str, tuple[str, ...]] = {
     "/healthz": ("GET",),
     "/v1/charges": ("GET", "POST"),
+    "/v1/cancellations": ("POST",),
     "/v1/control": ("GET", "POST"),
 }
 
@@ -625,6 +688,8 @@ class GatewayRequestHandler(BaseHTTPRequestHandler):
                 except ValueError as exc:
                     raise HTTPError(400, f"Invalid settings: {exc}.") from None
             return Response(200, gateway.config.to_dict())
+        if url.path == "/v1/cancellations":
+            return gateway.cancel_payment(self.headers.get("Idempotency-Key"))
         if method == "POST":
             return gateway.create_charge(self.headers.get("Idempotency-Key"), body)
         keys = parse_qs(url.query, keep_blank_values=True).get("idempotency_key")

@@ -6,6 +6,7 @@ runs that both reach it still make one charge.
 """
 
 import logging
+from datetime import datetime
 
 from celery.exceptions import SoftTimeLimitExceeded
 from django.db import transaction
@@ -15,12 +16,13 @@ from django.utils import timezone
 from jobs.errors import PermanentError, TransientError
 from jobs.outbox import enqueue
 from shop.gateway import client as gateway
-from shop.models import Order, Payment, Product, Receipt
+from shop.models import Order, OrderLine, Payment, Product, Receipt
 from shop.tasks.emails import send_receipt as send_receipt_task
 
 logger = logging.getLogger(__name__)
 
 CHARGEABLE = [Payment.Status.PENDING, Payment.Status.UNKNOWN]
+CANCELLED_MESSAGE = "This order was cancelled: its payment could not be completed."
 
 
 def payment_charge(*, payment_id: int) -> None:
@@ -48,14 +50,20 @@ def payment_charge(*, payment_id: int) -> None:
                 description=f"Order #{payment.order_id}",
             )
     except gateway.CardDeclined as exc:
+        # A business outcome, not a failure: the task did its job (no retry, no dead letter).
         payment_mark_declined(payment_id=payment_id, message=str(exc))
-        raise
+        return
+    except gateway.ChargeCancelled:
+        # Cancelled at the gateway (an operator, the payment deadline); finish the
+        # cancellation here in case the process that asked for it died before doing so.
+        payment_mark_cancelled(payment_id=payment_id, message=CANCELLED_MESSAGE)
+        return
     except (gateway.GatewayTimeout, SoftTimeLimitExceeded) as exc:
         _mark_unknown(payment_id)
         raise TransientError(f"outcome of the charge is unknown: {exc!r}") from exc
     if charge.status == "declined":
         payment_mark_declined(payment_id=payment_id, message="Your card was declined.")
-        raise gateway.CardDeclined("Your card was declined.")
+        return
     payment_mark_charged(payment_id=payment_id, charge_id=charge.id)
 
 
@@ -97,12 +105,40 @@ def payment_mark_declined(*, payment_id: int, message: str) -> bool:
         if not won:
             return False
         order_id = Payment.objects.values_list("order_id", flat=True).get(pk=payment_id)
-        failed = Order.objects.filter(pk=order_id, status=Order.Status.PENDING).update(
-            status=Order.Status.FAILED, updated_at=now
-        )
-        if failed:
-            order = Order.objects.prefetch_related("lines").get(pk=order_id)
-            for line in order.lines.all():
-                Product.objects.filter(pk=line.product_id).update(stock=F("stock") + line.quantity)
+        _close_order(order_id, Order.Status.FAILED, now)
     logger.info("payment %s declined: %s", payment_id, message)
     return True
+
+
+def payment_mark_cancelled(*, payment_id: int, message: str) -> bool:
+    """pending|unknown -> cancelled, order -> cancelled, reserved stock released.
+
+    Only after the gateway cancelled the key (charge_cancel): no later attempt can charge.
+    """
+    now = timezone.now()
+    with transaction.atomic():
+        won = Payment.objects.filter(pk=payment_id, status__in=CHARGEABLE).update(
+            status=Payment.Status.CANCELLED, failure_message=message[:300], updated_at=now
+        )
+        if not won:
+            return False
+        order_id = Payment.objects.values_list("order_id", flat=True).get(pk=payment_id)
+        _close_order(order_id, Order.Status.CANCELLED, now)
+    logger.info("payment %s cancelled: %s", payment_id, message)
+    return True
+
+
+def _close_order(order_id: int, status: str, now: datetime) -> None:
+    """pending -> failed|cancelled, and its reserved stock back on the shelf.
+
+    The conditional UPDATE is the guard: only the run that moves the order out of
+    `pending` releases the stock, so it is released exactly once.
+    """
+    closed = Order.objects.filter(pk=order_id, status=Order.Status.PENDING).update(
+        status=status, updated_at=now
+    )
+    if closed:
+        for product_id, quantity in OrderLine.objects.filter(order_id=order_id).values_list(
+            "product_id", "quantity"
+        ):
+            Product.objects.filter(pk=product_id).update(stock=F("stock") + quantity)

@@ -1,7 +1,10 @@
 from celery import shared_task
 
 from jobs.base import ReliableTask
-from shop.services.payments import payment_charge
+
+# The module, not the function: shop.services.payments enqueues the receipt task, so the
+# two modules import each other, and a module reference resolves at call time.
+from shop.services import payments
 
 
 # Soft limit 20 s marks the payment `unknown` (the next attempt asks the gateway before
@@ -13,4 +16,4 @@ from shop.services.payments import payment_charge
     time_limit=30,
 )
 def charge_payment(payment_id: int) -> None:
-    payment_charge(payment_id=payment_id)
+    payments.payment_charge(payment_id=payment_id)

@@ -13,7 +13,7 @@ from django_celery_results.models import TaskResult
 
 from jobs import app
 from jobs.models import DeadLetter, OutboxMessage
-from shop.models import Order, Payment, Receipt
+from shop.models import Order, Payment, Product, Receipt
 from tests.processes import wait_until
 
 pytestmark = [pytest.mark.stack, pytest.mark.django_db(transaction=True)]
@@ -153,22 +153,71 @@ def test_a_card_that_fails_transiently_is_retried_and_charged_once(
     assert not DeadLetter.objects.exists()
 
 
-def test_a_declined_card_is_dead_lettered_at_once_and_the_customer_sees_it(
+def order_settled(client, order_id: int, status: str, timeout: float = 30) -> dict:
+    return wait_until(
+        lambda: (body := client.get(status_url(order_id)).json())["status"] == status and body,
+        timeout=timeout,
+        what=f"order {order_id} {status}",
+    )
+
+
+def test_a_declined_card_fails_the_order_without_a_dead_letter_and_the_customer_sees_it(
     client, workers, gateway, products
 ):
     order_id = place_order(client, DECLINED)
 
-    letter = dead_letter_of("shop.tasks.payments.charge_payment")
+    body = order_settled(client, order_id, "failed")
 
     payment = Payment.objects.get(order_id=order_id)
-    assert (letter.reason, letter.attempts, letter.queue) == ("permanent_error", 1, "payments")
-    assert letter.args == [payment.pk]
+    assert (body["payment"]["status"], body["payment"]["message"]) == (
+        "declined",
+        "Your card was declined.",
+    )
     assert [c["status"] for c in gateway.ledger(str(payment.idempotency_key))] == ["declined"]
-    body = client.get(status_url(order_id)).json()
-    assert (body["status"], body["payment"]["message"]) == ("failed", "Your card was declined.")
+    assert Product.objects.get(sku="MUG").stock == 10  # released
+    finished(TaskResult.objects.get(task_name="shop.tasks.payments.charge_payment").task_id)
+    assert not DeadLetter.objects.exists()  # a business outcome, not a failure
     page = client.get(status_url(order_id).removeprefix("/api")).content.decode()
     assert "Payment failed" in page
     assert "Your card was declined." in page
+
+
+def test_an_operator_discards_a_dead_charge_and_the_order_ends_without_a_charge(
+    client, workers, gateway, products, django_user_model, settings
+):
+    from django.contrib.auth.models import Permission
+
+    # given: an order whose charge died while the gateway was down, the gateway back
+    gateway.control(outage=True)
+    order_id = place_order(client)
+    letter = dead_letter_of("shop.tasks.payments.charge_payment")
+    gateway.control(outage=False)
+    operator = django_user_model.objects.create_user("operator", password="pw", is_staff=True)
+    operator.user_permissions.set(
+        Permission.objects.filter(codename__in=["view_deadletter", "discard_deadletter"])
+    )
+    client.force_login(operator)
+
+    # when: the operator discards it, and the reconciler runs with the workers listening
+    response = client.post(
+        "/admin/jobs/deadletter/",
+        {"action": "discard_selected", "_selected_action": [letter.pk]},
+        follow=True,
+    )
+    settings.RECONCILE_AFTER_MINUTES = 0
+    call_command("reconcile")
+
+    # then: the order is cancelled for good, its stock back, and the card never charged
+    assert [str(m) for m in response.context["messages"]] == ["1 dead letter discarded."]
+    body = client.get(status_url(order_id)).json()
+    assert (body["status"], body["payment"]["status"]) == ("cancelled", "cancelled")
+    assert Product.objects.get(sku="MUG").stock == 10
+    payment = Payment.objects.get(order_id=order_id)
+    queued = OutboxMessage.objects.filter(task_name=letter.task_name)
+    assert queued.count() == 1  # the checkout's own: the reconciler enqueued nothing
+    assert gateway.ledger(str(payment.idempotency_key)) == []
+    page = client.get(status_url(order_id).removeprefix("/api")).content.decode()
+    assert "This order was cancelled" in page
 
 
 def test_a_gateway_outage_exhausts_the_retries_and_charges_nothing(
@@ -264,31 +313,41 @@ def test_the_request_id_follows_the_charge_through_its_retries_into_logs_and_dea
 
 
 def test_metrics_follow_a_real_worker_run(client, workers, gateway, mail_dir, products):
+    from jobs import metrics
     from tests.jobs.test_metrics import scrape, value
 
     charge, receipt = "shop.tasks.payments.charge_payment", "shop.tasks.emails.send_receipt"
+    on_payments = {"task": charge, "queue": "payments"}
+    metrics._consumers_cache = (0.0, {})  # counted by this test's workers, not a cached count
     before = scrape(client)
 
-    # one order that retries twice, then is paid; one that is declined (dead letter)
+    # one order that retries twice, then is paid; one that is declined (no dead letter)
     flaky = place_order(client, FLAKY)
     wait_for_receipt(client, flaky)
-    place_order(client, DECLINED)
-    dead_letter_of(charge)
+    order_settled(client, place_order(client, DECLINED), "failed")
+    wait_until(
+        lambda: (
+            value(scrape(client), "jobs_tasks_succeeded_total", **on_payments)
+            - value(before, "jobs_tasks_succeeded_total", **on_payments)
+            == 2
+        ),
+        timeout=10,
+        what="the decline counted as a success",
+    )
     after = scrape(client)
 
     def delta(name: str, **labels: str) -> float:
         return value(after, name, **labels) - value(before, name, **labels)
 
-    on_payments = {"task": charge, "queue": "payments"}
     assert delta("jobs_tasks_enqueued_total", **on_payments) == 2
     assert delta("jobs_tasks_started_total", **on_payments) == 4  # 3 flaky attempts + 1
     assert delta("jobs_tasks_retried_total", **on_payments) == 2
-    assert delta("jobs_tasks_succeeded_total", **on_payments) == 1
-    assert delta("jobs_tasks_failed_total", **on_payments) == 1
+    assert delta("jobs_tasks_succeeded_total", **on_payments) == 2  # the decline too
+    assert delta("jobs_tasks_failed_total", **on_payments) == 0
     assert delta("jobs_tasks_succeeded_total", task=receipt, queue="emails") == 1
-    assert delta("jobs_dead_letters_total", reason="permanent_error", **on_payments) == 1
+    assert delta("jobs_dead_letters_total", reason="permanent_error", **on_payments) == 0
     assert delta("jobs_task_runtime_seconds_count", **on_payments) == 4
     assert delta("jobs_task_queue_wait_seconds_count", **on_payments) == 4
-    assert value(after, "jobs_dead_letters", reason="permanent_error", status="dead") == 1
+    assert value(after, "jobs_dead_letters", reason="permanent_error", status="dead") == 0
     assert value(after, "jobs_queue_consumers", queue="payments") == 1
     assert value(after, "jobs_queue_depth", queue="payments") == 0

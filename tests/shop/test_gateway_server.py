@@ -18,6 +18,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -354,6 +355,72 @@ def test_different_keys_are_served_in_parallel(
     assert statuses == [201] * 10
     assert elapsed < 2.0  # one after the other would take at least 4 s
     assert all(len(ledger_rows(gateway_server, key)) == 1 for key in keys)
+
+
+# --- Cancelling ---------------------------------------------------------------------
+
+
+def cancel(client: httpx.Client, key: str) -> httpx.Response:
+    return client.post("/v1/cancellations", headers={"Idempotency-Key": key})
+
+
+def test_a_cancelled_key_can_never_be_charged(
+    gateway_server: GatewayProcess, client: httpx.Client
+) -> None:
+    key = new_key()
+
+    first, again = cancel(client, key), cancel(client, key)
+    refused = charge(client, key)
+
+    assert first.status_code == again.status_code == 200
+    assert first.json() == again.json() == {"cancelled": True, "idempotency_key": key}
+    assert refused.status_code == 409
+    assert refused.json()["error"]["code"] == "payment_cancelled"
+    assert ledger_rows(gateway_server, key) == []
+    assert api_rows(client, key) == []
+
+
+@pytest.mark.parametrize("card", [OK_CARD, DECLINED_CARD])
+def test_cancelling_a_key_with_an_outcome_cancels_nothing_and_returns_it(
+    client: httpx.Client, card: str
+) -> None:
+    key = new_key()
+    charged = charge(client, key, card=card)
+
+    response = cancel(client, key)
+    again = charge(client, key, card=card)
+
+    assert response.status_code == 200
+    body = response.json()
+    assert body["cancelled"] is False
+    assert body["charge"] == api_rows(client, key)[0]
+    assert again.content == charged.content  # still the key's first answer
+
+
+def test_a_cancel_racing_a_charge_leaves_exactly_one_of_them(client: httpx.Client) -> None:
+    # The lock makes them one after the other: either the charge or the cancellation won.
+    control(client, latency_ms=200)
+    for _ in range(5):
+        key = new_key()
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            charging = pool.submit(charge, client, key)
+            cancelling = pool.submit(cancel, client, key)
+        charged = charging.result().status_code == 201
+        assert cancelling.result().json()["cancelled"] is not charged
+        assert len(api_rows(client, key)) == int(charged)
+
+
+def test_cancelling_needs_a_key_and_fails_during_an_outage(client: httpx.Client) -> None:
+    key = new_key()
+    missing = client.post("/v1/cancellations")
+    control(client, outage=True)
+    down = cancel(client, key)
+    control(client, outage=False)
+
+    assert missing.status_code == 400
+    assert "Idempotency-Key" in missing.json()["error"]["message"]
+    assert down.status_code == 503
+    assert charge(client, key).status_code == 201  # the failed cancel cancelled nothing
 
 
 def test_charges_are_listed_in_creation_order(

@@ -125,3 +125,5 @@ class Command(BaseCommand):
         result = service(ids=ids, actor=actor)
         past = "replayed" if action == "replay" else "discarded"
         self.stdout.write(f"{past} {result.done} dead letter(s), refused {result.refused}")
+        for error in result.errors:
+            self.stderr.write(error)

@@ -10,17 +10,29 @@
 
   function render(data) {
     const paid = data.status === "paid";
-    const failed = data.status === "failed" || data.status === "cancelled";
+    const cancelled = data.status === "cancelled";
+    const failed = data.status === "failed" || cancelled;
     field("status").textContent = data.status_display;
-    field("payment").textContent = paid ? "Paid" : failed ? "Payment failed" : "Payment pending";
+    field("payment").textContent = paid
+      ? "Paid"
+      : cancelled
+        ? "Cancelled"
+        : failed
+          ? "Payment failed"
+          : "Payment pending";
     step("paid").className = paid ? "done" : failed ? "failed" : "";
     const sent = data.receipt.status === "sent";
-    field("receipt").textContent = sent ? "Receipt sent" : "Receipt not sent yet";
+    const abandoned = data.receipt.status === "abandoned"; // the shop gave up on the mail
+    field("receipt").textContent = sent
+      ? "Receipt sent"
+      : abandoned
+        ? "Receipt not sent"
+        : "Receipt not sent yet";
     step("receipt").className = sent ? "done" : "";
     const problem = field("problem");
     problem.textContent = data.payment.message || "";
     problem.hidden = !data.payment.message;
-    return failed || sent;
+    return failed || sent || abandoned;
   }
 
   async function poll() {

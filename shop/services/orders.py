@@ -1,0 +1,61 @@
+"""Ending an unpaid order: the one way an order is cancelled, whoever decides it.
+
+An operator (the admin's cancel action, or discarding the charge's dead letter) and the
+payment deadline all come here. The gateway is asked first, and asking is closing: the
+payment's idempotency key is cancelled at the gateway in the same step that looks for a
+charge, so a charge that happened makes the order paid (never cancelled), and a charge
+attempt still in flight can no longer succeed after the order was cancelled.
+"""
+
+import enum
+import logging
+
+from shop.gateway import client as gateway
+from shop.models import Order, Payment
+from shop.services.payments import (
+    CHARGEABLE,
+    payment_mark_cancelled,
+    payment_mark_charged,
+    payment_mark_declined,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class Cancelled(enum.StrEnum):
+    """What became of a cancellation."""
+
+    CANCELLED = "cancelled"  # the order is cancelled, its stock released
+    PAID = "paid"  # the gateway had charged the card: the order is paid instead
+    DECLINED = "declined"  # the gateway had declined the card: the order failed
+    ALREADY_FINAL = "already_final"  # nothing to do: the order was not pending
+
+
+def order_cancel(*, order_id: int, actor: str, message: str) -> Cancelled:
+    """Cancel a pending order unless the gateway says it was charged.
+
+    `message` is what the customer reads on the order page. Raises TransientError when the
+    gateway cannot be asked (nothing changes then; try again later).
+    """
+    payment = Payment.objects.filter(order_id=order_id).first()
+    if payment is None or payment.status not in CHARGEABLE:
+        return Cancelled.ALREADY_FINAL
+    if not Order.objects.filter(pk=order_id, status=Order.Status.PENDING).exists():
+        return Cancelled.ALREADY_FINAL
+    charge = gateway.charge_cancel(idempotency_key=str(payment.idempotency_key))
+    if charge is not None and charge.status == "succeeded":
+        payment_mark_charged(payment_id=payment.pk, charge_id=charge.id)
+        logger.warning(
+            "order %s: %s asked to cancel, but the gateway had charged it (%s): paid",
+            order_id,
+            actor,
+            charge.id,
+        )
+        return Cancelled.PAID
+    if charge is not None:
+        payment_mark_declined(payment_id=payment.pk, message="Your card was declined.")
+        return Cancelled.DECLINED
+    if not payment_mark_cancelled(payment_id=payment.pk, message=message):
+        return Cancelled.ALREADY_FINAL
+    logger.info("order %s cancelled by %s", order_id, actor)
+    return Cancelled.CANCELLED

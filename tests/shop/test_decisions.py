@@ -1,0 +1,259 @@
+"""The roads out of a failed charge or receipt: an operator discards a dead letter or
+cancels an order, or the payment deadline passes. Against the real gateway process and
+PostgreSQL: each ends the order for good, releases its stock once, and nothing automatic
+(the reconciler, a late charge attempt) undoes it."""
+
+import uuid
+from datetime import timedelta
+
+import httpx
+import pytest
+from django.contrib.auth.models import Permission, User
+from django.utils import timezone
+
+from jobs.dead_letters import dead_letter_discard
+from jobs.models import DeadLetter, OutboxMessage
+from jobs.reconcile import reconciler
+from shop.gateway import client as gateway_client
+from shop.models import Order, Payment, Product, Receipt
+from shop.services.checkout import checkout_complete, checkout_parse
+from shop.services.orders import Cancelled, order_cancel
+from shop.services.payments import payment_charge
+from tests.processes import run_concurrently
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+CHARGE, RECEIPT = "shop.tasks.payments.charge_payment", "shop.tasks.emails.send_receipt"
+AN_HOUR_AGO = timezone.now() - timedelta(hours=1)  # the reconciler looks (10 min)
+DAYS_AGO = timezone.now() - timedelta(days=2)  # ... and the deadline has passed (24 h)
+
+
+def place_order(quantity: int = 3) -> Payment:
+    request = checkout_parse(
+        {
+            "email": "ada@example.com",
+            "card": "4242424242424242",
+            "items": [{"sku": "MUG", "quantity": quantity}],
+        }
+    )
+    return checkout_complete(request=request).order.payment
+
+
+def dead_letter(task_name: str, arg: int) -> DeadLetter:
+    return DeadLetter.objects.create(
+        task_id=str(uuid.uuid4()), task_name=task_name, args=[arg], reason="retries_exhausted"
+    )
+
+
+def age(payment: Payment, when: object = AN_HOUR_AGO) -> None:
+    """Make the order old enough for the reconciler to look at it."""
+    Order.objects.filter(pk=payment.order_id).update(created_at=when, updated_at=when)
+    Payment.objects.filter(pk=payment.pk).update(updated_at=when)
+
+
+def charge_behind_the_shops_back(payment: Payment) -> dict:
+    """The gateway charged this key, but the shop never heard the answer."""
+    response = httpx.post(
+        f"{gateway_client.settings.PAYMENT_GATEWAY_URL}/v1/charges",
+        headers={"Idempotency-Key": str(payment.idempotency_key)},
+        json={"amount": str(payment.amount), "currency": "EUR", "card": payment.card_token},
+    )
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def stock() -> int:
+    return Product.objects.get(sku="MUG").stock
+
+
+def charges_queued() -> int:
+    return OutboxMessage.objects.filter(task_name=CHARGE).count()
+
+
+def test_discarding_a_charges_dead_letter_cancels_the_order_and_nothing_charges_it_later(
+    broker, gateway, products
+):
+    # given a charge that ran out of retries, reserved stock, and an old order
+    payment = place_order()
+    letter = dead_letter(CHARGE, payment.pk)
+    age(payment)
+    assert stock() == 7
+
+    # when an operator discards it, and the reconciler runs afterwards
+    result = dead_letter_discard(ids=[letter.pk], actor="alice")
+    queued_before = charges_queued()
+    reconciler.run(repair=True)
+
+    # then the order is over: cancelled, stock back, nothing re-enqueued or charged
+    assert (result.done, result.errors) == (1, ())
+    payment.refresh_from_db()
+    assert (payment.status, payment.order.status) == ("cancelled", "cancelled")
+    assert "cancelled" in payment.failure_message
+    assert stock() == 10
+    assert charges_queued() == queued_before
+    assert DeadLetter.objects.get().status == "discarded"
+    # and a late attempt (a message still in a queue) cannot charge it either
+    payment_charge(payment_id=payment.pk)
+    assert gateway.ledger(str(payment.idempotency_key)) == []
+    assert stock() == 10
+
+
+def test_discarding_when_the_gateway_charged_after_all_makes_the_order_paid(
+    broker, gateway, products
+):
+    payment = place_order()
+    letter = dead_letter(CHARGE, payment.pk)
+    charge = charge_behind_the_shops_back(payment)
+
+    dead_letter_discard(ids=[letter.pk], actor="alice")
+
+    payment.refresh_from_db()
+    assert (payment.status, payment.gateway_charge_id) == ("charged", charge["id"])
+    assert payment.order.status == "paid"
+    assert stock() == 7  # sold, not released
+    assert OutboxMessage.objects.filter(task_name=RECEIPT).count() == 1
+
+
+def test_a_discard_the_gateway_cannot_confirm_is_refused_and_changes_nothing(
+    broker, gateway, products
+):
+    payment = place_order()
+    letter = dead_letter(CHARGE, payment.pk)
+    gateway.control(outage=True)
+
+    result = dead_letter_discard(ids=[letter.pk], actor="alice")
+
+    assert result.done == 0
+    assert result.errors == (
+        f"Dead letter {letter.pk} was not discarded: GatewayUnavailable; try again.",
+    )
+    letter.refresh_from_db()
+    assert (letter.status, letter.handled_by) == ("dead", "")
+    payment.refresh_from_db()
+    assert (payment.status, payment.order.status) == ("pending", "pending")
+    assert stock() == 7
+
+
+def test_discarding_a_receipts_dead_letter_abandons_it_and_the_reconciler_never_resends(
+    broker, gateway, products
+):
+    payment = place_order()
+    payment_charge(payment_id=payment.pk)
+    letter = dead_letter(RECEIPT, payment.order_id)
+    Order.objects.filter(pk=payment.order_id).update(updated_at=AN_HOUR_AGO)
+    receipts_before = OutboxMessage.objects.filter(task_name=RECEIPT).count()
+
+    dead_letter_discard(ids=[letter.pk], actor="alice")
+    reconciler.run(repair=True)
+
+    assert Receipt.objects.get(order_id=payment.order_id).status == "abandoned"
+    assert OutboxMessage.objects.filter(task_name=RECEIPT).count() == receipts_before
+
+
+def test_a_cancelled_key_refuses_a_charge_and_the_attempt_finishes_the_cancellation(
+    broker, gateway, products
+):
+    # The process that cancelled at the gateway died before writing it down.
+    payment = place_order()
+    assert gateway_client.charge_cancel(idempotency_key=str(payment.idempotency_key)) is None
+
+    payment_charge(payment_id=payment.pk)
+
+    payment.refresh_from_db()
+    assert (payment.status, payment.order.status) == ("cancelled", "cancelled")
+    assert stock() == 10
+    assert gateway.ledger(str(payment.idempotency_key)) == []
+
+
+def test_cancelling_twice_at_once_releases_the_stock_once(broker, gateway, products):
+    payment = place_order()
+
+    outcomes: list[Cancelled] = []
+    errors = run_concurrently(
+        lambda: outcomes.append(
+            order_cancel(order_id=payment.order_id, actor="ops", message="Cancelled.")
+        )
+    )
+    again = order_cancel(order_id=payment.order_id, actor="ops", message="Cancelled.")
+
+    assert errors == []
+    assert sorted(outcomes) == ["already_final", "cancelled"]
+    assert again == Cancelled.ALREADY_FINAL
+    assert stock() == 10
+
+
+def test_the_deadline_cancels_unpaid_orders_after_asking_the_gateway(
+    broker, gateway, products, settings
+):
+    settings.ORDER_PAYMENT_DEADLINE = 24 * 3600
+    # one order nobody decided on (its charge is dead), one the gateway did charge,
+    # one still young
+    forgotten = place_order(quantity=1)
+    forgotten_letter = dead_letter(CHARGE, forgotten.pk)
+    charged = place_order(quantity=2)
+    charge_behind_the_shops_back(charged)
+    young = place_order(quantity=3)
+    age(forgotten, DAYS_AGO)
+    age(charged, DAYS_AGO)
+    age(young)  # an hour old: still inside its deadline
+    assert stock() == 4
+
+    reconciler.run(repair=True)
+
+    assert Order.objects.get(pk=forgotten.order_id).status == "cancelled"
+    assert Order.objects.get(pk=charged.order_id).status == "paid"
+    assert Order.objects.get(pk=young.order_id).status == "pending"
+    assert stock() == 5  # the cancelled order's one unit is back
+    forgotten_letter.refresh_from_db()
+    assert (forgotten_letter.status, forgotten_letter.handled_by) == (
+        "discarded",
+        "payment deadline",
+    )
+    assert gateway.ledger(str(forgotten.idempotency_key)) == []
+    finding = reconciler.run(repair=True)
+    deadline = next(f for f in finding if f.check_name == "unpaid_past_deadline")
+    assert deadline.found == 0  # the next run finds nothing left to do
+
+
+def staff(username: str, *codenames: str) -> User:
+    user = User.objects.create_user(username, password="pw", is_staff=True)
+    wanted = ["view_order", *codenames]
+    user.user_permissions.set(Permission.objects.filter(codename__in=wanted))
+    return user
+
+
+def test_an_operator_cancels_from_the_admin_only_with_the_permission(
+    client, broker, gateway, products
+):
+    payment = place_order()
+    action = {"action": "cancel_selected", "_selected_action": [payment.order_id]}
+
+    client.force_login(staff("viewer"))
+    refused = client.post("/admin/shop/order/", action)
+    client.force_login(staff("ops", "cancel_order"))
+    page = client.get("/admin/shop/order/").content.decode()
+    done = client.post("/admin/shop/order/", action, follow=True)
+
+    assert refused.status_code == 403
+    assert "Cancel selected unpaid orders" in page
+    assert done.status_code == 200
+    assert "1 order cancelled, its stock released." in done.content.decode()
+    payment.refresh_from_db()
+    assert payment.order.status == "cancelled"
+    assert stock() == 10
+
+
+def test_the_admin_says_when_the_gateway_cannot_be_asked(client, broker, gateway, products):
+    payment = place_order()
+    gateway.control(outage=True)
+    client.force_login(staff("ops", "cancel_order"))
+
+    done = client.post(
+        "/admin/shop/order/",
+        {"action": "cancel_selected", "_selected_action": [payment.order_id]},
+        follow=True,
+    )
+
+    assert "the payment gateway did not answer" in done.content.decode()
+    assert Order.objects.get().status == "pending"
+    assert stock() == 7
