@@ -49,6 +49,7 @@ class Lab(Stack):
                 "RECONCILE_AFTER_MINUTES": "1",
                 "RETRY_MAX_RETRIES": "3",  # a gateway outage of ~15 s exhausts some charges
                 "RETRY_BACKOFF_CAP": "8",
+                "RETRY_OUTAGE_BUDGET": "0",  # short on purpose: no start-up warning
                 "EMAIL_BACKEND": "deploy.lab_mail.TrapFileBackend",
                 "CELERY_WORKER_SOFT_SHUTDOWN_TIMEOUT": "2",
                 "GATEWAY_FAILURE_RATE": str(args.gateway_failure_rate),
@@ -285,6 +286,7 @@ class Lab(Stack):
     ) -> bool:
         from jobs.models import DeadLetter
         from shop.models import Order, Receipt
+        from shop.services.payments import charge_description
 
         orders = {str(o.reference): o for o in Order.objects.select_related("payment")}
         ledger = httpx.get(self.gw("/v1/charges"), timeout=30).json()["charges"]
@@ -299,8 +301,8 @@ class Lab(Stack):
         dead = self.dead_lettered()
         lost = [r for r in self.unsettled(accepted, []) if r not in dead]
         waiting = [r for r in accepted if r in dead]  # good cards only
-        doubles = [o.pk for o in paid if charges[f"Order #{o.pk}"] > 1]
-        uncharged = [o.pk for o in paid if charges[f"Order #{o.pk}"] == 0]
+        doubles = [o.pk for o in paid if charges[charge_description(o)] > 1]
+        uncharged = [o.pk for o in paid if charges[charge_description(o)] == 0]
         # A decline is the order's final state (failed), not a dead letter. A declined
         # card caught by a gateway outage first runs out of retries, and waits for the
         # replay, which then declines it.

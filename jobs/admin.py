@@ -24,9 +24,21 @@ class ActionsRefusedLoudly(admin.ModelAdmin):
         return super().changelist_view(request, extra_context)
 
 
+class NeverDeleted(admin.ModelAdmin):
+    """Rows that are work or evidence: deleting one loses committed work or skips the audit.
+
+    Without the delete permission Django offers neither the delete page (403) nor the
+    "delete selected" action; each admin's own actions are the ways out.
+    """
+
+    def has_delete_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        return False
+
+
 @admin.register(OutboxMessage)
-class OutboxMessageAdmin(admin.ModelAdmin):
-    """Read-only: the outbox is written by enqueue() and drained by the relay."""
+class OutboxMessageAdmin(NeverDeleted):
+    """Read-only: the outbox is written by enqueue() and drained by the relay (sent rows
+    are pruned after retention; an unsent row is a task not published yet)."""
 
     list_display = ["id", "task_name", "task_id", "created_at", "sent_at", "attempts"]
     list_filter = ["task_name", ("sent_at", admin.EmptyFieldListFilter)]
@@ -53,8 +65,9 @@ _SECTIONS: list[tuple[str | None, list[str]]] = [
 
 
 @admin.register(DeadLetter)
-class DeadLetterAdmin(ActionsRefusedLoudly):
-    """Dead letters are evidence: every field is read-only; the actions change the state."""
+class DeadLetterAdmin(NeverDeleted, ActionsRefusedLoudly):
+    """Dead letters are evidence: every field is read-only, none is deleted; the actions
+    change the state (discard, not delete, so the audit trail records who and when)."""
 
     list_display = [
         "id",

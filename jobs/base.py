@@ -25,7 +25,7 @@ from celery.exceptions import Ignore, Reject, Retry
 from django.conf import settings
 
 from jobs.errors import PermanentError, PoisonMessage
-from jobs.poison import delivery_count
+from jobs.poison import delivery_count, delivery_finished
 from jobs.retry import RetryPolicy
 
 
@@ -44,12 +44,21 @@ class ReliableTask(DjangoTask):
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         request = self.request
-        if not request.called_directly and not request.is_eager:
-            deliveries = delivery_count(request.id, request.retries)
+        if request.called_directly or request.is_eager:
+            return self._run(*args, **kwargs)
+        task_id, retries = request.id, request.retries
+        deliveries = delivery_count(task_id, retries)
+        try:
             if deliveries > settings.JOBS_POISON_MAX_DELIVERIES:
                 raise PoisonMessage(
                     f"delivered {deliveries} times without finishing: it kills its worker"
                 )
+            return self._run(*args, **kwargs)
+        finally:
+            # Reached unless the process died: this delivery is not a poison suspect.
+            delivery_finished(task_id, retries)
+
+    def _run(self, *args: Any, **kwargs: Any) -> Any:
         try:
             return super().__call__(*args, **kwargs)
         except (Retry, Ignore, Reject, PermanentError):

@@ -1,4 +1,5 @@
-"""Start-up checks: refuse a configuration that makes Redis redeliver tasks in a loop.
+"""Start-up checks: refuse a configuration that makes Redis redeliver tasks in a loop,
+and warn about a retry budget that a short outage of a dependency exhausts.
 
 On Redis a message is handed to another worker once it has been unacked for the
 visibility timeout, counted from delivery. A task that runs, or waits for its retry
@@ -12,7 +13,10 @@ from typing import Any
 from celery.signals import beat_init, worker_init
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, register
+from django.core.checks import Warning as CheckWarning
 from django.utils.module_loading import autodiscover_modules
+
+from jobs.retry import RetryPolicy
 
 
 @register("jobs")
@@ -34,9 +38,24 @@ def visibility_timeout_check(app_configs: Any = None, **kwargs: Any) -> list[Che
                 Error(f"{what} is {value} s: redelivery loop.", hint=hint, id="jobs.E001")
             )
 
+    def rides_out(policy: RetryPolicy, what: str) -> None:
+        at_least, at_most = policy.budget()
+        outage = settings.JOBS_RETRY_OUTAGE_BUDGET
+        if at_least < outage:
+            errors.append(
+                CheckWarning(
+                    f"{what} rides out an outage of {at_least:g} s for sure (at most "
+                    f"{at_most:g} s), less than RETRY_OUTAGE_BUDGET ({outage:g} s): a longer "
+                    "outage of a dependency dead-letters every job in flight.",
+                    hint="Raise RETRY_MAX_RETRIES or RETRY_BACKOFF_CAP.",
+                    id="jobs.W001",
+                )
+            )
+
     require(settings.CELERY_TASK_TIME_LIMIT, "CELERY_TASK_TIME_LIMIT")
     require(settings.JOBS_RETRY_BACKOFF_CAP, "The retry backoff cap (RETRY_BACKOFF_CAP)")
     require(settings.JOBS_RETRY_BACKOFF_BASE, "The retry delay base (RETRY_BACKOFF_BASE)")
+    rides_out(ReliableTask.retry_policy, "The retry policy")
     # Not app.loader.import_default_modules(): Celery's Django fixup runs the system
     # checks from that very signal, which would recurse.
     autodiscover_modules("tasks")
@@ -48,6 +67,7 @@ def visibility_timeout_check(app_configs: Any = None, **kwargs: Any) -> list[Che
         if isinstance(task, ReliableTask) and task.retry_policy != ReliableTask.retry_policy:
             require(task.retry_policy.cap, f"{name}: retry backoff cap")
             require(task.default_retry_delay, f"{name}: default_retry_delay")
+            rides_out(task.retry_policy, f"{name}: the retry policy")
     return errors
 
 
@@ -55,7 +75,7 @@ def visibility_timeout_check(app_configs: Any = None, **kwargs: Any) -> list[Che
 @beat_init.connect
 def refuse_to_start_with_a_redelivery_loop(**_: Any) -> None:
     """Celery's Django fixup runs the system checks but starts the worker anyway."""
-    errors = visibility_timeout_check()
+    errors = [e for e in visibility_timeout_check() if e.is_serious()]
     if errors:
         for error in errors:
             print(f"{error.id}: {error.msg}\n  {error.hint}", file=sys.stderr)

@@ -1,5 +1,11 @@
-"""Readiness checks: can this process do its work right now?"""
+"""Readiness checks: can this process do its work right now?
 
+/readyz answers anyone (kubelet, a load balancer), so a failed check says which one
+failed in fixed words; the exception, with the hosts, ports and users it may name, goes
+to the server's log only.
+"""
+
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -9,20 +15,24 @@ from django.db.migrations.executor import MigrationExecutor
 
 from jobs.celery import app
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class Check:
     ok: bool
-    detail: str
+    detail: str  # fixed words ("reachable", "unreachable"): never an exception's text
     ms: float
 
 
-def _timed(probe: Callable[[], str]) -> Check:
+def _timed(name: str, probe: Callable[[], str], *, failed: str) -> Check:
+    """Run `probe`; on an exception answer `failed` and log the exception (repr)."""
     start = time.monotonic()
     try:
         detail, ok = probe(), True
     except Exception as exc:
-        detail, ok = f"{type(exc).__name__}: {exc}"[:300], False
+        logger.warning("readiness: %s check failed: %r", name, exc)
+        detail, ok = failed, False
     return Check(ok=ok, detail=detail, ms=round((time.monotonic() - start) * 1000, 1))
 
 
@@ -48,10 +58,15 @@ def _migrations() -> str:
 
 
 def readiness() -> dict[str, Check]:
-    database = _timed(_database)
+    database = _timed("database", _database, failed="unreachable")
+    broker = _timed("broker", _broker, failed="unreachable")
     return {
         "database": database,
-        "broker": _timed(_broker),
+        "broker": broker,
         # Without a database the migration state cannot be read; say so once.
-        "migrations": _timed(_migrations) if database.ok else Check(False, "unknown", 0.0),
+        "migrations": (
+            _timed("migrations", _migrations, failed="not applied")
+            if database.ok
+            else Check(False, "unknown", 0.0)
+        ),
     }

@@ -179,9 +179,18 @@ def _database_state(now: float) -> Iterator[Metric]:
         "What each reconciliation check found wrong on its last run.",
         labels=["check"],
     )
+    # A check that could not run (its dependency down) is not a check that found
+    # nothing: a double-charge detector that goes blind must say so.
+    failed = GaugeMetricFamily(
+        "jobs_reconciliation_check_failed",
+        "1 when a reconciliation check could not run on its last attempt.",
+        labels=["check"],
+    )
     for finding in ReconciliationFinding.objects.all():
         gaps.add_metric([finding.check_name], finding.found)
+        failed.add_metric([finding.check_name], 1 if finding.error else 0)
     yield gaps
+    yield failed
 
 
 class StateCollector(Collector):

@@ -6,6 +6,11 @@ too, forever. (A lost pool child is bounded already by task_retry_on_worker_lost
 start of a task counts one delivery of (task id, retry number) in Redis; past
 POISON_MAX_DELIVERIES the task fails with PoisonMessage instead of running, which acks
 the message and dead-letters it.
+
+The count only matters while its delivery might come back: a run that ends (succeeds,
+fails, or schedules its retry, which is counted under the next retry number) deletes it
+at once, so Redis holds one key per task that is running or died running, not one per
+task ever run. The TTL is the backstop for a worker that died and was never redelivered.
 """
 
 import logging
@@ -18,12 +23,16 @@ from jobs.broker import redis_client
 logger = logging.getLogger(__name__)
 
 
+def _key(task_id: str, retries: int) -> str:
+    return f"jobs:deliveries:{task_id}:{retries}"
+
+
 def delivery_count(task_id: str, retries: int) -> int:
     """Count this delivery and return how many there have been (0: could not count)."""
     client = redis_client()
     if client is None:
         return 0  # not Redis: RabbitMQ bounds redeliveries itself (quorum delivery-limit)
-    key = f"jobs:deliveries:{task_id}:{retries}"
+    key = _key(task_id, retries)
     # Long enough to see the next redeliveries, which come a visibility timeout apart.
     ttl = int(settings.CELERY_VISIBILITY_TIMEOUT * (settings.JOBS_POISON_MAX_DELIVERIES + 1))
     try:
@@ -36,3 +45,15 @@ def delivery_count(task_id: str, retries: int) -> int:
         logger.warning("poison guard: could not count delivery of %s: %r", task_id, exc)
         return 0
     return int(count)
+
+
+def delivery_finished(task_id: str, retries: int) -> None:
+    """This delivery ended without killing its worker: forget its count."""
+    client = redis_client()
+    if client is None:
+        return
+    try:
+        client.delete(_key(task_id, retries))
+    except redis.RedisError as exc:
+        # The key expires by itself; a task must never fail because of the guard.
+        logger.warning("poison guard: could not forget delivery of %s: %r", task_id, exc)

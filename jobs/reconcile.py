@@ -56,34 +56,35 @@ class Reconciler:
         """Run every check; a check that raises is recorded as such, the others still run."""
         findings = []
         for check in self.checks.values():
+            fields: dict[str, object] = {"description": check.description}
             try:
-                result, error = check.run(repair=repair), ""
+                result = check.run(repair=repair)
             except Exception as exc:
                 # A dependency that is down is expected; a traceback is for the unexpected.
                 expected = isinstance(exc, TransientError)
                 logger.warning(
-                    "reconcile: check %s failed: %r", check.name, exc, exc_info=not expected
+                    "reconcile: check %s could not run: %r", check.name, exc, exc_info=not expected
                 )
-                result, error = Result(found=0), f"{type(exc).__name__}: {exc}"[:2000]
-            finding, _ = ReconciliationFinding.objects.update_or_create(
-                check_name=check.name,
-                defaults={
-                    "description": check.description,
+                # Not "found nothing": the last findings stay, and the error says that the
+                # check is blind now (jobs_reconciliation_check_failed, and its alert).
+                fields["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+            else:
+                fields |= {
                     "found": result.found,
                     "repaired": result.repaired,
                     "samples": result.samples[:20],
-                    "error": error,
-                    "checked_at": timezone.now(),
-                },
+                    "error": "",
+                }
+                if result.found:
+                    logger.warning(
+                        "reconcile: %s found %d, repaired %d",
+                        check.name,
+                        result.found,
+                        result.repaired,
+                    )
+            finding, _ = ReconciliationFinding.objects.update_or_create(
+                check_name=check.name, defaults=fields | {"checked_at": timezone.now()}
             )
-            if result.found or error:
-                logger.warning(
-                    "reconcile: %s found %d, repaired %d %s",
-                    check.name,
-                    result.found,
-                    result.repaired,
-                    error,
-                )
             findings.append(finding)
         return findings
 

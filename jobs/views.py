@@ -21,7 +21,8 @@ def healthz(request: HttpRequest) -> JsonResponse:
 
 @never_cache
 def readyz(request: HttpRequest) -> JsonResponse:
-    """Readiness: database reachable, broker reachable, migrations applied."""
+    """Readiness: database reachable, broker reachable, migrations applied. Public, so a
+    failed check is named in fixed words; why it failed is in the server's log."""
     checks = readiness()
     ready = all(check.ok for check in checks.values())
     body = {

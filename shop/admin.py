@@ -1,14 +1,17 @@
 from collections import Counter
 from collections.abc import Callable
+from typing import Any
 
+from django import forms
 from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
 from django.utils.translation import ngettext
 
-from jobs.admin import ActionsRefusedLoudly
+from jobs.admin import ActionsRefusedLoudly, NeverDeleted
 from jobs.errors import TransientError
 from shop.models import Order, OrderLine, Payment, Product, Receipt
+from shop.services.catalog import StockWouldGoNegative, product_stock_adjust
 from shop.services.orders import Cancelled, order_cancel
 
 MESSAGE = "This order was cancelled by the shop."  # what the customer reads
@@ -45,10 +48,80 @@ _LEVELS = {
 }
 
 
+ADJUSTMENT = "stock_adjustment"
+
+
+class ProductChangeForm(forms.ModelForm):
+    """Stock is changed by a number of units to add or remove, never by writing back the
+    stock the form was loaded with: that would erase the orders placed since."""
+
+    stock_adjustment = forms.IntegerField(
+        label="Add or remove units",
+        initial=0,
+        required=False,
+        min_value=-1_000_000,
+        max_value=1_000_000,
+        help_text="Negative removes units. Added to the stock as it is when you save, so "
+        "orders placed meanwhile keep their units.",
+    )
+    new_stock: int | None = None  # what the adjustment left, once applied
+
+    def full_clean(self) -> None:
+        """The adjustment comes last, once everything else is valid: its conditional
+        UPDATE is the check, so a refusal is a form error and changes nothing. The admin
+        saves in the same transaction, so a save that fails takes the adjustment back."""
+        super().full_clean()
+        if not self.is_bound or self.errors or not self.cleaned_data.get(ADJUSTMENT):
+            return
+        try:
+            self.new_stock = product_stock_adjust(
+                product_id=self.instance.pk, delta=self.cleaned_data[ADJUSTMENT]
+            )
+        except StockWouldGoNegative as refused:
+            self.add_error(ADJUSTMENT, str(refused))
+
+
 @admin.register(Product)
 class ProductAdmin(admin.ModelAdmin):
+    """A new product sets its initial stock; after that stock is read-only and moves only
+    by atomic adjustments (ProductChangeForm)."""
+
     list_display = ["sku", "name", "price", "stock"]
     search_fields = ["sku", "name"]
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Product | None = None) -> list[str]:
+        return [*super().get_readonly_fields(request, obj), *(["stock"] if obj else [])]
+
+    def get_form(
+        self, request: HttpRequest, obj: Product | None = None, change: bool = False, **kwargs: Any
+    ) -> Any:
+        if obj is not None:
+            kwargs["form"] = ProductChangeForm
+        return super().get_form(request, obj, change, **kwargs)
+
+    def get_fields(self, request: HttpRequest, obj: Product | None = None) -> list[Any]:
+        """The adjustment right under the stock it changes."""
+        fields = [name for name in super().get_fields(request, obj) if name != ADJUSTMENT]
+        return fields if obj is None else [*fields, ADJUSTMENT]
+
+    def save_model(
+        self, request: HttpRequest, obj: Product, form: forms.ModelForm, change: bool
+    ) -> None:
+        if not change:
+            super().save_model(request, obj, form, change)
+            return
+        # Only what the operator changed: a full save would write back the stale stock.
+        obj.save(update_fields=[name for name in form.changed_data if name != ADJUSTMENT])
+        assert isinstance(form, ProductChangeForm)
+        delta = form.cleaned_data.get(ADJUSTMENT)
+        if delta and form.new_stock is not None:
+            obj.stock = form.new_stock
+            message = ngettext(
+                "%(count)+d unit: %(product)s has %(stock)d in stock now.",
+                "%(count)+d units: %(product)s has %(stock)d in stock now.",
+                abs(delta),
+            ) % {"count": delta, "product": obj, "stock": obj.stock}
+            self.message_user(request, message, messages.SUCCESS)
 
 
 class OrderLineInline(admin.TabularInline):
@@ -59,7 +132,9 @@ class OrderLineInline(admin.TabularInline):
 
 
 @admin.register(Order)
-class OrderAdmin(ActionsRefusedLoudly):
+class OrderAdmin(NeverDeleted, ActionsRefusedLoudly):
+    """Never deleted: a deletion would cascade without releasing the stock; cancel instead."""
+
     list_display = ["id", "email", "status", "total", "created_at"]
     list_filter = ["status", "created_at"]
     search_fields = ["id", "=reference", "email", "=idempotency_key"]
@@ -102,7 +177,9 @@ class OrderAdmin(ActionsRefusedLoudly):
 
 
 @admin.register(Payment)
-class PaymentAdmin(admin.ModelAdmin):
+class PaymentAdmin(NeverDeleted):
+    """Evidence of what the gateway was asked and answered: read-only, never deleted."""
+
     list_display = ["order", "status", "amount", "gateway_charge_id", "updated_at"]
     list_filter = ["status"]
     search_fields = ["order__id", "idempotency_key", "gateway_charge_id"]
@@ -120,7 +197,9 @@ class PaymentAdmin(admin.ModelAdmin):
 
 
 @admin.register(Receipt)
-class ReceiptAdmin(admin.ModelAdmin):
+class ReceiptAdmin(NeverDeleted):
+    """Evidence of what was emailed: read-only, never deleted."""
+
     list_display = ["order", "status", "attempts", "sent_at"]
     list_filter = ["status"]
     readonly_fields = [

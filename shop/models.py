@@ -128,8 +128,9 @@ class Receipt(models.Model):
     order = models.OneToOneField(Order, on_delete=models.CASCADE, related_name="receipt")
     status = models.CharField(max_length=20, choices=Status.choices, default=Status.PENDING)
     claimed_at = models.DateTimeField(null=True, blank=True)
-    # The task id holding the claim: its own retry (same id) may take the claim over at
-    # once, because Celery retries only after the previous attempt has ended or died.
+    # The delivery holding the claim, "<task id>/<attempt>": a later attempt of the same
+    # task may take it over at once (Celery starts it only after this one ended or died);
+    # any other delivery, another copy of the same message included, leaves it alone.
     claimed_by = models.CharField(max_length=255, blank=True)
     sent_at = models.DateTimeField(null=True, blank=True)
     attempts = models.PositiveIntegerField(default=0)
@@ -141,3 +142,38 @@ class Receipt(models.Model):
     def message_id(self) -> str:
         """Stable across resends, so a provider (or a reader) can drop a duplicate."""
         return f"<receipt-{self.order_id}@shop.example>"
+
+
+class ReportRun(models.Model):
+    """One requested or scheduled sales report. A report scans the whole order history, so
+    at most one is queued or running at a time: the partial unique constraint makes a
+    second active row impossible, whoever (a request, beat, a replay) tries to add it."""
+
+    class Status(models.TextChoices):
+        QUEUED = "queued", "Queued"
+        RUNNING = "running", "Running"
+        DONE = "done", "Done"
+        FAILED = "failed", "Failed"
+
+    ACTIVE = (Status.QUEUED, Status.RUNNING)
+
+    status = models.CharField(max_length=20, choices=Status.choices, default=Status.QUEUED)
+    # The Celery task id: the task finds its own run by it (and its retries, same id).
+    task_id = models.CharField(max_length=255, unique=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    # When the latest attempt started: an attempt never lasts past the hard time limit.
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.UniqueConstraint(
+                models.Value(True),
+                condition=models.Q(status__in=["queued", "running"]),
+                name="reportrun_one_active",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"Sales report {self.task_id} ({self.status})"

@@ -27,7 +27,7 @@ from shop.services.payments import CANCELLED_MESSAGE
 from shop.tasks.emails import send_receipt as send_receipt_task
 from shop.tasks.payments import charge_payment as charge_payment_task
 
-ORDER_REF = re.compile(r"^Order #(\d+)$")  # the description charge_create sends
+ORDER_REF = re.compile(r"^Order #(\d+)\b")  # payments.charge_description()
 DEADLINE_ACTOR = "payment deadline"  # who cancelled, in the logs and the dead letters' audit
 
 

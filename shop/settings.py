@@ -329,11 +329,20 @@ JOBS_OUTBOX_RETENTION_DAYS = env_int("OUTBOX_RETENTION_DAYS", 7)
 
 # --- Retries and dead letters (jobs/retry.py, jobs/dead_letters.py) ------------------
 
-# Exponential backoff with full jitter: retry n waits uniform(0, min(cap, base * 2**n)) s.
-# The cap stays far below the visibility timeout (a system check enforces < half).
-JOBS_RETRY_MAX_RETRIES = env_int("RETRY_MAX_RETRIES", 5)
+# Exponential backoff with equal jitter: retry n waits uniform(c/2, c) s, where
+# c = min(cap, base * 2**n) (jobs/retry.py says why not Celery's full jitter). The
+# budget of the defaults: ceilings 2, 4, ... 256, then 300 s four times, 1,710 s in all,
+# so a job retries for at least 14.25 and at most 28.5 minutes before it is dead-lettered:
+# a payment processor's or mail server's incident of 10 minutes dead-letters nothing.
+# Each wait stays below half the visibility timeout (a system check enforces it, and
+# that the budget rides out RETRY_OUTAGE_BUDGET).
+JOBS_RETRY_MAX_RETRIES = env_int("RETRY_MAX_RETRIES", 12)
 JOBS_RETRY_BACKOFF_BASE = env_float("RETRY_BACKOFF_BASE", 2.0)
-JOBS_RETRY_BACKOFF_CAP = env_float("RETRY_BACKOFF_CAP", 60.0)
+JOBS_RETRY_BACKOFF_CAP = env_float("RETRY_BACKOFF_CAP", 300.0)
+# The outage (seconds) the retry budget must be sure to ride out: a shorter guaranteed
+# budget is a start-up warning (jobs.W001). 0 turns the warning off (the tests' quick
+# retries).
+JOBS_RETRY_OUTAGE_BUDGET = env_float("RETRY_OUTAGE_BUDGET", 600.0)
 # Replayed and discarded dead letters are pruned after this; `dead` ones never are.
 JOBS_DEAD_LETTER_RETENTION_DAYS = env_int("DEAD_LETTER_RETENTION_DAYS", 30)
 # A message delivered more often than this without finishing is dead-lettered as poison.

@@ -106,6 +106,7 @@ def worker_env(
         "RETRY_MAX_RETRIES": "3",
         "RETRY_BACKOFF_BASE": "0.1",
         "RETRY_BACKOFF_CAP": "0.4",
+        "RETRY_OUTAGE_BUDGET": "0",  # quick retries on purpose: no start-up warning
         "LOG_LEVEL": "INFO",
         "LOG_FORMAT": "json",
     }

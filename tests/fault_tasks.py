@@ -90,3 +90,8 @@ def database_session(path: str) -> int:
     with Path(path).open("a") as log:
         log.write(f"{pid}\n")
     return pid
+
+
+@shared_task(name="tests.fault_tasks.noop", base=ReliableTask, ignore_result=True)
+def noop() -> None:
+    """Does nothing: many of them show what a task leaves behind in the broker."""

@@ -7,28 +7,56 @@ worker's periodic sweep does once the real timeout has passed.
 """
 
 import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from django_celery_results.models import TaskResult
 
-from jobs import app
-from jobs.models import DeadLetter
+from jobs import app, outbox
+from jobs.models import DeadLetter, OutboxMessage
 from shop.models import Payment, Receipt
+from shop.services.checkout import checkout_complete, checkout_parse
+from shop.services.payments import payment_charge
 from tests.processes import Worker, wait_until
 from tests.shop.test_end_to_end import mails_with, place_order, wait_for_receipt
 
 pytestmark = [pytest.mark.stack, pytest.mark.django_db(transaction=True)]
 
 
+def starts(worker: Worker, task_name: str) -> int:
+    """How often the worker logged the task's `started` event (its first line ran)."""
+    records = [json.loads(line) for line in worker.log_text().splitlines() if line[:1] == "{"]
+    return sum((r.get("event"), r.get("task_name")) == ("started", task_name) for r in records)
+
+
 def started(worker: Worker, task_name: str) -> bool:
-    """The worker logged the task's `started` event (its first line is about to run)."""
-    for line in worker.log_text().splitlines():
-        if line.startswith("{"):
-            record = json.loads(line)
-            if (record.get("event"), record.get("task_name")) == ("started", task_name):
-                return True
-    return False
+    return starts(worker, task_name) > 0
+
+
+@contextmanager
+def outbox_paused() -> Iterator[None]:
+    """After-commit publishing off: rows stay unsent for the test to publish by hand."""
+    outbox._paused_until = time.monotonic() + 3600
+    try:
+        yield
+    finally:
+        outbox.resume_publishing()
+
+
+def place_charged_order() -> Payment:
+    request = checkout_parse(
+        {
+            "email": "ada@example.com",
+            "card": "4242424242424242",
+            "items": [{"sku": "MUG", "quantity": 1}],
+        }
+    )
+    payment = checkout_complete(request=request).order.payment
+    payment_charge(payment_id=payment.pk)
+    return payment
 
 
 def test_a_whole_worker_killed_mid_charge_is_replaced_and_the_card_is_charged_once(
@@ -94,6 +122,39 @@ def test_a_child_killed_between_sending_and_marking_leaves_one_receipt_and_one_m
     mails = list(mail_dir.iterdir())
     assert len(mails) == 2  # sent, crashed before marking, sent again by the retry...
     assert mails_with(mail_dir, receipt.message_id) == 2  # ...with the same Message-ID
+    assert not DeadLetter.objects.exists()
+
+
+def test_two_live_copies_of_one_receipt_message_send_one_mail(
+    broker, gateway, worker_env, worker_logs, mail_dir, products
+):
+    # given: a paid order whose send_receipt row is published twice (the relay and the
+    # after-commit publisher both sent it), and a mail server that takes 2 s to answer
+    env = worker_env | {"EMAIL_BACKEND": "tests.fault_email.SlowBackend", "FAULT_MAIL_DELAY": "2"}
+    emails = Worker("emails", env, worker_logs, concurrency=2).start()
+    try:
+        emails.wait_ready()
+        with outbox_paused():
+            payment = place_charged_order()
+        row = OutboxMessage.objects.get(task_name="shop.tasks.emails.send_receipt")
+        outbox._send(row)
+        outbox._send(row)
+
+        # when: both copies run at once, one in each pool child
+        wait_until(
+            lambda: Receipt.objects.filter(order_id=payment.order_id, status="sent").exists(),
+            timeout=30,
+            what="the receipt",
+        )
+        wait_until(lambda: broker.unacked() == 0, timeout=30, what="both copies acked")
+    finally:
+        emails.stop()
+
+    # then: one mail; the second copy saw the live claim and left it
+    receipt = Receipt.objects.get(order_id=payment.order_id)
+    assert mails_with(mail_dir, receipt.message_id) == 1
+    assert receipt.attempts == 1
+    assert starts(emails, "shop.tasks.emails.send_receipt") == 2
     assert not DeadLetter.objects.exists()
 
 

@@ -22,6 +22,7 @@ from django.utils import timezone
 from jobs.celery import app
 from shop.gateway import client as gateway
 from shop.models import Order, Payment, Receipt
+from shop.services.payments import charge_description
 from shop.services.receipts import receipt_deliver
 
 PROBE_KEY = "bench:probe"
@@ -51,7 +52,7 @@ def naive_charge(payment_id: int) -> None:
         amount=payment.amount,
         currency="EUR",
         card=payment.card_token,
-        description=f"Order #{payment.order_id}",
+        description=charge_description(payment.order),
     )
     payment.status, payment.gateway_charge_id = Payment.Status.CHARGED, charge.id
     payment.save(update_fields=["status", "gateway_charge_id", "updated_at"])

@@ -16,11 +16,17 @@ from jobs.errors import PermanentError, TransientError
 
 
 class GatewayUnavailable(TransientError):
-    """Connection refused, 5xx or 429: nothing was charged; try again later."""
+    """The gateway could not be reached, or answered 5xx or 429: try again later."""
 
 
-class GatewayTimeout(TransientError):
-    """No answer in time: the charge may or may not have happened. Ask before charging."""
+class OutcomeUnknown(TransientError):
+    """The request may have reached the gateway, but no answer came back (a read timeout,
+    a connection reset after sending): the charge may or may not have happened. Ask
+    before charging again."""
+
+
+class GatewayTimeout(OutcomeUnknown):
+    """No answer in time."""
 
 
 class CardDeclined(PermanentError):
@@ -74,10 +80,14 @@ def _error_code(response: httpx.Response) -> str:
 def _request(method: str, url: str, **kwargs: Any) -> httpx.Response:
     try:
         response = _client().request(method, url, **kwargs)
+    except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+        # No connection, so the request was never sent.
+        raise GatewayUnavailable(f"payment gateway unreachable: {exc!r}") from exc
     except httpx.TimeoutException as exc:
         raise GatewayTimeout(f"payment gateway did not answer in time: {exc!r}") from exc
     except httpx.TransportError as exc:
-        raise GatewayUnavailable(f"payment gateway unreachable: {exc!r}") from exc
+        # A read or write error, the connection closed mid-answer: sent, perhaps processed.
+        raise OutcomeUnknown(f"payment gateway answer lost: {exc!r}") from exc
     if response.status_code >= 500 or response.status_code == 429:
         raise GatewayUnavailable(
             f"payment gateway answered {response.status_code}: {_error_message(response)}"
@@ -111,15 +121,24 @@ def charge_create(
     return Charge(id=body["id"], status=body["status"])
 
 
-def charge_lookup(*, idempotency_key: str) -> Charge | None:
-    """The gateway's record for this key, or None when it never charged with it."""
-    response = _request("GET", "/v1/charges", params={"idempotency_key": idempotency_key})
+def _first(params: dict[str, str]) -> Charge | None:
+    response = _request("GET", "/v1/charges", params=params)
     if response.status_code >= 400:
         raise GatewayRejected(f"{response.status_code}: {_error_message(response)}")
     charges = response.json()["charges"]
     if not charges:
         return None
     return Charge(id=charges[0].get("id", ""), status=charges[0]["status"])
+
+
+def charge_lookup(*, idempotency_key: str, description: str) -> Charge | None:
+    """What the gateway did for this payment, or None when it never charged it.
+
+    By idempotency key first; then by the charge's description (the order reference),
+    because processors forget keys after about a day, and a replay or a reconciler run
+    days later must still find the charge instead of making a second one.
+    """
+    return _first({"idempotency_key": idempotency_key}) or _first({"description": description})
 
 
 def charge_cancel(*, idempotency_key: str) -> Charge | None:

@@ -11,7 +11,9 @@ API (JSON in, JSON out):
 
 - ``POST /v1/charges`` with header ``Idempotency-Key`` and body
   ``{"amount": "12.34", "currency": "EUR", "card": "4242424242424242", "description": "..."}``
-- ``GET /v1/charges[?idempotency_key=K]``: every recorded outcome, oldest first
+- ``GET /v1/charges[?idempotency_key=K][&description=D]``: recorded outcomes, oldest
+  first (``description`` is how a shop finds its order's charges once the key is
+  forgotten, as real processors let one search charges by metadata)
 - ``POST /v1/cancellations`` with header ``Idempotency-Key``: cancel the payment of that
   key before it is charged (like cancelling a Stripe PaymentIntent). Atomic with charges:
   when the key has an outcome already, nothing is cancelled and the answer carries the
@@ -20,6 +22,11 @@ API (JSON in, JSON out):
   ``{"cancelled": true}``. Cancelling twice is the same cancellation.
 - ``GET /v1/control`` / ``POST /v1/control``: read / change the fault settings
 - ``GET /healthz``
+
+Like real processors, the gateway remembers an idempotency key for a limited time
+(``key_ttl_seconds``, 24 h by default; Stripe keeps keys for at least 24 hours). After
+that the key is forgotten: its charge stays in the ledger, listed under
+``"<key> (forgotten)"``, and a request with the key is a new request.
 
 Ledger schema (table ``charges``, one row per idempotency key, ordered by ``seq``): ``id``,
 ``idempotency_key``, ``status`` ("succeeded" | "declined"), ``amount``, ``currency``,
@@ -44,7 +51,7 @@ import traceback
 import uuid
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -84,6 +91,7 @@ class GatewayConfig:
     timeout_seconds: float = 30.0  # how late, in that case
     outage: bool = False  # every POST /v1/charges answers 503
     flaky_card_failures: int = 2  # 503s per idempotency key for FLAKY_CARD before it charges
+    key_ttl_seconds: float = 86_400.0  # how long an idempotency key is remembered
     seed: int | None = None  # seed of the random generator (None: unpredictable)
 
     ENV_VARS: ClassVar[dict[str, str]] = {
@@ -93,6 +101,7 @@ class GatewayConfig:
         "timeout_seconds": "GATEWAY_TIMEOUT_SECONDS",
         "outage": "GATEWAY_OUTAGE",
         "flaky_card_failures": "GATEWAY_FLAKY_CARD_FAILURES",
+        "key_ttl_seconds": "GATEWAY_KEY_TTL",
         "seed": "GATEWAY_SEED",
     }
 
@@ -104,6 +113,7 @@ class GatewayConfig:
         if not isinstance(self.outage, bool):
             raise ValueError("outage must be a boolean")
         _check_int("flaky_card_failures", self.flaky_card_failures, 0, 1000)
+        _check_number("key_ttl_seconds", self.key_ttl_seconds, 0.0, 10 * 365 * 86_400.0)
         if self.seed is not None and (
             isinstance(self.seed, bool) or not isinstance(self.seed, int)
         ):
@@ -377,10 +387,23 @@ class Ledger:
         with self._lock:
             self._conn.close()
 
-    def charge(self, request: ChargeRequest, flaky_card_failures: int) -> Outcome:
+    def _forget_expired(self, idempotency_key: str, key_ttl: float) -> None:
+        """Let go of the key's charge once it is older than the TTL (inside a transaction).
+
+        The charge stays; its key is renamed, so the key is free for a new request.
+        """
+        cutoff = datetime.now(UTC) - timedelta(seconds=key_ttl)
+        self._conn.execute(
+            "UPDATE charges SET idempotency_key = idempotency_key || ' (forgotten ' || seq || ')'"
+            " WHERE idempotency_key = ? AND created < ?",
+            (idempotency_key, cutoff.isoformat(timespec="microseconds")),
+        )
+
+    def charge(self, request: ChargeRequest, flaky_card_failures: int, key_ttl: float) -> Outcome:
         with self._lock:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
+                self._forget_expired(request.idempotency_key, key_ttl)
                 outcome = self._charge(request, flaky_card_failures)
             except BaseException:
                 self._conn.execute("ROLLBACK")
@@ -388,12 +411,13 @@ class Ledger:
             self._conn.execute("COMMIT")
             return outcome
 
-    def cancel(self, idempotency_key: str) -> Outcome:
+    def cancel(self, idempotency_key: str, key_ttl: float) -> Outcome:
         """Cancel the key's payment unless it has an outcome; one transaction with charges."""
         with self._lock:
             conn = self._conn
             conn.execute("BEGIN IMMEDIATE")
             try:
+                self._forget_expired(idempotency_key, key_ttl)
                 row = conn.execute(
                     f"SELECT {_VIEW_COLUMNS} FROM charges WHERE idempotency_key = ?",  # noqa: S608
                     (idempotency_key,),
@@ -506,13 +530,25 @@ class Ledger:
         )
         return Outcome(status, body, recorded=True)
 
-    def list_charges(self, idempotency_key: str | None = None) -> list[dict[str, Any]]:
-        query = f"SELECT {_VIEW_COLUMNS} FROM charges"  # noqa: S608 - constant column list
-        params: tuple[str, ...] = ()
+    def list_charges(
+        self,
+        idempotency_key: str | None = None,
+        description: str | None = None,
+        key_ttl: float | None = None,
+    ) -> list[dict[str, Any]]:
+        query = f"SELECT {_VIEW_COLUMNS} FROM charges WHERE 1=1"  # noqa: S608 - constant
+        params: list[str] = []
         if idempotency_key is not None:
-            query += " WHERE idempotency_key = ?"
-            params = (idempotency_key,)
+            query += " AND idempotency_key = ?"
+            params.append(idempotency_key)
+        if description is not None:
+            query += " AND description = ?"
+            params.append(description)
         with self._lock:
+            if idempotency_key is not None and key_ttl is not None:
+                self._conn.execute("BEGIN IMMEDIATE")
+                self._forget_expired(idempotency_key, key_ttl)
+                self._conn.execute("COMMIT")
             rows = self._conn.execute(query + " ORDER BY seq", params).fetchall()
         return [dict(row) for row in rows]
 
@@ -575,7 +611,7 @@ class Gateway:
                 "service_unavailable",
             )
         request = parse_charge_request(idempotency_key, body)
-        outcome = self.ledger.charge(request, config.flaky_card_failures)
+        outcome = self.ledger.charge(request, config.flaky_card_failures, config.key_ttl_seconds)
         headers = {"Idempotent-Replayed": "true"} if outcome.replayed else {}
         delay = 0.0
         if outcome.recorded and self.chance(config.timeout_rate):
@@ -589,7 +625,8 @@ class Gateway:
             raise HTTPError(
                 503, "The payment gateway is unavailable (outage).", "api_error", "outage"
             )
-        outcome = self.ledger.cancel(parse_idempotency_key(idempotency_key))
+        key = parse_idempotency_key(idempotency_key)
+        outcome = self.ledger.cancel(key, self.config.key_ttl_seconds)
         return Response(outcome.status, outcome.body)
 
 
@@ -692,8 +729,14 @@ class GatewayRequestHandler(BaseHTTPRequestHandler):
             return gateway.cancel_payment(self.headers.get("Idempotency-Key"))
         if method == "POST":
             return gateway.create_charge(self.headers.get("Idempotency-Key"), body)
-        keys = parse_qs(url.query, keep_blank_values=True).get("idempotency_key")
-        return Response(200, {"charges": gateway.ledger.list_charges(keys[0] if keys else None)})
+        query = parse_qs(url.query, keep_blank_values=True)
+        keys, descriptions = query.get("idempotency_key"), query.get("description")
+        charges = gateway.ledger.list_charges(
+            keys[0] if keys else None,
+            descriptions[0] if descriptions else None,
+            key_ttl=gateway.config.key_ttl_seconds,
+        )
+        return Response(200, {"charges": charges})
 
     def _send(self, response: Response) -> None:
         payload = json.dumps(response.body).encode()

@@ -14,6 +14,7 @@ from shop.gateway import client as gateway
 from shop.models import Order, Payment
 from shop.services.payments import (
     CHARGEABLE,
+    charge_description,
     payment_mark_cancelled,
     payment_mark_charged,
     payment_mark_declined,
@@ -37,12 +38,19 @@ def order_cancel(*, order_id: int, actor: str, message: str) -> Cancelled:
     `message` is what the customer reads on the order page. Raises TransientError when the
     gateway cannot be asked (nothing changes then; try again later).
     """
-    payment = Payment.objects.filter(order_id=order_id).first()
+    payment = Payment.objects.select_related("order").filter(order_id=order_id).first()
     if payment is None or payment.status not in CHARGEABLE:
         return Cancelled.ALREADY_FINAL
     if not Order.objects.filter(pk=order_id, status=Order.Status.PENDING).exists():
         return Cancelled.ALREADY_FINAL
-    charge = gateway.charge_cancel(idempotency_key=str(payment.idempotency_key))
+    key = str(payment.idempotency_key)
+    charge = gateway.charge_cancel(idempotency_key=key)
+    if charge is None:
+        # The key is cancelled; a charge under it that the gateway has forgotten (keys
+        # live about a day) is still found by its order reference.
+        charge = gateway.charge_lookup(
+            idempotency_key=key, description=charge_description(payment.order)
+        )
     if charge is not None and charge.status == "succeeded":
         payment_mark_charged(payment_id=payment.pk, charge_id=charge.id)
         logger.warning(

@@ -33,21 +33,24 @@ def payment_charge(*, payment_id: int) -> None:
     if payment.status not in CHARGEABLE:
         logger.info("payment %s is already %s: nothing to do", payment_id, payment.status)
         return
-    key = str(payment.idempotency_key)
+    key, description = str(payment.idempotency_key), charge_description(payment.order)
+    # From here the request may reach the gateway, and this process may die before the
+    # answer (a lost worker, a hard time limit): `unknown` says so before it happens, and
+    # every attempt that finds `unknown` asks the gateway before charging.
+    first = Payment.objects.filter(pk=payment_id, status=Payment.Status.PENDING).update(
+        status=Payment.Status.UNKNOWN, updated_at=timezone.now()
+    )
     try:
-        # After a timeout we do not know whether the card was charged: ask first.
-        charge = (
-            gateway.charge_lookup(idempotency_key=key)
-            if payment.status == Payment.Status.UNKNOWN
-            else None
-        )
+        charge = None
+        if not first:
+            charge = gateway.charge_lookup(idempotency_key=key, description=description)
         if charge is None:
             charge = gateway.charge_create(
                 idempotency_key=key,
                 amount=payment.amount,
                 currency="EUR",
                 card=payment.card_token,
-                description=f"Order #{payment.order_id}",
+                description=description,
             )
     except gateway.CardDeclined as exc:
         # A business outcome, not a failure: the task did its job (no retry, no dead letter).
@@ -58,8 +61,7 @@ def payment_charge(*, payment_id: int) -> None:
         # cancellation here in case the process that asked for it died before doing so.
         payment_mark_cancelled(payment_id=payment_id, message=CANCELLED_MESSAGE)
         return
-    except (gateway.GatewayTimeout, SoftTimeLimitExceeded) as exc:
-        _mark_unknown(payment_id)
+    except (gateway.OutcomeUnknown, SoftTimeLimitExceeded) as exc:
         raise TransientError(f"outcome of the charge is unknown: {exc!r}") from exc
     if charge.status == "declined":
         payment_mark_declined(payment_id=payment_id, message="Your card was declined.")
@@ -67,10 +69,11 @@ def payment_charge(*, payment_id: int) -> None:
     payment_mark_charged(payment_id=payment_id, charge_id=charge.id)
 
 
-def _mark_unknown(payment_id: int) -> None:
-    Payment.objects.filter(pk=payment_id, status=Payment.Status.PENDING).update(
-        status=Payment.Status.UNKNOWN, updated_at=timezone.now()
-    )
+def charge_description(order: Order) -> str:
+    """What the gateway's ledger says a charge is for: how a charge is found again once
+    the gateway forgot its idempotency key (the reference makes it unique across
+    databases), and how the reconciler matches the ledger (by the number)."""
+    return f"Order #{order.pk} ({order.reference})"
 
 
 def payment_mark_charged(*, payment_id: int, charge_id: str) -> bool:

@@ -1,10 +1,19 @@
 """Sending the receipt: claim the row, send, mark sent.
 
-The claim is a conditional UPDATE pending -> sending, naming the claiming task. A worker
-that dies after sending but before marking leaves `sending`: the retry of the same task
-takes its own claim over at once; another task (a duplicate delivery, the reconciler)
-waits until the lease expires. Either way it sends again with the same Message-ID, so
-the duplicate is recognisable.
+The claim is a conditional UPDATE pending -> sending that names the delivery holding it:
+the task id and its attempt number (Celery's `retries`). Whoever finds a live claim held
+by someone else leaves the receipt to them and returns: two live deliveries never both
+send, whether they are two tasks (the reconciler's and the original) or two copies of
+one message (published twice, redelivered). A claim is taken over only
+
+- by a later attempt of the same task, at once: Celery starts attempt n+1 only after
+  attempt n ended or its process died, so the claim is a dead one's (a child killed
+  after sending, before marking);
+- by anyone once the lease has expired: its holder is dead.
+
+Either way it sends again with the same Message-ID, so the duplicate is recognisable.
+A failed send gives the claim back (pending), so the task's own retry or anyone else
+may send it.
 """
 
 import logging
@@ -23,41 +32,42 @@ logger = logging.getLogger(__name__)
 
 # Longer than send_receipt's hard time limit: a claim this old belongs to a dead worker.
 CLAIM_LEASE = timedelta(seconds=60)
+SETTLED = [Receipt.Status.SENT, Receipt.Status.ABANDONED]
 
 
-class ReceiptBusy(TransientError):
-    """Another worker holds a live claim on this receipt: look again later."""
-
-
-def receipt_send(*, order_id: int, claimant: str = "") -> None:
+def receipt_send(*, order_id: int, claimant: str = "", attempt: int = 0) -> None:
+    """Send the order's receipt once. `claimant` and `attempt` name this delivery (the
+    task id and its retry number); without them every other claim counts as live."""
     receipt = Receipt.objects.filter(order_id=order_id).first()
     if receipt is None:
         # Written in the same transaction that enqueued this task: it must exist.
         raise PermanentError(f"order {order_id} has no receipt to send")
-    if receipt.status == Receipt.Status.SENT:
+    if receipt.status in SETTLED:
         return
     now = timezone.now()
-    abandoned = Q(claimed_at__lt=now - CLAIM_LEASE)
+    me = f"{claimant}/{attempt}" if claimant else ""
+    dead = Q(claimed_at__lt=now - CLAIM_LEASE)
     if claimant:
-        abandoned |= Q(claimed_by=claimant)
-    claimable = Q(status=Receipt.Status.PENDING) | (Q(status=Receipt.Status.SENDING) & abandoned)
+        dead |= Q(claimed_by__in=[f"{claimant}/{earlier}" for earlier in range(attempt)])
+    claimable = Q(status=Receipt.Status.PENDING) | (Q(status=Receipt.Status.SENDING) & dead)
     claimed = Receipt.objects.filter(claimable, pk=receipt.pk).update(
         status=Receipt.Status.SENDING,
         claimed_at=now,
-        claimed_by=claimant,
+        claimed_by=me,
         attempts=F("attempts") + 1,
     )
     if not claimed:
-        if Receipt.objects.filter(pk=receipt.pk, status=Receipt.Status.SENT).exists():
-            return
-        raise ReceiptBusy(f"receipt for order {order_id} is being sent by another worker")
+        # Sent meanwhile, or a live claim: its holder sends it (or gives it back when its
+        # send fails, and retries). Nothing to do here, and no retry budget spent.
+        logger.info("receipt for order %s is another delivery's: left to it", order_id)
+        return
+    mine = Receipt.objects.filter(pk=receipt.pk, status=Receipt.Status.SENDING, claimed_by=me)
     try:
         receipt_deliver(receipt=receipt)
     except Exception as exc:
-        Receipt.objects.filter(pk=receipt.pk, status=Receipt.Status.SENDING).update(
-            status=Receipt.Status.PENDING, claimed_at=None
-        )
+        mine.update(status=Receipt.Status.PENDING, claimed_at=None)
         raise TransientError(f"sending the receipt failed: {exc!r}") from exc
+    # Even if the lease ran out and another delivery took the claim over, the mail went.
     Receipt.objects.filter(pk=receipt.pk, status=Receipt.Status.SENDING).update(
         status=Receipt.Status.SENT, sent_at=timezone.now()
     )

@@ -1,17 +1,144 @@
-"""The sales report: the deliberately slow bulk job that must never delay payments."""
+"""The sales report: the deliberately slow bulk job that must never delay payments.
+
+A report scans the whole order history, so only staff may ask for one, and at most one
+is queued or running at a time, whoever asked (a request, beat, a replayed dead letter).
+The rule is a ReportRun row under a partial unique constraint, not process memory.
+"""
 
 import csv
+import logging
 import time
 from collections import defaultdict
+from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
 from django.conf import settings
+from django.contrib.auth.base_user import AbstractBaseUser
+from django.contrib.auth.models import AnonymousUser
+from django.db import IntegrityError, transaction
+from django.db.models import Q
 from django.utils import timezone
 
-from shop.models import Order, OrderLine
+from jobs.outbox import enqueue
+from shop.models import Order, OrderLine, ReportRun
+
+logger = logging.getLogger(__name__)
 
 CHUNK = 500
+# By name: shop.tasks.reports imports this module (and its time limits).
+REPORT_TASK = "shop.tasks.reports.build_sales_report"
+SOFT_TIME_LIMIT = 540
+TIME_LIMIT = 600  # the task's hard limit: no attempt of a report lives longer
+# A queued run this old, or a running one whose attempt started this long ago, belongs
+# to a task that died without a word (SIGKILL, a lost message): it stops blocking.
+ABANDON_AFTER = timedelta(seconds=TIME_LIMIT + 60)
+
+
+class ReportError(Exception):
+    """A refused report request: `errors` maps a field to messages, as the API answers."""
+
+    def __init__(self, errors: dict[str, list[str]]) -> None:
+        super().__init__(errors)
+        self.errors = errors
+
+
+class ReportForbidden(ReportError):
+    """The actor is not staff."""
+
+
+class ReportBusy(ReportError):
+    """A report is already queued or running; `run` is that one."""
+
+    def __init__(self, run: ReportRun) -> None:
+        super().__init__(
+            {
+                "report": [f"A sales report is already {run.status}; wait for it to finish."],
+                "task_id": [run.task_id],
+            }
+        )
+        self.run = run
+
+
+def report_request(*, actor: AbstractBaseUser | AnonymousUser) -> ReportRun:
+    """Queue a sales report for a staff member, unless one is queued or running.
+
+    The run row and the outbox row commit together: a refused request enqueues nothing.
+    """
+    if not (actor.is_active and getattr(actor, "is_staff", False)):
+        raise ReportForbidden({"auth": ["Log in as staff to request a sales report."]})
+    with transaction.atomic():
+        _abandoned_fail(now=timezone.now())
+        active = ReportRun.objects.filter(status__in=ReportRun.ACTIVE).first()
+        if active is not None:
+            raise ReportBusy(active)
+        try:
+            with transaction.atomic():  # a savepoint: its rollback drops the enqueue too
+                message = enqueue(REPORT_TASK)
+                return ReportRun.objects.create(task_id=str(message.task_id))
+        except IntegrityError:  # another request inserted its run since the check
+            active = ReportRun.objects.filter(status__in=ReportRun.ACTIVE).first()
+            if active is None:
+                raise
+            raise ReportBusy(active) from None
+
+
+def sales_report_run(*, task_id: str) -> Path | None:
+    """Build the report as run `task_id`; None (nothing built) when it must not run.
+
+    A run queued by a request is found by its task id; a task without one (beat, a
+    replayed dead letter) claims a run of its own, or skips while another is active.
+    """
+    if not _claim(task_id=task_id):
+        return None
+    path = sales_report_build()
+    ReportRun.objects.filter(task_id=task_id, status=ReportRun.Status.RUNNING).update(
+        status=ReportRun.Status.DONE, finished_at=timezone.now()
+    )
+    return path
+
+
+def sales_report_failed(*, task_id: str) -> None:
+    """The task failed for good (retries exhausted, time limit): its run stops blocking."""
+    ReportRun.objects.filter(task_id=task_id, status__in=ReportRun.ACTIVE).update(
+        status=ReportRun.Status.FAILED, finished_at=timezone.now()
+    )
+
+
+def _claim(*, task_id: str) -> bool:
+    now = timezone.now()
+    with transaction.atomic():
+        run = ReportRun.objects.select_for_update().filter(task_id=task_id).first()
+        if run is not None:
+            if run.status not in ReportRun.ACTIVE:  # done, or given up as abandoned
+                logger.info("sales report %s is %s: not built again", task_id, run.status)
+                return False
+            # Queued, or running again: a retry or redelivery of this run (same task id).
+            run.status, run.started_at = ReportRun.Status.RUNNING, now
+            run.save(update_fields=["status", "started_at"])
+            return True
+        _abandoned_fail(now=now)
+        try:
+            with transaction.atomic():
+                ReportRun.objects.create(
+                    task_id=task_id, status=ReportRun.Status.RUNNING, started_at=now
+                )
+        except IntegrityError:
+            logger.info("sales report %s skipped: another one is queued or running", task_id)
+            return False
+        return True
+
+
+def _abandoned_fail(*, now: datetime) -> int:
+    """Mark failed the active runs whose task must be dead by now; return how many."""
+    cutoff = now - ABANDON_AFTER
+    count = ReportRun.objects.filter(
+        Q(status=ReportRun.Status.QUEUED, created_at__lt=cutoff)
+        | Q(status=ReportRun.Status.RUNNING, started_at__lt=cutoff)
+    ).update(status=ReportRun.Status.FAILED, finished_at=now)
+    if count:
+        logger.warning("sales report: %d abandoned run(s) marked failed", count)
+    return count
 
 
 def sales_report_build() -> Path:

@@ -12,4 +12,4 @@ from shop.services.receipts import receipt_send
     time_limit=30,
 )
 def send_receipt(self: ReliableTask, order_id: int) -> None:
-    receipt_send(order_id=order_id, claimant=self.request.id)
+    receipt_send(order_id=order_id, claimant=self.request.id, attempt=self.request.retries or 0)

@@ -66,6 +66,7 @@ def shop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shop]:
     tmp_path = tmp_path_factory.mktemp("make-run")
     env = runner_env(tmp_path, free_port())
     env["RETRY_BACKOFF_BASE"], env["RETRY_BACKOFF_CAP"] = "0.2", "1"  # quick retries
+    env["RETRY_MAX_RETRIES"], env["RETRY_OUTAGE_BUDGET"] = "5", "0"
     site = f"http://127.0.0.1:{env['WEB_PORT']}"
     log = tmp_path / "run.log"
     proc = start_make_run(env, log)

@@ -35,3 +35,36 @@ def test_a_message_that_kills_its_whole_worker_every_time_is_dead_lettered_as_po
         assert redis_server.queue_lengths()["default"] == 0
     finally:
         last.stop()
+
+
+def test_the_guard_keeps_nothing_in_redis_for_tasks_that_finished(
+    worker_env, worker_logs, redis_server, tmp_path
+):
+    from jobs import app
+
+    # given: a few thousand tasks, some of them retried once
+    with app.producer_or_acquire() as producer:
+        for _ in range(2000):
+            app.send_task("tests.fault_tasks.noop", producer=producer)
+    flaky = [send("fail_until", str(tmp_path / f"flaky-{n}"), 1) for n in range(20)]
+    worker = Worker("default", worker_env, worker_logs, concurrency=2, include="tests.fault_tasks")
+    try:
+        # when: they all ran
+        worker.start().wait_ready()
+        wait_until(
+            lambda: redis_server.queue_lengths()["default"] == 0 and redis_server.unacked() == 0,
+            timeout=120,
+            what="the queue drained",
+        )
+        wait_until(
+            lambda: all(len(attempts(tmp_path / f"flaky-{n}")) == 2 for n in range(20)),
+            timeout=30,
+            what="every flaky task retried once",
+        )
+        wait_until(lambda: redis_server.unacked() == 0, timeout=30, what="the retries acked")
+    finally:
+        worker.stop()
+
+    # then: the guard's counts went with them
+    assert len(set(flaky)) == 20
+    assert list(redis_server.client().scan_iter("jobs:deliveries:*")) == []

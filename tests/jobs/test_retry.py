@@ -1,14 +1,20 @@
-"""The pure backoff function, and the system check that guards the visibility timeout."""
+"""The retry policy: the pure backoff function, the budget it promises (shown on a real
+worker against a gateway outage), and the system check that guards the visibility timeout."""
 
+import json
 import random
 import subprocess
 import sys
+import time
 
 import pytest
 
 from jobs.checks import visibility_timeout_check
+from jobs.models import DeadLetter
 from jobs.retry import RetryPolicy, backoff
-from tests.processes import REPO
+from shop.models import Payment
+from shop.services.checkout import checkout_complete, checkout_parse
+from tests.processes import REPO, Worker, wait_until
 
 
 def test_backoff_ceiling_doubles_per_attempt_until_the_cap():
@@ -17,14 +23,75 @@ def test_backoff_ceiling_doubles_per_attempt_until_the_cap():
     assert ceilings == [2, 4, 8, 16, 32, 60, 60, 60]
 
 
-def test_backoff_is_full_jitter_within_the_ceiling():
+def test_backoff_is_equal_jitter_between_half_the_ceiling_and_the_ceiling():
     rng = random.Random(7)
     delays = [backoff(3, base=2, cap=60, rng=rng) for _ in range(2000)]
 
-    assert all(0 <= d <= 16 for d in delays)
-    assert min(delays) < 1.0
-    assert max(delays) > 15.0
-    assert 7 < sum(delays) / len(delays) < 9  # uniform: mean near half the ceiling
+    assert all(8 <= d <= 16 for d in delays)
+    assert min(delays) < 8.1
+    assert max(delays) > 15.9
+    assert 11.5 < sum(delays) / len(delays) < 12.5  # uniform: mean at 3/4 of the ceiling
+
+
+def test_the_shipped_budget_rides_out_ten_minutes_and_stays_under_half_an_hour(settings):
+    at_least, at_most = RetryPolicy.from_settings().budget()
+
+    assert (at_least, at_most) == (855, 1710)
+    assert at_least > 600  # a 10-minute incident of the gateway or the mail server
+    assert settings.JOBS_RETRY_BACKOFF_CAP < settings.CELERY_VISIBILITY_TIMEOUT / 2
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_worker_on_the_shipped_policy_rides_out_an_outage_longer_than_the_old_budget(
+    broker, gateway, products, worker_env, worker_logs, settings
+):
+    # The shipped policy and a 10-minute outage, both scaled down 100 times: 6 s of outage.
+    # (The policy before this one, 5 retries capped at 60 s, gave up after 62 s at most:
+    # 0.62 s here.)
+    scale = 100
+    env = worker_env | {
+        "RETRY_MAX_RETRIES": str(settings.JOBS_RETRY_MAX_RETRIES),
+        "RETRY_BACKOFF_BASE": str(settings.JOBS_RETRY_BACKOFF_BASE / scale),
+        "RETRY_BACKOFF_CAP": str(settings.JOBS_RETRY_BACKOFF_CAP / scale),
+    }
+    outage = 600 / scale
+    gateway.control(outage=True)
+    payments = Worker("payments", env, worker_logs).start()
+    try:
+        payments.wait_ready()
+        request = checkout_parse(
+            {
+                "email": "a@b.co",
+                "card": "4242424242424242",
+                "items": [{"sku": "MUG", "quantity": 1}],
+            }
+        )
+        payment = checkout_complete(request=request).order.payment
+        wait_until(
+            lambda: gateway_attempts(payments) >= 3,
+            timeout=20,
+            what="the charge retrying",
+        )
+        time.sleep(outage)  # the outage goes on; nothing may be dead-lettered meanwhile
+        assert not DeadLetter.objects.exists()
+        gateway.control(outage=False)
+
+        wait_until(
+            lambda: Payment.objects.get(pk=payment.pk).status == "charged",
+            timeout=30,
+            what="the charge after the outage",
+        )
+    finally:
+        payments.stop()
+
+    assert not DeadLetter.objects.exists()
+    assert len(gateway.ledger(str(payment.idempotency_key))) == 1
+
+
+def gateway_attempts(worker: Worker) -> int:
+    """Retries the worker logged so far."""
+    records = [json.loads(line) for line in worker.log_text().splitlines() if line[:1] == "{"]
+    return sum(record.get("event") == "retried" for record in records)
 
 
 def test_backoff_survives_huge_attempt_numbers_and_rejects_nonsense():

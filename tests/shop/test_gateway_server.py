@@ -44,6 +44,7 @@ DEFAULTS: dict[str, Any] = {
     "timeout_seconds": 30.0,
     "outage": False,
     "flaky_card_failures": 2,
+    "key_ttl_seconds": 86400.0,
     "seed": SEED,
 }
 
@@ -357,6 +358,29 @@ def test_different_keys_are_served_in_parallel(
     assert all(len(ledger_rows(gateway_server, key)) == 1 for key in keys)
 
 
+# --- Forgetting keys ----------------------------------------------------------------
+
+
+def test_a_key_is_forgotten_after_its_ttl_and_its_charge_is_still_found_by_description(
+    client: httpx.Client,
+) -> None:
+    key = new_key()
+    first = charge(client, key)
+    control(client, key_ttl_seconds=0.2)
+    time.sleep(0.3)
+
+    by_key = api_rows(client, key)
+    again = charge(client, key)  # the same key: a new request now, a second charge
+    by_description = client.get("/v1/charges", params={"description": "test order"}).json()
+
+    assert first.status_code == again.status_code == 201
+    assert by_key == []
+    assert again.json()["id"] != first.json()["id"]
+    [forgotten] = [c for c in by_description["charges"] if c["id"] == first.json()["id"]]
+    assert forgotten["idempotency_key"].startswith(f"{key} (forgotten ")
+    assert api_rows(client, key) == [again.json()]
+
+
 # --- Cancelling ---------------------------------------------------------------------
 
 
@@ -644,6 +668,7 @@ def test_control_reads_and_updates_settings(client: httpx.Client) -> None:
         '{"flaky_card_failures": -1}',
         '{"flaky_card_failures": "2"}',
         '{"seed": "x"}',
+        '{"key_ttl_seconds": -1}',
         '{"no_such_setting": 1}',
         '{"latency_ms": 50, "failure_rate": 7}',
         "[]",
@@ -667,6 +692,7 @@ def test_config_from_env() -> None:
             "GATEWAY_TIMEOUT_SECONDS": "3",
             "GATEWAY_OUTAGE": "true",
             "GATEWAY_FLAKY_CARD_FAILURES": "4",
+            "GATEWAY_KEY_TTL": "60",
             "GATEWAY_SEED": "9",
         }
     )
@@ -678,6 +704,7 @@ def test_config_from_env() -> None:
         timeout_seconds=3.0,
         outage=True,
         flaky_card_failures=4,
+        key_ttl_seconds=60.0,
         seed=9,
     )
     assert GatewayConfig.from_env({}) == GatewayConfig()
@@ -694,6 +721,7 @@ def test_config_from_env() -> None:
         ("GATEWAY_OUTAGE", "maybe"),
         ("GATEWAY_FLAKY_CARD_FAILURES", "1.5"),
         ("GATEWAY_SEED", "abc"),
+        ("GATEWAY_KEY_TTL", "-1"),
     ],
 )
 def test_config_from_env_rejects_bad_values(name: str, value: str) -> None:

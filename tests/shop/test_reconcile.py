@@ -119,3 +119,38 @@ def test_the_command_prints_each_check_and_the_gaps_are_metrics(
     assert f"paid_without_receipt: found 1, repaired 0 (e.g. order {stuck.pk})" in out
     assert "receipt_resent: found 0, repaired 0" in out
     assert value(scrape(client), "jobs_reconciliation_gap", check="paid_without_receipt") == 1
+
+
+def test_a_check_that_cannot_run_says_so_keeps_its_findings_and_the_others_still_run(
+    client, broker, gateway, products, settings
+):
+    from shop.gateway import client as gateway_client
+    from tests.processes import free_port
+
+    httpx.post(  # a charge that names no order: the ledger check reports it
+        f"{gateway.url}/v1/charges",
+        headers={"Idempotency-Key": str(uuid.uuid4())},
+        json={
+            "amount": "1.00",
+            "currency": "EUR",
+            "card": "4242424242424242",
+            "description": "not an order",
+        },
+    )
+    reconciler.run(repair=False)
+    found = finding("ledger_mismatch").found
+    stuck = paid_order(products)
+    # when: the gateway's ledger cannot be read
+    settings.PAYMENT_GATEWAY_URL = f"http://127.0.0.1:{free_port()}"
+    gateway_client._clients.clear()
+
+    reconciler.run(repair=True)
+
+    blind = finding("ledger_mismatch")
+    assert blind.error.startswith("GatewayUnavailable: ")
+    assert found > 0
+    assert blind.found == found  # what it last saw, not a reassuring zero
+    assert finding("paid_without_receipt").samples == [f"order {stuck.pk}"]  # still ran
+    metrics = scrape(client)
+    assert value(metrics, "jobs_reconciliation_check_failed", check="ledger_mismatch") == 1
+    assert value(metrics, "jobs_reconciliation_check_failed", check="paid_without_receipt") == 0

@@ -1,0 +1,224 @@
+"""POST /api/reports/sales/ scans the whole order history: staff only, one at a time.
+
+The "one at a time" is a row in the database (ReportRun), so it holds across web
+processes, beat and replays; a run that died without a word stops blocking after the
+task's hard time limit."""
+
+import threading
+from datetime import timedelta
+
+import pytest
+from django.contrib.auth.models import User
+from django.db import IntegrityError, connection, transaction
+from django.test import Client
+from django.utils import timezone
+
+from jobs.errors import PermanentError
+from jobs.models import OutboxMessage
+from shop.models import ReportRun
+from shop.services import reports
+from shop.services.reports import ABANDON_AFTER, sales_report_run
+from shop.tasks.reports import build_sales_report
+
+URL = "/api/reports/sales/"
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def staff(client):
+    client.force_login(User.objects.create_user("ops", password="pw", is_staff=True))
+    return client
+
+
+@pytest.fixture(autouse=True)
+def _quick_reports(settings, tmp_path):
+    settings.REPORTS_DIR = tmp_path / "reports"
+    settings.REPORT_CHUNK_DELAY = 0
+
+
+def test_an_anonymous_request_is_refused_and_enqueues_nothing(client):
+    response = client.post(URL)
+
+    assert response.status_code == 403
+    assert "staff" in response.json()["errors"]["auth"][0]
+    assert OutboxMessage.objects.count() == 0
+    assert ReportRun.objects.count() == 0
+
+
+def test_a_logged_in_shopper_who_is_not_staff_is_refused(client):
+    client.force_login(User.objects.create_user("ada", password="pw"))
+
+    response = client.post(URL)
+
+    assert response.status_code == 403
+    assert OutboxMessage.objects.count() == 0
+
+
+def test_staff_queue_a_report_through_the_outbox(staff):
+    response = staff.post(URL)
+
+    assert response.status_code == 202
+    task_id = response.json()["task_id"]
+    message = OutboxMessage.objects.get()
+    assert (str(message.task_id), message.task_name) == (
+        task_id,
+        "shop.tasks.reports.build_sales_report",
+    )
+    assert ReportRun.objects.get().status == ReportRun.Status.QUEUED
+
+
+def test_a_second_request_while_one_is_queued_is_409_and_names_the_first(staff):
+    first = staff.post(URL).json()["task_id"]
+
+    second = staff.post(URL)
+
+    assert second.status_code == 409
+    errors = second.json()["errors"]
+    assert errors["task_id"] == [first]
+    assert "already" in errors["report"][0]
+    assert OutboxMessage.objects.count() == 1
+    assert ReportRun.objects.count() == 1
+
+
+def test_a_running_report_blocks_too_and_a_finished_one_does_not(staff):
+    first = staff.post(URL).json()["task_id"]
+    ReportRun.objects.update(status=ReportRun.Status.RUNNING, started_at=timezone.now())
+    assert staff.post(URL).status_code == 409
+
+    ReportRun.objects.update(status=ReportRun.Status.QUEUED, started_at=None)
+    path = sales_report_run(task_id=first)
+    after = staff.post(URL)
+
+    assert path is not None
+    assert path.read_text().splitlines()[0] == "sku,name,units,revenue"
+    assert ReportRun.objects.get(task_id=first).status == ReportRun.Status.DONE
+    assert ReportRun.objects.get(task_id=first).finished_at is not None
+    assert after.status_code == 202
+    assert after.json()["task_id"] != first
+    assert OutboxMessage.objects.count() == 2
+
+
+@pytest.mark.parametrize("status", [ReportRun.Status.QUEUED, ReportRun.Status.RUNNING])
+def test_a_run_older_than_the_time_limit_is_abandoned_and_does_not_block(staff, status):
+    stale = timezone.now() - ABANDON_AFTER - timedelta(seconds=1)
+    old = ReportRun.objects.create(task_id="died-long-ago", status=status)
+    ReportRun.objects.filter(pk=old.pk).update(created_at=stale, started_at=stale)
+
+    response = staff.post(URL)
+
+    assert response.status_code == 202
+    old.refresh_from_db()
+    assert old.status == ReportRun.Status.FAILED
+    assert old.finished_at is not None
+    # and when its message is delivered after all, it builds nothing
+    assert sales_report_run(task_id="died-long-ago") is None
+
+
+def test_a_run_just_inside_the_time_limit_still_blocks(staff):
+    first = staff.post(URL).json()["task_id"]
+    recent = timezone.now() - ABANDON_AFTER + timedelta(seconds=30)
+    ReportRun.objects.update(status=ReportRun.Status.RUNNING, started_at=recent)
+
+    response = staff.post(URL)
+
+    assert response.status_code == 409
+    assert response.json()["errors"]["task_id"] == [first]
+
+
+def test_the_scheduled_run_skips_quietly_while_a_requested_one_is_queued(staff):
+    requested = staff.post(URL).json()["task_id"]
+
+    assert sales_report_run(task_id="beat-1") is None
+
+    assert list(ReportRun.objects.values_list("task_id", "status")) == [
+        (requested, ReportRun.Status.QUEUED)
+    ]
+
+
+def test_the_scheduled_run_claims_a_run_of_its_own_and_blocks_requests(
+    staff, monkeypatch, tmp_path
+):
+    ReportRun.objects.create(task_id="earlier", status=ReportRun.Status.DONE)
+    during = []
+
+    def build():
+        during.append(staff.post(URL).status_code)  # a request while beat's run works
+        return tmp_path / "sales.csv"
+
+    monkeypatch.setattr(reports, "sales_report_build", build)
+    path = sales_report_run(task_id="beat-2")
+
+    assert path == tmp_path / "sales.csv"
+    assert during == [409]
+    assert ReportRun.objects.get(task_id="beat-2").status == ReportRun.Status.DONE
+    assert OutboxMessage.objects.count() == 0
+
+
+def test_the_database_refuses_a_second_active_run():
+    ReportRun.objects.create(task_id="a", status=ReportRun.Status.QUEUED)
+
+    with pytest.raises(IntegrityError), transaction.atomic():
+        ReportRun.objects.create(task_id="b", status=ReportRun.Status.RUNNING)
+
+
+def test_a_staff_session_needs_the_csrf_token_so_another_site_cannot_post_it():
+    browser = Client(enforce_csrf_checks=True)
+    browser.force_login(User.objects.create_user("ops", password="pw", is_staff=True))
+
+    forged = browser.post(URL)  # what a form on another site makes the browser send
+    browser.get("/admin/")  # any page of the shop sets the csrftoken cookie
+    token = browser.cookies["csrftoken"].value
+    genuine = browser.post(URL, HTTP_X_CSRFTOKEN=token)
+
+    assert forged.status_code == 403
+    assert "CSRF" in forged.json()["errors"]["csrf"][0]
+    assert genuine.status_code == 202
+    assert OutboxMessage.objects.count() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_report_that_fails_for_good_marks_its_run_failed(staff, monkeypatch, broker):
+    task_id = staff.post(URL).json()["task_id"]
+
+    def broken() -> None:
+        raise PermanentError("the disk is full")
+
+    monkeypatch.setattr(reports, "sales_report_build", broken)
+    build_sales_report.apply(task_id=task_id)
+
+    run = ReportRun.objects.get(task_id=task_id)
+    assert run.status == ReportRun.Status.FAILED
+    assert staff.post(URL).status_code == 202
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_requests_at_the_same_instant_queue_one_report(broker, monkeypatch):
+    """Both pass the "is one active?" read; the partial unique index lets one insert."""
+    User.objects.create_user("ops", password="pw", is_staff=True)
+    both_checked = threading.Barrier(2, timeout=10)
+    real_enqueue = reports.enqueue
+
+    def enqueue_after_both_checked(task):
+        both_checked.wait()
+        return real_enqueue(task)
+
+    monkeypatch.setattr(reports, "enqueue", enqueue_after_both_checked)
+    statuses: list[int] = []
+
+    def request() -> None:
+        try:
+            browser = Client()
+            browser.login(username="ops", password="pw")
+            statuses.append(browser.post(URL).status_code)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=request) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+
+    assert sorted(statuses) == [202, 409]
+    assert OutboxMessage.objects.count() == 1
+    assert ReportRun.objects.count() == 1
