@@ -17,8 +17,28 @@ from shop.services.checkout import (
     CheckoutError,
     checkout_complete,
     checkout_parse,
-    idempotency_key_parse,
 )
+
+# The checkout form's hidden tokens this session was given (the last few pages opened).
+FORM_TOKENS = "checkout_tokens"
+
+
+def _form_token(request: HttpRequest) -> str:
+    """A fresh token for one checkout page, remembered in this session only."""
+    token = str(uuid4())
+    request.session[FORM_TOKENS] = [*request.session.get(FORM_TOKENS, [])[-4:], token]
+    return token
+
+
+def _form_key(request: HttpRequest) -> str | None:
+    """The order's idempotency key for the posted token, if this session issued it.
+
+    A token is looked up only for the session that was given it, and in a namespace of
+    its own: posting somebody else's token (or a guessable API Idempotency-Key) finds
+    nothing, so it can never show another customer's order.
+    """
+    token = request.POST.get("idempotency_key", "")
+    return f"form:{token}" if token in request.session.get(FORM_TOKENS, []) else None
 
 
 def _quantity(raw: str | None) -> int | None:
@@ -63,21 +83,20 @@ def checkout(request: HttpRequest) -> HttpResponse:
         if not lines:
             messages.info(request, "Your cart is empty.")
             return redirect("catalog")
-        return render(request, "shop/checkout.html", {**context, "token": uuid4()})
+        return render(request, "shop/checkout.html", {**context, "token": _form_token(request)})
     form = {"email": request.POST.get("email", ""), "card": request.POST.get("card", "")}
     items = [{"sku": sku, "quantity": qty} for sku, qty in cart_items(request).items()]
     # The form's hidden token: a second submit (double click, back and resubmit, a retry
     # after the web process died) lands on the order the first one placed.
-    token = request.POST.get("idempotency_key") or None
-    if token and (earlier := selectors.order_for_idempotency_key(token)) is not None:
+    key = _form_key(request)
+    if key and (earlier := selectors.order_for_idempotency_key(key)) is not None:
         return redirect("order-detail", reference=earlier.reference)
     try:
         order = checkout_complete(
-            request=checkout_parse({**form, "items": items}),
-            idempotency_key=idempotency_key_parse(token),
+            request=checkout_parse({**form, "items": items}), idempotency_key=key
         ).order
     except CheckoutConflict:  # the first submit won a race with this one and emptied the cart
-        earlier = selectors.order_for_idempotency_key(token or "")
+        earlier = selectors.order_for_idempotency_key(key or "")
         if earlier is None:
             raise
         return redirect("order-detail", reference=earlier.reference)
@@ -85,7 +104,7 @@ def checkout(request: HttpRequest) -> HttpResponse:
         # A flat list for the summary: in a template, errors.items would look up the key
         # "items" before the dict method.
         summary = [message for messages in exc.errors.values() for message in messages]
-        context.update(errors=exc.errors, summary=summary, form=form, token=uuid4())
+        context.update(errors=exc.errors, summary=summary, form=form, token=_form_token(request))
         return render(request, "shop/checkout.html", context, status=400)
     cart_clear(request)
     return redirect("order-detail", reference=order.reference)

@@ -131,3 +131,37 @@ def test_a_malformed_key_and_a_bad_body_are_reported_together(client, broker, pr
     assert response.status_code == 400
     assert set(response.json()["errors"]) == {"idempotency_key", "email"}
     assert Order.objects.count() == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_token_replays_only_for_the_session_it_was_given_to(broker, products):
+    # given: a customer placed an order through the form, another one through the API
+    # with a guessable key
+    victim = Client()
+    victim.post("/cart/update/", {"sku": "MUG", "quantity": "1", "mode": "add"})
+    token = form_token(victim.get("/checkout/").text)
+    placed = victim.post(
+        "/checkout/",
+        {"email": "ada@example.com", "card": "4242424242424242"} | {"idempotency_key": token},
+    )
+    post_order(victim, "order-1")
+    theirs = {str(reference) for reference in Order.objects.values_list("reference", flat=True)}
+
+    # when: someone else posts those keys with a cart of their own
+    attacker = Client()
+    answers = []
+    for key in (token, "order-1"):
+        attacker.post("/cart/update/", {"sku": "TEE", "quantity": "1", "mode": "add"})
+        answers.append(
+            attacker.post(
+                "/checkout/",
+                {"email": "eve@example.com", "card": "4242424242424242", "idempotency_key": key},
+            )
+        )
+
+    # then: they got orders of their own, never a look at the other customer's
+    assert placed.status_code == 302
+    for answer in answers:
+        assert answer.status_code == 302
+        assert answer["Location"].split("/")[2] not in theirs
+    assert Order.objects.filter(email="eve@example.com").count() == 2
