@@ -17,6 +17,7 @@ from typing import Any
 
 from billiard.exceptions import TimeLimitExceeded, WorkerLostError
 from celery import Task
+from celery.exceptions import QueueNotFound
 from celery.signals import task_failure, task_success
 from django.conf import settings
 from django.db import close_old_connections, transaction
@@ -29,7 +30,7 @@ from jobs.celery import app
 from jobs.errors import PermanentError, PoisonMessage, TransientError
 from jobs.lifecycle import describe, request_header
 from jobs.logs import job_event
-from jobs.models import DeadLetter
+from jobs.models import DeadLetter, OutboxMessage
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +99,30 @@ def dead_letter_record(
     return letter
 
 
+def dead_letter_unpublishable(*, message: OutboxMessage, error: str) -> DeadLetter:
+    """The outbox gave up publishing `message` (jobs.outbox): the job waits here instead."""
+    headers = message.headers or {}
+    letter, created = DeadLetter.objects.get_or_create(
+        task_id=str(message.task_id),
+        defaults={
+            "task_name": message.task_name,
+            "args": message.args,
+            "kwargs": message.kwargs,
+            "reason": DeadLetter.Reason.UNPUBLISHABLE,
+            "exception_message": error[:5000],
+            "attempts": message.failures + 1,
+            "correlation_id": str(headers.get(CORRELATION_HEADER, "")),
+            "replay_of": str(headers.get(REPLAY_HEADER, "")),
+        },
+    )
+    if created:
+        metrics.DEAD_LETTERED.labels(message.task_name, "", letter.reason).inc()
+    job_event(
+        "dead_lettered", task_id=letter.task_id, task_name=letter.task_name, reason=letter.reason
+    )
+    return letter
+
+
 @task_failure.connect
 def _on_task_failure(
     sender: Task,
@@ -157,6 +182,7 @@ def dead_letter_replay(*, ids: Iterable[int], actor: str) -> Handled:
     never charges twice.
     """
     done = refused = 0
+    errors: list[str] = []
     # A row is data, not code: only a task this project registers is ever re-sent.
     autodiscover_modules("tasks")
     registered = set(app.tasks)
@@ -178,9 +204,18 @@ def dead_letter_replay(*, ids: Iterable[int], actor: str) -> Handled:
                 headers = {REPLAY_HEADER: row.task_id}
                 if row.correlation_id:
                     headers[CORRELATION_HEADER] = row.correlation_id
-                message = outbox.enqueue(
-                    row.task_name, args=row.args, kwargs=row.kwargs, headers=headers
-                )
+                try:
+                    with transaction.atomic():  # a savepoint: the batch's other rows go on
+                        message = outbox.enqueue(
+                            row.task_name, args=row.args, kwargs=row.kwargs, headers=headers
+                        )
+                except QueueNotFound as exc:  # routed to a queue that is not declared
+                    logger.warning("dead letter %s cannot be replayed: %r", row.pk, exc)
+                    errors.append(
+                        f"Dead letter {row.pk} was not replayed: its task routes to a queue "
+                        "that is not declared."
+                    )
+                    continue
                 row.status = DeadLetter.Status.REPLAYED
                 row.handled_by, row.handled_at = actor, timezone.now()
                 row.replay_task_id = str(message.task_id)
@@ -202,8 +237,8 @@ def dead_letter_replay(*, ids: Iterable[int], actor: str) -> Handled:
                     ]
                 )
                 done += 1
-    logger.info("dead letters: %s replayed %d, refused %d", actor, done, refused)
-    return Handled(done=done, refused=refused)
+    logger.info("dead letters: %s replayed %d, refused %d", actor, done, refused + len(errors))
+    return Handled(done=done, refused=refused, errors=tuple(errors))
 
 
 DiscardHandler = Callable[[DeadLetter, str], None]

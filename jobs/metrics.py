@@ -164,9 +164,9 @@ def _database_state(now: float) -> Iterator[Metric]:
     for row in DeadLetter.objects.values("reason", "status").annotate(n=Count("id")):
         letters.add_metric([row["reason"], row["status"]], row["n"])
     yield letters
-    backlog = OutboxMessage.objects.filter(sent_at__isnull=True).aggregate(
-        n=Count("id"), oldest=Min("created_at")
-    )
+    backlog = OutboxMessage.objects.filter(
+        sent_at__isnull=True, dead_lettered_at__isnull=True
+    ).aggregate(n=Count("id"), oldest=Min("created_at"))
     yield GaugeMetricFamily(
         "jobs_outbox_unsent", "Outbox rows not yet published.", value=backlog["n"]
     )

@@ -7,7 +7,9 @@ class OutboxMessage(models.Model):
     """A task to publish, written in the same transaction as the change that asked for it.
 
     The row is the durable promise; the broker message is its delivery. A row with
-    `sent_at` NULL has not been handed to the broker yet and the relay will publish it.
+    `sent_at` NULL has not been handed to the broker yet and the relay will publish it,
+    unless it failed to publish too often for a reason of its own (`dead_lettered_at`:
+    the dead-letter table holds the job now, and an operator decides).
     The Celery task id is fixed when the row is written, so a row published twice is
     the same task twice, which the idempotent tasks and the result backend recognise.
     """
@@ -20,6 +22,12 @@ class OutboxMessage(models.Model):
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
     sent_at = models.DateTimeField(null=True, blank=True)
     attempts = models.PositiveIntegerField(default=0)
+    # Failures of this row itself (not "the broker is down"): each one backs the row off
+    # until `retry_after`, so it never blocks the rows behind it; past
+    # JOBS_OUTBOX_MAX_FAILURES it becomes a dead letter.
+    failures = models.PositiveIntegerField(default=0)
+    retry_after = models.DateTimeField(null=True, blank=True)
+    dead_lettered_at = models.DateTimeField(null=True, blank=True)
     last_error = models.TextField(blank=True)
 
     class Meta:
@@ -30,7 +38,7 @@ class OutboxMessage(models.Model):
             models.Index(
                 fields=["id"],
                 name="outbox_unsent_idx",
-                condition=models.Q(sent_at__isnull=True),
+                condition=models.Q(sent_at__isnull=True, dead_lettered_at__isnull=True),
             ),
         ]
 
@@ -53,6 +61,8 @@ class DeadLetter(models.Model):
         WORKER_LOST = "worker_lost", "Worker lost"
         TIME_LIMIT = "time_limit", "Time limit"
         POISON = "poison", "Poison message"
+        # The outbox could not publish it (e.g. routed to a queue that no longer exists).
+        UNPUBLISHABLE = "unpublishable", "Could not be published"
 
     class Status(models.TextChoices):
         DEAD = "dead", "Dead"

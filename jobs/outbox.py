@@ -9,19 +9,21 @@ leaves its rows to the relay for a while (a circuit breaker).
 Delivery is therefore at least once: consumers must be idempotent, and they are.
 """
 
+import enum
 import logging
 import os
 import threading
 import time
 from collections.abc import Iterable, Mapping
-from datetime import timedelta
+from datetime import datetime, timedelta
 from functools import partial
 from typing import Any, cast
 
 from celery import Task
+from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 from django.db import transaction
-from django.db.models import F
+from django.db.models import F, Q
 from django.utils import timezone
 from kombu import Connection
 from kombu.exceptions import OperationalError
@@ -30,6 +32,7 @@ from jobs import correlation, metrics
 from jobs.celery import app, queue_of
 from jobs.logs import job_event
 from jobs.models import OutboxMessage
+from jobs.retry import ceiling
 
 # Errors that mean "the broker is unreachable": stop the batch, the rest would fail too.
 # Anything else is about one message (a task routed to a queue that no longer exists):
@@ -122,6 +125,7 @@ def _send(message: OutboxMessage, connection: Connection | None = None) -> None:
 
 
 def _record_failure(message: OutboxMessage, exc: Exception, using: str | None) -> None:
+    """The broker did not take the row: it waits for the next relay run as it is."""
     logger.warning(
         "outbox: publishing %s (%s) failed, the relay will retry: %r",
         message.task_name,
@@ -133,6 +137,45 @@ def _record_failure(message: OutboxMessage, exc: Exception, using: str | None) -
     )
 
 
+def _back_off(message: OutboxMessage, exc: Exception, using: str | None) -> None:
+    """The row failed for a reason of its own: try it later, or give it to a person.
+
+    A row routed to a queue that no longer exists fails on every run; without a back-off
+    it would be first in every batch forever. After JOBS_OUTBOX_MAX_FAILURES it becomes a
+    dead letter (reason `unpublishable`), replayable once the cause is fixed.
+    """
+    from jobs.dead_letters import dead_letter_unpublishable  # it imports this module
+
+    failures = message.failures + 1
+    now = timezone.now()
+    fields: dict[str, Any] = {
+        "attempts": F("attempts") + 1,
+        "failures": failures,
+        "last_error": repr(exc)[:2000],
+    }
+    if failures >= settings.JOBS_OUTBOX_MAX_FAILURES:
+        dead_letter_unpublishable(message=message, error=repr(exc))
+        fields["dead_lettered_at"] = now
+        logger.error(
+            "outbox: %s (%s) failed %d times: dead-lettered",
+            message.task_name,
+            message.task_id,
+            failures,
+        )
+    else:
+        wait = ceiling(failures - 1, base=settings.JOBS_OUTBOX_RELAY_GRACE, cap=600.0)
+        fields["retry_after"] = now + timedelta(seconds=wait)
+        logger.warning(
+            "outbox: publishing %s (%s) failed (%d), next try in %g s: %r",
+            message.task_name,
+            message.task_id,
+            failures,
+            wait,
+            exc,
+        )
+    OutboxMessage.objects.using(using).filter(pk=message.pk).update(**fields)
+
+
 def _publish_committed(message: OutboxMessage, using: str | None) -> None:
     """The after-commit publisher. Never raises: the request that committed has succeeded."""
     global _paused_until
@@ -141,12 +184,14 @@ def _publish_committed(message: OutboxMessage, using: str | None) -> None:
         return  # the broker failed us moments ago: the relay sends this row
     try:
         _send(message, _publisher())
-    except Exception as exc:
+    except BROKER_DOWN as exc:
         _record_failure(message, exc, using)
-        if isinstance(exc, BROKER_DOWN):
-            pause = settings.JOBS_OUTBOX_PUBLISH_PAUSE
-            _paused_until = time.monotonic() + pause
-            logger.warning("outbox: publishing after commit paused for %g s", pause)
+        pause = settings.JOBS_OUTBOX_PUBLISH_PAUSE
+        _paused_until = time.monotonic() + pause
+        logger.warning("outbox: publishing after commit paused for %g s", pause)
+        return
+    except Exception as exc:
+        _back_off(message, exc, using)
         return
     OutboxMessage.objects.using(using).filter(pk=message.pk, sent_at__isnull=True).update(
         sent_at=timezone.now(), attempts=F("attempts") + 1
@@ -154,55 +199,92 @@ def _publish_committed(message: OutboxMessage, using: str | None) -> None:
     _sent(message)
 
 
+class _Relayed(enum.Enum):
+    SENT = "sent"
+    FAILED = "failed"  # this row failed; the others may not
+    BROKER_DOWN = "broker_down"  # stop: the rest would fail too
+    NOTHING = "nothing"  # no row is due
+
+
+def _relay_one(cutoff: datetime, using: str | None) -> _Relayed:
+    """Lock the oldest due row, publish it, mark it sent: one transaction."""
+    now = timezone.now()
+    with transaction.atomic(using=using):
+        message = (
+            OutboxMessage.objects.using(using)
+            .select_for_update(skip_locked=True)
+            .filter(sent_at__isnull=True, dead_lettered_at__isnull=True, created_at__lte=cutoff)
+            .filter(Q(retry_after__isnull=True) | Q(retry_after__lte=now))
+            .order_by("id")
+            .first()
+        )
+        if message is None:
+            return _Relayed.NOTHING
+        try:
+            _send(message)
+        except SoftTimeLimitExceeded:
+            raise  # the task's time is up: this row rolls back, the ones before it stay sent
+        except BROKER_DOWN as exc:
+            _record_failure(message, exc, using)
+            return _Relayed.BROKER_DOWN
+        except Exception as exc:
+            _back_off(message, exc, using)
+            return _Relayed.FAILED
+        OutboxMessage.objects.using(using).filter(pk=message.pk).update(
+            sent_at=timezone.now(), attempts=F("attempts") + 1
+        )
+    _sent(message)
+    return _Relayed.SENT
+
+
 def relay_unsent(
     *,
     older_than: float | None = None,
     batch_size: int | None = None,
     using: str | None = None,
+    stop_at: float | None = None,
 ) -> int:
-    """Publish one batch of unsent rows older than `older_than` seconds; return how many.
+    """Publish up to `batch_size` due unsent rows older than `older_than` seconds, oldest
+    first; return how many were published.
 
-    Rows are locked with SELECT ... FOR UPDATE SKIP LOCKED for the whole batch, so two
-    relays running at once take different rows and never publish the same row twice.
-    A row younger than the grace period is left to the publisher of its own transaction.
-    When the broker is unreachable the batch stops: the rest wait for the next run.
+    Each row is locked (SELECT ... FOR UPDATE SKIP LOCKED, so two relays at once take
+    different rows), published and marked sent in a transaction of its own: a relay cut
+    off mid-batch (a slow broker, its time limit) loses the mark of the one row it was
+    publishing at most, so that row alone is published again; the rows before it stay
+    sent. The relay also stops by itself after JOBS_OUTBOX_RELAY_TIME_BUDGET seconds (or
+    at `stop_at`, a time.monotonic() value), well inside its task's time limit. A
+    row younger than the grace period is left to the publisher of its own transaction.
+    When the broker is unreachable the relay stops: the rest wait for the next run.
     """
     grace = settings.JOBS_OUTBOX_RELAY_GRACE if older_than is None else older_than
     limit = settings.JOBS_OUTBOX_BATCH_SIZE if batch_size is None else batch_size
     cutoff = timezone.now() - timedelta(seconds=grace)
-    with transaction.atomic(using=using):
-        batch = list(
-            OutboxMessage.objects.using(using)
-            .select_for_update(skip_locked=True)
-            .filter(sent_at__isnull=True, created_at__lte=cutoff)
-            .order_by("id")[:limit]
-        )
-        sent: list[int] = []
-        for message in batch:
-            try:
-                _send(message)
-            except BROKER_DOWN as exc:
-                _record_failure(message, exc, using)
-                break
-            except Exception as exc:
-                _record_failure(message, exc, using)
-                continue
-            sent.append(message.pk)
-            _sent(message)
-        OutboxMessage.objects.using(using).filter(pk__in=sent).update(
-            sent_at=timezone.now(), attempts=F("attempts") + 1
-        )
+    if stop_at is None:
+        stop_at = time.monotonic() + settings.JOBS_OUTBOX_RELAY_TIME_BUDGET
+    sent = tried = 0
+    while tried < limit and time.monotonic() < stop_at:
+        try:
+            outcome = _relay_one(cutoff, using)
+        except SoftTimeLimitExceeded:
+            logger.warning("outbox: relay cut off by its time limit after %d row(s)", sent)
+            break
+        if outcome in (_Relayed.NOTHING, _Relayed.BROKER_DOWN):
+            break
+        tried += 1
+        sent += outcome is _Relayed.SENT
     if sent:
-        logger.info("outbox: relayed %d unsent message(s)", len(sent))
-    return len(sent)
+        logger.info("outbox: relayed %d unsent message(s)", sent)
+    return sent
 
 
 def relay_all_unsent(*, older_than: float | None = None, using: str | None = None) -> int:
-    """Relay batches until a batch comes back short (no rows left, or the broker down)."""
+    """Relay batches until a batch comes back short (no rows left, the broker down, or
+    JOBS_OUTBOX_RELAY_TIME_BUDGET spent: the next run goes on)."""
     total = 0
     limit = settings.JOBS_OUTBOX_BATCH_SIZE
+    stop_at = time.monotonic() + settings.JOBS_OUTBOX_RELAY_TIME_BUDGET
     while True:
-        count = relay_unsent(older_than=older_than, batch_size=limit, using=using)
+        count = relay_unsent(older_than=older_than, batch_size=limit, using=using, stop_at=stop_at)
         total += count
         if count < limit:
             return total
@@ -214,9 +296,8 @@ def prune_sent(*, older_than_days: int | None = None, chunk: int = 5000) -> int:
     cutoff = timezone.now() - timedelta(days=days)
     deleted = 0
     while True:
-        ids = list(
-            OutboxMessage.objects.filter(sent_at__lt=cutoff).values_list("pk", flat=True)[:chunk]
-        )
+        done = Q(sent_at__lt=cutoff) | Q(dead_lettered_at__lt=cutoff)  # the DLQ holds the job
+        ids = list(OutboxMessage.objects.filter(done).values_list("pk", flat=True)[:chunk])
         if not ids:
             return deleted
         deleted += OutboxMessage.objects.filter(pk__in=ids).delete()[0]

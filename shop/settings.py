@@ -326,6 +326,13 @@ JOBS_OUTBOX_BATCH_SIZE = env_int("OUTBOX_BATCH_SIZE", 500)
 JOBS_OUTBOX_PUBLISH_TIMEOUT = env_float("OUTBOX_PUBLISH_TIMEOUT", 1.0)
 JOBS_OUTBOX_PUBLISH_PAUSE = env_float("OUTBOX_PUBLISH_PAUSE", 10.0)
 JOBS_OUTBOX_RETENTION_DAYS = env_int("OUTBOX_RETENTION_DAYS", 7)
+# A relay run stops after this many seconds (the next run goes on), well inside its
+# task's 50 s soft time limit: a slow broker never gets the run killed mid-row.
+JOBS_OUTBOX_RELAY_TIME_BUDGET = env_float("OUTBOX_RELAY_TIME_BUDGET", 30.0)
+# A row that fails to publish for a reason of its own (not the broker down) backs off
+# (grace, 2 x grace, ... capped at 10 minutes) and after this many failures becomes a
+# dead letter, reason `unpublishable` (about 20 minutes with the defaults).
+JOBS_OUTBOX_MAX_FAILURES = env_int("OUTBOX_MAX_FAILURES", 8)
 
 # --- Retries and dead letters (jobs/retry.py, jobs/dead_letters.py) ------------------
 

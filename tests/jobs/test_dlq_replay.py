@@ -106,6 +106,33 @@ def test_a_row_naming_a_task_that_is_not_registered_is_refused(broker):
     assert broker.queue_lengths() == dict.fromkeys(broker.queue_lengths(), 0)
 
 
+@pytest.mark.django_db(transaction=True)
+def test_a_row_whose_queue_is_gone_is_refused_with_a_reason_and_the_others_replay(
+    broker, monkeypatch
+):
+    from celery.app.routes import Router, prepare
+
+    from jobs import app
+
+    stuck = make_letter(task_name="shop.tasks.payments.charge_payment")
+    fine = make_letter(task_name="shop.tasks.emails.send_receipt", queue="emails")
+    routes = {"shop.tasks.payments.*": {"queue": "retired"}, "shop.tasks.emails.*": "emails"}
+    monkeypatch.setattr(
+        app.amqp, "router", Router(prepare(routes), app.amqp.queues, create_missing=False, app=app)
+    )
+
+    result = dead_letters.dead_letter_replay(ids=[stuck.pk, fine.pk], actor="ops")
+
+    assert result.done == 1
+    assert result.errors == (
+        f"Dead letter {stuck.pk} was not replayed: its task routes to a queue that is not "
+        "declared.",
+    )
+    assert DeadLetter.objects.get(pk=stuck.pk).status == "dead"  # still waiting, untouched
+    assert DeadLetter.objects.get(pk=fine.pk).status == "replayed"
+    assert [m.task_name for m in OutboxMessage.objects.all()] == [fine.task_name]
+
+
 @pytest.mark.django_db
 def test_discard_marks_dead_rows_only():
     dead, replayed = make_letter(), make_letter(status=DeadLetter.Status.REPLAYED)

@@ -3,17 +3,18 @@ publish did not happen, never double-published by two relays."""
 
 import json
 import time
+from collections import Counter
 from datetime import timedelta
 
 import pytest
 from celery.app.routes import Router, prepare
-from celery.exceptions import QueueNotFound
+from celery.exceptions import QueueNotFound, SoftTimeLimitExceeded
 from django.core.management import CommandError, call_command
 from django.db import transaction
 from django.utils import timezone
 
 from jobs import app, outbox
-from jobs.models import OutboxMessage
+from jobs.models import DeadLetter, OutboxMessage
 from tests.processes import run_concurrently, wait_until
 
 TASK = "shop.tasks.payments.charge_payment"
@@ -152,11 +153,7 @@ def test_enqueue_to_an_undeclared_queue_fails_loudly_and_rolls_back(broker, monk
 @pytest.mark.django_db(transaction=True)
 def test_a_row_that_cannot_be_routed_does_not_block_the_rows_behind_it(broker, monkeypatch):
     [stuck, *others] = old_unsent_rows(3)
-    OutboxMessage.objects.filter(pk=stuck.pk).update(task_name="shop.tasks.retired.old_task")
-    routes = {"shop.tasks.retired.*": {"queue": "retired"}, "shop.tasks.payments.*": "payments"}
-    monkeypatch.setattr(
-        app.amqp, "router", Router(prepare(routes), app.amqp.queues, create_missing=False, app=app)
-    )
+    retire_payments_route(monkeypatch, stuck)
 
     assert outbox.relay_unsent(older_than=0) == 2
 
@@ -164,6 +161,110 @@ def test_a_row_that_cannot_be_routed_does_not_block_the_rows_behind_it(broker, m
     assert stuck.sent_at is None
     assert "retired" in stuck.last_error
     assert sorted(published_task_ids(broker)) == sorted(str(r.task_id) for r in others)
+
+
+def retire_payments_route(monkeypatch, stuck: OutboxMessage) -> None:
+    """Route `stuck` to a queue that is not declared (it was removed in a deploy)."""
+    OutboxMessage.objects.filter(pk=stuck.pk).update(task_name="shop.tasks.retired.old_task")
+    routes = {"shop.tasks.retired.*": {"queue": "retired"}, "shop.tasks.payments.*": "payments"}
+    monkeypatch.setattr(
+        app.amqp, "router", Router(prepare(routes), app.amqp.queues, create_missing=False, app=app)
+    )
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_relay_killed_mid_batch_keeps_the_rows_it_published_marked(broker, monkeypatch):
+    rows = old_unsent_rows(10)
+    real_send = outbox._send
+    calls: list[int] = []
+
+    def send_then_die_on_the_fourth(message: OutboxMessage, connection: object = None) -> None:
+        calls.append(message.pk)
+        real_send(message)
+        if len(calls) == 4:  # published, then the hard time limit kills the process
+            raise SystemExit("killed by the hard time limit")
+
+    monkeypatch.setattr(outbox, "_send", send_then_die_on_the_fourth)
+    with pytest.raises(SystemExit):
+        outbox.relay_unsent(older_than=0)
+    monkeypatch.undo()
+    outbox.relay_all_unsent(older_than=0)  # the next run
+
+    published = Counter(published_task_ids(broker))
+    assert set(published) == {str(r.task_id) for r in rows}
+    # Only the row being published at the kill goes out twice; the three before it stay sent.
+    assert sorted(published.values()) == [1] * 9 + [2]
+    assert published[str(rows[3].task_id)] == 2
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_relay_stops_at_its_time_limit_and_commits_what_it_sent(broker, monkeypatch):
+    rows = old_unsent_rows(5)
+    real_send = outbox._send
+
+    def slow_broker(message: OutboxMessage, connection: object = None) -> None:
+        if message.pk == rows[2].pk:
+            raise SoftTimeLimitExceeded()  # the task's soft limit, mid-publish
+        real_send(message)
+
+    monkeypatch.setattr(outbox, "_send", slow_broker)
+
+    assert outbox.relay_unsent(older_than=0) == 2  # stopped, not "one bad message"
+
+    assert OutboxMessage.objects.filter(sent_at__isnull=False).count() == 2
+    assert OutboxMessage.objects.get(pk=rows[2].pk).failures == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_row_that_keeps_failing_backs_off_then_becomes_a_dead_letter(
+    broker, monkeypatch, settings
+):
+    settings.JOBS_OUTBOX_MAX_FAILURES = 3
+    [stuck, *others] = old_unsent_rows(3)
+    retire_payments_route(monkeypatch, stuck)
+
+    # the first failure backs the row off: the next run does not try it
+    assert outbox.relay_unsent(older_than=0) == 2
+    stuck.refresh_from_db()
+    assert stuck.failures == 1
+    assert stuck.retry_after is not None
+    assert stuck.retry_after > timezone.now()
+    assert outbox.relay_unsent(older_than=0) == 0
+    assert OutboxMessage.objects.get(pk=stuck.pk).failures == 1
+    # when its back-off is over, each run tries it again, up to the bound
+    for _ in range(2):
+        OutboxMessage.objects.filter(pk=stuck.pk).update(retry_after=timezone.now())
+        outbox.relay_unsent(older_than=0)
+
+    stuck.refresh_from_db()
+    letter = DeadLetter.objects.get(task_id=str(stuck.task_id))
+    assert (letter.reason, letter.task_name, letter.args) == (
+        "unpublishable",
+        "shop.tasks.retired.old_task",
+        stuck.args,
+    )
+    assert "retired" in letter.exception_message
+    assert (stuck.failures, stuck.sent_at, stuck.dead_lettered_at is not None) == (3, None, True)
+    OutboxMessage.objects.filter(pk=stuck.pk).update(retry_after=None)
+    assert outbox.relay_unsent(older_than=0) == 0  # never tried again: the DLQ holds it
+    assert sorted(published_task_ids(broker)) == sorted(str(r.task_id) for r in others)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_broker_outage_does_not_count_towards_dead_lettering_a_row(broker, settings):
+    settings.JOBS_OUTBOX_MAX_FAILURES = 2
+    [row] = old_unsent_rows(1)
+    broker.stop()
+    try:
+        for _ in range(5):
+            assert outbox.relay_unsent(older_than=0) == 0
+    finally:
+        broker.start()
+
+    row.refresh_from_db()
+    assert (row.attempts, row.failures, row.dead_lettered_at) == (5, 0, None)
+    assert not DeadLetter.objects.exists()
+    assert outbox.relay_unsent(older_than=0) == 1
 
 
 @pytest.mark.django_db
