@@ -28,12 +28,19 @@ import time
 import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+from typing import Any
 
 import httpx
+import redis
 
+from deploy.lab_admin import AdminSession
 from deploy.stack import BASE_DIR, QUEUES, Stack, choose
 
 GOOD, DECLINED = "4242424242424242", "4000000000000002"
+SKUS = ["MUG-001", "TEE-002", "BAG-003", "PEN-004", "NBK-005", "CAP-006"]
+CHARGE, RECEIPT = "shop.tasks.payments.charge_payment", "shop.tasks.emails.send_receipt"
+OPERATOR, OPERATOR_PASSWORD = "lab-operator", "lab-operator-password"
 
 
 class Lab(Stack):
@@ -47,9 +54,16 @@ class Lab(Stack):
                 "OUTBOX_RELAY_GRACE": "2",
                 "RECONCILE_INTERVAL": "15",
                 "RECONCILE_AFTER_MINUTES": "1",
-                "RETRY_MAX_RETRIES": "3",  # a gateway outage of ~15 s exhausts some charges
-                "RETRY_BACKOFF_CAP": "8",
+                # The shipped retry policy, 40 times faster: 12 retries that wait at least
+                # 21 s in all (the shipped 14 minutes / 40). The gateway outage (15 s) is
+                # longer than the policy this one replaced ever waited (62 s / 40) and must
+                # dead-letter nothing.
+                "RETRY_MAX_RETRIES": "12",
+                "RETRY_BACKOFF_BASE": "0.05",
+                "RETRY_BACKOFF_CAP": "7.5",
                 "RETRY_OUTAGE_BUDGET": "0",  # short on purpose: no start-up warning
+                # Orders nobody paid or decided on are cancelled after this (24 h shipped).
+                "ORDER_PAYMENT_DEADLINE": str(args.payment_deadline),
                 "EMAIL_BACKEND": "deploy.lab_mail.TrapFileBackend",
                 "CELERY_WORKER_SOFT_SHUTDOWN_TIMEOUT": "2",
                 "GATEWAY_FAILURE_RATE": str(args.gateway_failure_rate),
@@ -65,6 +79,19 @@ class Lab(Stack):
         self.lock = threading.Lock()  # faults and the supervisor do not restart at once
         self.exits: list[str] = []  # processes that exited on their own
         self.trapped_mails = 0
+        self.initial_stock: dict[str, int] = {}
+        self.decisions: Counter[str] = Counter()  # what the lab's operator did
+        self.duplicated: list[str] = []  # task ids of outbox rows published twice at once
+        self.stale_edits = 0
+
+    def prepare(self) -> None:
+        """After the stack is up: the operator's admin login, the stock before any order."""
+        from django.contrib.auth.models import User
+
+        from shop.models import Product
+
+        User.objects.create_superuser(OPERATOR, "operator@example.com", OPERATOR_PASSWORD)
+        self.initial_stock = dict(Product.objects.values_list("sku", "stock"))
 
     # --- load and faults --------------------------------------------------------------
 
@@ -73,7 +100,7 @@ class Lab(Stack):
             DECLINED if self.rng.random() < self.args.declined_share else GOOD
             for _ in range(self.args.orders)
         ]
-        skus = ["MUG-001", "TEE-002", "BAG-003", "PEN-004", "NBK-005", "CAP-006"]
+        skus = SKUS
 
         def order(card: str) -> tuple[str, str | None]:
             body = {
@@ -221,6 +248,79 @@ class Lab(Stack):
         time.sleep(self.args.gateway_outage_seconds)
         self.gateway_control(outage=False)
 
+    def gateway_rejects(self) -> None:
+        """The gateway refuses every charge as invalid for a while (a broken integration):
+        permanent errors, dead-lettered at once, for the operator to decide on."""
+        self.gateway_control(reject_rate=1.0)
+        time.sleep(self.args.outage_seconds)
+        self.gateway_control(reject_rate=0.0)
+
+    def operator_decisions(self) -> None:
+        """An operator works through the dead letters mid-run, as from the admin: replays
+        half, discards the other half (a discarded charge cancels its order, the gateway
+        asked first; a discarded receipt is abandoned), and cancels one pending order."""
+        from jobs.dead_letters import dead_letter_discard, dead_letter_replay
+        from jobs.models import DeadLetter
+        from shop.models import Order
+        from shop.services.orders import order_cancel
+
+        rows = sorted(DeadLetter.objects.filter(status="dead").values_list("pk", flat=True))
+        self.rng.shuffle(rows)
+        half = len(rows) // 2
+        discarded = dead_letter_discard(ids=rows[:half], actor=OPERATOR)
+        replayed = dead_letter_replay(ids=rows[half:], actor=OPERATOR)
+        self.decisions["discarded"] += discarded.done
+        self.decisions["replayed"] += replayed.done
+        self.decisions["refused"] += len(discarded.errors) + len(replayed.errors)
+        pending = sorted(Order.objects.filter(status="pending").values_list("pk", flat=True))
+        if pending:
+            try:
+                outcome = str(
+                    order_cancel(
+                        order_id=self.rng.choice(pending[-50:]),
+                        actor=OPERATOR,
+                        message="Cancelled by the shop.",
+                    )
+                )
+            except Exception as exc:  # the gateway may be down at this moment: nothing changed
+                outcome = f"refused ({type(exc).__name__})"
+            self.decisions[f"order cancel: {outcome}"] += 1
+
+    def stale_product_edit(self) -> None:
+        """The operator opens a product's admin form, orders reserve its stock meanwhile,
+        and the form is saved as it was loaded: every reservation must survive."""
+        from shop.models import Product
+
+        product_id = Product.objects.get(sku=self.rng.choice(SKUS)).pk
+        try:
+            with AdminSession(self.url(""), OPERATOR, OPERATOR_PASSWORD) as admin:
+                fields = admin.product_form(product_id)
+                time.sleep(2.0)
+                admin.product_save(product_id, fields)
+        except (httpx.HTTPError, RuntimeError) as exc:  # a web fault at the same moment
+            print(f"chaos: stale product edit not saved: {exc}", flush=True)
+            return
+        self.stale_edits += 1
+
+    def duplicate_delivery(self) -> None:
+        """The newest outbox row published twice at the same moment (the relay and the
+        after-commit publisher both sent it): two live copies of one task, charged once,
+        one mail."""
+        from jobs import outbox
+        from jobs.models import OutboxMessage
+
+        task = self.rng.choice([CHARGE, RECEIPT])
+        row = OutboxMessage.objects.filter(task_name=task).order_by("-id").first()
+        if row is None:
+            return
+        try:
+            with ThreadPoolExecutor(2) as pool:
+                list(pool.map(lambda _: outbox._send(row), range(2)))
+        except Exception as exc:  # the broker may be down at this moment
+            print(f"chaos: duplicate delivery not sent: {exc!r}", flush=True)
+            return
+        self.duplicated.append(str(row.task_id))
+
     # --- the verdict ----------------------------------------------------------------------
 
     def settle(self, accepted: list[str], declined: list[str], since: float) -> float:
@@ -251,28 +351,93 @@ class Lab(Stack):
         }
 
     def unsettled(self, accepted: list[str], declined: list[str]) -> list[str]:
-        """Accepted orders neither receipted nor dead-lettered, declined ones not failed."""
+        """Orders not yet at an end: accepted ones neither receipted (or their receipt
+        abandoned by the operator) nor cancelled, declined ones not failed (or cancelled),
+        and neither waiting on a dead letter."""
         from shop.models import Order
 
-        receipted = set(
-            map(
-                str,
-                Order.objects.filter(reference__in=accepted, receipt__status="sent").values_list(
-                    "reference", flat=True
-                ),
-            )
+        def references(**where: object) -> set[str]:
+            return set(map(str, Order.objects.filter(**where).values_list("reference", flat=True)))
+
+        done = references(receipt__status__in=["sent", "abandoned"]) | references(
+            status="cancelled"
         )
-        failed = set(
-            map(
-                str,
-                Order.objects.filter(reference__in=declined, status="failed").values_list(
-                    "reference", flat=True
-                ),
-            )
-        )
+        failed = references(status__in=["failed", "cancelled"])
         dead = self.dead_lettered()
-        return [r for r in accepted if r not in receipted and r not in dead] + [
+        return [r for r in accepted if r not in done and r not in dead] + [
             r for r in declined if r not in failed and r not in dead
+        ]
+
+    def outcomes(self, ledger: list[dict[str, Any]]) -> list[tuple[str, object, bool]]:
+        """The verdict's rows about the roads out of a failure."""
+        from django.db.models import Sum
+        from django.utils import timezone
+
+        from jobs.models import DeadLetter
+        from shop.models import Order, OrderLine, Product
+        from shop.services.payments import charge_description
+
+        reserved = dict(
+            OrderLine.objects.filter(order__status__in=["paid", "pending"])
+            .values("product__sku")
+            .annotate(units=Sum("quantity"))
+            .values_list("product__sku", "units")
+        )
+        stock = dict(Product.objects.values_list("sku", "stock"))
+        unbalanced = [
+            sku
+            for sku, initial in self.initial_stock.items()
+            if initial != stock[sku] + reserved.get(sku, 0)
+        ]
+        charged = Counter(c["description"] for c in ledger if c["status"] == "succeeded")
+        cancelled = list(Order.objects.filter(status="cancelled").select_related("payment"))
+        charged_cancelled = [o.pk for o in cancelled if charged[charge_description(o)]]
+        waiting = {
+            args[0]
+            for args in DeadLetter.objects.filter(status="dead", task_name=CHARGE).values_list(
+                "args", flat=True
+            )
+        }
+        pending = Order.objects.filter(status="pending").select_related("payment")
+        ownerless = [o.pk for o in pending if o.payment.pk not in waiting]
+        deadline = timezone.now() - timedelta(seconds=self.args.payment_deadline + 60)
+        overdue = pending.filter(created_at__lt=deadline).count()
+        client = redis.Redis(port=self.redis_port)
+        guard_keys = sum(1 for _ in client.scan_iter("jobs:deliveries:*", count=1000))
+        kills = sum(1 for _, name in self.faults if name.startswith("kill"))
+        key_bound = 50 + 10 * kills  # a killed delivery leaves its count until its TTL
+        return [
+            (
+                "stock conserved (initial = now + units in paid and pending orders)",
+                ", ".join(unbalanced) or f"every product ({self.stale_edits} stale admin saves)",
+                not unbalanced,
+            ),
+            (
+                "cancelled orders (operator, discarded charge, deadline) / charged",
+                f"{len(cancelled)} / {len(charged_cancelled)}",
+                not charged_cancelled,
+            ),
+            (
+                "orders pending, no dead letter waiting for an operator",
+                len(ownerless),
+                not ownerless,
+            ),
+            ("orders pending past their payment deadline", overdue, overdue == 0),
+            (
+                "poison-guard keys in the broker (bound: 50 + 10 per kill)",
+                f"{guard_keys} (bound {key_bound})",
+                guard_keys <= key_bound,
+            ),
+            (
+                "operator decisions (dead letters / orders)",
+                ", ".join(f"{n} {what}" for what, n in sorted(self.decisions.items())) or "none",
+                True,
+            ),
+            (
+                "outbox rows published twice at once (each charged once, one mail)",
+                len(self.duplicated),
+                True,  # judged by the charged-twice and duplicate-email rows
+            ),
         ]
 
     def verdict(
@@ -306,12 +471,8 @@ class Lab(Stack):
         # A decline is the order's final state (failed), not a dead letter. A declined
         # card caught by a gateway outage first runs out of retries, and waits for the
         # replay, which then declines it.
-        permanent = DeadLetter.objects.filter(
-            reason="permanent_error",
-            task_name="shop.tasks.payments.charge_payment",
-            args__in=[[orders[r].payment.pk] for r in declined],
-        ).count()
-        declined_final = [r for r in declined if orders[r].status == "failed"]
+        permanent = DeadLetter.objects.filter(exception_class__endswith=".CardDeclined").count()
+        declined_final = [r for r in declined if orders[r].status in ("failed", "cancelled")]
         declined_waiting = [r for r in declined if r in dead and r not in declined_final]
         declined_ok = (
             len(declined_final) + (0 if after_replay else len(declined_waiting)) == len(declined)
@@ -352,13 +513,14 @@ class Lab(Stack):
                 f"{len(declined_final)} of {len(declined)} ({len(declined_waiting)} waiting)",
                 declined_ok,
             ),
-            ("dead letters retries_exhausted or worker_lost (all time)", exhausted, True),
+            (f"dead letters {', '.join(REPLAYED_REASONS)} (all time)", exhausted, True),
             (
                 "processes that exited on their own (restarted)",
                 ", ".join(self.exits) or "none",
                 True,
             ),
             ("faults injected", ", ".join(f"{n} {f}" for f, n in injected.items()) or "none", True),
+            *self.outcomes(ledger),
             (
                 "time to settle after the replay"
                 if after_replay
@@ -398,8 +560,9 @@ class Lab(Stack):
             print(f"chaos: dlq replay --reason {reason}: {result.stdout.strip()}")
 
 
-# Out of retries while the gateway was down, or killed once too often: the job is fine.
-REPLAYED_REASONS = ["retries_exhausted", "worker_lost"]
+# Out of retries while the gateway was down, killed once too often, or refused while the
+# gateway rejected every request: the job is fine, the environment was not.
+REPLAYED_REASONS = ["retries_exhausted", "worker_lost", "permanent_error"]
 FAULTS = [
     "kill_child",
     "kill_worker",
@@ -410,6 +573,10 @@ FAULTS = [
     "restart_broker",
     "broker_outage",
     "gateway_outage",
+    "gateway_rejects",
+    "operator_decisions",
+    "stale_product_edit",
+    "duplicate_delivery",
 ]
 
 
@@ -433,6 +600,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gateway-failure-rate", type=float, default=0.05)
     parser.add_argument("--gateway-timeout-rate", type=float, default=0.01)
     parser.add_argument("--settle-timeout", type=float, default=600.0)
+    parser.add_argument(
+        "--payment-deadline",
+        type=float,
+        default=180.0,
+        help="seconds an unpaid order waits before it is cancelled (ORDER_PAYMENT_DEADLINE)",
+    )
     parser.add_argument("--no-replay", action="store_true", help="stop after the first verdict")
     parser.add_argument(
         "--database-url",
@@ -456,6 +629,7 @@ def main() -> int:
     try:
         lab.start()
         lab.setup_django()
+        lab.prepare()
         supervisor.start()
         chaos = threading.Thread(target=lab.inject_faults, args=(stop,))
         chaos.start()

@@ -263,7 +263,8 @@ class Stack:
         """Make this process a client of the stack's database and broker."""
         import django
 
-        names = ("DATABASE_URL", "CELERY_BROKER_URL", "LOG_LEVEL", "LOG_FORMAT")
+        names = ["DATABASE_URL", "CELERY_BROKER_URL", "PAYMENT_GATEWAY_URL", "LOG_LEVEL"]
+        names += ["LOG_FORMAT", "ORDER_PAYMENT_DEADLINE"]
         os.environ.update({k: self.env[k] for k in names if k in self.env})
         os.environ.setdefault("DJANGO_SETTINGS_MODULE", "shop.settings")
         sys.path.insert(0, str(BASE_DIR))

@@ -252,7 +252,8 @@ def on_discard(task_name: str) -> Callable[[DiscardHandler], DiscardHandler]:
     waited for it must end (a charge's order is cancelled, a receipt is abandoned). The
     handler gets the row and the actor, runs in the discard's transaction, and raises
     (a TransientError when a dependency cannot be asked) to refuse the discard: the row
-    then stays `dead` and nothing is written. Register from your AppConfig.ready().
+    then stays `dead` and the handler's own writes roll back; what it asked of another
+    system must therefore be safe to ask again. Register from your AppConfig.ready().
     """
 
     def register(handler: DiscardHandler) -> DiscardHandler:
@@ -282,7 +283,10 @@ def dead_letter_discard(*, ids: Iterable[int], actor: str) -> Handled:
                 row.save(update_fields=["status", "handled_by", "handled_at"])
         except TransientError as exc:
             logger.warning("dead letter %s: discard refused: %r", pk, exc)
-            errors.append(f"Dead letter {pk} was not discarded: {type(exc).__name__}; try again.")
+            errors.append(
+                f"Dead letter {pk} was not discarded: {type(exc).__name__}; it is still "
+                "dead, try again (that is safe to repeat)."
+            )
             continue
         except Exception:
             logger.exception("dead letter %s: discard failed", pk)

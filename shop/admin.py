@@ -1,3 +1,4 @@
+import logging
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -12,8 +13,9 @@ from jobs.admin import ActionsRefusedLoudly, NeverDeleted
 from jobs.errors import TransientError
 from shop.models import Order, OrderLine, Payment, Product, Receipt
 from shop.services.catalog import StockWouldGoNegative, product_stock_adjust
-from shop.services.orders import Cancelled, order_cancel
+from shop.services.orders import Cancelled, order_cancel, order_dead_letters_close
 
+logger = logging.getLogger(__name__)
 MESSAGE = "This order was cancelled by the shop."  # what the customer reads
 
 
@@ -157,22 +159,36 @@ class OrderAdmin(NeverDeleted, ActionsRefusedLoudly):
     def cancel_selected(self, request: HttpRequest, queryset: QuerySet[Order]) -> None:
         actor = request.user.get_username()
         outcomes: Counter[Cancelled] = Counter()
-        unreachable = 0
-        for order_id in queryset.values_list("pk", flat=True):
+        unreachable = failed = 0
+        for order_id, payment_id in queryset.values_list("pk", "payment__pk"):
             try:
                 outcomes[order_cancel(order_id=order_id, actor=actor, message=MESSAGE)] += 1
             except TransientError:
                 unreachable += 1
+                continue
+            except Exception:
+                logger.exception("admin: order %s could not be cancelled", order_id)
+                failed += 1
+                continue
+            if payment_id is not None:  # the order is over: so is its charge's dead letter
+                order_dead_letters_close(payment_id=payment_id, actor=actor)
         for outcome, count in outcomes.items():
             self.message_user(request, _REPORTS[outcome](count), _LEVELS[outcome])
         if unreachable:
             message = ngettext(
-                "%(count)d order was not cancelled: the payment gateway did not answer. "
-                "Nothing changed; try again.",
+                "%(count)d order was not cancelled: the payment gateway did not answer. It "
+                "is still pending here; cancel it again (that is safe to repeat).",
                 "%(count)d orders were not cancelled: the payment gateway did not answer. "
-                "Nothing changed; try again.",
+                "They are still pending here; cancel them again (that is safe to repeat).",
                 unreachable,
             ) % {"count": unreachable}
+            self.message_user(request, message, messages.ERROR)
+        if failed:
+            message = ngettext(
+                "%(count)d order could not be cancelled: an error was logged.",
+                "%(count)d orders could not be cancelled: an error was logged.",
+                failed,
+            ) % {"count": failed}
             self.message_user(request, message, messages.ERROR)
 
 

@@ -6,5 +6,6 @@ class ShopConfig(AppConfig):
     verbose_name = "Shop"
 
     def ready(self) -> None:
-        # Registers the reconciliation checks and what discarding a dead letter means.
-        from shop import decisions, reconcile  # noqa: F401
+        # Registers the system checks, the reconciliation checks and what discarding a
+        # dead letter means.
+        from shop import checks, decisions, reconcile  # noqa: F401

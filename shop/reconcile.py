@@ -8,6 +8,7 @@ reported: anything involving money that already moved (a double charge, a charge
 paid order); a person decides about refunds.
 """
 
+import logging
 import re
 from collections import Counter
 from datetime import datetime, timedelta
@@ -16,17 +17,18 @@ from django.conf import settings
 from django.db.models import Q
 from django.utils import timezone
 
-from jobs.dead_letters import dead_letter_discard
+from jobs.errors import TransientError
 from jobs.models import DeadLetter
 from jobs.outbox import enqueue
 from jobs.reconcile import Result, reconciler
 from shop.gateway import client as gateway
 from shop.models import Order, Payment, Receipt
-from shop.services.orders import Cancelled, order_cancel
+from shop.services.orders import Cancelled, order_cancel, order_dead_letters_close
 from shop.services.payments import CANCELLED_MESSAGE
 from shop.tasks.emails import send_receipt as send_receipt_task
 from shop.tasks.payments import charge_payment as charge_payment_task
 
+logger = logging.getLogger(__name__)
 ORDER_REF = re.compile(r"^Order #(\d+)\b")  # payments.charge_description()
 DEADLINE_ACTOR = "payment deadline"  # who cancelled, in the logs and the dead letters' audit
 
@@ -85,23 +87,47 @@ def payment_stuck(*, repair: bool) -> Result:
 @reconciler.register("unpaid_past_deadline", "Orders still unpaid after ORDER_PAYMENT_DEADLINE")
 def unpaid_past_deadline(*, repair: bool) -> Result:
     """The deadline of every unpaid order, whoever holds it (a retrying charge, a dead
-    letter nobody decided on). Repair cancels, asking the gateway first (a charge that
+    letter nobody decided on). Counted from the order, or from an operator's replay of
+    its charge if that came later: a replay is a decision to try again, and the deadline
+    must not cancel it at once. Repair cancels, asking the gateway first (a charge that
     happened makes the order paid), and closes the charge's dead letters."""
     deadline = timezone.now() - timedelta(seconds=settings.ORDER_PAYMENT_DEADLINE)
-    overdue = list(
-        Order.objects.filter(status=Order.Status.PENDING, created_at__lt=deadline).values_list(
-            "pk", "payment__pk"
-        )
-    )
-    repaired = 0
+    replayed = {
+        args[0]
+        for args in DeadLetter.objects.filter(
+            task_name=charge_payment_task.name,
+            status=DeadLetter.Status.REPLAYED,
+            handled_at__gte=deadline,
+        ).values_list("args", flat=True)
+    }
+    overdue = [
+        (order_id, payment_id)
+        for order_id, payment_id in Order.objects.filter(
+            status=Order.Status.PENDING, created_at__lt=deadline
+        ).values_list("pk", "payment__pk")
+        if payment_id not in replayed
+    ]
+    repaired, unanswered = 0, []
     for order_id, payment_id in overdue if repair else ():
-        outcome = order_cancel(order_id=order_id, actor=DEADLINE_ACTOR, message=CANCELLED_MESSAGE)
-        letters = DeadLetter.objects.filter(
-            task_name=charge_payment_task.name, status=DeadLetter.Status.DEAD, args=[payment_id]
-        ).values_list("pk", flat=True)
-        dead_letter_discard(ids=list(letters), actor=DEADLINE_ACTOR)
+        try:
+            outcome = order_cancel(
+                order_id=order_id, actor=DEADLINE_ACTOR, message=CANCELLED_MESSAGE
+            )
+        except TransientError:
+            unanswered.append(order_id)  # the next run tries again
+            continue
+        except Exception:
+            # One order's problem must not stop the deadline of all the others.
+            logger.exception("reconcile: order %s could not be cancelled", order_id)
+            unanswered.append(order_id)
+            continue
+        order_dead_letters_close(payment_id=payment_id, actor=DEADLINE_ACTOR)
         repaired += outcome != Cancelled.ALREADY_FINAL
-    return Result(found=len(overdue), repaired=repaired, samples=[f"order {o}" for o, _ in overdue])
+    if unanswered and len(unanswered) == len(overdue):
+        raise TransientError(f"no overdue order could be cancelled ({len(overdue)} waiting)")
+    samples = [f"order {o}" for o, _ in overdue]
+    samples += [f"order {o}: not cancelled yet, the gateway did not answer" for o in unanswered]
+    return Result(found=len(overdue), repaired=repaired, samples=samples)
 
 
 @reconciler.register(

@@ -195,8 +195,9 @@ REPORTS_DIR = Path(env("REPORTS_DIR", str(VAR_DIR / "reports")))
 # Seconds the sales report sleeps per chunk of orders: makes the bulk job visibly slow.
 REPORT_CHUNK_DELAY = env_float("REPORT_CHUNK_DELAY", 0.5)
 # The reconciler (shop/reconcile.py) looks at orders and payments older than this only:
-# younger ones may simply still be in flight.
-RECONCILE_AFTER_MINUTES = env_int("RECONCILE_AFTER_MINUTES", 10)
+# younger ones may simply still be in flight, their task retrying. Longer than the whole
+# retry budget (28.5 minutes at most with the defaults; system check shop.E001).
+RECONCILE_AFTER_MINUTES = env_int("RECONCILE_AFTER_MINUTES", 45)
 # Seconds an order may stay unpaid (its charge retrying, or its dead letter waiting for
 # an operator) before the reconciler cancels it, after asking the gateway: a charge that
 # happened makes it paid instead. Card processors forget idempotency keys after about a

@@ -21,11 +21,15 @@ def test_chaos_usage_errors_start_nothing(args):
 def test_a_small_lab_run_keeps_every_invariant():
     """The lab itself, small: 40 orders while a child, the payments children mid-charge,
     the web workers after COMMIT (Redis frozen), Redis (restarted) and the gateway
-    (down, so some charges run out of retries) fail; then the replay step."""
+    (down longer than the old retry budget; then rejecting requests, so some charges are
+    dead-lettered) fail, an operator replays and discards dead letters, cancels an order
+    and saves a stale product form, and outbox rows are published twice at once; then
+    the replay step."""
     database = f"postgres://postgres@127.0.0.1:5432/test_chaos_{os.getpid()}"
-    faults = "kill_mid_charge,kill_web_after_commit,restart_broker,gateway_outage,kill_child"
+    faults = "kill_mid_charge,kill_web_after_commit,restart_broker,gateway_outage,kill_child,"
+    faults += "gateway_rejects,operator_decisions,stale_product_edit,duplicate_delivery"
     args = ["--orders", "40", "--concurrency", "8", "--seed", "3", "--faults", faults]
-    args += ["--fault-every", "1", "--chaos-seconds", "6", "--outage-seconds", "2"]
+    args += ["--fault-every", "1", "--chaos-seconds", "12", "--outage-seconds", "2"]
     args += ["--gateway-outage-seconds", "6", "--settle-timeout", "240"]
     try:
         result = run_module("deploy.chaos", *args, "--database-url", database, timeout=600)
@@ -37,6 +41,7 @@ def test_a_small_lab_run_keeps_every_invariant():
     assert len(verdicts) == 2  # the verdict, the replay step, the verdict again
     assert re.search(r"ok +lost \(accepted, no receipt, no dead letter\) +0\n", verdicts[0])
     assert re.search(r"ok +accepted orders waiting in the dead letters \S+ +0\n", verdicts[1])
+    assert re.search(r"ok +stock conserved .+ every product", verdicts[1])
     assert "BAD" not in result.stdout
     assert "chaos: every invariant holds" in result.stdout
 

@@ -87,6 +87,9 @@ class GatewayConfig:
 
     latency_ms: int = 0  # sleep before handling each POST /v1/charges
     failure_rate: float = 0.0  # probability that a POST /v1/charges answers 503 up front
+    # probability that a POST /v1/charges is refused as invalid (400, nothing stored): the
+    # permanent error of a broken integration, which only a person can fix
+    reject_rate: float = 0.0
     timeout_rate: float = 0.0  # probability that a new outcome is recorded, then answered late
     timeout_seconds: float = 30.0  # how late, in that case
     outage: bool = False  # every POST /v1/charges answers 503
@@ -97,6 +100,7 @@ class GatewayConfig:
     ENV_VARS: ClassVar[dict[str, str]] = {
         "latency_ms": "GATEWAY_LATENCY_MS",
         "failure_rate": "GATEWAY_FAILURE_RATE",
+        "reject_rate": "GATEWAY_REJECT_RATE",
         "timeout_rate": "GATEWAY_TIMEOUT_RATE",
         "timeout_seconds": "GATEWAY_TIMEOUT_SECONDS",
         "outage": "GATEWAY_OUTAGE",
@@ -108,6 +112,7 @@ class GatewayConfig:
     def __post_init__(self) -> None:
         _check_int("latency_ms", self.latency_ms, 0, 600_000)
         _check_number("failure_rate", self.failure_rate, 0.0, 1.0)
+        _check_number("reject_rate", self.reject_rate, 0.0, 1.0)
         _check_number("timeout_rate", self.timeout_rate, 0.0, 1.0)
         _check_number("timeout_seconds", self.timeout_seconds, 0.0, 3600.0)
         if not isinstance(self.outage, bool):
@@ -547,7 +552,11 @@ class Ledger:
         with self._lock:
             if idempotency_key is not None and key_ttl is not None:
                 self._conn.execute("BEGIN IMMEDIATE")
-                self._forget_expired(idempotency_key, key_ttl)
+                try:
+                    self._forget_expired(idempotency_key, key_ttl)
+                except BaseException:
+                    self._conn.execute("ROLLBACK")
+                    raise
                 self._conn.execute("COMMIT")
             rows = self._conn.execute(query + " ORDER BY seq", params).fetchall()
         return [dict(row) for row in rows]
@@ -609,6 +618,12 @@ class Gateway:
                 "The payment gateway is temporarily unavailable.",
                 "api_error",
                 "service_unavailable",
+            )
+        if self.chance(config.reject_rate):
+            raise HTTPError(
+                400,
+                "Invalid request: this integration's parameters are rejected (injected fault).",
+                code="parameter_invalid",
             )
         request = parse_charge_request(idempotency_key, body)
         outcome = self.ledger.charge(request, config.flaky_card_failures, config.key_ttl_seconds)

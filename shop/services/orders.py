@@ -10,6 +10,8 @@ attempt still in flight can no longer succeed after the order was cancelled.
 import enum
 import logging
 
+from jobs.dead_letters import dead_letter_discard
+from jobs.models import DeadLetter
 from shop.gateway import client as gateway
 from shop.models import Order, Payment
 from shop.services.payments import (
@@ -36,7 +38,8 @@ def order_cancel(*, order_id: int, actor: str, message: str) -> Cancelled:
     """Cancel a pending order unless the gateway says it was charged.
 
     `message` is what the customer reads on the order page. Raises TransientError when the
-    gateway cannot be asked (nothing changes then; try again later).
+    gateway cannot be asked or did not answer: the order stays pending here (the gateway
+    may have cancelled the key already), and calling again finishes it (safe to repeat).
     """
     payment = Payment.objects.select_related("order").filter(order_id=order_id).first()
     if payment is None or payment.status not in CHARGEABLE:
@@ -67,3 +70,14 @@ def order_cancel(*, order_id: int, actor: str, message: str) -> Cancelled:
         return Cancelled.ALREADY_FINAL
     logger.info("order %s cancelled by %s", order_id, actor)
     return Cancelled.CANCELLED
+
+
+def order_dead_letters_close(*, payment_id: int, actor: str) -> None:
+    """Discard the `dead` letters of a payment that is over (cancelled, paid, failed): no
+    one will ever replay them, and left `dead` they would keep the alert firing."""
+    from shop.tasks.payments import charge_payment as charge_payment_task  # imports us
+
+    letters = DeadLetter.objects.filter(
+        task_name=charge_payment_task.name, status=DeadLetter.Status.DEAD, args=[payment_id]
+    ).values_list("pk", flat=True)
+    dead_letter_discard(ids=list(letters), actor=actor)

@@ -110,7 +110,11 @@ def _claim(*, task_id: str) -> bool:
     with transaction.atomic():
         run = ReportRun.objects.select_for_update().filter(task_id=task_id).first()
         if run is not None:
-            if run.status not in ReportRun.ACTIVE:  # done, or given up as abandoned
+            if run.status == ReportRun.Status.FAILED and run.started_at is None:
+                # Given up while it waited in the queue (a stopped reports worker, a long
+                # broker outage), and here after all: it runs, unless another one does.
+                return _take_back(run, now)
+            if run.status not in ReportRun.ACTIVE:  # done, or failed while it ran
                 logger.info("sales report %s is %s: not built again", task_id, run.status)
                 return False
             # Queued, or running again: a retry or redelivery of this run (same task id).
@@ -127,6 +131,17 @@ def _claim(*, task_id: str) -> bool:
             logger.info("sales report %s skipped: another one is queued or running", task_id)
             return False
         return True
+
+
+def _take_back(run: ReportRun, now: datetime) -> bool:
+    try:
+        with transaction.atomic():
+            run.status, run.started_at, run.finished_at = ReportRun.Status.RUNNING, now, None
+            run.save(update_fields=["status", "started_at", "finished_at"])
+    except IntegrityError:
+        logger.info("sales report %s skipped: another one is queued or running", run.task_id)
+        return False
+    return True
 
 
 def _abandoned_fail(*, now: datetime) -> int:

@@ -7,8 +7,9 @@ from jobs.base import ReliableTask
 from shop.services import payments
 
 
-# Soft limit 20 s marks the payment `unknown` (the next attempt asks the gateway before
-# charging); the gateway read timeout (15 s) fires before it in the normal case.
+# The gateway read timeout (15 s) fires before the soft limit (20 s) in the normal case;
+# either way the payment is already `unknown` (marked before the call), so the next
+# attempt asks the gateway before charging.
 @shared_task(
     name="shop.tasks.payments.charge_payment",
     base=ReliableTask,

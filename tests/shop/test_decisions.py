@@ -125,7 +125,8 @@ def test_a_discard_the_gateway_cannot_confirm_is_refused_and_changes_nothing(
 
     assert result.done == 0
     assert result.errors == (
-        f"Dead letter {letter.pk} was not discarded: GatewayUnavailable; try again.",
+        f"Dead letter {letter.pk} was not discarded: GatewayUnavailable; it is still dead, "
+        "try again (that is safe to repeat).",
     )
     letter.refresh_from_db()
     assert (letter.status, letter.handled_by) == ("dead", "")
@@ -226,6 +227,7 @@ def test_an_operator_cancels_from_the_admin_only_with_the_permission(
     client, broker, gateway, products
 ):
     payment = place_order()
+    letter = dead_letter(CHARGE, payment.pk)
     action = {"action": "cancel_selected", "_selected_action": [payment.order_id]}
 
     client.force_login(staff("viewer"))
@@ -241,6 +243,8 @@ def test_an_operator_cancels_from_the_admin_only_with_the_permission(
     payment.refresh_from_db()
     assert payment.order.status == "cancelled"
     assert stock() == 10
+    letter.refresh_from_db()  # the order is over, and so is its charge's dead letter
+    assert (letter.status, letter.handled_by) == ("discarded", "ops")
 
 
 def test_the_admin_says_when_the_gateway_cannot_be_asked(client, broker, gateway, products):
@@ -257,3 +261,35 @@ def test_the_admin_says_when_the_gateway_cannot_be_asked(client, broker, gateway
     assert "the payment gateway did not answer" in done.content.decode()
     assert Order.objects.get().status == "pending"
     assert stock() == 7
+
+
+def test_the_deadline_counts_from_an_operators_replay_and_one_bad_order_stops_no_other(
+    broker, gateway, products, settings, monkeypatch
+):
+    settings.ORDER_PAYMENT_DEADLINE = 24 * 3600
+    replayed, broken, plain = place_order(1), place_order(1), place_order(1)
+    for payment in (replayed, broken, plain):
+        age(payment, DAYS_AGO)
+    # an operator replayed the first one's charge an hour ago: a decision to try again
+    letter = dead_letter(CHARGE, replayed.pk)
+    DeadLetter.objects.filter(pk=letter.pk).update(status="replayed", handled_at=AN_HOUR_AGO)
+    # the gateway refuses to say anything about the second one
+    real_cancel = gateway_client.charge_cancel
+
+    def cancel(*, idempotency_key: str) -> object:
+        if idempotency_key == str(broken.idempotency_key):
+            raise gateway_client.GatewayRejected("400: no such payment")
+        return real_cancel(idempotency_key=idempotency_key)
+
+    monkeypatch.setattr(gateway_client, "charge_cancel", cancel)
+
+    reconciler.run(repair=True)
+
+    statuses = dict(Order.objects.values_list("pk", "status"))
+    assert statuses[replayed.order_id] == "pending"  # its deadline starts again
+    assert statuses[broken.order_id] == "pending"
+    assert statuses[plain.order_id] == "cancelled"  # not held up by the broken one
+    finding = next(
+        f for f in reconciler.run(repair=False) if f.check_name == "unpaid_past_deadline"
+    )
+    assert finding.found == 1  # the broken one, still waiting

@@ -40,6 +40,7 @@ SEED = 1234
 DEFAULTS: dict[str, Any] = {
     "latency_ms": 0,
     "failure_rate": 0.0,
+    "reject_rate": 0.0,
     "timeout_rate": 0.0,
     "timeout_seconds": 30.0,
     "outage": False,
@@ -506,6 +507,19 @@ def test_failure_rate_one_answers_503_and_stores_nothing(
     assert after.status_code == 201
     assert "Idempotent-Replayed" not in after.headers
     assert len(ledger_rows(gateway_server, key)) == 1
+
+
+def test_reject_rate_one_answers_400_and_stores_nothing(
+    gateway_server: GatewayProcess, client: httpx.Client
+) -> None:
+    before = len(ledger_rows(gateway_server))
+    control(client, reject_rate=1.0)
+
+    response = charge(client, new_key())
+
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "parameter_invalid"
+    assert len(ledger_rows(gateway_server)) == before
 
 
 def test_seeded_failures_are_repeatable(client: httpx.Client) -> None:

@@ -154,3 +154,15 @@ def test_a_check_that_cannot_run_says_so_keeps_its_findings_and_the_others_still
     metrics = scrape(client)
     assert value(metrics, "jobs_reconciliation_check_failed", check="ledger_mismatch") == 1
     assert value(metrics, "jobs_reconciliation_check_failed", check="paid_without_receipt") == 0
+
+
+def test_the_reconciler_must_wait_out_the_longest_retry_budget(settings):
+    from shop.checks import reconciler_waits_out_the_retries
+
+    assert reconciler_waits_out_the_retries() == []  # the shipped settings
+    settings.RECONCILE_AFTER_MINUTES = 10  # the old default: jobs retry for up to 28.5 min
+
+    [error] = reconciler_waits_out_the_retries()
+
+    assert error.id == "shop.E001"
+    assert "1710 s at most" in error.msg

@@ -6,6 +6,7 @@ task's hard time limit."""
 
 import threading
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from django.contrib.auth.models import User
@@ -102,7 +103,8 @@ def test_a_running_report_blocks_too_and_a_finished_one_does_not(staff):
 def test_a_run_older_than_the_time_limit_is_abandoned_and_does_not_block(staff, status):
     stale = timezone.now() - ABANDON_AFTER - timedelta(seconds=1)
     old = ReportRun.objects.create(task_id="died-long-ago", status=status)
-    ReportRun.objects.filter(pk=old.pk).update(created_at=stale, started_at=stale)
+    started = stale if status == ReportRun.Status.RUNNING else None
+    ReportRun.objects.filter(pk=old.pk).update(created_at=stale, started_at=started)
 
     response = staff.post(URL)
 
@@ -110,8 +112,25 @@ def test_a_run_older_than_the_time_limit_is_abandoned_and_does_not_block(staff, 
     old.refresh_from_db()
     assert old.status == ReportRun.Status.FAILED
     assert old.finished_at is not None
-    # and when its message is delivered after all, it builds nothing
+    # and when its message is delivered after all, it builds nothing: another one runs
     assert sales_report_run(task_id="died-long-ago") is None
+
+
+def test_a_queued_run_given_up_is_built_when_its_message_arrives_and_nothing_else_runs(
+    staff, monkeypatch
+):
+    from shop.services import reports
+
+    monkeypatch.setattr(reports, "sales_report_build", lambda: Path("report.csv"))
+    stale = timezone.now() - ABANDON_AFTER - timedelta(seconds=1)
+    waited = ReportRun.objects.create(task_id="waited-long", status=ReportRun.Status.QUEUED)
+    ReportRun.objects.filter(pk=waited.pk).update(created_at=stale)
+    sales_report_run(task_id="beat-1")  # beat's run gives the waiting one up, then runs
+
+    built = sales_report_run(task_id="waited-long")
+
+    assert built == Path("report.csv")
+    assert ReportRun.objects.get(pk=waited.pk).status == ReportRun.Status.DONE
 
 
 def test_a_run_just_inside_the_time_limit_still_blocks(staff):
