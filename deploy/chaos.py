@@ -135,13 +135,20 @@ class Lab(Stack):
         return accepted, declined, sum(1 for _, ref in results if ref is None)
 
     def fault_schedule(self, first_round: bool) -> list[str]:
-        """Every chosen fault once per round, in a seeded order. The first round opens
-        with the gateway outage, while orders still flow, so the replay step has work."""
+        """Every chosen fault once per round, in a seeded order. The first round opens,
+        while orders still flow, with the gateway rejecting requests (dead letters for
+        the operator to decide on, two faults later, and for the replay step) and the
+        gateway outage (ridden out by the retries)."""
         names = list(self.args.faults)
         self.rng.shuffle(names)
-        if first_round and "gateway_outage" in names:
-            names.remove("gateway_outage")
-            names.insert(0, "gateway_outage")
+        if first_round:
+            for position, name in ((0, "gateway_rejects"), (1, "gateway_outage")):
+                if name in names:
+                    names.remove(name)
+                    names.insert(position, name)
+            if "operator_decisions" in names:
+                names.remove("operator_decisions")
+                names.insert(min(3, len(names)), "operator_decisions")
         return names
 
     def inject_faults(self, stop: threading.Event) -> None:

@@ -100,17 +100,7 @@ def payment_mark_charged(*, payment_id: int, charge_id: str) -> bool:
 
 def payment_mark_declined(*, payment_id: int, message: str) -> bool:
     """pending|unknown -> declined, order -> failed, reserved stock released."""
-    now = timezone.now()
-    with transaction.atomic():
-        won = Payment.objects.filter(pk=payment_id, status__in=CHARGEABLE).update(
-            status=Payment.Status.DECLINED, failure_message=message[:300], updated_at=now
-        )
-        if not won:
-            return False
-        order_id = Payment.objects.values_list("order_id", flat=True).get(pk=payment_id)
-        _close_order(order_id, Order.Status.FAILED, now)
-    logger.info("payment %s declined: %s", payment_id, message)
-    return True
+    return _end(payment_id, Payment.Status.DECLINED, Order.Status.FAILED, message)
 
 
 def payment_mark_cancelled(*, payment_id: int, message: str) -> bool:
@@ -118,16 +108,22 @@ def payment_mark_cancelled(*, payment_id: int, message: str) -> bool:
 
     Only after the gateway cancelled the key (charge_cancel): no later attempt can charge.
     """
+    return _end(payment_id, Payment.Status.CANCELLED, Order.Status.CANCELLED, message)
+
+
+def _end(payment_id: int, payment_status: str, order_status: str, message: str) -> bool:
+    """A payment that will never be charged, and its order: one transaction. Returns
+    False when the payment was not chargeable any more (nothing is written then)."""
     now = timezone.now()
     with transaction.atomic():
         won = Payment.objects.filter(pk=payment_id, status__in=CHARGEABLE).update(
-            status=Payment.Status.CANCELLED, failure_message=message[:300], updated_at=now
+            status=payment_status, failure_message=message[:300], updated_at=now
         )
         if not won:
             return False
         order_id = Payment.objects.values_list("order_id", flat=True).get(pk=payment_id)
-        _close_order(order_id, Order.Status.CANCELLED, now)
-    logger.info("payment %s cancelled: %s", payment_id, message)
+        _close_order(order_id, order_status, now)
+    logger.info("payment %s %s: %s", payment_id, payment_status, message)
     return True
 
 

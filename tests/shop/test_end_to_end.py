@@ -185,21 +185,28 @@ def test_a_declined_card_fails_the_order_without_a_dead_letter_and_the_customer_
     assert "Your card was declined." in page
 
 
-def test_an_operator_discards_a_dead_charge_and_the_order_ends_without_a_charge(
-    client, workers, gateway, products, django_user_model, settings
-):
-    from django.contrib.auth.models import Permission
+def dead_charge_and_an_operator(client, gateway, permission: str) -> tuple[int, DeadLetter]:
+    """An order whose charge ran out of retries while the gateway was down (it is back
+    now), and an operator logged in with `permission` on the dead letters."""
+    from django.contrib.auth.models import Permission, User
 
-    # given: an order whose charge died while the gateway was down, the gateway back
     gateway.control(outage=True)
     order_id = place_order(client)
     letter = dead_letter_of("shop.tasks.payments.charge_payment")
     gateway.control(outage=False)
-    operator = django_user_model.objects.create_user("operator", password="pw", is_staff=True)
+    operator = User.objects.create_user("operator", password="pw", is_staff=True)
     operator.user_permissions.set(
-        Permission.objects.filter(codename__in=["view_deadletter", "discard_deadletter"])
+        Permission.objects.filter(codename__in=["view_deadletter", permission])
     )
     client.force_login(operator)
+    return order_id, letter
+
+
+def test_an_operator_discards_a_dead_charge_and_the_order_ends_without_a_charge(
+    client, workers, gateway, products, settings
+):
+    # given: an order whose charge died while the gateway was down, the gateway back
+    order_id, letter = dead_charge_and_an_operator(client, gateway, "discard_deadletter")
 
     # when: the operator discards it, and the reconciler runs with the workers listening
     response = client.post(
@@ -239,20 +246,10 @@ def test_a_gateway_outage_exhausts_the_retries_and_charges_nothing(
 
 
 def test_an_operator_replays_the_dead_letter_from_the_admin_and_the_order_completes(
-    client, workers, gateway, mail_dir, products, django_user_model
+    client, workers, gateway, mail_dir, products
 ):
-    from django.contrib.auth.models import Permission
-
     # given: an order whose charge died while the gateway was down
-    gateway.control(outage=True)
-    order_id = place_order(client)
-    letter = dead_letter_of("shop.tasks.payments.charge_payment")
-    gateway.control(outage=False)
-    operator = django_user_model.objects.create_user("operator", password="pw", is_staff=True)
-    operator.user_permissions.set(
-        Permission.objects.filter(codename__in=["view_deadletter", "replay_deadletter"])
-    )
-    client.force_login(operator)
+    order_id, letter = dead_charge_and_an_operator(client, gateway, "replay_deadletter")
 
     # when: the operator replays it from the admin
     response = client.post(
