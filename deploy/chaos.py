@@ -35,6 +35,7 @@ import httpx
 import redis
 
 from deploy.lab_admin import AdminSession
+from deploy.latency_proxy import LatencyProxy
 from deploy.stack import BASE_DIR, QUEUES, Stack, choose
 
 GOOD, DECLINED = "4242424242424242", "4000000000000002"
@@ -73,6 +74,9 @@ class Lab(Stack):
                 "LOG_LEVEL": "WARNING",
             },
         )
+        # Every client reaches Redis through a proxy that can make it slow (slow_broker).
+        self.proxy = LatencyProxy(self.redis_port).start()
+        self.env["CELERY_BROKER_URL"] = f"redis://127.0.0.1:{self.proxy.port}/0"
         self.args = args
         self.rng = random.Random(args.seed)
         self.faults: list[tuple[float, str]] = []
@@ -254,6 +258,15 @@ class Lab(Stack):
         self.gateway_control(outage=True)
         time.sleep(self.args.gateway_outage_seconds)
         self.gateway_control(outage=False)
+
+    def slow_broker(self) -> None:
+        """Every packet to and from Redis waits 1.5 s for --outage-seconds: longer than the
+        after-commit publish's timeout, so checkouts leave their rows to the relay, which
+        works through its backlog on the slow broker (one row per transaction: a run cut
+        short republishes one row at most, never its batch)."""
+        self.proxy.delay = 1.5
+        time.sleep(self.args.outage_seconds)
+        self.proxy.delay = 0.0
 
     def gateway_rejects(self) -> None:
         """The gateway refuses every charge as invalid for a while (a broken integration):
@@ -584,6 +597,7 @@ FAULTS = [
     "operator_decisions",
     "stale_product_edit",
     "duplicate_delivery",
+    "slow_broker",
 ]
 
 
@@ -659,6 +673,7 @@ def main() -> int:
         if supervisor.is_alive():
             supervisor.join()
         lab.stop()
+        lab.proxy.stop()
     print("\nchaos: every invariant holds" if ok else "\nchaos: INVARIANT BROKEN (see above)")
     return 0 if ok else 1
 

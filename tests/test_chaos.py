@@ -23,11 +23,12 @@ def test_a_small_lab_run_keeps_every_invariant():
     the web workers after COMMIT (Redis frozen), Redis (restarted) and the gateway
     (down longer than the old retry budget; then rejecting requests, so some charges are
     dead-lettered) fail, an operator replays and discards dead letters, cancels an order
-    and saves a stale product form, and outbox rows are published twice at once; then
-    the replay step."""
+    and saves a stale product form, outbox rows are published twice at once, and Redis
+    turns slow; then the replay step."""
     database = f"postgres://postgres@127.0.0.1:5432/test_chaos_{os.getpid()}"
     faults = "kill_mid_charge,kill_web_after_commit,restart_broker,gateway_outage,kill_child,"
-    faults += "gateway_rejects,operator_decisions,stale_product_edit,duplicate_delivery"
+    faults += "gateway_rejects,operator_decisions,stale_product_edit,duplicate_delivery,"
+    faults += "slow_broker"
     args = ["--orders", "40", "--concurrency", "8", "--seed", "3", "--faults", faults]
     args += ["--fault-every", "1", "--chaos-seconds", "12", "--outage-seconds", "2"]
     args += ["--gateway-outage-seconds", "6", "--settle-timeout", "240"]
