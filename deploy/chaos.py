@@ -86,7 +86,28 @@ class Lab(Stack):
         self.initial_stock: dict[str, int] = {}
         self.decisions: Counter[str] = Counter()  # what the lab's operator did
         self.duplicated: list[str] = []  # task ids of outbox rows published twice at once
+        self.publishes: Counter[str] = Counter()  # first publishes seen, per task id
         self.stale_edits = 0
+
+    def watch_publishes(self) -> None:
+        """Count the first publish (retries 0) of every task id from Celery's own
+        `task-sent` events (CELERY_TASK_SEND_SENT_EVENT): the witness that a row is
+        published at most twice (after commit, and by the relay). The events travel by
+        Redis pub/sub: lost while Redis is down, never invented, so the count is a lower
+        bound, and "more than twice" is never a false alarm."""
+        from jobs import app
+
+        def sent(event: dict[str, Any]) -> None:
+            if not event.get("retries"):
+                self.publishes[str(event["uuid"])] += 1
+
+        while True:
+            try:
+                with app.connection_for_read() as connection:
+                    receiver = app.events.Receiver(connection, handlers={"task-sent": sent})
+                    receiver.capture(limit=None, timeout=None, wakeup=False)
+            except Exception:  # Redis restarted under it: listen again
+                time.sleep(0.2)
 
     def prepare(self) -> None:
         """After the stack is up: the operator's admin login, the stock before any order."""
@@ -96,6 +117,7 @@ class Lab(Stack):
 
         User.objects.create_superuser(OPERATOR, "operator@example.com", OPERATOR_PASSWORD)
         self.initial_stock = dict(Product.objects.values_list("sku", "stock"))
+        threading.Thread(target=self.watch_publishes, name="task-sent", daemon=True).start()
 
     # --- load and faults --------------------------------------------------------------
 
@@ -393,7 +415,7 @@ class Lab(Stack):
         from django.db.models import Sum
         from django.utils import timezone
 
-        from jobs.models import DeadLetter
+        from jobs.models import DeadLetter, OutboxMessage
         from shop.models import Order, OrderLine, Product
         from shop.services.payments import charge_description
 
@@ -422,6 +444,14 @@ class Lab(Stack):
         ownerless = [o.pk for o in pending if o.payment.pk not in waiting]
         deadline = timezone.now() - timedelta(seconds=self.args.payment_deadline + 60)
         overdue = pending.filter(created_at__lt=deadline).count()
+        rows = list(OutboxMessage.objects.values_list("task_id", flat=True))
+        duplicated = set(self.duplicated)
+        over = [
+            row
+            for row in map(str, rows)
+            if self.publishes[row] - (2 if row in duplicated else 0) > 2
+        ]
+        seen = sum(1 for row in map(str, rows) if self.publishes[row])
         client = redis.Redis(port=self.redis_port)
         guard_keys = sum(1 for _ in client.scan_iter("jobs:deliveries:*", count=1000))
         kills = sum(1 for _, name in self.faults if name.startswith("kill"))
@@ -447,6 +477,11 @@ class Lab(Stack):
                 "poison-guard keys in the broker (bound: 50 + 10 per kill)",
                 f"{guard_keys} (bound {key_bound})",
                 guard_keys <= key_bound,
+            ),
+            (
+                "outbox rows published more than twice (Celery's task-sent events)",
+                f"{len(over)} of {len(rows)} ({seen} seen published)",
+                not over,
             ),
             (
                 "operator decisions (dead letters / orders)",

@@ -6,16 +6,20 @@
    mid-task leaves the message to be delivered again, so "ran twice" is normal and
    every task is idempotent (unique constraints, conditional updates).
 3. Retry what may heal. A TransientError (timeout, connection refused, a 5xx), and
-   any unexpected exception (a bug), is retried with exponential backoff and full
-   jitter (jobs.retry.backoff), at most `max_retries` times. The longest wait stays far
-   below the broker's visibility timeout (a system check refuses to start otherwise).
-4. Fail fast on what cannot. A PermanentError (declined card, invalid data, a row that
-   must exist and does not) is not retried.
+   any unexpected exception (a bug), is retried with exponential backoff and equal
+   jitter (jobs.retry.backoff), at most `max_retries` times: with the defaults for at
+   least 14 minutes, so an ordinary outage of a dependency dead-letters nothing. The
+   longest wait stays below half the broker's visibility timeout (a system check
+   refuses to start otherwise).
+4. Fail fast on what cannot. A PermanentError (a request the dependency rejects as
+   invalid, a row that must exist and does not) is not retried. An expected business
+   outcome (a declined card) is not an error at all: the task records it and returns.
 5. Dead-letter. Every terminal failure (retries exhausted, permanent error, hard time
    limit, pool child lost every time, poison message) becomes one DeadLetter row,
    written by the task_failure receiver in jobs.dead_letters.
-6. Replay. An operator replays dead letters from the admin or `manage.py dlq replay`;
-   the replay goes through the outbox with a new task id and a link to the original.
+6. Decide. An operator replays a dead letter (the replay goes through the outbox with a
+   new task id and a link to the original) or discards it, which means what the
+   project registered with jobs.dead_letters.on_discard (the shop cancels the order).
 """
 
 from typing import Any, ClassVar
