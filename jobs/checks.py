@@ -3,7 +3,7 @@ and warn about a retry budget that a short outage of a dependency exhausts.
 
 On Redis a message is handed to another worker once it has been unacked for the
 visibility timeout, counted from delivery. A task that runs, or waits for its retry
-countdown, longer than that is delivered again, and again (research notes, section 2).
+countdown, longer than that is delivered again, and again (jobs/NOTES.md, §2).
 Every hard time limit and retry delay must stay safely below it: under half.
 """
 

@@ -114,7 +114,7 @@ TEMPLATES = [
 DATABASE_URL = env("DATABASE_URL", "")
 if DATABASE_URL:
     # Persistent connections, checked before reuse: a new PostgreSQL connection costs
-    # ~2.6 ms, ten times an insert (research/perf-anchors.md). Workers keep them across
+    # ~3.2 ms, forty times an insert (jobs/NOTES.md §4). Workers keep them across
     # tasks too (CELERY_DB_REUSE_MAX below, jobs/connections.py).
     DATABASES = {
         "default": dj_database_url.parse(
@@ -205,7 +205,8 @@ RECONCILE_AFTER_MINUTES = env_int("RECONCILE_AFTER_MINUTES", 45)
 ORDER_PAYMENT_DEADLINE = env_float("ORDER_PAYMENT_DEADLINE", 24 * 3600.0)
 
 # --- Celery ---------------------------------------------------------------------
-# Each setting below is decided by ../shared/research/celery-pitfalls.md (section in [§]).
+# Each setting below rests on a Celery, kombu or Redis behaviour written down in
+# jobs/NOTES.md (the section in brackets), with the version and where to check it upstream.
 # Every process (web, workers, beat, Flower) loads this one module: on Redis the shortest
 # visibility timeout among clients wins [§2].
 

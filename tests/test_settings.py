@@ -39,3 +39,24 @@ def test_production_mode_refuses_to_start_without_a_secret_key():
 
     assert result.returncode != 0
     assert "SECRET_KEY must be set when SHOP_ENV=production" in result.stderr
+
+
+def test_every_cited_fact_is_written_down_in_the_repository():
+    notes = (REPO / "jobs" / "NOTES.md").read_text()
+    sections = set(re.findall(r"^## (§\d+)", notes, flags=re.MULTILINE))
+    sources = [
+        path
+        for path in [*REPO.glob("*.md"), *REPO.glob("[a-z]*/**/*.py"), *REPO.glob("deploy/**/*")]
+        if path.is_file() and ".venv" not in path.parts and "var" not in path.parts
+    ]
+
+    cited = {
+        (path.relative_to(REPO).as_posix(), cite)
+        for path in sources
+        for cite in re.findall(r"\[(§\d*)\]", path.read_text(errors="replace"))
+    }
+    outside = [p for p in sources if "../" + "shared" in p.read_text(errors="replace")]
+
+    assert cited  # the settings do cite
+    assert {(path, cite) for path, cite in cited if cite not in sections} == set()
+    assert outside == []

@@ -101,14 +101,19 @@ def test_flaky_card_is_transient_until_the_gateway_charges(broker, gateway, prod
     assert len(gateway.ledger(str(payment.idempotency_key))) == 1
 
 
+def answers_too_late(gateway, settings) -> None:
+    """The gateway records each new charge, then answers after our 0.5 s read timeout."""
+    settings.PAYMENT_GATEWAY_TIMEOUT = (1.0, 0.5)
+    gateway_client._clients.clear()
+    gateway.control(timeout_rate=1, timeout_seconds=2)
+
+
 @pytest.mark.django_db(transaction=True)
 def test_timeout_leaves_payment_unknown_and_the_retry_asks_before_charging(
     broker, gateway, products, settings
 ):
     payment = place_order()
-    settings.PAYMENT_GATEWAY_TIMEOUT = (1.0, 0.5)
-    gateway_client._clients.clear()
-    gateway.control(timeout_rate=1, timeout_seconds=2)
+    answers_too_late(gateway, settings)
 
     # when: the gateway records the charge but answers after our read timeout
     with pytest.raises(TransientError, match="unknown"):
@@ -190,9 +195,7 @@ def test_a_lost_answer_whose_key_the_gateway_forgot_is_found_by_the_order_and_no
     broker, gateway, products, settings
 ):
     payment = place_order()
-    settings.PAYMENT_GATEWAY_TIMEOUT = (1.0, 0.5)
-    gateway_client._clients.clear()
-    gateway.control(timeout_rate=1, timeout_seconds=2)
+    answers_too_late(gateway, settings)
     with pytest.raises(TransientError, match="unknown"):
         payment_charge(payment_id=payment.pk)  # charged at the gateway, the answer lost
     # when: days pass (the gateway forgets the key), then an operator replays the charge
