@@ -38,7 +38,7 @@ from deploy.lab_admin import AdminSession
 from deploy.latency_proxy import LatencyProxy
 from deploy.stack import BASE_DIR, QUEUES, Stack, choose
 
-GOOD, DECLINED = "4242424242424242", "4000000000000002"
+GOOD, DECLINED = "tok_visa", "tok_chargeDeclined"  # the gateway's test tokens
 SKUS = ["MUG-001", "TEE-002", "BAG-003", "PEN-004", "NBK-005", "CAP-006"]
 CHARGE, RECEIPT = "shop.tasks.payments.charge_payment", "shop.tasks.emails.send_receipt"
 OPERATOR, OPERATOR_PASSWORD = "lab-operator", "lab-operator-password"
@@ -131,7 +131,7 @@ class Lab(Stack):
         def order(card: str) -> tuple[str, str | None]:
             body = {
                 "email": "chaos@example.com",
-                "card": card,
+                "card_token": card,
                 "items": [{"sku": random.choice(skus), "quantity": 1}],
             }
             # A careful client: one key per order, the same key on every retry of it, so a

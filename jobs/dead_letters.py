@@ -265,22 +265,29 @@ def on_discard(task_name: str) -> Callable[[DiscardHandler], DiscardHandler]:
 
 def dead_letter_discard(*, ids: Iterable[int], actor: str) -> Handled:
     """Mark `dead` rows discarded (kept for the audit trail until retention), each with
-    its business consequence (on_discard), one row per transaction."""
+    its business consequence (on_discard).
+
+    The consequence runs outside any transaction: it may ask another service (the shop
+    asks the payment gateway before it cancels an order), and a row lock or an open
+    transaction must not wait on the network. So a consequence must be safe to repeat:
+    when it fails, the row stays `dead` and discarding again finishes the job.
+    """
     done = refused = 0
     errors: list[str] = []
     for pk in sorted(set(ids)):
+        row = DeadLetter.objects.filter(pk=pk, status=DeadLetter.Status.DEAD).first()
+        if row is None:
+            refused += 1
+            continue
         try:
-            with transaction.atomic():
-                row = DeadLetter.objects.select_for_update().filter(pk=pk).first()
-                if row is None or row.status != DeadLetter.Status.DEAD:
-                    refused += 1
-                    continue
-                handler = _discard_handlers.get(row.task_name)
-                if handler is not None:
-                    handler(row, actor)
-                row.status = DeadLetter.Status.DISCARDED
-                row.handled_by, row.handled_at = actor, timezone.now()
-                row.save(update_fields=["status", "handled_by", "handled_at"])
+            handler = _discard_handlers.get(row.task_name)
+            if handler is not None:
+                handler(row, actor)
+            # Conditional: another operator's replay or discard meanwhile wins the row
+            # (the consequence, being repeatable, already held or did no harm).
+            marked = DeadLetter.objects.filter(pk=pk, status=DeadLetter.Status.DEAD).update(
+                status=DeadLetter.Status.DISCARDED, handled_by=actor, handled_at=timezone.now()
+            )
         except TransientError as exc:
             logger.warning("dead letter %s: discard refused: %r", pk, exc)
             errors.append(
@@ -291,6 +298,9 @@ def dead_letter_discard(*, ids: Iterable[int], actor: str) -> Handled:
         except Exception:
             logger.exception("dead letter %s: discard failed", pk)
             errors.append(f"Dead letter {pk} was not discarded: an error was logged.")
+            continue
+        if not marked:
+            refused += 1
             continue
         job_event("discarded", task_id=row.task_id, task_name=row.task_name, queue=row.queue)
         done += 1

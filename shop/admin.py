@@ -203,13 +203,12 @@ class PaymentAdmin(NeverDeleted):
         "order",
         "idempotency_key",
         "amount",
-        "card_last4",
+        "card_token",
         "status",
         "gateway_charge_id",
         "failure_message",
         "updated_at",
     ]
-    exclude = ["card_token"]
 
 
 @admin.register(Receipt)

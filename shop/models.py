@@ -97,9 +97,9 @@ class Payment(models.Model):
     order = models.OneToOneField(Order, on_delete=models.CASCADE, related_name="payment")
     idempotency_key = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
     amount = models.DecimalField(max_digits=12, decimal_places=2)
-    # The card as the processor's token. With the fake gateway a test card number is its
-    # own token; a real shop gets a token from the processor's browser SDK and never sees
-    # the number.
+    # The card as the processor's token ("tok_..."): the shopper's browser sends the
+    # number to the gateway (POST /v1/tokens), as a processor's browser SDK does, and the
+    # shop never receives or keeps a card number.
     card_token = models.CharField(max_length=64)
     status = models.CharField(max_length=20, choices=Status.choices, default=Status.PENDING)
     gateway_charge_id = models.CharField(max_length=64, blank=True)
@@ -108,10 +108,6 @@ class Payment(models.Model):
 
     def __str__(self) -> str:
         return f"Payment for order #{self.order_id} ({self.status})"
-
-    @property
-    def card_last4(self) -> str:
-        return self.card_token[-4:]
 
 
 class Receipt(models.Model):

@@ -25,6 +25,7 @@ from shop.gateway import client as gateway
 from shop.models import Order, Payment, Receipt
 from shop.services.orders import Cancelled, order_cancel, order_dead_letters_close
 from shop.services.payments import CANCELLED_MESSAGE
+from shop.services.receipts import CLAIM_LEASE
 from shop.tasks.emails import send_receipt as send_receipt_task
 from shop.tasks.payments import charge_payment as charge_payment_task
 
@@ -60,6 +61,24 @@ def paid_without_receipt(*, repair: bool) -> Result:
     for order_id in orders:
         if repair and not _operator_owned(send_receipt_task.name, order_id):
             Receipt.objects.get_or_create(order_id=order_id)
+            enqueue(send_receipt_task, args=[order_id])
+            repaired += 1
+    return Result(found=len(orders), repaired=repaired, samples=[f"order {o}" for o in orders])
+
+
+@reconciler.register("receipt_claim_expired", "Receipts claimed by a delivery that died")
+def receipt_claim_expired(*, repair: bool) -> Result:
+    # A claim past its lease is a dead delivery's, unambiguously (the lease outlasts the
+    # task's hard time limit), so this does not wait for RECONCILE_AFTER_MINUTES. A copy
+    # of that same delivery (a redelivery after its worker was lost) found the claim live
+    # and left it: without this check the receipt would wait for paid_without_receipt.
+    expired = Receipt.objects.filter(
+        status=Receipt.Status.SENDING, claimed_at__lt=timezone.now() - CLAIM_LEASE
+    )
+    orders = list(expired.values_list("order_id", flat=True))
+    repaired = 0
+    for order_id in orders:
+        if repair and not _operator_owned(send_receipt_task.name, order_id):
             enqueue(send_receipt_task, args=[order_id])
             repaired += 1
     return Result(found=len(orders), repaired=repaired, samples=[f"order {o}" for o in orders])

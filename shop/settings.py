@@ -185,6 +185,10 @@ DEFAULT_FROM_EMAIL = env("DEFAULT_FROM_EMAIL", "shop@example.com")
 # --- The shop -------------------------------------------------------------------
 
 PAYMENT_GATEWAY_URL = env("PAYMENT_GATEWAY_URL", "http://127.0.0.1:8100")
+# Where shoppers' browsers reach the gateway to turn a card number into a token (its
+# POST /v1/tokens, like a processor's browser SDK): the card goes from the browser to the
+# processor, and the shop only ever sees the token.
+PAYMENT_GATEWAY_PUBLIC_URL = env("PAYMENT_GATEWAY_PUBLIC_URL", PAYMENT_GATEWAY_URL)
 # (connect, read) seconds; the read timeout stays below charge_payment's soft time limit.
 PAYMENT_GATEWAY_TIMEOUT = (
     env_float("PAYMENT_GATEWAY_CONNECT_TIMEOUT", 5.0),

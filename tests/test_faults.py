@@ -50,7 +50,7 @@ def place_charged_order() -> Payment:
     request = checkout_parse(
         {
             "email": "ada@example.com",
-            "card": "4242424242424242",
+            "card_token": "tok_visa",
             "items": [{"sku": "MUG", "quantity": 1}],
         }
     )

@@ -88,7 +88,7 @@ def test_make_run_on_sqlite_serves_the_shop_and_completes_an_order(tmp_path):
             f"{site}/api/orders/",
             json={
                 "email": "ada@example.com",
-                "card": "4242424242424242",
+                "card_token": "tok_visa",
                 "items": [{"sku": "MUG-001", "quantity": 1}],
             },
         )

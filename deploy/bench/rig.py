@@ -17,7 +17,7 @@ _PRIORITY_LISTS = ("", "\x06\x163", "\x06\x166", "\x06\x169")
 ORDER_BODY = json.dumps(
     {
         "email": "bench@example.com",
-        "card": "4242424242424242",
+        "card_token": "tok_visa",
         "items": [{"sku": "MUG-001", "quantity": 1}, {"sku": "TEE-002", "quantity": 2}],
     }
 ).encode()

@@ -51,7 +51,7 @@ def naive_charge(payment_id: int) -> None:
         idempotency_key=str(payment.idempotency_key),
         amount=payment.amount,
         currency="EUR",
-        card=payment.card_token,
+        card_token=payment.card_token,
         description=charge_description(payment.order),
     )
     payment.status, payment.gateway_charge_id = Payment.Status.CHARGED, charge.id

@@ -30,7 +30,8 @@ class GatewayTimeout(OutcomeUnknown):
 
 
 class CardDeclined(PermanentError):
-    """The processor refused the card; retrying cannot change that."""
+    """The processor refused the card (or does not know its token); retrying cannot
+    change that."""
 
 
 class GatewayRejected(PermanentError):
@@ -96,10 +97,11 @@ def _request(method: str, url: str, **kwargs: Any) -> httpx.Response:
 
 
 def charge_create(
-    *, idempotency_key: str, amount: Decimal, currency: str, card: str, description: str
+    *, idempotency_key: str, amount: Decimal, currency: str, card_token: str, description: str
 ) -> Charge:
-    """Charge the card once per idempotency key. Raises CardDeclined, GatewayRejected,
-    GatewayTimeout or GatewayUnavailable."""
+    """Charge the card (the gateway's token for it) once per idempotency key. Raises
+    CardDeclined (an unknown token too), ChargeCancelled, GatewayRejected, OutcomeUnknown
+    or GatewayUnavailable."""
     response = _request(
         "POST",
         "/v1/charges",
@@ -107,7 +109,7 @@ def charge_create(
         json={
             "amount": str(amount),
             "currency": currency,
-            "card": card,
+            "source": card_token,
             "description": description,
         },
     )
@@ -138,7 +140,12 @@ def charge_lookup(*, idempotency_key: str, description: str) -> Charge | None:
     because processors forget keys after about a day, and a replay or a reconciler run
     days later must still find the charge instead of making a second one.
     """
-    return _first({"idempotency_key": idempotency_key}) or _first({"description": description})
+    return _first({"idempotency_key": idempotency_key}) or charge_find(description=description)
+
+
+def charge_find(*, description: str) -> Charge | None:
+    """The charge made for this description (the order reference), whatever its key."""
+    return _first({"description": description})
 
 
 def charge_cancel(*, idempotency_key: str) -> Charge | None:

@@ -1,16 +1,26 @@
 """A fake card processor: a standalone HTTP service with its own SQLite ledger.
 
-It behaves like a real payment gateway (Stripe-like idempotency keys, declines, transient
-failures) and can be told to misbehave (latency, random 503s, outages, and the nasty case of
-a charge that is recorded but answered too late). Its ledger is the independent witness that
-no card was ever charged twice.
+It behaves like a real payment gateway (Stripe-like card tokens, idempotency keys, declines,
+transient failures) and can be told to misbehave (latency, random 503s, outages, and the
+nasty case of a charge that is recorded but answered too late). Its ledger is the independent
+witness that no card was ever charged twice.
 
 Standard library only: this module must not import Django or anything else from the project.
 
 API (JSON in, JSON out):
 
+- ``POST /v1/tokens`` with body ``{"card": "4242424242424242"}`` (12 to 19 digits passing
+  the Luhn check): 201 ``{"id": "tok_...", "object": "token", "card_last4": "4242",
+  "created": "..."}``. Shoppers' browsers call it straight from the checkout page (as with
+  Stripe.js), so the shop never sees a card number: its answers carry
+  ``Access-Control-Allow-Origin: *`` and ``OPTIONS /v1/tokens`` answers the CORS preflight.
+  No other endpoint allows cross-origin calls: they are for the shop's servers only.
+  Every ledger also has the test tokens of TEST_TOKENS (``tok_visa`` charges,
+  ``tok_chargeDeclined`` is declined, ``tok_flaky`` fails transiently first).
 - ``POST /v1/charges`` with header ``Idempotency-Key`` and body
-  ``{"amount": "12.34", "currency": "EUR", "card": "4242424242424242", "description": "..."}``
+  ``{"amount": "12.34", "currency": "EUR", "source": "tok_visa", "description": "..."}``.
+  A card number (``card``) is refused; a token the ledger does not know is a 402
+  (``invalid_token``), like a decline but not stored as the key's answer.
 - ``GET /v1/charges[?idempotency_key=K][&description=D]``: recorded outcomes, oldest
   first (``description`` is how a shop finds its order's charges once the key is
   forgotten, as real processors let one search charges by metadata)
@@ -28,10 +38,13 @@ Like real processors, the gateway remembers an idempotency key for a limited tim
 that the key is forgotten: its charge stays in the ledger, listed under
 ``"<key> (forgotten)"``, and a request with the key is a new request.
 
-Ledger schema (table ``charges``, one row per idempotency key, ordered by ``seq``): ``id``,
-``idempotency_key``, ``status`` ("succeeded" | "declined"), ``amount``, ``currency``,
-``card_last4``, ``description``, ``created``, plus the stored answer (``response_status``,
-``response_body``) replayed for repeated keys.
+Ledger schema: table ``tokens`` (``id``, ``card_fingerprint``, ``card_last4``, ``behaviour``
+("succeeds" | "declines" | "flaky", fixed when the card is tokenized), ``created``) and table
+``charges`` (one row per idempotency key, ordered by ``seq``: ``id``, ``idempotency_key``,
+``status`` ("succeeded" | "declined"), ``amount``, ``currency``, ``card_last4``,
+``card_fingerprint``, ``description``, ``created``, plus the stored answer
+(``response_status``, ``response_body``) replayed for repeated keys). Card numbers are
+stored nowhere: a token keeps a SHA-256 fingerprint of its card and the last four digits.
 """
 
 from __future__ import annotations
@@ -65,12 +78,24 @@ MAX_BODY_BYTES = 64 * 1024
 _MAX_DRAIN_BYTES = 1024 * 1024
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
 MAX_DESCRIPTION_LENGTH = 1000
+OK_CARD = "4242424242424242"
 DECLINED_CARD = "4000000000000002"
 FLAKY_CARD = "4000000000000119"
+# Test tokens present in every ledger, named like Stripe's; each is the token of its card.
+# Public test values, not secrets (hence the noqa).
+TOKEN_VISA = "tok_visa"  # noqa: S105
+TOKEN_DECLINED = "tok_chargeDeclined"  # noqa: S105
+TOKEN_FLAKY = "tok_flaky"  # noqa: S105
+TEST_TOKENS: dict[str, str] = {
+    TOKEN_VISA: OK_CARD,
+    TOKEN_DECLINED: DECLINED_CARD,
+    TOKEN_FLAKY: FLAKY_CARD,
+}
 
 _AMOUNT_RE = re.compile(r"[0-9]{1,15}(?:\.[0-9]{1,15})?")
 _CURRENCY_RE = re.compile(r"[A-Za-z]{3}")
 _CARD_RE = re.compile(r"[0-9]{12,19}")
+_TOKEN_RE = re.compile(r"tok_[A-Za-z0-9_]{1,60}")
 _CENT = Decimal("0.01")
 _MAX_AMOUNT = Decimal("1000000000000")  # exclusive
 
@@ -85,15 +110,15 @@ _FALSE = {"0", "false", "no", "off"}
 class GatewayConfig:
     """Fault-injection settings. Immutable: changing them builds a new config."""
 
-    latency_ms: int = 0  # sleep before handling each POST /v1/charges
+    latency_ms: int = 0  # sleep before handling each POST to charges, cancellations, tokens
     failure_rate: float = 0.0  # probability that a POST /v1/charges answers 503 up front
     # probability that a POST /v1/charges is refused as invalid (400, nothing stored): the
     # permanent error of a broken integration, which only a person can fix
     reject_rate: float = 0.0
     timeout_rate: float = 0.0  # probability that a new outcome is recorded, then answered late
     timeout_seconds: float = 30.0  # how late, in that case
-    outage: bool = False  # every POST /v1/charges answers 503
-    flaky_card_failures: int = 2  # 503s per idempotency key for FLAKY_CARD before it charges
+    outage: bool = False  # every POST to charges, cancellations and tokens answers 503
+    flaky_card_failures: int = 2  # 503s per idempotency key for a flaky token before it charges
     key_ttl_seconds: float = 86_400.0  # how long an idempotency key is remembered
     seed: int | None = None  # seed of the random generator (None: unpredictable)
 
@@ -246,17 +271,45 @@ class ChargeRequest:
     idempotency_key: str
     amount: str  # canonical, two decimal places
     currency: str  # upper case
-    card: str
+    source: str  # a well-formed token id, not necessarily a known one
     description: str | None
 
-    @property
-    def card_last4(self) -> str:
-        return self.card[-4:]
 
-    @property
-    def card_fingerprint(self) -> str:
-        # The ledger never stores card numbers, only enough to spot a reused key.
-        return hashlib.sha256(self.card.encode("ascii")).hexdigest()
+def card_fingerprint(card: str) -> str:
+    # The ledger never stores card numbers, only enough to spot a reused key.
+    return hashlib.sha256(card.encode("ascii")).hexdigest()
+
+
+def card_behaviour(card: str) -> str:
+    """How charges with this card's tokens behave: 'succeeds', 'declines' or 'flaky'."""
+    if card == DECLINED_CARD:
+        return "declines"
+    if card == FLAKY_CARD:
+        return "flaky"
+    return "succeeds"
+
+
+def _luhn_valid(digits: str) -> bool:
+    total = 0
+    for position, char in enumerate(reversed(digits)):
+        digit = int(char)
+        if position % 2:
+            digit = digit * 2 - 9 if digit > 4 else digit * 2
+        total += digit
+    return total % 10 == 0
+
+
+def parse_token_request(body: bytes) -> str:
+    """Validate a POST /v1/tokens; returns the card number or raises HTTPError(400)."""
+    data = _parse_json_object(body)
+    card = data.get("card")
+    if card is None:
+        raise HTTPError(400, "Missing required param: card.")
+    if not isinstance(card, str) or not _CARD_RE.fullmatch(card):
+        raise HTTPError(400, "Invalid card: expected 12 to 19 digits.")
+    if not _luhn_valid(card):
+        raise HTTPError(400, "Invalid card: the number fails its check digit.")
+    return card
 
 
 def parse_idempotency_key(idempotency_key: str | None) -> str:
@@ -273,6 +326,14 @@ def parse_charge_request(idempotency_key: str | None, body: bytes) -> ChargeRequ
     """Validate a charge request; raises HTTPError(400) naming the first problem."""
     key = parse_idempotency_key(idempotency_key)
     data = _parse_json_object(body)
+    if "card" in data:
+        # An integration still sending card numbers: say what to do instead. The number is
+        # neither stored nor echoed back.
+        raise HTTPError(
+            400,
+            "Card numbers are not accepted here: create a token with POST /v1/tokens"
+            " and send it as source.",
+        )
 
     amount = data.get("amount")
     if amount is None:
@@ -296,11 +357,11 @@ def parse_charge_request(idempotency_key: str | None, body: bytes) -> ChargeRequ
     if not isinstance(currency, str) or not _CURRENCY_RE.fullmatch(currency):
         raise HTTPError(400, "Invalid currency: expected a 3-letter code such as EUR.")
 
-    card = data.get("card")
-    if card is None:
-        raise HTTPError(400, "Missing required param: card.")
-    if not isinstance(card, str) or not _CARD_RE.fullmatch(card):
-        raise HTTPError(400, "Invalid card: expected 12 to 19 digits.")
+    source = data.get("source")
+    if source is None:
+        raise HTTPError(400, "Missing required param: source.")
+    if not isinstance(source, str) or not _TOKEN_RE.fullmatch(source):
+        raise HTTPError(400, 'Invalid source: expected a token id such as "tok_visa".')
 
     description = data.get("description")
     if description is not None:
@@ -315,7 +376,7 @@ def parse_charge_request(idempotency_key: str | None, body: bytes) -> ChargeRequ
         idempotency_key=key,
         amount=str(value.quantize(_CENT)),
         currency=currency.upper(),
-        card=card,
+        source=source,
         description=description,
     )
 
@@ -332,7 +393,19 @@ def _parse_json_object(body: bytes) -> dict[str, Any]:
 
 # --- The ledger ---------------------------------------------------------------------
 
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
 _SCHEMA = """
+CREATE TABLE IF NOT EXISTS tokens (
+    id TEXT PRIMARY KEY,
+    card_fingerprint TEXT NOT NULL,
+    card_last4 TEXT NOT NULL,
+    behaviour TEXT NOT NULL CHECK (behaviour IN ('succeeds', 'declines', 'flaky')),
+    created TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS charges (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     id TEXT NOT NULL UNIQUE,
@@ -387,6 +460,16 @@ class Ledger:
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")  # an answered charge survives a crash
         self._conn.executescript(_SCHEMA)
+        # Idempotent: a ledger opened again (or by a second process) keeps its test tokens.
+        now = _now()
+        self._conn.executemany(
+            "INSERT INTO tokens (id, card_fingerprint, card_last4, behaviour, created)"
+            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+            [
+                (token, card_fingerprint(card), card[-4:], card_behaviour(card), now)
+                for token, card in TEST_TOKENS.items()
+            ],
+        )
 
     def close(self) -> None:
         with self._lock:
@@ -403,6 +486,29 @@ class Ledger:
             " WHERE idempotency_key = ? AND created < ?",
             (idempotency_key, cutoff.isoformat(timespec="microseconds")),
         )
+
+    def create_token(self, card: str) -> dict[str, Any]:
+        """Store a new token for the card (its fingerprint and last four digits, never the
+        number) and return the token as answered."""
+        token = {
+            "id": "tok_" + uuid.uuid4().hex[:24],
+            "object": "token",
+            "card_last4": card[-4:],
+            "created": _now(),
+        }
+        with self._lock:
+            self._conn.execute(
+                "INSERT INTO tokens (id, card_fingerprint, card_last4, behaviour, created)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (
+                    token["id"],
+                    card_fingerprint(card),
+                    token["card_last4"],
+                    card_behaviour(card),
+                    token["created"],
+                ),
+            )
+        return token
 
     def charge(self, request: ChargeRequest, flaky_card_failures: int, key_ttl: float) -> Outcome:
         with self._lock:
@@ -431,7 +537,7 @@ class Ledger:
                     conn.execute(
                         "INSERT INTO cancellations (idempotency_key, created) VALUES (?, ?)"
                         " ON CONFLICT (idempotency_key) DO NOTHING",
-                        (idempotency_key, datetime.now(UTC).isoformat(timespec="microseconds")),
+                        (idempotency_key, _now()),
                     )
             except BaseException:
                 conn.execute("ROLLBACK")
@@ -443,6 +549,10 @@ class Ledger:
 
     def _charge(self, request: ChargeRequest, flaky_card_failures: int) -> Outcome:
         conn = self._conn
+        token = conn.execute(
+            "SELECT card_fingerprint, card_last4, behaviour FROM tokens WHERE id = ?",
+            (request.source,),
+        ).fetchone()
         row = conn.execute(
             "SELECT amount, currency, card_fingerprint, response_status, response_body"
             " FROM charges WHERE idempotency_key = ?",
@@ -452,14 +562,16 @@ class Ledger:
             if (
                 Decimal(row["amount"]) != Decimal(request.amount)
                 or row["currency"] != request.currency
-                or row["card_fingerprint"] != request.card_fingerprint
+                # Two tokens of one card are the same parameters; an unknown token is not.
+                or token is None
+                or row["card_fingerprint"] != token["card_fingerprint"]
             ):
                 return Outcome(
                     409,
                     error_body(
                         "idempotency_error",
                         "Keys for idempotent requests can only be used with the same"
-                        " parameters they were first used with (amount, currency, card).",
+                        " parameters they were first used with (amount, currency, source).",
                     ),
                 )
             return Outcome(row["response_status"], json.loads(row["response_body"]), replayed=True)
@@ -477,7 +589,19 @@ class Ledger:
                 ),
             )
 
-        if request.card == FLAKY_CARD:
+        if token is None:
+            # Final for this card, like a decline, but nothing was charged: not stored as the
+            # key's answer, so the key can still pay with a card the gateway knows.
+            return Outcome(
+                402,
+                error_body(
+                    "card_error",
+                    "This card token is unknown; enter the card again.",
+                    code="invalid_token",
+                ),
+            )
+
+        if token["behaviour"] == "flaky":
             failures = conn.execute(
                 "SELECT count FROM transient_failures WHERE idempotency_key = ?",
                 (request.idempotency_key,),
@@ -498,15 +622,15 @@ class Ledger:
                     ),
                 )
 
-        declined = request.card == DECLINED_CARD
+        declined = token["behaviour"] == "declines"
         charge = {
             "id": "ch_" + uuid.uuid4().hex[:24],
             "status": "declined" if declined else "succeeded",
             "amount": request.amount,
             "currency": request.currency,
-            "card_last4": request.card_last4,
+            "card_last4": token["card_last4"],
             "idempotency_key": request.idempotency_key,
-            "created": datetime.now(UTC).isoformat(timespec="microseconds"),
+            "created": _now(),
             "description": request.description,
         }
         if declined:
@@ -525,8 +649,8 @@ class Ledger:
                 charge["status"],
                 request.amount,
                 request.currency,
-                request.card_last4,
-                request.card_fingerprint,
+                token["card_last4"],
+                token["card_fingerprint"],
                 request.description,
                 charge["created"],
                 status,
@@ -604,14 +728,25 @@ class Gateway:
         self.stopping.set()
         self.ledger.close()
 
-    def create_charge(self, idempotency_key: str | None, body: bytes) -> Response:
-        config = self.config
-        self.sleep(config.latency_ms / 1000)
+    def _arrive(self) -> GatewayConfig:
+        """The latency and the outage, which every POST to the API suffers alike; returns
+        the settings in force once the latency is over."""
+        self.sleep(self.config.latency_ms / 1000)
         config = self.config  # settings may have changed while we slept
         if config.outage:
             raise HTTPError(
                 503, "The payment gateway is unavailable (outage).", "api_error", "outage"
             )
+        return config
+
+    def create_token(self, body: bytes) -> Response:
+        # Latency and outage only, as for cancellations: the random faults are defined for
+        # charges, and drawing them here too would shift a seeded run's charge faults.
+        self._arrive()
+        return Response(201, self.ledger.create_token(parse_token_request(body)))
+
+    def create_charge(self, idempotency_key: str | None, body: bytes) -> Response:
+        config = self._arrive()
         if self.chance(config.failure_rate):
             raise HTTPError(
                 503,
@@ -634,22 +769,27 @@ class Gateway:
         return Response(outcome.status, outcome.body, headers, delay)
 
     def cancel_payment(self, idempotency_key: str | None) -> Response:
-        config = self.config
-        self.sleep(config.latency_ms / 1000)
-        if self.config.outage:
-            raise HTTPError(
-                503, "The payment gateway is unavailable (outage).", "api_error", "outage"
-            )
+        config = self._arrive()
         key = parse_idempotency_key(idempotency_key)
-        outcome = self.ledger.cancel(key, self.config.key_ttl_seconds)
+        outcome = self.ledger.cancel(key, config.key_ttl_seconds)
         return Response(outcome.status, outcome.body)
 
 
 _ROUTES: dict[str, tuple[str, ...]] = {
     "/healthz": ("GET",),
+    "/v1/tokens": ("POST", "OPTIONS"),
     "/v1/charges": ("GET", "POST"),
     "/v1/cancellations": ("POST",),
     "/v1/control": ("GET", "POST"),
+}
+# Browsers call POST /v1/tokens from the shop's pages, another origin: a JSON body makes
+# them ask first (the preflight), and they let the page read only answers that allow it.
+_CORS_PATHS = frozenset({"/v1/tokens"})
+_CORS_ORIGIN = {"Access-Control-Allow-Origin": "*"}
+_CORS_PREFLIGHT = {
+    "Access-Control-Allow-Methods": "POST",
+    "Access-Control-Allow-Headers": "Content-Type",
+    "Access-Control-Max-Age": "600",
 }
 
 
@@ -694,6 +834,8 @@ class GatewayRequestHandler(BaseHTTPRequestHandler):
             response = Response(
                 500, error_body("api_error", "Internal gateway error.", code="internal_error")
             )
+        if urlsplit(self.path).path in _CORS_PATHS:  # errors too: the page shows their message
+            response = replace(response, headers=response.headers | _CORS_ORIGIN)
         self.server.gateway.sleep(response.delay)
         self._send(response)
 
@@ -742,6 +884,10 @@ class GatewayRequestHandler(BaseHTTPRequestHandler):
             return Response(200, gateway.config.to_dict())
         if url.path == "/v1/cancellations":
             return gateway.cancel_payment(self.headers.get("Idempotency-Key"))
+        if url.path == "/v1/tokens":
+            if method == "OPTIONS":
+                return Response(204, {}, dict(_CORS_PREFLIGHT))
+            return gateway.create_token(body)
         if method == "POST":
             return gateway.create_charge(self.headers.get("Idempotency-Key"), body)
         query = parse_qs(url.query, keep_blank_values=True)
@@ -754,17 +900,19 @@ class GatewayRequestHandler(BaseHTTPRequestHandler):
         return Response(200, {"charges": charges})
 
     def _send(self, response: Response) -> None:
-        payload = json.dumps(response.body).encode()
+        no_content = response.status == 204  # no body, so neither its type nor its length
+        payload = b"" if no_content else json.dumps(response.body).encode()
         try:
             self.send_response(response.status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(payload)))
+            if not no_content:
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
             for name, value in response.headers.items():
                 self.send_header(name, value)
             if self.close_connection:
                 self.send_header("Connection", "close")
             self.end_headers()
-            if getattr(self, "command", None) != "HEAD":
+            if payload and getattr(self, "command", None) != "HEAD":
                 self.wfile.write(payload)
         except OSError as exc:  # the client went away (e.g. it timed out first)
             self.close_connection = True

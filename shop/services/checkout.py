@@ -19,6 +19,17 @@ MAX_LINES = 20
 MAX_QUANTITY = 99
 MAX_EMAIL_LENGTH = 254
 IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")  # printable ASCII, no spaces
+# A card as the payment gateway's token (POST /v1/tokens). The shop never takes a card
+# number: the shopper's browser sends it to the gateway, which answers with a token.
+CARD_TOKEN = re.compile(r"tok_[A-Za-z0-9_]{1,60}")
+SEND_A_CARD_AS = (
+    "Send card_token: a token from the payment gateway's POST /v1/tokens"
+    " (test tokens: tok_visa charges, tok_chargeDeclined is declined)."
+)
+NO_CARD_NUMBERS = (
+    "The shop never takes card numbers: create a token with the payment gateway's"
+    " POST /v1/tokens and send it as card_token."
+)
 
 
 class CheckoutError(Exception):
@@ -42,18 +53,8 @@ class CheckoutItem:
 @dataclass(frozen=True)
 class CheckoutRequest:
     email: str
-    card: str
+    card_token: str
     items: tuple[CheckoutItem, ...]
-
-
-def _luhn_ok(digits: str) -> bool:
-    total = 0
-    for position, char in enumerate(reversed(digits)):
-        value = int(char)
-        if position % 2 == 1:
-            value = value * 2 - 9 if value > 4 else value * 2
-        total += value
-    return total % 10 == 0
 
 
 def _clean_email(value: Any, errors: dict[str, list[str]]) -> str:
@@ -70,11 +71,15 @@ def _clean_email(value: Any, errors: dict[str, list[str]]) -> str:
     return email
 
 
-def _clean_card(value: Any, errors: dict[str, list[str]]) -> str:
-    card = re.sub(r"[ -]", "", value) if isinstance(value, str) else ""
-    if not re.fullmatch(r"\d{12,19}", card) or not _luhn_ok(card):
-        errors["card"] = ["Enter a valid card number (test card: 4242 4242 4242 4242)."]
-    return card
+def _clean_card_token(data: dict[str, Any], errors: dict[str, list[str]]) -> str:
+    if "card" in data:  # refused even when a token comes too: a number must never be sent
+        errors["card"] = [NO_CARD_NUMBERS]
+        return ""
+    token = data.get("card_token")
+    if not isinstance(token, str) or not CARD_TOKEN.fullmatch(token):
+        errors["card_token"] = [SEND_A_CARD_AS]
+        return ""
+    return token
 
 
 def _clean_items(value: Any, errors: dict[str, list[str]]) -> tuple[CheckoutItem, ...]:
@@ -107,14 +112,14 @@ def _clean_items(value: Any, errors: dict[str, list[str]]) -> tuple[CheckoutItem
 def checkout_parse(data: Any) -> CheckoutRequest:
     """Validate the shape of an order request (JSON body or form). Raises CheckoutError."""
     if not isinstance(data, dict):
-        raise CheckoutError({"body": ["Send a JSON object with email, card and items."]})
+        raise CheckoutError({"body": ["Send a JSON object with email, card_token and items."]})
     errors: dict[str, list[str]] = {}
     email = _clean_email(data.get("email"), errors)
-    card = _clean_card(data.get("card"), errors)
+    card_token = _clean_card_token(data, errors)
     items = _clean_items(data.get("items"), errors)
     if errors:
         raise CheckoutError(errors)
-    return CheckoutRequest(email=email, card=card, items=items)
+    return CheckoutRequest(email=email, card_token=card_token, items=items)
 
 
 @dataclass(frozen=True)
@@ -138,7 +143,7 @@ def _same_request(order: Order, request: CheckoutRequest) -> bool:
     lines = {line.product.sku: line.quantity for line in order.lines.select_related("product")}
     return (
         order.email == request.email
-        and order.payment.card_token == request.card
+        and order.payment.card_token == request.card_token
         and lines == {item.sku: item.quantity for item in request.items}
     )
 
@@ -198,7 +203,7 @@ def _place(request: CheckoutRequest, idempotency_key: str | None) -> Order:
             )
             for i in lines
         )
-        payment = Payment.objects.create(order=order, amount=total, card_token=request.card)
+        payment = Payment.objects.create(order=order, amount=total, card_token=request.card_token)
         enqueue(charge_payment_task, args=[payment.pk])
         # Stock is reserved last: the UPDATE locks the product rows until COMMIT, and
         # every checkout of the same product waits for that lock; taken last, it is held

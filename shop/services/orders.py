@@ -49,11 +49,9 @@ def order_cancel(*, order_id: int, actor: str, message: str) -> Cancelled:
     key = str(payment.idempotency_key)
     charge = gateway.charge_cancel(idempotency_key=key)
     if charge is None:
-        # The key is cancelled; a charge under it that the gateway has forgotten (keys
-        # live about a day) is still found by its order reference.
-        charge = gateway.charge_lookup(
-            idempotency_key=key, description=charge_description(payment.order)
-        )
+        # The key is cancelled (so it had no charge); a charge under it that the gateway
+        # has forgotten (keys live about a day) is still found by its order reference.
+        charge = gateway.charge_find(description=charge_description(payment.order))
     if charge is not None and charge.status == "succeeded":
         payment_mark_charged(payment_id=payment.pk, charge_id=charge.id)
         logger.warning(

@@ -49,7 +49,7 @@ def payment_charge(*, payment_id: int) -> None:
                 idempotency_key=key,
                 amount=payment.amount,
                 currency="EUR",
-                card=payment.card_token,
+                card_token=payment.card_token,
                 description=description,
             )
     except gateway.CardDeclined as exc:

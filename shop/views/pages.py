@@ -1,7 +1,11 @@
 """HTML pages: catalog, cart, checkout, live order status. Thin: parse, call, render."""
 
+import hashlib
+import hmac
+import secrets
 from uuid import UUID, uuid4
 
+from django.conf import settings
 from django.contrib import messages
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
@@ -19,26 +23,45 @@ from shop.services.checkout import (
     checkout_parse,
 )
 
-# The checkout form's hidden tokens this session was given (the last few pages opened).
-FORM_TOKENS = "checkout_tokens"
+# A random secret per session: the checkout form's tokens are keyed with it.
+FORM_HMAC_FIELD = "checkout_hmac"
 
 
 def _form_token(request: HttpRequest) -> str:
-    """A fresh token for one checkout page, remembered in this session only."""
-    token = str(uuid4())
-    request.session[FORM_TOKENS] = [*request.session.get(FORM_TOKENS, [])[-4:], token]
-    return token
+    """A fresh token for one checkout page."""
+    request.session.setdefault(FORM_HMAC_FIELD, secrets.token_hex(16))
+    return str(uuid4())
 
 
 def _form_key(request: HttpRequest) -> str | None:
-    """The order's idempotency key for the posted token, if this session issued it.
+    """The order's idempotency key for the posted token, bound to this session.
 
-    A token is looked up only for the session that was given it, and in a namespace of
-    its own: posting somebody else's token (or a guessable API Idempotency-Key) finds
-    nothing, so it can never show another customer's order.
+    The key is an HMAC of the token with this session's secret, in a namespace of its
+    own: posting somebody else's token (or a guessable API Idempotency-Key) finds
+    nothing, so it can never show another customer's order; and any page this session
+    opened, however long ago, still lands a second submit on the first order.
     """
     token = request.POST.get("idempotency_key", "")
-    return f"form:{token}" if token in request.session.get(FORM_TOKENS, []) else None
+    secret = request.session.get(FORM_HMAC_FIELD)
+    if not secret or not token:
+        return None
+    digest = hmac.new(secret.encode(), token.encode(), hashlib.sha256).hexdigest()
+    return f"form:{digest}"
+
+
+ENTER_CARD_AGAIN = (
+    "Enter your card number again: it goes to the payment processor first, which needs"
+    " JavaScript in this page."
+)
+
+
+def _checkout_page(
+    request: HttpRequest, context: dict[str, object], status: int = 200
+) -> HttpResponse:
+    tokens_url = settings.PAYMENT_GATEWAY_PUBLIC_URL.rstrip("/") + "/v1/tokens"
+    return render(
+        request, "shop/checkout.html", {**context, "tokens_url": tokens_url}, status=status
+    )
 
 
 def _quantity(raw: str | None) -> int | None:
@@ -83,8 +106,9 @@ def checkout(request: HttpRequest) -> HttpResponse:
         if not lines:
             messages.info(request, "Your cart is empty.")
             return redirect("catalog")
-        return render(request, "shop/checkout.html", {**context, "token": _form_token(request)})
-    form = {"email": request.POST.get("email", ""), "card": request.POST.get("card", "")}
+        return _checkout_page(request, {**context, "token": _form_token(request)})
+    # No card number here: the page's script sent it to the gateway and posts its token.
+    form = {"email": request.POST.get("email", ""), "card_token": request.POST.get("card_token")}
     items = [{"sku": sku, "quantity": qty} for sku, qty in cart_items(request).items()]
     # The form's hidden token: a second submit (double click, back and resubmit, a retry
     # after the web process died) lands on the order the first one placed.
@@ -103,9 +127,12 @@ def checkout(request: HttpRequest) -> HttpResponse:
     except CheckoutError as exc:
         # A flat list for the summary: in a template, errors.items would look up the key
         # "items" before the dict method.
-        summary = [message for messages in exc.errors.values() for message in messages]
-        context.update(errors=exc.errors, summary=summary, form=form, token=_form_token(request))
-        return render(request, "shop/checkout.html", context, status=400)
+        errors = dict(exc.errors)
+        if errors.pop("card_token", None):  # what the API says about tokens means little here
+            errors["card"] = [ENTER_CARD_AGAIN]
+        summary = [message for messages in errors.values() for message in messages]
+        context.update(errors=errors, summary=summary, form=form, token=_form_token(request))
+        return _checkout_page(request, context, status=400)
     cart_clear(request)
     return redirect("order-detail", reference=order.reference)
 

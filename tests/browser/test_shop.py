@@ -10,6 +10,7 @@ from tests.browser.conftest import dead_letter_count, gateway_control, screensho
 from tests.processes import wait_until
 
 pytestmark = pytest.mark.stack
+COUNT_ORDERS = "from shop.models import Order; print(Order.objects.count())"
 
 
 def field(page, name: str):
@@ -23,13 +24,17 @@ def add_to_cart(page, product: str, quantity: int = 1) -> None:
     card.get_by_role("button", name="Add to cart").click()
 
 
-def check_out(page, card: str) -> None:
+def fill_checkout(page, card: str) -> None:
     if not page.url.endswith("/cart/"):
         page.get_by_role("link", name=re.compile("^Cart")).click()
     page.get_by_role("link", name="Check out").click()
     page.get_by_label("Email for the receipt").fill("ada@example.com")
     page.get_by_label("Card number").fill(card)
     page.get_by_role("button", name=re.compile("Place order")).click()
+
+
+def check_out(page, card: str) -> None:
+    fill_checkout(page, card)
     page.wait_for_url(re.compile(r"/orders/[0-9a-f-]{36}/$"))
 
 
@@ -60,7 +65,15 @@ def test_a_shopper_checks_out_and_watches_the_order_get_paid_and_receipted(shop,
     assert page.get_by_label("Quantity of Enamel camp mug").input_value() == "2"
 
     mails_before = len(shop.mails())
+    sent: list[tuple[str, str]] = []  # (url, body) of every request the page makes
+    page.on("request", lambda request: sent.append((request.url, request.post_data or "")))
     check_out(page, "4242 4242 4242 4242")
+    # The number went to the gateway only; the shop got the gateway's token.
+    to_shop = [body for url, body in sent if url.startswith(shop.site)]
+    to_gateway = [body for url, body in sent if url.startswith(shop.gateway)]
+    assert any("4242424242424242" in body for body in to_gateway), sent
+    assert not any(re.search(r"4242(\+|%20)?4242", body) for body in to_shop), to_shop
+    assert any("card_token=tok_" in body for body in to_shop), to_shop
     screenshot(page, "order-pending")
     navigations: list[str] = []
     page.on("framenavigated", lambda frame: navigations.append(frame.url))
@@ -81,11 +94,19 @@ def place_order_the_gateway_cannot_charge(shop, page) -> str:
     """Check out while the gateway is down until the charge is a dead letter (its
     retries exhausted); the order page's address."""
     dead_before = dead_letter_count(shop)
-    gateway_control(shop, outage=True)
+
+    def outage_once_tokenized(route) -> None:
+        # The card is a token by now: the gateway fails after the order is placed.
+        if route.request.method == "POST":
+            gateway_control(shop, outage=True)
+        route.continue_()
+
+    page.route(f"{shop.site}/checkout/", outage_once_tokenized)
     try:
         page.goto(f"{shop.site}/")
         add_to_cart(page, "Enamel camp mug")
         check_out(page, "4242 4242 4242 4242")
+        page.unroute(f"{shop.site}/checkout/")
         expect(field(page, "payment")).to_have_text("Payment pending")
         wait_until(
             lambda: dead_letter_count(shop) > dead_before, timeout=90, what="the dead letter"
@@ -105,3 +126,21 @@ def test_a_charge_that_cannot_go_through_leaves_a_clear_pending_state(shop, page
     text = page.locator("main").inner_text()
     assert "Traceback" not in text
     assert "Order accepted" in text
+
+
+def test_a_card_the_gateway_refuses_is_explained_on_the_checkout_page(shop, page):
+    orders_before = shop.manage("shell", "-c", COUNT_ORDERS)
+    page.goto(f"{shop.site}/")
+    add_to_cart(page, "Canvas tote bag")
+
+    fill_checkout(page, "4242 4242 4242 4241")  # fails its check digit, at the gateway
+    expect(page.locator("#card-error")).to_contain_text("check digit")
+    gateway_control(shop, outage=True)
+    try:
+        page.get_by_role("button", name=re.compile("Place order")).click()
+        expect(page.locator("#card-error")).to_contain_text("cannot be reached")
+    finally:
+        gateway_control(shop, outage=False)
+
+    assert page.url.endswith("/checkout/")
+    assert shop.manage("shell", "-c", COUNT_ORDERS) == orders_before  # nothing ordered

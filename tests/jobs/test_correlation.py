@@ -12,7 +12,7 @@ from jobs.models import OutboxMessage
 
 ORDER = {
     "email": "ada@example.com",
-    "card": "4242424242424242",
+    "card_token": "tok_visa",
     "items": [{"sku": "MUG", "quantity": 1}],
 }
 

@@ -62,7 +62,7 @@ def test_a_worker_on_the_shipped_policy_rides_out_an_outage_longer_than_the_old_
         request = checkout_parse(
             {
                 "email": "a@b.co",
-                "card": "4242424242424242",
+                "card_token": "tok_visa",
                 "items": [{"sku": "MUG", "quantity": 1}],
             }
         )

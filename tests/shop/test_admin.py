@@ -33,7 +33,7 @@ def order(sku: str, quantity: int) -> Order:
     request = checkout_parse(
         {
             "email": "ada@example.com",
-            "card": "4242424242424242",
+            "card_token": "tok_visa",
             "items": [{"sku": sku, "quantity": quantity}],
         }
     )

@@ -1,23 +1,26 @@
 """Checkout writes one order, one payment and one outbox row, and publishes only after
 COMMIT; bad input gets a clear 4xx and writes nothing."""
 
+import importlib
 import json
+import re
 import uuid
 
 import pytest
+from django.apps import apps
 from django.db import transaction
 
 from jobs.models import OutboxMessage
 from shop.models import Order, Payment, Product
 from shop.services.checkout import checkout_complete, checkout_parse
 
-GOOD_CARD = "4242424242424242"
+TOKEN = "tok_visa"  # the gateway's test token for a card that charges
 
 
 def order_body(**overrides: object) -> dict[str, object]:
     body: dict[str, object] = {
         "email": "ada@example.com",
-        "card": GOOD_CARD,
+        "card_token": TOKEN,
         "items": [{"sku": "MUG", "quantity": 2}, {"sku": "TEE", "quantity": 1}],
     }
     body.update(overrides)
@@ -58,7 +61,7 @@ def test_html_checkout_writes_one_order_and_shows_its_page(client, broker, produ
     client.post("/cart/update/", {"sku": "MUG", "quantity": "2", "mode": "add"})
     client.post("/cart/update/", {"sku": "TEE", "quantity": "1", "mode": "add"})
 
-    form = {"email": "ada@example.com", "card": "4242 4242 4242 4242"}
+    form = {"email": "ada@example.com", "card_token": TOKEN}
     response = client.post("/checkout/", form)
 
     order = Order.objects.get()
@@ -118,8 +121,11 @@ BAD_BODIES = [
     ("NUL byte in email", order_body(email="a\x00@b.co"), "valid email"),
     ("missing email", {k: v for k, v in order_body().items() if k != "email"}, "email"),
     ("invalid email", order_body(email="not-an-email"), "valid email"),
-    ("bad card", order_body(card="4242424242424241"), "valid card"),
-    ("card as number", order_body(card=4242424242424242), "valid card"),
+    ("no card token", {k: v for k, v in order_body().items() if k != "card_token"}, "card_token"),
+    ("card token not a token", order_body(card_token="4242424242424242"), "card_token"),
+    ("card token as number", order_body(card_token=4242), "card_token"),
+    ("a card number", order_body(card="4242424242424242"), "never takes card numbers"),
+    ("a card number and a token", order_body(card="4242 4242"), "never takes card numbers"),
     ("body not an object", ["MUG"], "JSON object"),
 ]
 
@@ -162,11 +168,11 @@ def test_checkout_form_shows_errors_and_writes_nothing(client, broker, products)
     stock_before = dict(Product.objects.values_list("sku", "stock"))
     client.post("/cart/update/", {"sku": "MUG", "quantity": "1", "mode": "add"})
 
-    response = client.post("/checkout/", {"email": "", "card": "1234"})
+    response = client.post("/checkout/", {"email": "", "card_token": ""})
 
     assert response.status_code == 400
     assert b"Enter an email address for the receipt." in response.content
-    assert b"Enter a valid card number" in response.content
+    assert b"Enter your card number again" in response.content
     assert b'aria-invalid="true"' in response.content
     assert_nothing_written(broker, stock_before)
 
@@ -176,7 +182,8 @@ def test_checkout_form_with_an_oversized_body_is_a_400_page(client, broker, prod
     stock_before = dict(Product.objects.values_list("sku", "stock"))
     client.post("/cart/update/", {"sku": "MUG", "quantity": "1", "mode": "add"})
 
-    response = client.post("/checkout/", {"email": "a@b.co", "card": GOOD_CARD, "x": "y" * 70_000})
+    form = {"email": "a@b.co", "card_token": TOKEN, "x": "y" * 70_000}
+    response = client.post("/checkout/", form)
 
     assert response.status_code == 400
     assert b"could not be read" in response.content
@@ -187,7 +194,7 @@ def test_checkout_form_with_an_oversized_body_is_a_400_page(client, broker, prod
 def test_checkout_with_an_empty_cart_writes_nothing(client, broker, products):
     stock_before = dict(Product.objects.values_list("sku", "stock"))
 
-    response = client.post("/checkout/", {"email": "ada@example.com", "card": GOOD_CARD})
+    response = client.post("/checkout/", {"email": "ada@example.com", "card_token": TOKEN})
 
     assert response.status_code == 400
     assert b"Add at least one item" in response.content
@@ -238,3 +245,32 @@ def test_products_api_lists_the_catalog(client, products):
         {"sku": "MUG", "name": "Mug", "price": "12.50", "stock": 10},
         {"sku": "TEE", "name": "Tee", "price": "20.00", "stock": 10},
     ]
+
+
+@pytest.mark.django_db
+def test_the_checkout_page_never_posts_the_card_number_to_the_shop(client, products, settings):
+    settings.PAYMENT_GATEWAY_PUBLIC_URL = "https://pay.example.com/"
+    client.post("/cart/update/", {"sku": "MUG", "quantity": "1", "mode": "add"})
+
+    page = client.get("/checkout/").text
+
+    card = re.search(r'<input id="card"[^>]*>', page)
+    assert card
+    assert " name=" not in card.group(0)  # a field without a name is never sent
+    assert '<input type="hidden" name="card_token"' in page
+    assert 'data-tokens-url="https://pay.example.com/v1/tokens"' in page
+    assert "shop/checkout.js" in page
+
+
+@pytest.mark.django_db
+def test_the_migration_forgets_card_numbers_stored_before_tokens(products):
+    forget = importlib.import_module("shop.migrations.0007_no_card_numbers")
+    old = checkout_complete(request=checkout_parse(order_body())).order.payment
+    new = checkout_complete(request=checkout_parse(order_body())).order.payment
+    Payment.objects.filter(pk=old.pk).update(card_token="4242424242424242")
+
+    forget.forget_card_numbers(apps, None)
+
+    tokens = dict(Payment.objects.values_list("pk", "card_token"))
+    assert tokens == {old.pk: forget.FORGOTTEN, new.pk: TOKEN}
+    assert forget.FORGOTTEN.startswith("tok_")  # the gateway answers "unknown token": declined

@@ -9,6 +9,7 @@ from datetime import timedelta
 import httpx
 import pytest
 from django.contrib.auth.models import Permission, User
+from django.db import connection
 from django.utils import timezone
 
 from jobs.dead_letters import dead_letter_discard
@@ -32,7 +33,7 @@ def place_order(quantity: int = 3) -> Payment:
     request = checkout_parse(
         {
             "email": "ada@example.com",
-            "card": "4242424242424242",
+            "card_token": "tok_visa",
             "items": [{"sku": "MUG", "quantity": quantity}],
         }
     )
@@ -56,7 +57,7 @@ def charge_behind_the_shops_back(payment: Payment) -> dict:
     response = httpx.post(
         f"{gateway_client.settings.PAYMENT_GATEWAY_URL}/v1/charges",
         headers={"Idempotency-Key": str(payment.idempotency_key)},
-        json={"amount": str(payment.amount), "currency": "EUR", "card": payment.card_token},
+        json={"amount": str(payment.amount), "currency": "EUR", "source": payment.card_token},
     )
     assert response.status_code == 201, response.text
     return response.json()
@@ -112,6 +113,33 @@ def test_discarding_when_the_gateway_charged_after_all_makes_the_order_paid(
     assert payment.order.status == "paid"
     assert stock() == 7  # sold, not released
     assert OutboxMessage.objects.filter(task_name=RECEIPT).count() == 1
+
+
+def test_a_discard_asks_the_gateway_with_no_transaction_open(
+    broker, gateway, products, monkeypatch
+):
+    # An open transaction (and the dead letter's row lock) would wait on the network for
+    # as long as the gateway takes, up to its read timeout.
+    payment = place_order()
+    letter = dead_letter(CHARGE, payment.pk)
+    open_during: list[bool] = []
+
+    def watched(function):
+        def call(**kwargs):
+            open_during.append(connection.in_atomic_block)
+            return function(**kwargs)
+
+        return call
+
+    monkeypatch.setattr(gateway_client, "charge_cancel", watched(gateway_client.charge_cancel))
+    monkeypatch.setattr(gateway_client, "charge_find", watched(gateway_client.charge_find))
+
+    assert dead_letter_discard(ids=[letter.pk], actor="alice").done == 1
+
+    assert open_during == [False, False]  # two calls: cancel, then find by reference
+    letter.refresh_from_db()
+    payment.refresh_from_db()
+    assert (letter.status, payment.status) == ("discarded", "cancelled")
 
 
 def test_a_discard_the_gateway_cannot_confirm_is_refused_and_changes_nothing(

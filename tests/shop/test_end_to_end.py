@@ -21,14 +21,14 @@ pytestmark = [pytest.mark.stack, pytest.mark.django_db(transaction=True)]
 
 ORDER = {
     "email": "ada@example.com",
-    "card": "4242424242424242",
+    "card_token": "tok_visa",
     "items": [{"sku": "MUG", "quantity": 1}],
 }
-DECLINED, FLAKY = "4000000000000002", "4000000000000119"
+DECLINED, FLAKY = "tok_chargeDeclined", "tok_flaky"  # the gateway's test tokens
 
 
-def place_order(client, card: str = "4242424242424242") -> int:
-    body = {**ORDER, "card": card}
+def place_order(client, card: str = "tok_visa") -> int:  # card: a gateway test token
+    body = {**ORDER, "card_token": card}
     response = client.post("/api/orders/", body, content_type="application/json")
     assert response.status_code == 201, response.content
     return Order.objects.get(reference=response.json()["id"]).pk

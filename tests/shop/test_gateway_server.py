@@ -1,13 +1,16 @@
 """The fake payment gateway, run as a real process (`python -m shop.gateway`).
 
 Every test talks HTTP to the subprocess and checks the gateway's own SQLite ledger file
-directly: it is the independent witness that a card was charged exactly once.
+directly: it is the independent witness that a card was charged exactly once, and that no
+card number is kept (charges name a token from ``POST /v1/tokens``, never a card).
 No Django here: run with ``pytest tests/shop/test_gateway_server.py -p no:django``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import random
 import re
 import selectors
 import signal
@@ -27,6 +30,7 @@ from typing import Any
 import httpx
 import pytest
 
+from shop.gateway import server
 from shop.gateway.server import GatewayConfig
 
 pytestmark = pytest.mark.stack
@@ -35,7 +39,19 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 OK_CARD = "4242424242424242"
 DECLINED_CARD = "4000000000000002"
 FLAKY_CARD = "4000000000000119"
+# The gateway's test tokens of those cards, spelled out: the shop's tests rely on the names.
+OK_TOKEN = "tok_visa"
+DECLINED_TOKEN = "tok_chargeDeclined"
+FLAKY_TOKEN = "tok_flaky"
+UNKNOWN_TOKEN = "tok_neverIssued"
 CHARGE_ID = re.compile(r"ch_[0-9a-f]{24}")
+TOKEN_ID = re.compile(r"tok_[0-9a-f]{24}")
+PREFLIGHT_HEADERS = {
+    "Access-Control-Allow-Origin": "*",
+    "Access-Control-Allow-Methods": "POST",
+    "Access-Control-Allow-Headers": "Content-Type",
+    "Access-Control-Max-Age": "600",
+}
 SEED = 1234
 DEFAULTS: dict[str, Any] = {
     "latency_ms": 0,
@@ -137,12 +153,35 @@ def charge(
     *,
     amount: str = "12.34",
     currency: str = "EUR",
-    card: str = OK_CARD,
+    source: str = OK_TOKEN,
     timeout: float | None = None,
 ) -> httpx.Response:
-    body = {"amount": amount, "currency": currency, "card": card, "description": "test order"}
+    body = {"amount": amount, "currency": currency, "source": source, "description": "test order"}
     kwargs: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
     return client.post("/v1/charges", json=body, headers={"Idempotency-Key": key}, **kwargs)
+
+
+def tokenize(client: httpx.Client, card: str) -> httpx.Response:
+    return client.post("/v1/tokens", json={"card": card})
+
+
+def token_of(client: httpx.Client, card: str) -> str:
+    response = tokenize(client, card)
+    assert response.status_code == 201, response.text
+    token: str = response.json()["id"]
+    return token
+
+
+def luhn_card(prefix: str = "4", length: int = 16) -> str:
+    """A fresh card number with a valid check digit, seen by no other test."""
+    body = prefix + "".join(random.choices("0123456789", k=length - len(prefix) - 1))
+    total = 0
+    for position, char in enumerate(reversed(body)):
+        digit = int(char)
+        if position % 2 == 0:  # doubled: every second digit left of the check digit
+            digit = digit * 2 - 9 if digit > 4 else digit * 2
+        total += digit
+    return body + str(-total % 10)
 
 
 def control(client: httpx.Client, **settings: Any) -> None:
@@ -163,6 +202,13 @@ def ledger_rows(process: GatewayProcess, key: str | None = None) -> list[dict[st
     return [dict(row) for row in rows]
 
 
+def token_rows(process: GatewayProcess) -> dict[str, dict[str, Any]]:
+    with closing(sqlite3.connect(process.db_path)) as conn:
+        conn.row_factory = sqlite3.Row
+        rows = conn.execute("SELECT * FROM tokens").fetchall()
+    return {row["id"]: dict(row) for row in rows}
+
+
 def api_rows(client: httpx.Client, key: str) -> list[dict[str, Any]]:
     response = client.get("/v1/charges", params={"idempotency_key": key})
     assert response.status_code == 200
@@ -170,13 +216,173 @@ def api_rows(client: httpx.Client, key: str) -> list[dict[str, Any]]:
     return charges
 
 
-# --- Charging -----------------------------------------------------------------------
-
-
 def test_healthz(client: httpx.Client) -> None:
     response = client.get("/healthz")
     assert response.status_code == 200
     assert response.json() == {"status": "ok"}
+
+
+# --- Tokens -------------------------------------------------------------------------
+
+
+def test_tokenizing_returns_a_token_and_the_card_is_stored_nowhere(
+    gateway_server: GatewayProcess, client: httpx.Client
+) -> None:
+    card = luhn_card("5")
+    key = new_key()
+
+    response = tokenize(client, card)
+    charged = charge(client, key, source=response.json()["id"])
+    refused = client.post(  # the old way, with the number itself: refused, and not kept
+        "/v1/charges",
+        json={"amount": "1.00", "currency": "EUR", "card": card},
+        headers={"Idempotency-Key": new_key()},
+    )
+
+    assert response.status_code == 201
+    body = response.json()
+    assert set(body) == {"id", "object", "card_last4", "created"}
+    assert TOKEN_ID.fullmatch(body["id"])
+    assert (body["object"], body["card_last4"]) == ("token", card[-4:])
+    assert datetime.fromisoformat(body["created"]).utcoffset() == timedelta(0)
+    assert charged.status_code == 201
+    assert charged.json()["card_last4"] == card[-4:]
+    assert refused.status_code == 400
+    assert card not in refused.text
+    stored = token_rows(gateway_server)[body["id"]]
+    assert stored == {
+        "id": body["id"],
+        "card_fingerprint": hashlib.sha256(card.encode()).hexdigest(),
+        "card_last4": card[-4:],
+        "behaviour": "succeeds",
+        "created": body["created"],
+    }
+    # Every value of every table, then the raw bytes of the file and its write-ahead log.
+    with closing(sqlite3.connect(gateway_server.db_path)) as conn:
+        tables = [t for (t,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        assert {"tokens", "charges"} <= set(tables)
+        for table in tables:
+            for row in conn.execute(f"SELECT * FROM {table}"):  # noqa: S608 - names from sqlite
+                assert all(card not in str(value) for value in row), (table, row)
+    for path in gateway_server.db_path.parent.glob(gateway_server.db_path.name + "*"):
+        assert card.encode() not in path.read_bytes(), path
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        pytest.param("{not json", "Request body must be valid JSON.", id="bad-json"),
+        pytest.param("", "Request body must be valid JSON.", id="empty-body"),
+        pytest.param("[1, 2]", "Request body must be a JSON object.", id="not-an-object"),
+        pytest.param("{}", "Missing required param: card.", id="no-card"),
+        pytest.param('{"card": null}', "Missing required param: card.", id="card-null"),
+        pytest.param('{"card": "42424242424"}', "expected 12 to 19 digits", id="card-11"),
+        pytest.param('{"card": "' + "4" * 20 + '"}', "expected 12 to 19 digits", id="card-20"),
+        pytest.param('{"card": "4242x24242424242"}', "expected 12 to 19 digits", id="card-x"),
+        pytest.param('{"card": 4242424242424242}', "expected 12 to 19 digits", id="card-int"),
+        pytest.param('{"card": ""}', "expected 12 to 19 digits", id="card-empty"),
+        pytest.param(
+            '{"card": "4242 4242 4242 4242"}', "expected 12 to 19 digits", id="card-spaces"
+        ),
+        pytest.param(
+            '{"card": "4242-4242-4242-4242"}', "expected 12 to 19 digits", id="card-dashes"
+        ),
+        pytest.param('{"card": "\u0664242424242424242"}', "12 to 19 digits", id="card-arabic"),
+        pytest.param('{"card": "4242424242424241"}', "fails its check digit", id="card-luhn"),
+        pytest.param('{"card": "4000000000000003"}', "fails its check digit", id="card-luhn-2"),
+    ],
+)
+def test_invalid_token_requests_are_400_and_store_nothing(
+    gateway_server: GatewayProcess, client: httpx.Client, content: str, message: str
+) -> None:
+    before = token_rows(gateway_server)
+
+    response = client.post(
+        "/v1/tokens", content=content, headers={"Content-Type": "application/json"}
+    )
+
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert message in error["message"]
+    assert response.headers["Access-Control-Allow-Origin"] == "*"
+    assert token_rows(gateway_server) == before
+
+
+def test_tokens_allow_browsers_of_any_origin_and_nothing_else_does(client: httpx.Client) -> None:
+    preflight = client.options(
+        "/v1/tokens",
+        headers={
+            "Origin": "http://shop.example",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type",
+        },
+    )
+    created = tokenize(client, OK_CARD)
+    invalid = tokenize(client, "1234")
+    wrong_method = client.get("/v1/tokens")
+    too_large = client.post("/v1/tokens", content=b"x" * (64 * 1024 + 1))
+
+    assert preflight.status_code == 204
+    assert preflight.content == b""
+    assert {k: preflight.headers.get(k) for k in PREFLIGHT_HEADERS} == PREFLIGHT_HEADERS
+    for response, status in [(created, 201), (invalid, 400), (wrong_method, 405), (too_large, 413)]:
+        assert response.status_code == status
+        assert response.headers["Access-Control-Allow-Origin"] == "*"
+    assert wrong_method.headers["Allow"] == "POST, OPTIONS"
+    # The rest of the API is for the shop's servers: no browser may call it.
+    others = [
+        charge(client, new_key()),
+        client.get("/v1/charges"),
+        client.options("/v1/charges", headers={"Origin": "http://shop.example"}),
+        cancel(client, new_key()),
+        client.get("/v1/control"),
+        client.get("/healthz"),
+    ]
+    assert [r.status_code for r in others] == [201, 200, 405, 200, 200, 200]
+    for response in others:
+        assert not any(h.lower().startswith("access-control-") for h in response.headers)
+
+
+def test_a_fresh_ledger_has_the_test_tokens_and_keeps_them_once(tmp_path: Path) -> None:
+    process = GatewayProcess(tmp_path / "ledger.sqlite3", tmp_path / "gateway.log")
+    process.start()
+    assert process.stop() == 0, process.log()
+    first = token_rows(process)
+    process.start()  # opening the ledger again inserts nothing new
+    try:
+        with httpx.Client(base_url=process.url, timeout=10) as fresh:
+            statuses = [
+                charge(fresh, new_key(), source=token).status_code
+                for token in (OK_TOKEN, DECLINED_TOKEN, FLAKY_TOKEN)
+            ]
+    finally:
+        assert process.stop() == 0, process.log()
+
+    expected = {
+        OK_TOKEN: (OK_CARD, "succeeds"),
+        DECLINED_TOKEN: (DECLINED_CARD, "declines"),
+        FLAKY_TOKEN: (FLAKY_CARD, "flaky"),
+    }
+    assert {
+        token: (row["card_fingerprint"], row["card_last4"], row["behaviour"])
+        for token, row in first.items()
+    } == {
+        token: (hashlib.sha256(card.encode()).hexdigest(), card[-4:], behaviour)
+        for token, (card, behaviour) in expected.items()
+    }
+    assert token_rows(process) == first
+    assert statuses == [201, 402, 503]
+    # The module's names for them, which the shop's code and tests use.
+    assert (server.TOKEN_VISA, server.TOKEN_DECLINED, server.TOKEN_FLAKY) == (
+        OK_TOKEN,
+        DECLINED_TOKEN,
+        FLAKY_TOKEN,
+    )
+    assert {token: card for token, (card, _) in expected.items()} == server.TEST_TOKENS
+
+
+# --- Charging -----------------------------------------------------------------------
 
 
 def test_charge_succeeds_with_201_and_one_ledger_row(
@@ -228,8 +434,13 @@ def test_repeated_key_replays_the_first_answer_without_charging_again(
 
 @pytest.mark.parametrize(
     "change",
-    [{"amount": "12.35"}, {"currency": "USD"}, {"card": "5555555555554444"}],
-    ids=["amount", "currency", "card"],
+    [
+        {"amount": "12.35"},
+        {"currency": "USD"},
+        {"source": DECLINED_TOKEN},  # another card
+        {"source": UNKNOWN_TOKEN},  # no card: it cannot be the first one
+    ],
+    ids=["amount", "currency", "source", "unknown-source"],
 )
 def test_same_key_with_other_parameters_is_a_409(
     gateway_server: GatewayProcess, client: httpx.Client, change: dict[str, Any]
@@ -242,19 +453,19 @@ def test_same_key_with_other_parameters_is_a_409(
 
     assert response.status_code == 409
     assert response.json()["error"]["type"] == "idempotency_error"
-    assert response.json()["error"]["message"]
+    assert "(amount, currency, source)" in response.json()["error"]["message"]
     assert "Idempotent-Replayed" not in response.headers
     assert api_rows(client, key) == [first.json()]
     assert len(ledger_rows(gateway_server, key)) == 1
 
 
-def test_declined_card_is_a_402_stored_and_replayed(
+def test_declined_token_is_a_402_stored_and_replayed(
     gateway_server: GatewayProcess, client: httpx.Client
 ) -> None:
     key = new_key()
 
-    first = charge(client, key, card=DECLINED_CARD)
-    again = charge(client, key, card=DECLINED_CARD)
+    first = charge(client, key, source=DECLINED_TOKEN)
+    again = charge(client, key, source=DECLINED_TOKEN)
 
     assert first.status_code == 402
     error = first.json()["error"]
@@ -273,23 +484,94 @@ def test_declined_card_is_a_402_stored_and_replayed(
     assert (listed["id"], listed["status"]) == (error["charge"], "declined")
 
 
+@pytest.mark.parametrize(
+    ("card", "behaviour", "status"),
+    [(OK_CARD, "succeeds", 201), (DECLINED_CARD, "declines", 402), (FLAKY_CARD, "flaky", 503)],
+    ids=["ok", "declined", "flaky"],
+)
+def test_a_new_token_behaves_as_its_card(
+    gateway_server: GatewayProcess,
+    client: httpx.Client,
+    card: str,
+    behaviour: str,
+    status: int,
+) -> None:
+    token = token_of(client, card)
+    key = new_key()
+
+    response = charge(client, key, source=token)
+
+    assert token_rows(gateway_server)[token]["behaviour"] == behaviour
+    assert response.status_code == status
+    rows = ledger_rows(gateway_server, key)
+    if status == 402:
+        assert response.json()["error"]["code"] == "card_declined"
+        assert [(r["status"], r["card_last4"]) for r in rows] == [("declined", card[-4:])]
+    elif status == 503:
+        assert response.json()["error"]["code"] == "processing_error"
+        assert rows == []
+    else:
+        assert [(r["status"], r["card_last4"]) for r in rows] == [("succeeded", card[-4:])]
+
+
+def test_another_token_of_the_same_card_is_the_same_parameters(
+    gateway_server: GatewayProcess, client: httpx.Client
+) -> None:
+    key = new_key()
+    first = charge(client, key, source=OK_TOKEN)
+
+    again = charge(client, key, source=token_of(client, OK_CARD))
+
+    assert first.status_code == again.status_code == 201
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert again.content == first.content
+    assert len(ledger_rows(gateway_server, key)) == 1
+
+
+def test_an_unknown_token_is_a_402_invalid_token_and_stores_nothing(
+    gateway_server: GatewayProcess, client: httpx.Client
+) -> None:
+    before = len(ledger_rows(gateway_server))
+    key = new_key()
+
+    first = charge(client, key, source=UNKNOWN_TOKEN)
+    again = charge(client, key, source=UNKNOWN_TOKEN)
+
+    for response in (first, again):  # not the key's answer: nothing to replay
+        assert response.status_code == 402
+        assert response.json() == {
+            "error": {
+                "type": "card_error",
+                "code": "invalid_token",
+                "message": "This card token is unknown; enter the card again.",
+            }
+        }
+        assert "Idempotent-Replayed" not in response.headers
+    assert ledger_rows(gateway_server, key) == []
+    assert api_rows(client, key) == []
+    assert len(ledger_rows(gateway_server)) == before
+    paid = charge(client, key)  # the key is still free for a card the gateway knows
+    assert paid.status_code == 201
+    assert "Idempotent-Replayed" not in paid.headers
+
+
 @pytest.mark.parametrize("failures", [0, 2, 3])
-def test_flaky_card_fails_n_times_per_key_then_charges_once(
+def test_flaky_token_fails_n_times_per_key_then_charges_once(
     gateway_server: GatewayProcess, client: httpx.Client, failures: int
 ) -> None:
     control(client, flaky_card_failures=failures)
     key = new_key()
 
     for _ in range(failures):
-        response = charge(client, key, card=FLAKY_CARD)
+        response = charge(client, key, source=FLAKY_TOKEN)
         assert response.status_code == 503
         assert response.json()["error"]["type"] == "api_error"
         assert response.json()["error"]["code"] == "processing_error"
         assert "Idempotent-Replayed" not in response.headers
         assert ledger_rows(gateway_server, key) == []  # a transient answer is not stored
 
-    success = charge(client, key, card=FLAKY_CARD)
-    replay = charge(client, key, card=FLAKY_CARD)
+    success = charge(client, key, source=FLAKY_TOKEN)
+    replay = charge(client, key, source=FLAKY_TOKEN)
 
     assert success.status_code == 201
     assert "Idempotent-Replayed" not in success.headers
@@ -299,7 +581,7 @@ def test_flaky_card_fails_n_times_per_key_then_charges_once(
     assert [row["id"] for row in ledger_rows(gateway_server, key)] == [success.json()["id"]]
     # The failure budget is per key: a fresh key fails again first.
     if failures:
-        assert charge(client, new_key(), card=FLAKY_CARD).status_code == 503
+        assert charge(client, new_key(), source=FLAKY_TOKEN).status_code == 503
 
 
 def test_concurrent_requests_with_one_key_charge_exactly_once(
@@ -405,15 +687,15 @@ def test_a_cancelled_key_can_never_be_charged(
     assert api_rows(client, key) == []
 
 
-@pytest.mark.parametrize("card", [OK_CARD, DECLINED_CARD])
+@pytest.mark.parametrize("source", [OK_TOKEN, DECLINED_TOKEN])
 def test_cancelling_a_key_with_an_outcome_cancels_nothing_and_returns_it(
-    client: httpx.Client, card: str
+    client: httpx.Client, source: str
 ) -> None:
     key = new_key()
-    charged = charge(client, key, card=card)
+    charged = charge(client, key, source=source)
 
     response = cancel(client, key)
-    again = charge(client, key, card=card)
+    again = charge(client, key, source=source)
 
     assert response.status_code == 200
     body = response.json()
@@ -453,7 +735,7 @@ def test_charges_are_listed_in_creation_order(
 ) -> None:
     ids = [
         charge(client, new_key()).json()["id"],
-        charge(client, new_key(), card=DECLINED_CARD).json()["error"]["charge"],
+        charge(client, new_key(), source=DECLINED_TOKEN).json()["error"]["charge"],
         charge(client, new_key(), amount="1").json()["id"],
     ]
 
@@ -478,12 +760,19 @@ def test_outage_answers_503_and_stores_nothing(
     control(client, outage=True)
     key = new_key()
 
-    responses = [charge(client, key), charge(client, new_key(), card=DECLINED_CARD)]
+    tokens = token_rows(gateway_server)
+
+    responses = [charge(client, key), charge(client, new_key(), source=DECLINED_TOKEN)]
+    tokenizing = tokenize(client, OK_CARD)  # the browser's call is down too
 
     assert [r.status_code for r in responses] == [503, 503]
     assert all(r.json()["error"]["type"] == "api_error" for r in responses)
-    assert client.get("/healthz").status_code == 200  # only charging is down
+    assert tokenizing.status_code == 503
+    assert tokenizing.json()["error"]["code"] == "outage"
+    assert tokenizing.headers["Access-Control-Allow-Origin"] == "*"
+    assert client.get("/healthz").status_code == 200  # only the API is down
     assert len(ledger_rows(gateway_server)) == before
+    assert token_rows(gateway_server) == tokens
     control(client, outage=False)
     after = charge(client, key)
     assert after.status_code == 201
@@ -523,14 +812,32 @@ def test_reject_rate_one_answers_400_and_stores_nothing(
 
 
 def test_seeded_failures_are_repeatable(client: httpx.Client) -> None:
-    def run() -> list[int]:
+    def run(tokenizing: bool = False) -> list[int]:
         control(client, failure_rate=0.5, seed=42)
-        return [charge(client, new_key()).status_code for _ in range(12)]
+        statuses = []
+        for _ in range(12):
+            if tokenizing:  # draws nothing from the seeded sequence
+                assert tokenize(client, OK_CARD).status_code == 201
+            statuses.append(charge(client, new_key()).status_code)
+        return statuses
 
-    first, second = run(), run()
+    first, second, third = run(), run(), run(tokenizing=True)
 
-    assert first == second
+    assert first == second == third
     assert set(first) == {201, 503}
+
+
+def test_random_faults_are_for_charges_only(client: httpx.Client) -> None:
+    # Tokenizing suffers the latency and the outage; the random faults model a charge's
+    # failures (and its late answer), so they leave tokens alone.
+    control(client, failure_rate=1.0, reject_rate=1.0, timeout_rate=1.0, timeout_seconds=5.0)
+
+    started = time.monotonic()
+    responses = [tokenize(client, OK_CARD) for _ in range(5)]
+
+    assert [r.status_code for r in responses] == [201] * 5
+    assert time.monotonic() - started < 2.0
+    assert charge(client, new_key()).status_code == 503
 
 
 def test_timeout_records_the_charge_and_a_retry_gets_it_back(
@@ -560,19 +867,23 @@ def test_timeout_records_the_charge_and_a_retry_gets_it_back(
     assert len(ledger_rows(gateway_server)) == before + 1
 
 
-def test_latency_delays_charges(client: httpx.Client) -> None:
+def test_latency_delays_charges_and_tokens(client: httpx.Client) -> None:
     control(client, latency_ms=300)
 
     started = time.monotonic()
     response = charge(client, new_key())
+    charged = time.monotonic()
+    token = tokenize(client, OK_CARD)
 
     assert response.status_code == 201
-    assert time.monotonic() - started >= 0.3
+    assert charged - started >= 0.3
+    assert token.status_code == 201
+    assert time.monotonic() - charged >= 0.3
 
 
 # --- Bad requests -------------------------------------------------------------------
 
-VALID = '{"amount": "12.34", "currency": "EUR", "card": "4242424242424242"}'
+VALID = '{"amount": "12.34", "currency": "EUR", "source": "tok_visa"}'
 
 
 @pytest.mark.parametrize(
@@ -584,7 +895,7 @@ VALID = '{"amount": "12.34", "currency": "EUR", "card": "4242424242424242"}'
         pytest.param("KEY", "{not json", id="bad-json"),
         pytest.param("KEY", "", id="empty-body"),
         pytest.param("KEY", "[1, 2]", id="not-an-object"),
-        pytest.param("KEY", '{"currency": "EUR", "card": "4242424242424242"}', id="no-amount"),
+        pytest.param("KEY", '{"currency": "EUR", "source": "tok_visa"}', id="no-amount"),
         pytest.param("KEY", VALID.replace('"12.34"', "12.34"), id="amount-number"),
         pytest.param("KEY", VALID.replace("12.34", "0"), id="amount-zero"),
         pytest.param("KEY", VALID.replace("12.34", "-1"), id="amount-negative"),
@@ -592,15 +903,20 @@ VALID = '{"amount": "12.34", "currency": "EUR", "card": "4242424242424242"}'
         pytest.param("KEY", VALID.replace("12.34", "NaN"), id="amount-nan"),
         pytest.param("KEY", VALID.replace("12.34", "1e3"), id="amount-exponent"),
         pytest.param("KEY", VALID.replace("12.34", "12.345"), id="amount-sub-cent"),
-        pytest.param("KEY", '{"amount": "1", "card": "4242424242424242"}', id="no-currency"),
+        pytest.param("KEY", '{"amount": "1", "source": "tok_visa"}', id="no-currency"),
         pytest.param("KEY", VALID.replace("EUR", "EU"), id="currency-short"),
         pytest.param("KEY", VALID.replace("EUR", "EURO"), id="currency-long"),
         pytest.param("KEY", VALID.replace("EUR", "E1R"), id="currency-digit"),
-        pytest.param("KEY", '{"amount": "1", "currency": "EUR"}', id="no-card"),
-        pytest.param("KEY", VALID.replace("4242424242424242", "42424242424"), id="card-11"),
-        pytest.param("KEY", VALID.replace("4242424242424242", "4" * 20), id="card-20"),
-        pytest.param("KEY", VALID.replace("4242424242424242", "4242x242424242"), id="card-x"),
-        pytest.param("KEY", VALID.replace('"4242424242424242"', "4242424242424242"), id="card-int"),
+        pytest.param("KEY", '{"amount": "1", "currency": "EUR"}', id="no-source"),
+        pytest.param("KEY", VALID.replace('"tok_visa"', "null"), id="source-null"),
+        pytest.param("KEY", VALID.replace('"tok_visa"', "42"), id="source-number"),
+        pytest.param("KEY", VALID.replace('"tok_visa"', '["tok_visa"]'), id="source-list"),
+        pytest.param("KEY", VALID.replace("tok_visa", ""), id="source-empty"),
+        pytest.param("KEY", VALID.replace("tok_visa", "tok_"), id="source-bare-prefix"),
+        pytest.param("KEY", VALID.replace("tok_visa", "card_visa"), id="source-not-a-token"),
+        pytest.param("KEY", VALID.replace("tok_visa", "tok_vi-sa"), id="source-dash"),
+        pytest.param("KEY", VALID.replace("tok_visa", "tok_" + "v" * 61), id="source-too-long"),
+        pytest.param("KEY", VALID.replace("tok_visa", OK_CARD), id="source-a-card-number"),
         pytest.param("KEY", VALID[:-1] + ', "description": 5}', id="description-number"),
     ],
 )
@@ -621,6 +937,42 @@ def test_invalid_charge_requests_are_400_and_store_nothing(
     assert len(ledger_rows(gateway_server)) == before
     if unique:
         assert api_rows(client, unique) == []
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        pytest.param(
+            {"card": OK_CARD},
+            "Card numbers are not accepted here: create a token with POST /v1/tokens"
+            " and send it as source.",
+            id="card",
+        ),
+        pytest.param(
+            {"card": OK_CARD, "source": OK_TOKEN},
+            "Card numbers are not accepted here: create a token with POST /v1/tokens"
+            " and send it as source.",
+            id="card-and-source",
+        ),
+        pytest.param({}, "Missing required param: source.", id="no-source"),
+    ],
+)
+def test_a_charge_takes_a_token_never_a_card_number(
+    gateway_server: GatewayProcess, client: httpx.Client, extra: dict[str, str], message: str
+) -> None:
+    before = len(ledger_rows(gateway_server))
+    key = new_key()
+
+    response = client.post(
+        "/v1/charges",
+        json={"amount": "12.34", "currency": "EUR"} | extra,
+        headers={"Idempotency-Key": key},
+    )
+
+    assert response.status_code == 400
+    assert response.json()["error"] == {"type": "invalid_request_error", "message": message}
+    assert len(ledger_rows(gateway_server)) == before
+    assert charge(client, key).headers.get("Idempotent-Replayed") is None
 
 
 def test_body_over_64_kib_is_413_and_stores_nothing(

@@ -104,7 +104,7 @@ def test_submitting_the_checkout_form_twice_lands_on_the_first_order(client, bro
     client.post("/cart/update/", {"sku": "MUG", "quantity": "2", "mode": "add"})
     client.post("/cart/update/", {"sku": "TEE", "quantity": "1", "mode": "add"})
     token = form_token(client.get("/checkout/").text)
-    form = {"email": "ada@example.com", "card": "4242 4242 4242 4242", "idempotency_key": token}
+    form = {"email": "ada@example.com", "card_token": "tok_visa", "idempotency_key": token}
 
     first = client.post("/checkout/", form)
     again = client.post("/checkout/", form)  # the cart is empty now: only the token can tell
@@ -113,6 +113,22 @@ def test_submitting_the_checkout_form_twice_lands_on_the_first_order(client, bro
     assert first.status_code == again.status_code == 302
     assert first["Location"] == again["Location"] == f"/orders/{order.reference}/"
     assert_one_order_placed()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_form_opened_before_many_others_still_lands_on_its_first_order(client, broker, products):
+    client.post("/cart/update/", {"sku": "MUG", "quantity": "1", "mode": "add"})
+    token = form_token(client.get("/checkout/").text)
+    for _ in range(8):  # more checkout pages opened since (other tabs, reloads)
+        client.get("/checkout/")
+    form = {"email": "ada@example.com", "card_token": "tok_visa", "idempotency_key": token}
+
+    first = client.post("/checkout/", form)
+    client.post("/cart/update/", {"sku": "MUG", "quantity": "1", "mode": "add"})  # cart again
+    again = client.post("/checkout/", form)  # back and submit the old page once more
+
+    assert first["Location"] == again["Location"]
+    assert Order.objects.count() == 1
 
 
 @pytest.mark.django_db
@@ -142,7 +158,7 @@ def test_a_token_replays_only_for_the_session_it_was_given_to(broker, products):
     token = form_token(victim.get("/checkout/").text)
     placed = victim.post(
         "/checkout/",
-        {"email": "ada@example.com", "card": "4242424242424242"} | {"idempotency_key": token},
+        {"email": "ada@example.com", "card_token": "tok_visa"} | {"idempotency_key": token},
     )
     post_order(victim, "order-1")
     theirs = {str(reference) for reference in Order.objects.values_list("reference", flat=True)}
@@ -155,7 +171,7 @@ def test_a_token_replays_only_for_the_session_it_was_given_to(broker, products):
         answers.append(
             attacker.post(
                 "/checkout/",
-                {"email": "eve@example.com", "card": "4242424242424242", "idempotency_key": key},
+                {"email": "eve@example.com", "card_token": "tok_visa", "idempotency_key": key},
             )
         )
 

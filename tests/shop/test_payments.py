@@ -23,13 +23,13 @@ from shop.services.payments import charge_description, payment_charge
 from shop.services.receipts import receipt_send
 from tests.processes import run_concurrently
 
-GOOD, DECLINED, FLAKY = "4242424242424242", "4000000000000002", "4000000000000119"
+GOOD, DECLINED, FLAKY = "tok_visa", "tok_chargeDeclined", "tok_flaky"  # test tokens
 SEND_RECEIPT = "shop.tasks.emails.send_receipt"
 
 
 def place_order(card: str = GOOD) -> Payment:
     request = checkout_parse(
-        {"email": "ada@example.com", "card": card, "items": [{"sku": "MUG", "quantity": 2}]}
+        {"email": "ada@example.com", "card_token": card, "items": [{"sku": "MUG", "quantity": 2}]}
     )
     return checkout_complete(request=request).order.payment
 
@@ -222,7 +222,7 @@ def test_a_lookup_that_finds_a_decline_fails_the_order_without_charging(
     response = httpx.post(
         f"{gateway.url}/v1/charges",
         headers={"Idempotency-Key": str(payment.idempotency_key)},
-        json={"amount": str(payment.amount), "currency": "EUR", "card": DECLINED},
+        json={"amount": str(payment.amount), "currency": "EUR", "source": DECLINED},
     )
     assert response.status_code == 402
     monkeypatch.setattr(gateway_client, "charge_create", pytest.fail)
@@ -254,7 +254,7 @@ def test_an_answer_cut_off_after_the_request_was_sent_is_an_unknown_outcome(sett
                 idempotency_key="k",
                 amount=Decimal("1.00"),
                 currency="EUR",
-                card=GOOD,
+                card_token=GOOD,
                 description="d",
             )
     finally:

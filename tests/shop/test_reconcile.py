@@ -12,16 +12,18 @@ from django.utils import timezone
 from jobs.models import DeadLetter, OutboxMessage, ReconciliationFinding
 from jobs.reconcile import reconciler
 from shop.models import Order, Payment, Receipt
+from shop.services.receipts import CLAIM_LEASE, receipt_send
 from tests.jobs.test_metrics import scrape, value
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 LONG_AGO = timezone.now() - timedelta(hours=1)
+SEND_RECEIPT = "shop.tasks.emails.send_receipt"
 
 
 def paid_order(products, *, receipt: str | None = "pending") -> Order:
     order = Order.objects.create(email="ada@example.com", total="12.50", status="paid")
-    Payment.objects.create(order=order, amount="12.50", card_token="4242", status="charged")
+    Payment.objects.create(order=order, amount="12.50", card_token="tok_visa", status="charged")
     if receipt:
         Receipt.objects.create(order=order, status=receipt)
     Order.objects.filter(pk=order.pk).update(updated_at=LONG_AGO, created_at=LONG_AGO)
@@ -49,6 +51,31 @@ def test_a_paid_order_without_a_sent_receipt_is_repaired_through_the_outbox(
     assert Receipt.objects.get(order=done).status == "sent"
 
 
+def test_a_receipt_whose_claim_outlived_its_lease_is_resent_without_waiting(
+    broker, gateway, products
+):
+    # given: paid a moment ago; a worker died while sending, and the copy of that same
+    # attempt redelivered at once (its worker lost) found the claim live and left it
+    now = timezone.now()
+    dead, live, owned = (paid_order(products) for _ in range(3))
+    Order.objects.update(updated_at=now)  # too recent for paid_without_receipt
+    Receipt.objects.update(status="sending", claimed_by="task-1/0", claimed_at=now)
+    receipt_send(order_id=dead.pk, claimant="task-1", attempt=0)  # the redelivered copy
+    assert Receipt.objects.get(order=dead).status == "sending"
+    DeadLetter.objects.create(
+        task_id="t", task_name=SEND_RECEIPT, args=[owned.pk], reason="retries_exhausted"
+    )
+    # when: the lease runs out for two of them (one an operator owns)
+    Receipt.objects.exclude(order=live).update(claimed_at=now - CLAIM_LEASE * 2)
+    reconciler.run(repair=True)
+
+    result = finding("receipt_claim_expired")
+    assert (result.found, result.repaired) == (2, 1)
+    [message] = OutboxMessage.objects.all()
+    assert (message.task_name, message.args) == (SEND_RECEIPT, [dead.pk])
+    assert finding("paid_without_receipt").found == 0  # that one would wait 45 minutes
+
+
 def test_a_dry_run_reports_and_repairs_nothing(broker, gateway, products):
     paid_order(products, receipt=None)
 
@@ -65,9 +92,9 @@ def test_a_stuck_payment_is_recharged_unless_an_operator_owns_its_dead_letter(
     broker, gateway, products
 ):
     order = Order.objects.create(email="a@b.co", total="9.75")
-    mine = Payment.objects.create(order=order, amount="9.75", card_token="4242")
+    mine = Payment.objects.create(order=order, amount="9.75", card_token="tok_visa")
     other = Order.objects.create(email="a@b.co", total="9.75")
-    theirs = Payment.objects.create(order=other, amount="9.75", card_token="4242")
+    theirs = Payment.objects.create(order=other, amount="9.75", card_token="tok_visa")
     Payment.objects.update(updated_at=LONG_AGO)
     DeadLetter.objects.create(
         task_id=str(uuid.uuid4()),
@@ -91,7 +118,7 @@ def test_a_double_charge_is_reported_and_nothing_is_touched(broker, gateway, pro
             json={
                 "amount": "12.50",
                 "currency": "EUR",
-                "card": "4242424242424242",
+                "source": "tok_visa",
                 "description": f"Order #{order.pk}",
             },
         )
@@ -133,7 +160,7 @@ def test_a_check_that_cannot_run_says_so_keeps_its_findings_and_the_others_still
         json={
             "amount": "1.00",
             "currency": "EUR",
-            "card": "4242424242424242",
+            "source": "tok_visa",
             "description": "not an order",
         },
     )
