@@ -155,7 +155,7 @@ class Stack:
             "--maxmemory-policy",
             "noeviction",
         )
-        wait_for("redis", self.redis_ping, 10)
+        wait_for("redis", self.redis_ping, 30)  # a loaded machine starts slowly
 
     def redis_ping(self) -> bool:
         with socket.create_connection(("127.0.0.1", self.redis_port), timeout=1) as sock:
@@ -167,7 +167,7 @@ class Stack:
             "gateway",
             sys.executable,
             "-m",
-            "shop.gateway",
+            "deploy.gateway",
             "--port",
             str(self.gateway_port),
             "--db",

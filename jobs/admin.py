@@ -35,20 +35,27 @@ class NeverDeleted(admin.ModelAdmin):
         return False
 
 
-@admin.register(OutboxMessage)
-class OutboxMessageAdmin(NeverDeleted):
-    """Read-only: the outbox is written by enqueue() and drained by the relay (sent rows
-    are pruned after retention; an unsent row is a task not published yet)."""
-
-    list_display = ["id", "task_name", "task_id", "created_at", "sent_at", "attempts"]
-    list_filter = ["task_name", ("sent_at", admin.EmptyFieldListFilter)]
-    search_fields = ["task_id", "task_name"]
+class ReadOnly(NeverDeleted):
+    """Rows that only the code writes (a state machine, evidence): the admin shows them
+    and offers its actions, but has no add page (a hand-made row breaks the invariants
+    the code keeps, or a constraint: a 500) and no save (a form saved late would write
+    back the state it loaded over what happened meanwhile)."""
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
 
     def has_change_permission(self, request: HttpRequest, obj: object = None) -> bool:
         return False
+
+
+@admin.register(OutboxMessage)
+class OutboxMessageAdmin(ReadOnly):
+    """The outbox is written by enqueue() and drained by the relay (sent rows are pruned
+    after retention; an unsent row is a task not published yet)."""
+
+    list_display = ["id", "task_name", "task_id", "created_at", "sent_at", "attempts"]
+    list_filter = ["task_name", ("sent_at", admin.EmptyFieldListFilter)]
+    search_fields = ["task_id", "task_name"]
 
 
 def _pre(text: str) -> str:
@@ -65,7 +72,7 @@ _SECTIONS: list[tuple[str | None, list[str]]] = [
 
 
 @admin.register(DeadLetter)
-class DeadLetterAdmin(NeverDeleted, ActionsRefusedLoudly):
+class DeadLetterAdmin(ReadOnly, ActionsRefusedLoudly):
     """Dead letters are evidence: every field is read-only, none is deleted; the actions
     change the state (discard, not delete, so the audit trail records who and when)."""
 
@@ -98,9 +105,6 @@ class DeadLetterAdmin(NeverDeleted, ActionsRefusedLoudly):
     @admin.display(description="traceback")
     def traceback_pretty(self, obj: DeadLetter) -> str:
         return _pre(obj.traceback)
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
 
     def has_replay_permission(self, request: HttpRequest) -> bool:
         return request.user.has_perm("jobs.replay_deadletter")

@@ -12,7 +12,8 @@
    longest wait stays below half the broker's visibility timeout (a system check
    refuses to start otherwise).
 4. Fail fast on what cannot. A PermanentError (a request the dependency rejects as
-   invalid, a row that must exist and does not) is not retried. An expected business
+   invalid, a row that must exist and does not) is not retried, nor is a soft time
+   limit (the same work would run out of time again). An expected business
    outcome (a declined card) is not an error at all: the task records it and returns.
 5. Dead-letter. Every terminal failure (retries exhausted, permanent error, hard time
    limit, pool child lost every time, poison message) becomes one DeadLetter row,
@@ -22,29 +23,44 @@
    project registered with jobs.dead_letters.on_discard (the shop cancels the order).
 """
 
-from typing import Any, ClassVar
+from typing import Any
 
 from celery.contrib.django.task import DjangoTask
-from celery.exceptions import Ignore, Reject, Retry
-from django.conf import settings
+from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded
 
+from jobs.conf import jobs_settings
 from jobs.errors import PermanentError, PoisonMessage
 from jobs.poison import delivery_count, delivery_finished
 from jobs.retry import RetryPolicy
 
 
 class ReliableTask(DjangoTask):
-    acks_late = True
-    retry_policy: ClassVar[RetryPolicy] = RetryPolicy.from_settings()
-    # Read by Celery itself: Task.retry() and the worker-lost retry (which waits
-    # default_retry_delay) both stop at max_retries, then the task FAILS.
-    max_retries = retry_policy.max_retries
-    default_retry_delay = retry_policy.base
+    """Options a task sets itself (``@shared_task(base=ReliableTask, max_retries=3,
+    retry_backoff=5, retry_backoff_max=60)``) win; otherwise the JOBS_RETRY_* settings
+    apply (jobs/conf.py), read when a task needs them, not at import time. The names are
+    Celery's, but the backoff is jobs' equal jitter (jobs/retry.py says why)."""
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        cls.max_retries = cls.retry_policy.max_retries
-        cls.default_retry_delay = cls.retry_policy.base
+    acks_late = True
+
+    # Read by Celery itself: Task.retry() and the worker-lost retry (which waits
+    # default_retry_delay) both stop at max_retries, then the task FAILS. Properties, so
+    # the settings count when read; a task's own value (a class attribute of the task
+    # Celery builds) shadows them.
+    @property
+    def max_retries(self) -> int | None:
+        return int(jobs_settings.RETRY_MAX_RETRIES)
+
+    @property
+    def default_retry_delay(self) -> float:
+        return self.retry_policy().base
+
+    def retry_policy(self) -> RetryPolicy:
+        default = RetryPolicy.from_settings()
+        return RetryPolicy(
+            max_retries=self.max_retries,
+            base=_own(self, "retry_backoff", default.base),
+            cap=_own(self, "retry_backoff_max", default.cap),
+        )
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         request = self.request
@@ -53,7 +69,7 @@ class ReliableTask(DjangoTask):
         task_id, retries = request.id, request.retries
         deliveries = delivery_count(task_id, retries)
         try:
-            if deliveries > settings.JOBS_POISON_MAX_DELIVERIES:
+            if deliveries > jobs_settings.POISON_MAX_DELIVERIES:
                 raise PoisonMessage(
                     f"delivered {deliveries} times without finishing: it kills its worker"
                 )
@@ -65,7 +81,9 @@ class ReliableTask(DjangoTask):
     def _run(self, *args: Any, **kwargs: Any) -> Any:
         try:
             return super().__call__(*args, **kwargs)
-        except (Retry, Ignore, Reject, PermanentError):
+        except (Retry, Ignore, Reject, PermanentError, SoftTimeLimitExceeded):
+            # A soft time limit is not a blip: the same work would run out of time again
+            # (a task whose call may time out and heal converts it, as charge_payment does).
             raise
         except Exception as exc:
             if self.request.called_directly:
@@ -74,6 +92,18 @@ class ReliableTask(DjangoTask):
             # max_retries is reached, which fails the task (-> dead letter).
             raise self.retry(
                 exc=exc,
-                countdown=self.retry_policy.delay(self.request.retries),
+                countdown=self.retry_policy().delay(self.request.retries),
                 max_retries=self.max_retries,
             ) from exc
+
+
+def _own(task: ReliableTask, name: str, default: float) -> float:
+    """The task's own value of a Celery option, or `default` when it set none (Celery's
+    Task defines retry_backoff and retry_backoff_max for every task)."""
+    for klass in type(task).__mro__:
+        if klass is ReliableTask:
+            return default
+        value = klass.__dict__.get(name)
+        if value is not None and not isinstance(value, bool):
+            return float(value)
+    return default

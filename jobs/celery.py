@@ -1,11 +1,16 @@
-"""The Celery app. All configuration lives in Django settings under the CELERY_ prefix."""
+"""The Celery app. It reads the host project's Django settings (CELERY_ prefix; the
+process names them with DJANGO_SETTINGS_MODULE, as for manage.py), adds the settings the
+guarantees rest on where the host set none (jobs/conf.py), and schedules jobs' own
+periodic work (the outbox relay, pruning, the reconciler, the canaries).
+`celery -A jobs worker` finds it as `jobs.app`."""
 
-import os
+from typing import Any
 
 from celery import Celery
+from celery.app.utils import Settings
+from django.conf import settings as django_settings
 
-# The one line that names the host project: the settings module every process loads.
-os.environ.setdefault("DJANGO_SETTINGS_MODULE", "shop.settings")
+from jobs.conf import CELERY_DEFAULTS, jobs_settings
 
 # task_cls: every task, built-ins included, gets the project's base class (a DjangoTask).
 app = Celery("jobs", task_cls="jobs.base:ReliableTask")
@@ -13,6 +18,50 @@ app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
 
 
+def beat_entries(conf: Settings) -> dict[str, dict[str, Any]]:
+    """jobs' periodic work, as beat schedule entries (intervals from jobs/conf.py)."""
+    entries: dict[str, dict[str, Any]] = {
+        "relay-outbox": {
+            "task": "jobs.tasks.relay_outbox",
+            "schedule": jobs_settings.OUTBOX_RELAY_INTERVAL,
+        },
+        "prune-outbox": {"task": "jobs.tasks.prune_outbox", "schedule": 3600.0},
+        "prune-dead-letters": {"task": "jobs.tasks.prune_dead_letters", "schedule": 86400.0},
+        "reconcile": {"task": "jobs.tasks.reconcile", "schedule": jobs_settings.RECONCILE_INTERVAL},
+    }
+    # A canary to every declared queue (jobs/canary.py), sent by beat itself straight to
+    # its queue, not through a task on `default`: a dead `default` worker cannot silence
+    # the other canaries.
+    for queue in conf.task_queues or ():
+        entries[f"canary-{queue.name}"] = {
+            "task": "jobs.tasks.canary",
+            "schedule": jobs_settings.CANARY_INTERVAL,
+            "args": [queue.name],
+            "options": {
+                "queue": queue.name,
+                "expires": jobs_settings.CANARY_EXPIRES,
+                "ignore_result": True,
+            },
+        }
+    return entries
+
+
+@app.on_after_configure.connect
+def _reliable_defaults(sender: Celery, source: Settings, **_: Any) -> None:
+    for name, value in CELERY_DEFAULTS.items():
+        if not hasattr(django_settings, f"CELERY_{name.upper()}"):
+            # Celery's Django fixup reads this one by its old name only.
+            source["CELERY_DB_REUSE_MAX" if name == "db_reuse_max" else name] = value
+    if jobs_settings.SCHEDULE:
+        # The host's entries win over jobs' own of the same name.
+        source["beat_schedule"] = {**beat_entries(source), **(source.beat_schedule or {})}
+
+
 def queue_of(task_name: str) -> str:
     """The queue `task_routes` sends this task to; QueueNotFound when it is undeclared."""
     return str(app.amqp.router.route({}, task_name)["queue"].name)
+
+
+def visibility_timeout() -> float:
+    """Seconds a delivered, unacked message waits before Redis hands it out again [§2]."""
+    return float(app.conf.broker_transport_options.get("visibility_timeout", 3600))

@@ -11,63 +11,65 @@ import sys
 from typing import Any
 
 from celery.signals import beat_init, worker_init
-from django.conf import settings
 from django.core.checks import CheckMessage, Error, register
 from django.core.checks import Warning as CheckWarning
 from django.utils.module_loading import autodiscover_modules
 
+from jobs.conf import jobs_settings
 from jobs.retry import RetryPolicy
 
 
 @register("jobs")
 def visibility_timeout_check(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
     from jobs.base import ReliableTask
-    from jobs.celery import app
+    from jobs.celery import app, visibility_timeout
 
-    visibility = settings.CELERY_BROKER_TRANSPORT_OPTIONS.get("visibility_timeout", 3600)
+    visibility = visibility_timeout()
     safe = visibility / 2
     hint = (
-        f"Keep it below half the visibility timeout ({visibility} s), or raise "
-        "CELERY_VISIBILITY_TIMEOUT (which also delays recovery of a lost task)."
+        f"Keep it below half the visibility timeout ({visibility:g} s), or raise the "
+        "broker's visibility_timeout (which also delays recovery of a lost task)."
     )
     errors: list[CheckMessage] = []
 
     def require(value: float | None, what: str) -> None:
         if value is not None and value >= safe:
             errors.append(
-                Error(f"{what} is {value} s: redelivery loop.", hint=hint, id="jobs.E001")
+                Error(f"{what} is {value:g} s: redelivery loop.", hint=hint, id="jobs.E001")
             )
 
     def rides_out(policy: RetryPolicy, what: str) -> None:
         at_least, at_most = policy.budget()
-        outage = settings.JOBS_RETRY_OUTAGE_BUDGET
+        outage = jobs_settings.RETRY_OUTAGE_BUDGET
         if at_least < outage:
             errors.append(
                 CheckWarning(
                     f"{what} rides out an outage of {at_least:g} s for sure (at most "
                     f"{at_most:g} s), less than RETRY_OUTAGE_BUDGET ({outage:g} s): a longer "
                     "outage of a dependency dead-letters every job in flight.",
-                    hint="Raise RETRY_MAX_RETRIES or RETRY_BACKOFF_CAP.",
+                    hint="Raise RETRY_MAX_RETRIES or RETRY_BACKOFF_CAP (or the task's own).",
                     id="jobs.W001",
                 )
             )
 
-    require(settings.CELERY_TASK_TIME_LIMIT, "CELERY_TASK_TIME_LIMIT")
-    require(settings.JOBS_RETRY_BACKOFF_CAP, "The retry backoff cap (RETRY_BACKOFF_CAP)")
-    require(settings.JOBS_RETRY_BACKOFF_BASE, "The retry delay base (RETRY_BACKOFF_BASE)")
-    rides_out(ReliableTask.retry_policy, "The retry policy")
+    default_limit = app.conf.task_time_limit
+    default = RetryPolicy.from_settings()
+    require(default_limit, "The default hard time limit (task_time_limit)")
+    require(default.cap, "The retry backoff cap (RETRY_BACKOFF_CAP)")
+    require(default.base, "The retry delay base (RETRY_BACKOFF_BASE)")
+    rides_out(default, "The retry policy")
     # Not app.loader.import_default_modules(): Celery's Django fixup runs the system
     # checks from that very signal, which would recurse.
     autodiscover_modules("tasks")
     # Tasks that set their own values (the defaults are checked once, above).
     for name, task in sorted(app.tasks.items()):
         time_limit = getattr(task, "time_limit", None)
-        if time_limit != settings.CELERY_TASK_TIME_LIMIT:
+        if time_limit != default_limit:
             require(time_limit, f"{name}: hard time limit")
-        if isinstance(task, ReliableTask) and task.retry_policy != ReliableTask.retry_policy:
-            require(task.retry_policy.cap, f"{name}: retry backoff cap")
-            require(task.default_retry_delay, f"{name}: default_retry_delay")
-            rides_out(task.retry_policy, f"{name}: the retry policy")
+        if isinstance(task, ReliableTask) and (policy := task.retry_policy()) != default:
+            require(policy.cap, f"{name}: retry backoff cap")
+            require(policy.base, f"{name}: retry backoff base")
+            rides_out(policy, f"{name}: the retry policy")
     return errors
 
 

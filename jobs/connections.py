@@ -5,7 +5,7 @@ Celery's Django fixup closes every connection before and after each task (Celery
 `celery/fixups/django.py`: `_close_database` calls `conn.close()`), whatever
 CONN_MAX_AGE says: every task paid for a new PostgreSQL connection (~2.6 ms, ten times
 an insert; with the result backend's writes it was 13% of a charge's worker time,
-py-spy during `make bench`). With CELERY_DB_REUSE_MAX set (settings), the fixup closes
+py-spy during `make bench`). With db_reuse_max set (jobs/conf.py), the fixup closes
 them only once every that many tasks. Around every task, Django's own rule applies
 instead, the one it runs at the start and end of each request: a connection that
 failed, was left in a transaction, or is older than CONN_MAX_AGE is closed; with

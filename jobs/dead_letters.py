@@ -15,11 +15,10 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from billiard.exceptions import TimeLimitExceeded, WorkerLostError
+from billiard.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded, WorkerLostError
 from celery import Task
 from celery.exceptions import QueueNotFound
 from celery.signals import task_failure, task_success
-from django.conf import settings
 from django.db import close_old_connections, transaction
 from django.db.models import QuerySet
 from django.utils import timezone
@@ -27,6 +26,7 @@ from django.utils.module_loading import autodiscover_modules
 
 from jobs import correlation, metrics, outbox
 from jobs.celery import app
+from jobs.conf import jobs_settings
 from jobs.errors import PermanentError, PoisonMessage, TransientError
 from jobs.lifecycle import describe, request_header
 from jobs.logs import job_event
@@ -41,7 +41,7 @@ CORRELATION_HEADER = correlation.HEADER
 def failure_reason(task: Task, exception: BaseException, retries: int) -> str:
     if isinstance(exception, WorkerLostError):
         return DeadLetter.Reason.WORKER_LOST
-    if isinstance(exception, TimeLimitExceeded):
+    if isinstance(exception, TimeLimitExceeded | SoftTimeLimitExceeded):
         return DeadLetter.Reason.TIME_LIMIT
     if isinstance(exception, PoisonMessage):
         return DeadLetter.Reason.POISON
@@ -186,10 +186,10 @@ def dead_letter_replay(*, ids: Iterable[int], actor: str) -> Handled:
     # A row is data, not code: only a task this project registers is ever re-sent.
     autodiscover_modules("tasks")
     registered = set(app.tasks)
-    batches = list(_chunks(sorted(set(ids)), settings.JOBS_REPLAY_BATCH_SIZE))
+    batches = list(_chunks(sorted(set(ids)), jobs_settings.REPLAY_BATCH_SIZE))
     for number, batch in enumerate(batches):
         if number:
-            time.sleep(settings.JOBS_REPLAY_BATCH_PAUSE)
+            time.sleep(jobs_settings.REPLAY_BATCH_PAUSE)
         with transaction.atomic():
             rows = list(DeadLetter.objects.select_for_update().filter(pk__in=batch))
             refused += len(batch) - len(rows)
@@ -250,10 +250,11 @@ def on_discard(task_name: str) -> Callable[[DiscardHandler], DiscardHandler]:
 
     Discarding is a decision, not housekeeping: the job will never run again, so whatever
     waited for it must end (a charge's order is cancelled, a receipt is abandoned). The
-    handler gets the row and the actor, runs in the discard's transaction, and raises
-    (a TransientError when a dependency cannot be asked) to refuse the discard: the row
-    then stays `dead` and the handler's own writes roll back; what it asked of another
-    system must therefore be safe to ask again. Register from your AppConfig.ready().
+    handler gets the row and the actor and runs with no transaction open (it may ask
+    another system; a lock must not wait on the network). It raises (a TransientError
+    when a dependency cannot be asked) to refuse the discard: the row then stays `dead`,
+    but whatever the handler did before it raised stays done, so it must be safe to run
+    again, and discarding again finishes the job. Register from your AppConfig.ready().
     """
 
     def register(handler: DiscardHandler) -> DiscardHandler:
@@ -263,9 +264,10 @@ def on_discard(task_name: str) -> Callable[[DiscardHandler], DiscardHandler]:
     return register
 
 
-def dead_letter_discard(*, ids: Iterable[int], actor: str) -> Handled:
+def dead_letter_discard(*, ids: Iterable[int], actor: str, consequence: bool = True) -> Handled:
     """Mark `dead` rows discarded (kept for the audit trail until retention), each with
-    its business consequence (on_discard).
+    its business consequence (on_discard); `consequence=False` when the work is over
+    already and only its rows are to be closed.
 
     The consequence runs outside any transaction: it may ask another service (the shop
     asks the payment gateway before it cancels an order), and a row lock or an open
@@ -280,7 +282,7 @@ def dead_letter_discard(*, ids: Iterable[int], actor: str) -> Handled:
             refused += 1
             continue
         try:
-            handler = _discard_handlers.get(row.task_name)
+            handler = _discard_handlers.get(row.task_name) if consequence else None
             if handler is not None:
                 handler(row, actor)
             # Conditional: another operator's replay or discard meanwhile wins the row
@@ -310,6 +312,6 @@ def dead_letter_discard(*, ids: Iterable[int], actor: str) -> Handled:
 
 def dead_letter_prune(*, older_than_days: int | None = None) -> int:
     """Delete replayed and discarded rows handled before retention. Never `dead` rows."""
-    days = settings.JOBS_DEAD_LETTER_RETENTION_DAYS if older_than_days is None else older_than_days
+    days = jobs_settings.DEAD_LETTER_RETENTION_DAYS if older_than_days is None else older_than_days
     handled: QuerySet[DeadLetter] = DeadLetter.objects.exclude(status=DeadLetter.Status.DEAD)
     return handled.filter(handled_at__lt=timezone.now() - timedelta(days=days)).delete()[0]

@@ -2,9 +2,13 @@
 
 - TransientError: the world may be different next time (timeout, connection refused,
   a 5xx from a dependency). Retried with backoff, up to the task's max_retries.
-- PermanentError: trying again cannot help (card declined, invalid data). Not retried.
+- PermanentError: trying again cannot help (a request the dependency rejects as invalid,
+  a row that must exist and does not). Not retried: dead-lettered at once.
 
-Anything else is a bug: it is not retried and surfaces as a task failure.
+Anything else (a bug, most likely) is retried like a TransientError, since a bug in a
+dependency or a race may heal, and dead-lettered with its traceback when the retries run
+out. A soft time limit is not retried (jobs/base.py). An expected business outcome (a
+declined card) is not an error at all: the task records it and returns.
 """
 
 

@@ -16,10 +16,10 @@ from celery.signals import (
     task_success,
     worker_ready,
 )
-from django.conf import settings
 
 from jobs import correlation, metrics
 from jobs.celery import queue_of
+from jobs.conf import jobs_settings
 from jobs.logs import job_event
 
 SENT_AT_HEADER = "x_sent_at"
@@ -125,5 +125,5 @@ def _on_retry(sender: Task, request: Any = None, reason: Any = None, **_: Any) -
 @worker_ready.connect
 def _serve_metrics(**_: Any) -> None:
     """A worker on its own host exports its task metrics when WORKER_METRICS_PORT is set."""
-    if settings.JOBS_WORKER_METRICS_PORT:
-        metrics.serve_worker_metrics(settings.JOBS_WORKER_METRICS_PORT)
+    if jobs_settings.WORKER_METRICS_PORT:
+        metrics.serve_worker_metrics(jobs_settings.WORKER_METRICS_PORT)

@@ -16,10 +16,10 @@ class ProbeMiddleware:
     """
 
     def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
-        from jobs.urls import urlpatterns  # the probes' one declaration
+        from jobs.urls import probe_urlpatterns  # the probes' one declaration
 
         self.get_response = get_response
-        self.probes = {f"/{pattern.pattern}": pattern.callback for pattern in urlpatterns}
+        self.probes = {f"/{p.pattern}": p.callback for p in probe_urlpatterns}
 
     def __call__(self, request: HttpRequest) -> HttpResponse:
         probe = self.probes.get(request.path_info)

@@ -21,7 +21,6 @@ from typing import Any, cast
 
 from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
-from django.conf import settings
 from django.db import transaction
 from django.db.models import F, Q
 from django.utils import timezone
@@ -30,6 +29,7 @@ from kombu.exceptions import OperationalError
 
 from jobs import correlation, metrics
 from jobs.celery import app, queue_of
+from jobs.conf import jobs_settings
 from jobs.logs import job_event
 from jobs.models import OutboxMessage
 from jobs.retry import ceiling
@@ -60,7 +60,7 @@ _paused_until = 0.0  # time.monotonic() before which after-commit publishes are 
 def _publisher() -> Connection:
     """This thread's broker connection for after-commit publishes (short timeouts)."""
     if getattr(_local, "pid", None) != os.getpid():  # a forked child opens its own
-        timeout = settings.JOBS_OUTBOX_PUBLISH_TIMEOUT
+        timeout = jobs_settings.OUTBOX_PUBLISH_TIMEOUT
         options = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
         # redis-py would retry a timeout three times, backing off up to 10 s between.
         options["retry_on_timeout"] = False
@@ -153,7 +153,7 @@ def _back_off(message: OutboxMessage, exc: Exception, using: str | None) -> None
         "failures": failures,
         "last_error": repr(exc)[:2000],
     }
-    if failures >= settings.JOBS_OUTBOX_MAX_FAILURES:
+    if failures >= jobs_settings.OUTBOX_MAX_FAILURES:
         dead_letter_unpublishable(message=message, error=repr(exc))
         fields["dead_lettered_at"] = now
         logger.error(
@@ -163,7 +163,7 @@ def _back_off(message: OutboxMessage, exc: Exception, using: str | None) -> None
             failures,
         )
     else:
-        wait = ceiling(failures - 1, base=settings.JOBS_OUTBOX_RELAY_GRACE, cap=600.0)
+        wait = ceiling(failures - 1, base=jobs_settings.OUTBOX_RELAY_GRACE, cap=600.0)
         fields["retry_after"] = now + timedelta(seconds=wait)
         logger.warning(
             "outbox: publishing %s (%s) failed (%d), next try in %g s: %r",
@@ -186,7 +186,7 @@ def _publish_committed(message: OutboxMessage, using: str | None) -> None:
         _send(message, _publisher())
     except BROKER_DOWN as exc:
         _record_failure(message, exc, using)
-        pause = settings.JOBS_OUTBOX_PUBLISH_PAUSE
+        pause = jobs_settings.OUTBOX_PUBLISH_PAUSE
         _paused_until = time.monotonic() + pause
         logger.warning("outbox: publishing after commit paused for %g s", pause)
         return
@@ -256,11 +256,11 @@ def relay_unsent(
     row younger than the grace period is left to the publisher of its own transaction.
     When the broker is unreachable the relay stops: the rest wait for the next run.
     """
-    grace = settings.JOBS_OUTBOX_RELAY_GRACE if older_than is None else older_than
-    limit = settings.JOBS_OUTBOX_BATCH_SIZE if batch_size is None else batch_size
+    grace = jobs_settings.OUTBOX_RELAY_GRACE if older_than is None else older_than
+    limit = jobs_settings.OUTBOX_BATCH_SIZE if batch_size is None else batch_size
     cutoff = timezone.now() - timedelta(seconds=grace)
     if stop_at is None:
-        stop_at = time.monotonic() + settings.JOBS_OUTBOX_RELAY_TIME_BUDGET
+        stop_at = time.monotonic() + jobs_settings.OUTBOX_RELAY_TIME_BUDGET
     sent = tried = 0
     while tried < limit and time.monotonic() < stop_at:
         try:
@@ -281,8 +281,8 @@ def relay_all_unsent(*, older_than: float | None = None, using: str | None = Non
     """Relay batches until a batch comes back short (no rows left, the broker down, or
     JOBS_OUTBOX_RELAY_TIME_BUDGET spent: the next run goes on)."""
     total = 0
-    limit = settings.JOBS_OUTBOX_BATCH_SIZE
-    stop_at = time.monotonic() + settings.JOBS_OUTBOX_RELAY_TIME_BUDGET
+    limit = jobs_settings.OUTBOX_BATCH_SIZE
+    stop_at = time.monotonic() + jobs_settings.OUTBOX_RELAY_TIME_BUDGET
     while True:
         count = relay_unsent(older_than=older_than, batch_size=limit, using=using, stop_at=stop_at)
         total += count
@@ -292,7 +292,7 @@ def relay_all_unsent(*, older_than: float | None = None, using: str | None = Non
 
 def prune_sent(*, older_than_days: int | None = None, chunk: int = 5000) -> int:
     """Delete sent rows past retention, in chunks so no transaction grows unbounded."""
-    days = settings.JOBS_OUTBOX_RETENTION_DAYS if older_than_days is None else older_than_days
+    days = jobs_settings.OUTBOX_RETENTION_DAYS if older_than_days is None else older_than_days
     cutoff = timezone.now() - timedelta(days=days)
     deleted = 0
     while True:

@@ -16,9 +16,10 @@ task ever run. The TTL is the backstop for a worker that died and was never rede
 import logging
 
 import redis
-from django.conf import settings
 
 from jobs.broker import redis_client
+from jobs.celery import visibility_timeout
+from jobs.conf import jobs_settings
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ def delivery_count(task_id: str, retries: int) -> int:
         return 0  # not Redis: RabbitMQ bounds redeliveries itself (quorum delivery-limit)
     key = _key(task_id, retries)
     # Long enough to see the next redeliveries, which come a visibility timeout apart.
-    ttl = int(settings.CELERY_VISIBILITY_TIMEOUT * (settings.JOBS_POISON_MAX_DELIVERIES + 1))
+    ttl = int(visibility_timeout() * (jobs_settings.POISON_MAX_DELIVERIES + 1))
     try:
         pipe = client.pipeline()
         pipe.incr(key)

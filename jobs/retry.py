@@ -1,10 +1,11 @@
 """The retry policy: how long to wait before attempt n+1, how many attempts, and the
 outage the whole budget is sure to ride out."""
 
+import math
 import random
 from dataclasses import dataclass
 
-from django.conf import settings
+from jobs.conf import jobs_settings
 
 
 def ceiling(attempt: int, *, base: float, cap: float) -> float:
@@ -34,16 +35,16 @@ def backoff(attempt: int, *, base: float, cap: float, rng: random.Random | None 
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    max_retries: int
+    max_retries: int | None  # None: Celery's "retry for ever" (celery.chord_unlock's)
     base: float  # seconds; the first retry waits up to this long
     cap: float  # seconds; no retry waits longer (kept below half the visibility timeout)
 
     @classmethod
     def from_settings(cls) -> "RetryPolicy":
         return cls(
-            max_retries=settings.JOBS_RETRY_MAX_RETRIES,
-            base=settings.JOBS_RETRY_BACKOFF_BASE,
-            cap=settings.JOBS_RETRY_BACKOFF_CAP,
+            max_retries=jobs_settings.RETRY_MAX_RETRIES,
+            base=jobs_settings.RETRY_BACKOFF_BASE,
+            cap=jobs_settings.RETRY_BACKOFF_CAP,
         )
 
     def delay(self, attempt: int) -> float:
@@ -55,5 +56,7 @@ class RetryPolicy:
         A dependency that is down for less than the first figure never exhausts a job's
         retries (attempts themselves take time too, which only lengthens the budget).
         """
+        if self.max_retries is None:
+            return math.inf, math.inf
         top = sum(ceiling(n, base=self.base, cap=self.cap) for n in range(self.max_retries))
         return top / 2, top

@@ -1,12 +1,12 @@
 from dataclasses import asdict
 
-from django.conf import settings
 from django.contrib import admin
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
 from django.views.decorators.cache import never_cache
 
 from jobs import metrics as job_metrics
+from jobs.conf import jobs_settings
 from jobs.health import readiness
 from jobs.models import DeadLetter
 from jobs.ops import snapshot
@@ -46,7 +46,7 @@ def operations(request: HttpRequest) -> HttpResponse:
         "title": "Operations",
         "snapshot": snapshot(),
         "reasons": DeadLetter.Reason.choices,
-        "flower_url": settings.FLOWER_URL,
+        "flower_url": jobs_settings.FLOWER_URL,
         "refresh": 10,
     }
     return render(request, "jobs/operations.html", context)

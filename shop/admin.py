@@ -9,7 +9,7 @@ from django.db.models import QuerySet
 from django.http import HttpRequest
 from django.utils.translation import ngettext
 
-from jobs.admin import ActionsRefusedLoudly, NeverDeleted
+from jobs.admin import ActionsRefusedLoudly, ReadOnly
 from jobs.errors import TransientError
 from shop.models import Order, OrderLine, Payment, Product, Receipt
 from shop.services.catalog import StockWouldGoNegative, product_stock_adjust
@@ -134,7 +134,7 @@ class OrderLineInline(admin.TabularInline):
 
 
 @admin.register(Order)
-class OrderAdmin(NeverDeleted, ActionsRefusedLoudly):
+class OrderAdmin(ReadOnly, ActionsRefusedLoudly):
     """Never deleted: a deletion would cascade without releasing the stock; cancel instead."""
 
     list_display = ["id", "email", "status", "total", "created_at"]
@@ -193,7 +193,7 @@ class OrderAdmin(NeverDeleted, ActionsRefusedLoudly):
 
 
 @admin.register(Payment)
-class PaymentAdmin(NeverDeleted):
+class PaymentAdmin(ReadOnly):
     """Evidence of what the gateway was asked and answered: read-only, never deleted."""
 
     list_display = ["order", "status", "amount", "gateway_charge_id", "updated_at"]
@@ -212,7 +212,7 @@ class PaymentAdmin(NeverDeleted):
 
 
 @admin.register(Receipt)
-class ReceiptAdmin(NeverDeleted):
+class ReceiptAdmin(ReadOnly):
     """Evidence of what was emailed: read-only, never deleted."""
 
     list_display = ["order", "status", "attempts", "sent_at"]

@@ -10,9 +10,11 @@ paid order); a person decides about refunds.
 
 import logging
 import re
+import time
 from collections import Counter
 from datetime import datetime, timedelta
 
+from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 from django.db.models import Q
 from django.utils import timezone
@@ -31,6 +33,9 @@ from shop.tasks.payments import charge_payment as charge_payment_task
 
 logger = logging.getLogger(__name__)
 ORDER_REF = re.compile(r"^Order #(\d+)\b")  # payments.charge_description()
+# Seconds one run spends cancelling overdue orders (two gateway calls each), well inside
+# the reconcile task's soft time limit, so the other checks keep running on a slow gateway.
+DEADLINE_RUN_BUDGET = 20.0
 DEADLINE_ACTOR = "payment deadline"  # who cancelled, in the logs and the dead letters' audit
 
 
@@ -103,52 +108,6 @@ def payment_stuck(*, repair: bool) -> Result:
     )
 
 
-@reconciler.register("unpaid_past_deadline", "Orders still unpaid after ORDER_PAYMENT_DEADLINE")
-def unpaid_past_deadline(*, repair: bool) -> Result:
-    """The deadline of every unpaid order, whoever holds it (a retrying charge, a dead
-    letter nobody decided on). Counted from the order, or from an operator's replay of
-    its charge if that came later: a replay is a decision to try again, and the deadline
-    must not cancel it at once. Repair cancels, asking the gateway first (a charge that
-    happened makes the order paid), and closes the charge's dead letters."""
-    deadline = timezone.now() - timedelta(seconds=settings.ORDER_PAYMENT_DEADLINE)
-    replayed = {
-        args[0]
-        for args in DeadLetter.objects.filter(
-            task_name=charge_payment_task.name,
-            status=DeadLetter.Status.REPLAYED,
-            handled_at__gte=deadline,
-        ).values_list("args", flat=True)
-    }
-    overdue = [
-        (order_id, payment_id)
-        for order_id, payment_id in Order.objects.filter(
-            status=Order.Status.PENDING, created_at__lt=deadline
-        ).values_list("pk", "payment__pk")
-        if payment_id not in replayed
-    ]
-    repaired, unanswered = 0, []
-    for order_id, payment_id in overdue if repair else ():
-        try:
-            outcome = order_cancel(
-                order_id=order_id, actor=DEADLINE_ACTOR, message=CANCELLED_MESSAGE
-            )
-        except TransientError:
-            unanswered.append(order_id)  # the next run tries again
-            continue
-        except Exception:
-            # One order's problem must not stop the deadline of all the others.
-            logger.exception("reconcile: order %s could not be cancelled", order_id)
-            unanswered.append(order_id)
-            continue
-        order_dead_letters_close(payment_id=payment_id, actor=DEADLINE_ACTOR)
-        repaired += outcome != Cancelled.ALREADY_FINAL
-    if unanswered and len(unanswered) == len(overdue):
-        raise TransientError(f"no overdue order could be cancelled ({len(overdue)} waiting)")
-    samples = [f"order {o}" for o, _ in overdue]
-    samples += [f"order {o}: not cancelled yet, the gateway did not answer" for o in unanswered]
-    return Result(found=len(overdue), repaired=repaired, samples=samples)
-
-
 @reconciler.register(
     "ledger_mismatch",
     "Gateway charges without a paid order, paid orders with zero or several charges",
@@ -189,3 +148,59 @@ def receipt_resent(*, repair: bool) -> Result:
         )
     )
     return Result(found=len(receipts), samples=[f"order {o}" for o in receipts])
+
+
+# Registered last: the checks above report or re-enqueue quickly, and run even when the
+# gateway is slow enough to use up this one's time budget.
+@reconciler.register("unpaid_past_deadline", "Orders still unpaid after ORDER_PAYMENT_DEADLINE")
+def unpaid_past_deadline(*, repair: bool) -> Result:
+    """The deadline of every unpaid order, whoever holds it (a retrying charge, a dead
+    letter nobody decided on). Counted from the order, or from an operator's replay of
+    its charge if that came later: a replay is a decision to try again, and the deadline
+    must not cancel it at once. Repair cancels, asking the gateway first (a charge that
+    happened makes the order paid), and closes the charge's dead letters."""
+    deadline = timezone.now() - timedelta(seconds=settings.ORDER_PAYMENT_DEADLINE)
+    replayed = {
+        args[0]
+        for args in DeadLetter.objects.filter(
+            task_name=charge_payment_task.name,
+            status=DeadLetter.Status.REPLAYED,
+            handled_at__gte=deadline,
+        ).values_list("args", flat=True)
+    }
+    overdue = [
+        (order_id, payment_id)
+        for order_id, payment_id in Order.objects.filter(
+            status=Order.Status.PENDING, created_at__lt=deadline
+        ).values_list("pk", "payment__pk")
+        if payment_id not in replayed
+    ]
+    repaired, unanswered, left = 0, [], 0
+    stop_at = time.monotonic() + DEADLINE_RUN_BUDGET
+    for order_id, payment_id in overdue if repair else ():
+        if time.monotonic() > stop_at:  # a slow gateway: the rest wait for the next run
+            left += 1
+            continue
+        try:
+            outcome = order_cancel(
+                order_id=order_id, actor=DEADLINE_ACTOR, message=CANCELLED_MESSAGE
+            )
+        except TransientError:
+            unanswered.append(order_id)  # the next run tries again
+            continue
+        except SoftTimeLimitExceeded:
+            raise  # the run is out of time: not one order's problem
+        except Exception:
+            # One order's problem must not stop the deadline of all the others.
+            logger.exception("reconcile: order %s could not be cancelled", order_id)
+            unanswered.append(order_id)
+            continue
+        order_dead_letters_close(payment_id=payment_id, actor=DEADLINE_ACTOR)
+        repaired += outcome != Cancelled.ALREADY_FINAL
+    if unanswered and len(unanswered) == len(overdue):
+        raise TransientError(f"no overdue order could be cancelled ({len(overdue)} waiting)")
+    samples = [f"order {o}" for o, _ in overdue]
+    samples += [f"order {o}: not cancelled yet, the gateway did not answer" for o in unanswered]
+    if left:
+        samples.append(f"{left} more left for the next run (time budget)")
+    return Result(found=len(overdue), repaired=repaired, samples=samples)

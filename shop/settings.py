@@ -13,6 +13,9 @@ import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 from kombu import Queue
 
+from jobs.conf import CELERY_DEFAULTS as _celery_defaults
+from jobs.conf import DEFAULTS as _jobs
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 
@@ -208,74 +211,32 @@ RECONCILE_AFTER_MINUTES = env_int("RECONCILE_AFTER_MINUTES", 45)
 # day, and stock reserved by an order nobody pays is stock nobody else can buy.
 ORDER_PAYMENT_DEADLINE = env_float("ORDER_PAYMENT_DEADLINE", 24 * 3600.0)
 
-# --- Celery ---------------------------------------------------------------------
-# Each setting below rests on a Celery, kombu or Redis behaviour written down in
-# jobs/NOTES.md (the section in brackets), with the version and where to check it upstream.
-# Every process (web, workers, beat, Flower) loads this one module: on Redis the shortest
-# visibility timeout among clients wins [§2].
+# --- Celery and jobs ------------------------------------------------------------
+# The settings the guarantees rest on (late acks, prefetch 1, time limits, JSON only,
+# ...) come with jobs (jobs/conf.py, each with its reason); below is only what is the
+# shop's to say, and what the environment may change. Every process (web, workers, beat,
+# Flower) loads this one module: on Redis the shortest visibility timeout among clients
+# wins (jobs/NOTES.md [§2]).
 
 CELERY_BROKER_URL = env("CELERY_BROKER_URL", "redis://localhost:6379/0")
-# A message delivered but not acked for this long is handed to another worker. Every
-# retry delay and hard time limit must stay well below it (checked at start-up) [§2].
-CELERY_VISIBILITY_TIMEOUT = env_int("CELERY_VISIBILITY_TIMEOUT", 3600)
 CELERY_BROKER_TRANSPORT_OPTIONS = {
-    "visibility_timeout": CELERY_VISIBILITY_TIMEOUT,
-    # kombu's socket_timeout defaults to None: a publish on a dead connection would hang
-    # forever and health checks would never run [§2].
+    **_celery_defaults["broker_transport_options"],
+    # Every retry delay and hard time limit must stay well below it (checked at start-up).
+    "visibility_timeout": env_int("CELERY_VISIBILITY_TIMEOUT", 3600),
     "socket_timeout": env_float("CELERY_BROKER_SOCKET_TIMEOUT", 15.0),
     "socket_connect_timeout": env_float("CELERY_BROKER_CONNECT_TIMEOUT", 5.0),
-    "socket_keepalive": True,
-    "retry_on_timeout": True,
-    "health_check_interval": 25,  # also checks the BRPOP connection since kombu 5.7 [§2]
-    # How often unacked messages older than the visibility timeout are restored (the sweep
-    # is throttled by interval x throttle; 1 makes every interval count) [§2].
     "unacked_restore_interval": env_float("CELERY_UNACKED_RESTORE_INTERVAL", 30.0),
-    "unacked_restore_throttle": 1,
 }
-CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True  # workers wait for Redis instead of exiting
-CELERY_BROKER_CONNECTION_MAX_RETRIES = None  # ...for as long as it takes
-CELERY_BROKER_CHANNEL_ERROR_RETRY = True  # a replica demoted to read-only is retried [§2]
+CELERY_WORKER_SOFT_SHUTDOWN_TIMEOUT = env_float("CELERY_WORKER_SOFT_SHUTDOWN_TIMEOUT", 30.0)
 
 CELERY_RESULT_BACKEND = "django-db"  # results are observability only; rows are the truth [§4]
 CELERY_RESULT_EXTENDED = True  # store task name, args, worker, queue with each result [§4]
 CELERY_RESULT_EXPIRES = 7 * 24 * 3600  # purged daily by beat's celery.backend_cleanup [§4]
 
-CELERY_TASK_SERIALIZER = "json"  # JSON only: no pickle from the network
-CELERY_RESULT_SERIALIZER = "json"
-CELERY_ACCEPT_CONTENT = ["json"]
-
-CELERY_TASK_ACKS_LATE = True  # ack after the task ran: a crash mid-task redelivers it [§1]
-CELERY_WORKER_PREFETCH_MULTIPLIER = 1  # with late acks, each child reserves exactly one [§1]
-CELERY_TASK_REJECT_ON_WORKER_LOST = False  # never an unbounded requeue loop [§1]
-# A killed pool child re-sends the task like retry(): bounded by max_retries, then a
-# FAILURE that the dead-letter receiver sees [§1].
-CELERY_TASK_RETRY_ON_WORKER_LOST = True
-CELERY_TASK_ACKS_ON_FAILURE = True  # False on Redis silently deletes the message [§1]
-CELERY_TASK_ACKS_ON_TIMEOUT = True  # False requeues a timed-out task in a loop [§1]
-# Without it, late-ack tasks running when the broker connection drops run twice, in parallel.
-CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = True
-# Skip a redelivered task whose SUCCESS is already stored; DB constraints stay the real guard.
-CELERY_WORKER_DEDUPLICATE_SUCCESSFUL_TASKS = True
-CELERY_WORKER_SOFT_SHUTDOWN_TIMEOUT = env_float("CELERY_WORKER_SOFT_SHUTDOWN_TIMEOUT", 30.0)
-# Soft shutdown even when idle, so reserved ETA tasks are restored, not lost [§1].
-CELERY_WORKER_ENABLE_SOFT_SHUTDOWN_ON_IDLE = True
-CELERY_WORKER_ETA_TASK_LIMIT = 1000  # ETA/countdown tasks sit in worker RAM: cap them [§1]
-# Celery's Django fixup closes every database connection around every task, whatever
-# CONN_MAX_AGE says; with this it does so once per this many tasks, and jobs/connections.py
-# applies Django's own rule (CONN_MAX_AGE, health checks) around each task instead.
-CELERY_DB_REUSE_MAX = 1000
-CELERY_WORKER_MAX_TASKS_PER_CHILD = 1000  # recycle children: slow leaks cannot pile up [§6]
-CELERY_WORKER_MAX_MEMORY_PER_CHILD = 300_000  # KiB; a bloated child is replaced [§6]
-
-# Defaults for every task; slow or strict tasks set their own [§6].
-CELERY_TASK_SOFT_TIME_LIMIT = 50
-CELERY_TASK_TIME_LIMIT = 60
-
-# Queues are declared once, here; a route to anything else raises QueueNotFound instead
-# of silently creating a queue that no worker consumes [§7].
+# The shop's queues, declared once; everything else (routes, canaries, the worker pools
+# of compose and Kubernetes, the metrics) derives from this list [§7].
 CELERY_TASK_QUEUES = [Queue(name) for name in ("payments", "emails", "reports", "default")]
 CELERY_TASK_DEFAULT_QUEUE = "default"
-CELERY_TASK_CREATE_MISSING_QUEUES = False
 # Routes are declared once, by task name (the routing task attributes are deprecated in
 # Celery 5.7) [§7]. Anything unrouted (the outbox relay, celery.*) goes to `default`.
 CELERY_TASK_ROUTES = {
@@ -284,98 +245,46 @@ CELERY_TASK_ROUTES = {
     "shop.tasks.reports.*": {"queue": "reports"},
 }
 
-CELERY_WORKER_SEND_TASK_EVENTS = True  # Flower sees tasks without `-E` on every worker [§8]
-CELERY_TASK_SEND_SENT_EVENT = True  # ...including the SENT state [§8]
-# No STARTED row in the result backend: it cost every task one more database write (a
-# fifth of a charge's worker time, py-spy in make bench). Flower shows STARTED from the
-# task-started event, and the worker logs a `started` line.
-CELERY_TASK_TRACK_STARTED = False
-
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
+# The shop's own periodic work; jobs adds its own entries (the relay, pruning, the
+# reconciler, a canary per queue: jobs.celery.beat_entries).
 CELERY_BEAT_SCHEDULE = {
-    "relay-outbox": {
-        "task": "jobs.tasks.relay_outbox",
-        "schedule": env_float("OUTBOX_RELAY_INTERVAL", 10.0),
-    },
-    "prune-outbox": {"task": "jobs.tasks.prune_outbox", "schedule": 3600.0},
-    "prune-dead-letters": {"task": "jobs.tasks.prune_dead_letters", "schedule": 86400.0},
-    "reconcile": {
-        "task": "jobs.tasks.reconcile",
-        "schedule": env_float("RECONCILE_INTERVAL", 300.0),
-    },
-    # A canary to every queue (jobs/canary.py); beat sends them itself, not through a
-    # task on `default`, so a dead `default` worker cannot silence the other canaries.
-    **{
-        f"canary-{queue.name}": {
-            "task": "jobs.tasks.canary",
-            "schedule": env_float("CANARY_INTERVAL", 30.0),
-            "args": [queue.name],
-            "options": {"queue": queue.name, "expires": 60.0, "ignore_result": True},
-        }
-        for queue in CELERY_TASK_QUEUES
-    },
     "build-sales-report": {
         "task": "shop.tasks.reports.build_sales_report",
         "schedule": env_float("SALES_REPORT_INTERVAL", 3600.0),
     },
 }
 
-# --- The outbox (jobs/outbox.py) ------------------------------------------------
-
-# Rows younger than this are left to the publisher registered by their own transaction.
-JOBS_OUTBOX_RELAY_GRACE = env_float("OUTBOX_RELAY_GRACE", 10.0)
-JOBS_OUTBOX_BATCH_SIZE = env_int("OUTBOX_BATCH_SIZE", 500)
-# The after-commit publish (in the request) gives up on a broker that has not answered
-# in this many seconds, and the process then leaves publishing to the relay for
-# OUTBOX_PUBLISH_PAUSE seconds: a frozen Redis costs one checkout per web process about
-# three times the timeout (the publish, then the reconnect's PINGs), the next ones nothing.
-JOBS_OUTBOX_PUBLISH_TIMEOUT = env_float("OUTBOX_PUBLISH_TIMEOUT", 1.0)
-JOBS_OUTBOX_PUBLISH_PAUSE = env_float("OUTBOX_PUBLISH_PAUSE", 10.0)
-JOBS_OUTBOX_RETENTION_DAYS = env_int("OUTBOX_RETENTION_DAYS", 7)
-# A relay run stops after this many seconds (the next run goes on), well inside its
-# task's 50 s soft time limit: a slow broker never gets the run killed mid-row.
-JOBS_OUTBOX_RELAY_TIME_BUDGET = env_float("OUTBOX_RELAY_TIME_BUDGET", 30.0)
-# A row that fails to publish for a reason of its own (not the broker down) backs off
-# (grace, 2 x grace, ... capped at 10 minutes) and after this many failures becomes a
-# dead letter, reason `unpublishable` (about 20 minutes with the defaults).
-JOBS_OUTBOX_MAX_FAILURES = env_int("OUTBOX_MAX_FAILURES", 8)
-
-# --- Retries and dead letters (jobs/retry.py, jobs/dead_letters.py) ------------------
-
-# Exponential backoff with equal jitter: retry n waits uniform(c/2, c) s, where
-# c = min(cap, base * 2**n) (jobs/retry.py says why not Celery's full jitter). The
-# budget of the defaults: ceilings 2, 4, ... 256, then 300 s four times, 1,710 s in all,
-# so a job retries for at least 14.25 and at most 28.5 minutes before it is dead-lettered:
-# a payment processor's or mail server's incident of 10 minutes dead-letters nothing.
-# Each wait stays below half the visibility timeout (a system check enforces it, and
-# that the budget rides out RETRY_OUTAGE_BUDGET).
-JOBS_RETRY_MAX_RETRIES = env_int("RETRY_MAX_RETRIES", 12)
-JOBS_RETRY_BACKOFF_BASE = env_float("RETRY_BACKOFF_BASE", 2.0)
-JOBS_RETRY_BACKOFF_CAP = env_float("RETRY_BACKOFF_CAP", 300.0)
-# The outage (seconds) the retry budget must be sure to ride out: a shorter guaranteed
-# budget is a start-up warning (jobs.W001). 0 turns the warning off (the tests' quick
-# retries).
-JOBS_RETRY_OUTAGE_BUDGET = env_float("RETRY_OUTAGE_BUDGET", 600.0)
-# Replayed and discarded dead letters are pruned after this; `dead` ones never are.
-JOBS_DEAD_LETTER_RETENTION_DAYS = env_int("DEAD_LETTER_RETENTION_DAYS", 30)
-# A message delivered more often than this without finishing is dead-lettered as poison.
-JOBS_POISON_MAX_DELIVERIES = env_int("POISON_MAX_DELIVERIES", 5)
-# A bulk replay publishes this many rows per transaction, pausing between batches.
-JOBS_REPLAY_BATCH_SIZE = 100
-JOBS_REPLAY_BATCH_PAUSE = 0.2
-
-# --- Metrics (jobs/metrics.py) -------------------------------------------------------
-# PROMETHEUS_MULTIPROC_DIR (read by prometheus-client itself): a folder shared by the
-# processes of one host, so /metrics sums the counts of every worker child.
-# A worker on a host of its own serves its share on this port (0: off).
-JOBS_WORKER_METRICS_PORT = env_int("WORKER_METRICS_PORT", 0)
+# jobs' own settings (jobs/conf.py says what each does, and why its default): the
+# environment may change them, by the name without JOBS_.
+JOBS_OUTBOX_RELAY_GRACE = env_float("OUTBOX_RELAY_GRACE", _jobs.OUTBOX_RELAY_GRACE)
+JOBS_OUTBOX_RELAY_INTERVAL = env_float("OUTBOX_RELAY_INTERVAL", _jobs.OUTBOX_RELAY_INTERVAL)
+JOBS_OUTBOX_BATCH_SIZE = env_int("OUTBOX_BATCH_SIZE", _jobs.OUTBOX_BATCH_SIZE)
+JOBS_OUTBOX_PUBLISH_TIMEOUT = env_float("OUTBOX_PUBLISH_TIMEOUT", _jobs.OUTBOX_PUBLISH_TIMEOUT)
+JOBS_OUTBOX_PUBLISH_PAUSE = env_float("OUTBOX_PUBLISH_PAUSE", _jobs.OUTBOX_PUBLISH_PAUSE)
+JOBS_OUTBOX_RETENTION_DAYS = env_int("OUTBOX_RETENTION_DAYS", _jobs.OUTBOX_RETENTION_DAYS)
+JOBS_OUTBOX_RELAY_TIME_BUDGET = env_float(
+    "OUTBOX_RELAY_TIME_BUDGET", _jobs.OUTBOX_RELAY_TIME_BUDGET
+)
+JOBS_OUTBOX_MAX_FAILURES = env_int("OUTBOX_MAX_FAILURES", _jobs.OUTBOX_MAX_FAILURES)
+JOBS_RETRY_MAX_RETRIES = env_int("RETRY_MAX_RETRIES", _jobs.RETRY_MAX_RETRIES)
+JOBS_RETRY_BACKOFF_BASE = env_float("RETRY_BACKOFF_BASE", _jobs.RETRY_BACKOFF_BASE)
+JOBS_RETRY_BACKOFF_CAP = env_float("RETRY_BACKOFF_CAP", _jobs.RETRY_BACKOFF_CAP)
+JOBS_RETRY_OUTAGE_BUDGET = env_float("RETRY_OUTAGE_BUDGET", _jobs.RETRY_OUTAGE_BUDGET)
+JOBS_DEAD_LETTER_RETENTION_DAYS = env_int(
+    "DEAD_LETTER_RETENTION_DAYS", _jobs.DEAD_LETTER_RETENTION_DAYS
+)
+JOBS_POISON_MAX_DELIVERIES = env_int("POISON_MAX_DELIVERIES", _jobs.POISON_MAX_DELIVERIES)
+JOBS_RECONCILE_INTERVAL = env_float("RECONCILE_INTERVAL", _jobs.RECONCILE_INTERVAL)
+JOBS_CANARY_INTERVAL = env_float("CANARY_INTERVAL", _jobs.CANARY_INTERVAL)
+JOBS_WORKER_METRICS_PORT = env_int("WORKER_METRICS_PORT", _jobs.WORKER_METRICS_PORT)
 
 # --- Processes started by `make run` (deploy/run_local.py) ------------------------
 
 WEB_PORT = env_int("WEB_PORT", 8000)
 GATEWAY_PORT = env_int("GATEWAY_PORT", urlsplit(PAYMENT_GATEWAY_URL).port or 8100)
 FLOWER_PORT = env_int("FLOWER_PORT", 5555)
-FLOWER_URL = env("FLOWER_URL", f"http://127.0.0.1:{FLOWER_PORT}/")  # linked from Operations
+JOBS_FLOWER_URL = env("FLOWER_URL", f"http://127.0.0.1:{FLOWER_PORT}/")  # linked from Operations
 # Flower reads FLOWER_* itself; these are the ones `make run` and compose pass on.
 FLOWER_BASIC_AUTH = env("FLOWER_BASIC_AUTH", "")  # user:password[,user2:password2]
 # Fixed, so sessions survive restarts and replicas agree (Flower's default is random).
@@ -405,5 +314,3 @@ LOGGING = {
     "root": {"handlers": ["console"], "level": env("LOG_LEVEL", "INFO")},
     "loggers": {"django.db.backends": {"level": "WARNING"}, "httpx": {"level": "WARNING"}},
 }
-# Workers log through the LOGGING above instead of Celery replacing the root logger.
-CELERY_WORKER_HIJACK_ROOT_LOGGER = False

@@ -180,7 +180,7 @@ class Gateway:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        args = [sys.executable, "-m", "shop.gateway", "--host", "127.0.0.1"]
+        args = [sys.executable, "-m", "deploy.gateway", "--host", "127.0.0.1"]
         args += ["--port", str(self.port), "--db", str(self.db)]
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(args, cwd=REPO, stdout=log, stderr=log)

@@ -1,8 +1,17 @@
-"""docker-compose.yml cannot run here (no Docker): check it against the code instead;
-and the alert rules and the Grafana dashboard against the metrics the code exports."""
+"""docker-compose.yml and deploy/Dockerfile cannot run here (no Docker): check them against
+the code instead; and the alert rules and the Grafana dashboard against the metrics the
+code exports."""
 
 import json
+import os
+import posixpath
 import re
+import shutil
+import subprocess
+import sys
+from fnmatch import fnmatch
+from functools import cache
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,6 +30,9 @@ def services() -> dict[str, dict]:
 
 
 BIN = REPO / "deploy" / "bin"
+# The images deploy/Dockerfile builds -> the stage (target) that builds each.
+SHOP_IMAGE, GATEWAY_IMAGE = "reliable-shop", "reliable-shop-gateway"
+IMAGES = {SHOP_IMAGE: "shop", GATEWAY_IMAGE: "gateway"}
 
 
 def command(service: dict) -> str:
@@ -36,7 +48,7 @@ def role(service: dict) -> str:
 
 
 def app_services(services: dict[str, dict]) -> dict[str, dict]:
-    return {name: s for name, s in services.items() if s.get("image") == "reliable-shop"}
+    return {name: s for name, s in services.items() if s.get("image") == SHOP_IMAGE}
 
 
 def workers(services: dict[str, dict]) -> dict[str, str]:
@@ -61,6 +73,71 @@ def statements(script: str) -> list[str]:
     """The script's commands, comments dropped and continued lines joined."""
     joined = script.replace("\\\n", " ")
     return [line.strip() for line in joined.splitlines() if line and not line.startswith("#")]
+
+
+def dockerfile_stages() -> dict[str, list[str]]:
+    """deploy/Dockerfile's stages, in order: name -> its instructions after FROM."""
+    stages: dict[str, list[str]] = {}
+    for line in statements((REPO / "deploy" / "Dockerfile").read_text()):
+        if line.startswith("FROM "):
+            stages[line.split(" AS ")[1]] = []
+        else:
+            stages[list(stages)[-1]].append(line)
+    return stages
+
+
+@cache
+def context_files() -> frozenset[str]:
+    """The build context: the repository's files, less what .dockerignore leaves out."""
+    lines = (REPO / ".dockerignore").read_text().splitlines()
+    patterns = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+
+    def ignored(path: str) -> bool:
+        parts = path.split("/")
+        return any(
+            any(fnmatch(part, p.removeprefix("**/")) for part in parts)
+            if p.startswith("**/")
+            else fnmatch(parts[0], p)
+            for p in patterns
+        )
+
+    files = set()
+    for folder, dirs, names in os.walk(REPO):
+        here = "" if folder == str(REPO) else Path(folder).relative_to(REPO).as_posix()
+        dirs[:] = [d for d in dirs if not ignored(posixpath.join(here, d))]
+        files |= {posixpath.join(here, n) for n in names if not ignored(posixpath.join(here, n))}
+    return frozenset(files)
+
+
+def under(file: str, path: str) -> bool:
+    return path == "." or file == path or file.startswith(path.rstrip("/") + "/")
+
+
+@cache
+def image_files(stage: str) -> frozenset[str]:
+    """The repository files that the image a stage builds holds under /app: those it copies
+    from the build context or from another stage, less those it deletes (rm -rf)."""
+    files: set[str] = set()
+    for line in dockerfile_stages()[stage]:
+        instruction, *words = line.split()
+        if instruction == "WORKDIR":
+            assert words == ["/app"], line  # the paths below are relative to it
+        elif instruction == "COPY":
+            options = dict(w[2:].split("=", 1) for w in words if w.startswith("--"))
+            *sources, target = [w for w in words if not w.startswith("--")]
+            pool = image_files(options["from"]) if "from" in options else context_files()
+            for source in sources:
+                path = posixpath.normpath(source.removeprefix("/app") or ".").lstrip("/")
+                # every file lands where it was: the same path under /app
+                dest = posixpath.normpath(target).lstrip("/")
+                assert dest in (path, posixpath.dirname(path) or "."), line
+                files |= {f for f in pool if under(f, path)}
+        elif instruction == "RUN":
+            for step in " ".join(words).split("&&"):
+                if step.split()[:2] == ["rm", "-rf"]:
+                    gone = step.split()[2:]
+                    files = {f for f in files if not any(under(f, g) for g in gone)}
+    return frozenset(files)
 
 
 def compose_errors(document: dict) -> str:
@@ -118,7 +195,7 @@ def test_start_scripts_name_real_entry_points():
     assert commands
     assert set(commands) <= set(get_commands())
     assert "gunicorn shop.wsgi:application" in scripts()["web"]
-    assert "python -m shop.gateway" in scripts()["gateway"]
+    assert "python -m deploy.gateway" in scripts()["gateway"]
 
 
 def test_start_scripts_read_only_variables_of_the_example_env_file():
@@ -138,14 +215,14 @@ def longest_time_limit(queue: str) -> float:
     """The longest hard time limit of the tasks that can land on `queue`: those routed
     there, and those beat sends there by name (the canaries)."""
     app.loader.import_default_modules()
-    schedule: dict[str, dict[str, Any]] = settings.CELERY_BEAT_SCHEDULE
+    schedule: dict[str, dict[str, Any]] = app.conf.beat_schedule
     scheduled = {
         entry["task"]
         for entry in schedule.values()
         if entry.get("options", {}).get("queue") == queue
     }
     return max(
-        task.time_limit or settings.CELERY_TASK_TIME_LIMIT
+        task.time_limit or app.conf.task_time_limit
         for name, task in app.tasks.items()
         if queue_of(name) == queue or name in scheduled
     )
@@ -174,7 +251,7 @@ def test_every_long_running_service_has_a_healthcheck_and_starts_in_order(servic
                 assert condition["condition"] == "service_completed_successfully"
                 assert services[needed].get("restart") == "no", (name, needed)
     for name in app_services(services):
-        if name != "migrate" and role(services[name]) != "gateway":
+        if name != "migrate":
             assert "migrate" in services[name]["depends_on"], name
 
 
@@ -287,7 +364,75 @@ def test_the_image_never_holds_secrets_local_state_or_the_dev_virtualenv():
     assert "--require-hashes" in dockerfile  # the locked dependencies
     assert "requirements/base.txt" in dockerfile  # without the dev tools
     assert "\nUSER 10001\n" in dockerfile  # not root, and numeric: runAsNonRoot can check it
-    assert dockerfile.count("FROM ") == 2  # build stage, then the runtime stage
+    # the virtualenv's build, the shop's files, the gateway's image, then the shop's
+    assert list(dockerfile_stages()) == ["build", "source", "gateway", "shop"]
+    held = image_files("shop")
+    assert not {f for f in held if f == ".env" or f.startswith((".venv/", "var/", ".git/"))}
+    assert ".env.example" in held  # (the files are read: the check can fail)
+
+
+def test_the_shop_image_never_holds_the_fake_gateway_which_has_an_image_of_its_own():
+    stages = dockerfile_stages()
+    shop, gateway = image_files("shop"), image_files("gateway")
+    fake = {f for f in context_files() if f.startswith("deploy/gateway/")}
+
+    assert "deploy/gateway/server.py" in fake  # the context has it: the check can fail
+    assert list(stages)[-1] == "shop"  # the default target: a plain `docker build`
+    assert {"manage.py", "shop/settings.py", "jobs/base.py", "deploy/bin/web"} <= shop
+    assert not shop & (fake | {"deploy/bin/gateway"})
+    # the gateway's image: Python's standard library and the gateway, no virtualenv
+    assert gateway == fake | {"deploy/__init__.py", "deploy/bin/gateway", "deploy/bin/http-ok"}
+    assert not [line for line in stages["gateway"] if "--from=" in line]
+    assert 'CMD ["deploy/bin/gateway"]' in stages["gateway"]
+
+
+@pytest.mark.stack
+def test_the_gateway_images_files_run_the_gateway_on_the_standard_library_alone(tmp_path):
+    for name in image_files("gateway"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, tmp_path / name)
+    log = (tmp_path / "gateway.log").open("w")
+    # -S: no site-packages (no Django, no httpx), -E: no PYTHONPATH; in /app, as the image
+    gateway = subprocess.Popen(
+        [sys.executable, "-E", "-S", "-m", "deploy.gateway", "--port", "0"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=log,
+        text=True,
+    )
+    try:
+        assert gateway.stdout is not None
+        listening = gateway.stdout.readline()
+        assert listening.startswith("gateway listening on "), (tmp_path / "gateway.log").read_text()
+        url = listening.split()[-1]
+        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+        probe = [str(tmp_path / "deploy" / "bin" / "http-ok"), f"{url}/healthz"]
+
+        assert subprocess.run(probe, env=env, timeout=30, check=False).returncode == 0
+    finally:
+        gateway.terminate()
+        gateway.wait(timeout=10)
+        log.close()
+    assert (tmp_path / "var" / "gateway.sqlite3").is_file()
+
+
+def test_each_image_is_built_from_its_own_target_and_runs_scripts_it_holds(services):
+    built = {name: s for name, s in services.items() if "build" in s}
+
+    assert {s["image"] for s in built.values()} == set(IMAGES)
+    assert services["gateway"]["image"] == GATEWAY_IMAGE
+    for name, service in built.items():
+        stage = IMAGES[service["image"]]
+        probe = service.get("healthcheck", {}).get("test", ["CMD", "deploy/bin/http-ok"])
+
+        assert service["build"] == {
+            "context": ".",
+            "dockerfile": "deploy/Dockerfile",
+            "target": stage,
+        }, name
+        assert {f"deploy/bin/{role(service)}", probe[1]} <= image_files(stage), name
+    # the stand-in gets none of the shop's settings or secrets
+    assert "environment" not in services["gateway"]
 
 
 def test_only_roles_whose_script_prepares_the_metrics_folder_are_given_one(services):

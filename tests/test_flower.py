@@ -16,6 +16,7 @@ def test_flower_needs_credentials_and_is_read_only(redis_server, tmp_path):
     port = free_port()
     env = {
         "PATH": "/usr/bin:/bin",
+        "DJANGO_SETTINGS_MODULE": "shop.settings",  # as make run and the image set it
         "CELERY_BROKER_URL": redis_server.url,
         "SHOP_VAR_DIR": str(tmp_path),
         "FLOWER_BASIC_AUTH": "ops:s3cret",

@@ -11,7 +11,14 @@ import yaml
 from django.conf import settings
 
 from tests.processes import QUEUES, REPO
-from tests.test_deploy import longest_time_limit
+from tests.test_deploy import (
+    GATEWAY_IMAGE,
+    IMAGES,
+    SHOP_IMAGE,
+    dockerfile_stages,
+    image_files,
+    longest_time_limit,
+)
 from tests.test_settings import variables_in_example
 
 K8S = REPO / "deploy" / "k8s"
@@ -87,7 +94,7 @@ def test_each_declared_queue_has_exactly_one_worker_deployment(objects):
     assert sorted(workers(objects).values()) == sorted(QUEUES)
 
 
-def test_every_command_and_exec_probe_runs_a_start_script_that_exists(objects):
+def test_every_command_and_exec_probe_runs_a_start_script_its_image_holds(objects):
     for name, workload in workloads(objects).items():
         spec = container(workload)
         commands = [spec["command"]]
@@ -95,7 +102,16 @@ def test_every_command_and_exec_probe_runs_a_start_script_that_exists(objects):
             commands.append(probe["command"])
         for command in commands:
             assert command[0].startswith("deploy/bin/"), (name, command)
-            assert (REPO / command[0]).is_file(), (name, command)
+            assert command[0] in image_files(IMAGES[spec["image"]]), (name, command)
+
+
+def test_the_gateway_runs_its_own_image_and_every_role_of_the_shop_the_shops(objects):
+    kustomization = documents(K8S / "kustomization.yaml")[0]
+    images = {name: container(workload)["image"] for name, workload in workloads(objects).items()}
+
+    assert images.pop("gateway") == GATEWAY_IMAGE
+    assert set(images.values()) == {SHOP_IMAGE}
+    assert {image["name"] for image in kustomization["images"]} == set(IMAGES)
 
 
 def test_each_worker_outlasts_its_queues_longest_task_and_is_probed_and_bounded(objects):
@@ -191,10 +207,10 @@ def test_flower_is_read_only_and_authenticated_from_the_secret(objects):
 
 
 def test_every_pod_runs_as_the_images_non_root_user(objects):
-    dockerfile = (REPO / "deploy" / "Dockerfile").read_text()
-    [user] = [line.split()[1] for line in dockerfile.splitlines() if line.startswith("USER ")]
+    for stage in IMAGES.values():
+        [user] = [line.split()[1] for line in dockerfile_stages()[stage] if line[:5] == "USER "]
 
-    assert user.isdigit()  # a name would fail runAsNonRoot: kubelet cannot verify it
+        assert user.isdigit(), stage  # a name would fail runAsNonRoot: kubelet cannot verify it
     for name, workload in workloads(objects).items():
         assert pod(workload)["securityContext"] == {"runAsNonRoot": True}, name
 

@@ -4,7 +4,7 @@ import re
 import subprocess
 import sys
 
-from shop.gateway.server import GatewayConfig
+from deploy.gateway.server import GatewayConfig
 from tests.processes import REPO
 
 

@@ -1,2 +1,2 @@
-"""The fake payment gateway: a standalone card-processor service (``python -m shop.gateway``)
-and the shop's client for it. The service (``server.py``) uses the standard library only."""
+"""The shop's client of its payment gateway (``client.py``). The fake gateway it talks to in
+the demo, the lab and the tests is not the shop's: it lives in ``deploy/gateway/``."""

@@ -70,7 +70,7 @@ def order_cancel(*, order_id: int, actor: str, message: str) -> Cancelled:
     return Cancelled.CANCELLED
 
 
-def order_dead_letters_close(*, payment_id: int, actor: str) -> None:
+def order_dead_letters_close(*, payment_id: int, actor: str, but: int | None = None) -> None:
     """Discard the `dead` letters of a payment that is over (cancelled, paid, failed): no
     one will ever replay them, and left `dead` they would keep the alert firing."""
     from shop.tasks.payments import charge_payment as charge_payment_task  # imports us
@@ -78,4 +78,5 @@ def order_dead_letters_close(*, payment_id: int, actor: str) -> None:
     letters = DeadLetter.objects.filter(
         task_name=charge_payment_task.name, status=DeadLetter.Status.DEAD, args=[payment_id]
     ).values_list("pk", flat=True)
-    dead_letter_discard(ids=list(letters), actor=actor)
+    ids = [pk for pk in letters if pk != but]
+    dead_letter_discard(ids=ids, actor=actor, consequence=False)

@@ -40,6 +40,12 @@ def payment_charge(*, payment_id: int) -> None:
     first = Payment.objects.filter(pk=payment_id, status=Payment.Status.PENDING).update(
         status=Payment.Status.UNKNOWN, updated_at=timezone.now()
     )
+    if not first:
+        # Every attempt says it is alive: the reconciler re-enqueues only payments that
+        # no attempt touched for RECONCILE_AFTER_MINUTES (a replay's retries included).
+        Payment.objects.filter(pk=payment_id, status__in=CHARGEABLE).update(
+            updated_at=timezone.now()
+        )
     try:
         charge = None
         if not first:

@@ -1,19 +1,18 @@
 """Sending the receipt: claim the row, send, mark sent.
 
 The claim is a conditional UPDATE pending -> sending that names the delivery holding it:
-the task id and its attempt number (Celery's `retries`). Whoever finds a live claim held
-by someone else leaves the receipt to them and returns: two live deliveries never both
-send, whether they are two tasks (the reconciler's and the original) or two copies of
-one message (published twice, redelivered). A claim is taken over only
+the task id and its attempt number (Celery's `retries`). Whoever finds a live claim leaves
+the receipt to its holder and returns: two live deliveries never both send, whether they
+are two tasks (the reconciler's and the original) or two copies of one message (published
+twice, redelivered), whatever their attempt numbers. A claim changes hands only
 
-- by a later attempt of the same task, at once: Celery starts attempt n+1 only after
-  attempt n ended or its process died, so the claim is a dead one's (a child killed
-  after sending, before marking);
-- by anyone once the lease has expired: its holder is dead.
+- when its holder gives it back: a failed send (pending again, for the task's own retry
+  or anyone else), or the worker whose pool child died holding it (receipt_release, from
+  the retry Celery sends for a lost worker), so that retry claims at once;
+- when the lease has expired: its holder is dead (a whole worker lost), and the
+  reconciler or a redelivery takes it over.
 
 Either way it sends again with the same Message-ID, so the duplicate is recognisable.
-A failed send gives the claim back (pending), so the task's own retry or anyone else
-may send it.
 """
 
 import logging
@@ -47,8 +46,6 @@ def receipt_send(*, order_id: int, claimant: str = "", attempt: int = 0) -> None
     now = timezone.now()
     me = f"{claimant}/{attempt}" if claimant else ""
     dead = Q(claimed_at__lt=now - CLAIM_LEASE)
-    if claimant:
-        dead |= Q(claimed_by__in=[f"{claimant}/{earlier}" for earlier in range(attempt)])
     claimable = Q(status=Receipt.Status.PENDING) | (Q(status=Receipt.Status.SENDING) & dead)
     claimed = Receipt.objects.filter(claimable, pk=receipt.pk).update(
         status=Receipt.Status.SENDING,
@@ -72,6 +69,17 @@ def receipt_send(*, order_id: int, claimant: str = "", attempt: int = 0) -> None
         status=Receipt.Status.SENT, sent_at=timezone.now()
     )
     logger.info("receipt for order %s sent", order_id)
+
+
+def receipt_release(*, order_id: int, claimant: str, attempt: int) -> bool:
+    """Give back the claim of a delivery whose process died holding it (its worker saw
+    the pool child die and is retrying the task): the retry then claims at once instead of
+    waiting out the lease. The mail may have gone already; the resend has its Message-ID."""
+    return bool(
+        Receipt.objects.filter(
+            order_id=order_id, status=Receipt.Status.SENDING, claimed_by=f"{claimant}/{attempt}"
+        ).update(status=Receipt.Status.PENDING, claimed_at=None)
+    )
 
 
 def receipt_deliver(*, receipt: Receipt) -> None:

@@ -8,8 +8,12 @@ import sys
 import time
 
 import pytest
+from celery.exceptions import SoftTimeLimitExceeded
 
+from jobs.base import ReliableTask
+from jobs.celery import app, visibility_timeout
 from jobs.checks import visibility_timeout_check
+from jobs.dead_letters import failure_reason
 from jobs.models import DeadLetter
 from jobs.retry import RetryPolicy, backoff
 from shop.models import Payment
@@ -38,7 +42,7 @@ def test_the_shipped_budget_rides_out_ten_minutes_and_stays_under_half_an_hour(s
 
     assert (at_least, at_most) == (855, 1710)
     assert at_least > 600  # a 10-minute incident of the gateway or the mail server
-    assert settings.JOBS_RETRY_BACKOFF_CAP < settings.CELERY_VISIBILITY_TIMEOUT / 2
+    assert visibility_timeout() / 2 > settings.JOBS_RETRY_BACKOFF_CAP
 
 
 @pytest.mark.django_db(transaction=True)
@@ -121,14 +125,14 @@ def test_the_check_passes_the_shipped_configuration():
     assert visibility_timeout_check() == []
 
 
-def test_the_check_rejects_a_retry_cap_above_half_the_visibility_timeout(settings):
-    settings.CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 100}
+def test_the_check_rejects_a_retry_cap_above_half_the_visibility_timeout(settings, monkeypatch):
+    monkeypatch.setitem(app.conf, "broker_transport_options", {"visibility_timeout": 100})
     settings.JOBS_RETRY_BACKOFF_CAP = 50
 
     messages = [error.msg for error in visibility_timeout_check()]
 
     assert "The retry backoff cap (RETRY_BACKOFF_CAP) is 50 s: redelivery loop." in messages
-    assert "CELERY_TASK_TIME_LIMIT is 60 s: redelivery loop." in messages
+    assert "The default hard time limit (task_time_limit) is 60 s: redelivery loop." in messages
     assert "shop.tasks.reports.build_sales_report: hard time limit is 600 s: redelivery loop." in (
         messages
     )
@@ -147,6 +151,7 @@ def test_the_site_and_a_worker_refuse_to_start_with_a_short_visibility_timeout(
         cwd=REPO,
         env={
             "PATH": "/usr/bin:/bin",
+            "DJANGO_SETTINGS_MODULE": "shop.settings",
             "CELERY_VISIBILITY_TIMEOUT": "100",
             "CELERY_BROKER_URL": redis_server.url,
         },
@@ -159,3 +164,46 @@ def test_the_site_and_a_worker_refuse_to_start_with_a_short_visibility_timeout(
     assert result.returncode != 0
     assert "jobs.E001" in result.stderr
     assert "RETRY_BACKOFF_CAP" in result.stderr
+
+
+def own_task(**options: object) -> ReliableTask:
+    """A task class as `@shared_task(base=ReliableTask, **options)` builds it."""
+    return type("OwnTask", (ReliableTask,), {"name": "tests.own_task", **options})()
+
+
+def test_a_tasks_own_retry_options_win_over_the_defaults(settings):
+    settings.JOBS_RETRY_MAX_RETRIES = 7  # read when used, not at import time
+
+    mine = own_task(max_retries=3, retry_backoff=5, retry_backoff_max=40)
+    default = own_task()
+
+    assert mine.max_retries == 3
+    assert mine.retry_policy() == RetryPolicy(max_retries=3, base=5, cap=40)
+    assert mine.default_retry_delay == 5  # the worker-lost retry waits this long
+    assert default.max_retries == 7
+    assert default.retry_policy() == RetryPolicy(max_retries=7, base=2, cap=300)
+
+
+def test_the_check_judges_a_tasks_own_retry_policy(monkeypatch):
+    monkeypatch.setitem(app.tasks, "tests.own_task", own_task(retry_backoff_max=2000))
+
+    messages = [error.msg for error in visibility_timeout_check()]
+
+    assert "tests.own_task: retry backoff cap is 2000 s: redelivery loop." in messages
+
+
+def test_a_soft_time_limit_is_not_retried_and_dead_letters_as_a_time_limit(monkeypatch):
+    runs = []
+
+    def run() -> None:
+        runs.append(1)
+        raise SoftTimeLimitExceeded()
+
+    task = own_task(run=staticmethod(run), max_retries=3)
+    monkeypatch.setitem(app.tasks, task.name, task)
+
+    result = task.apply()
+
+    assert len(runs) == 1  # the same work would run out of time again: no retry
+    assert isinstance(result.result, SoftTimeLimitExceeded)
+    assert failure_reason(task, result.result, retries=0) == "time_limit"

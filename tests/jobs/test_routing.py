@@ -49,7 +49,7 @@ def test_queues_are_declared_once_and_routes_target_declared_queues():
 
     assert sorted(declared) == sorted(QUEUES)
     assert settings.CELERY_TASK_DEFAULT_QUEUE in declared
-    assert settings.CELERY_TASK_CREATE_MISSING_QUEUES is False
+    assert app.conf.task_create_missing_queues is False  # jobs/conf.py
     for route in settings.CELERY_TASK_ROUTES.values():
         assert route["queue"] in declared
 

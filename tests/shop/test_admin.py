@@ -178,3 +178,27 @@ def test_concurrent_adjustments_all_count_and_never_take_stock_below_zero(produc
     assert results == [4]
     assert [type(error) for error in removed] == [StockWouldGoNegative]  # exactly one refused
     assert stock("MUG") == 4
+
+
+@pytest.mark.parametrize("model", ["shop/order", "shop/payment", "shop/receipt", "jobs/deadletter"])
+def test_rows_only_the_code_writes_have_no_add_page_and_no_save(operator, broker, products, model):
+    placed = order("MUG", 1)
+    Receipt.objects.create(order=placed)
+    DeadLetter.objects.create(task_id="t", task_name="x", args=[1], reason="retries_exhausted")
+    row = {
+        "shop/order": placed,
+        "shop/payment": placed.payment,
+        "shop/receipt": placed.receipt,
+        "jobs/deadletter": DeadLetter.objects.get(),
+    }[model]
+    before = {f.name: getattr(row, f.attname) for f in row._meta.concrete_fields}
+
+    add = operator.post(f"/admin/{model}/add/", {})
+    view = operator.get(f"/admin/{model}/{row.pk}/change/")
+    save = operator.post(f"/admin/{model}/{row.pk}/change/", {"status": "pending"})
+
+    assert add.status_code == 403
+    assert view.status_code == 200  # still shown, read-only
+    assert save.status_code == 403
+    row.refresh_from_db()
+    assert {f.name: getattr(row, f.attname) for f in row._meta.concrete_fields} == before

@@ -8,6 +8,7 @@ from datetime import timedelta
 
 import httpx
 import pytest
+from celery.exceptions import SoftTimeLimitExceeded
 from django.contrib.auth.models import Permission, User
 from django.db import connection
 from django.utils import timezone
@@ -15,6 +16,7 @@ from django.utils import timezone
 from jobs.dead_letters import dead_letter_discard
 from jobs.models import DeadLetter, OutboxMessage
 from jobs.reconcile import reconciler
+from shop import reconcile as shop_reconcile
 from shop.gateway import client as gateway_client
 from shop.models import Order, Payment, Product, Receipt
 from shop.services.checkout import checkout_complete, checkout_parse
@@ -321,3 +323,68 @@ def test_the_deadline_counts_from_an_operators_replay_and_one_bad_order_stops_no
         f for f in reconciler.run(repair=False) if f.check_name == "unpaid_past_deadline"
     )
     assert finding.found == 1  # the broken one, still waiting
+
+
+def test_the_deadline_leaves_what_its_time_budget_cannot_reach_to_the_next_run(
+    broker, gateway, products, settings, monkeypatch
+):
+    settings.ORDER_PAYMENT_DEADLINE = 24 * 3600
+    for payment in (place_order(1), place_order(1)):
+        age(payment, DAYS_AGO)
+    monkeypatch.setattr(shop_reconcile, "DEADLINE_RUN_BUDGET", -1)  # a gateway that slow
+
+    findings = {f.check_name: f for f in reconciler.run(repair=True)}
+
+    deadline = findings["unpaid_past_deadline"]
+    assert (deadline.found, deadline.repaired, deadline.error) == (2, 0, "")
+    assert "2 more left for the next run (time budget)" in deadline.samples
+    assert set(Order.objects.values_list("status", flat=True)) == {"pending"}
+
+
+def test_a_deadline_run_out_of_time_says_so_instead_of_going_on(
+    broker, gateway, products, settings, monkeypatch
+):
+    settings.ORDER_PAYMENT_DEADLINE = 24 * 3600
+    for payment in (place_order(1), place_order(1)):
+        age(payment, DAYS_AGO)
+    calls = []
+
+    def out_of_time(**kwargs: object) -> None:
+        calls.append(kwargs)
+        raise SoftTimeLimitExceeded()
+
+    monkeypatch.setattr(shop_reconcile, "order_cancel", out_of_time)
+
+    findings = {f.check_name: f for f in reconciler.run(repair=True)}
+
+    assert len(calls) == 1  # the second order is not tried on borrowed time
+    assert findings["unpaid_past_deadline"].error.startswith("SoftTimeLimitExceeded")
+    assert findings["ledger_mismatch"].error == ""  # ran before it
+
+
+def test_an_attempt_still_retrying_is_not_stuck_for_the_reconciler(broker, gateway, products):
+    # given: an old order whose charge an operator replayed; the gateway still fails
+    payment = place_order()
+    age(payment, DAYS_AGO)
+    Payment.objects.filter(pk=payment.pk).update(status="unknown", updated_at=DAYS_AGO)
+    gateway.control(outage=True)
+
+    with pytest.raises(gateway_client.GatewayUnavailable):
+        payment_charge(payment_id=payment.pk)  # the replayed copy's attempt: it will retry
+    OutboxMessage.objects.all().delete()
+    [stuck] = [f for f in reconciler.run(repair=True) if f.check_name == "payment_stuck"]
+
+    assert (stuck.found, stuck.repaired) == (0, 0)  # no second copy beside the retrying one
+    assert not OutboxMessage.objects.exists()
+
+
+def test_discarding_one_dead_letter_of_a_charge_closes_its_others(broker, gateway, products):
+    payment = place_order()
+    first, again = dead_letter(CHARGE, payment.pk), dead_letter(CHARGE, payment.pk)
+
+    result = dead_letter_discard(ids=[first.pk], actor="alice")
+
+    assert result.done == 1
+    statuses = dict(DeadLetter.objects.values_list("pk", "status"))
+    assert statuses == {first.pk: "discarded", again.pk: "discarded"}
+    assert Order.objects.get().status == "cancelled"

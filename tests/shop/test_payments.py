@@ -11,7 +11,10 @@ from typing import Any
 
 import httpx
 import pytest
-from celery.exceptions import SoftTimeLimitExceeded
+from billiard.exceptions import WorkerLostError
+from celery.app.task import Context
+from celery.exceptions import Retry, SoftTimeLimitExceeded
+from celery.signals import task_retry
 from django.utils import timezone
 
 from jobs.errors import PermanentError, TransientError
@@ -21,6 +24,7 @@ from shop.models import Order, Payment, Product, Receipt
 from shop.services.checkout import checkout_complete, checkout_parse
 from shop.services.payments import charge_description, payment_charge
 from shop.services.receipts import receipt_send
+from shop.tasks.emails import send_receipt
 from tests.processes import run_concurrently
 
 GOOD, DECLINED, FLAKY = "tok_visa", "tok_chargeDeclined", "tok_flaky"  # test tokens
@@ -305,26 +309,64 @@ def test_concurrent_receipt_sends_send_one_mail(broker, gateway, products, mail_
 
 
 @pytest.mark.django_db(transaction=True)
-def test_a_later_attempt_takes_a_claim_over_at_once_and_every_other_delivery_leaves_it(
+def test_a_live_claim_is_left_by_every_other_delivery_even_a_later_attempt(
     broker, gateway, products, mail_dir
 ):
     payment = place_order()
     payment_charge(payment_id=payment.pk)
-    # given: attempt 0 of task A claimed the receipt and died after sending
+    # given: copy B of task A's message holds the claim as attempt 0, sending slowly;
+    # copy A's attempt 0 had failed to send and given the claim back, so A retries
     Receipt.objects.update(status="sending", claimed_by="task-A/0", claimed_at=timezone.now())
 
-    # when: within the lease, another task and another copy of A's own attempt come along
+    # when: within the lease, another task, another copy of attempt 0, and A's attempt 1
     receipt_send(order_id=payment.order_id, claimant="task-B")
     receipt_send(order_id=payment.order_id, claimant="task-A", attempt=0)
-    # then: they left it alone (no error, no retry budget spent, nothing sent)
+    receipt_send(order_id=payment.order_id, claimant="task-A", attempt=1)
+
+    # then: they all left it to its live holder (no error, no retry budget, nothing sent)
     assert Receipt.objects.get().status == "sending"
     assert mails_with(mail_dir, "<receipt-") == 0
-    # when: A's next attempt comes, it takes the claim over at once and sends
-    receipt_send(order_id=payment.order_id, claimant="task-A", attempt=1)
+
+
+def receipt_claimed_by_task_a() -> int:
+    """A paid order whose receipt attempt 0 of task A claimed; the order's id."""
+    payment = place_order()
+    payment_charge(payment_id=payment.pk)
+    Receipt.objects.update(status="sending", claimed_by="task-A/0", claimed_at=timezone.now())
+    return payment.order_id
+
+
+def worker_retries_task_a(order_id: int, exc: Exception) -> None:
+    """What the worker does when it retries attempt 0 (Celery's task_retry signal)."""
+    task_retry.send(
+        sender=send_receipt,
+        request=Context(id="task-A", retries=0, args=[order_id]),
+        reason=Retry(exc=exc),
+    )
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_dead_childs_claim_is_given_back_so_its_retry_sends_at_once(
+    broker, gateway, products, mail_dir
+):
+    order_id = receipt_claimed_by_task_a()
+
+    # when: attempt 0's pool child died, and the worker retries it for the lost child
+    worker_retries_task_a(order_id, WorkerLostError("child died"))
+    receipt_send(order_id=order_id, claimant="task-A", attempt=1)
 
     receipt = Receipt.objects.get()
     assert (receipt.status, receipt.claimed_by) == ("sent", "task-A/1")
     assert mails_with(mail_dir, receipt.message_id) == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_ordinary_retry_gives_back_no_claim(broker, gateway, products):
+    order_id = receipt_claimed_by_task_a()
+
+    worker_retries_task_a(order_id, TransientError("smtp down"))
+
+    assert Receipt.objects.get().status == "sending"  # its holder is alive: no release
 
 
 @pytest.mark.django_db(transaction=True)

@@ -1,4 +1,4 @@
-"""Run the fake payment gateway: ``python -m shop.gateway --host H --port P --db FILE``.
+"""Run the fake payment gateway: ``python -m deploy.gateway --host H --port P --db FILE``.
 
 Fault settings come from the GATEWAY_* environment variables (see GatewayConfig) and can be
 changed at run time through ``POST /v1/control``. SIGTERM or SIGINT stops it with exit code 0.
@@ -8,7 +8,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from shop.gateway.server import GatewayConfig, serve
+from deploy.gateway.server import GatewayConfig, serve
 
 
 def _port(raw: str) -> int:
@@ -20,7 +20,7 @@ def _port(raw: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m shop.gateway", description="Fake card processor with a SQLite ledger."
+        prog="python -m deploy.gateway", description="Fake card processor with a SQLite ledger."
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
     parser.add_argument("--port", type=_port, default=8100, help="0 picks a free port (8100)")

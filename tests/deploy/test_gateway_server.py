@@ -1,9 +1,9 @@
-"""The fake payment gateway, run as a real process (`python -m shop.gateway`).
+"""The fake payment gateway, run as a real process (`python -m deploy.gateway`).
 
 Every test talks HTTP to the subprocess and checks the gateway's own SQLite ledger file
 directly: it is the independent witness that a card was charged exactly once, and that no
 card number is kept (charges name a token from ``POST /v1/tokens``, never a card).
-No Django here: run with ``pytest tests/shop/test_gateway_server.py -p no:django``.
+No Django here: run with ``pytest tests/deploy/test_gateway_server.py -p no:django``.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from typing import Any
 import httpx
 import pytest
 
-from shop.gateway import server
-from shop.gateway.server import GatewayConfig
+from deploy.gateway import server
+from deploy.gateway.server import GatewayConfig
 
 pytestmark = pytest.mark.stack
 
@@ -67,7 +67,7 @@ DEFAULTS: dict[str, Any] = {
 
 
 class GatewayProcess:
-    """`python -m shop.gateway` on a free port (``--port 0``) with its own ledger file."""
+    """`python -m deploy.gateway` on a free port (``--port 0``) with its own ledger file."""
 
     def __init__(self, db_path: Path, log_path: Path, env: dict[str, str] | None = None) -> None:
         self.db_path = db_path
@@ -82,7 +82,7 @@ class GatewayProcess:
         with self.log_path.open("a") as log:
             self.proc = subprocess.Popen(
                 [
-                    *(sys.executable, "-m", "shop.gateway"),
+                    *(sys.executable, "-m", "deploy.gateway"),
                     *("--host", "127.0.0.1", "--port", "0", "--db", str(self.db_path)),
                 ],
                 cwd=REPO_ROOT,

@@ -5,7 +5,16 @@ transient failures) and can be told to misbehave (latency, random 503s, outages,
 nasty case of a charge that is recorded but answered too late). Its ledger is the independent
 witness that no card was ever charged twice.
 
-Standard library only: this module must not import Django or anything else from the project.
+Standard library only: it imports nothing of the project, nor Django (an import-linter
+contract says so), and its image holds Python, this package and its start script, nothing
+else. That is why it stays on ``http.server`` rather than a small well-known HTTP library
+(Bottle, Falcon, Starlette): each would have to be installed into that image and beside
+every test run, with a server to run it, and the behaviours a fake processor exists for
+(answering one connection late on its own thread, JSON even for protocol errors, refusing
+an oversized or chunked body) are the very ones a framework's server would decide for us.
+What is hand-written is small: one dispatch (``GatewayRequestHandler``), one body reader,
+and one set of validators that every endpoint shares (``_param`` for request fields,
+``_Setting`` for the fault settings of the constructor, the environment and the control).
 
 API (JSON in, JSON out):
 
@@ -62,7 +71,8 @@ import sys
 import threading
 import traceback
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
@@ -107,6 +117,65 @@ _FALSE = {"0", "false", "no", "off"}
 
 
 @dataclass(frozen=True)
+class _Setting:
+    """How one fault setting is spelled in the environment, its type and its range: the
+    one declaration that the constructor, ``from_env`` and ``POST /v1/control`` check."""
+
+    env: str
+    kind: type[bool] | type[int] | type[float]
+    bounds: tuple[float, float] | None = None  # inclusive
+    nullable: bool = False
+
+    def typed(self, name: str, value: object) -> object:
+        """``value`` if its (JSON) type fits the setting (a whole number given for a
+        float setting becomes a float); raises ValueError."""
+        if value is None and self.nullable:
+            return None
+        if self.kind is bool:
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be true or false")
+            return value
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or (self.kind is int and isinstance(value, float))
+        ):
+            what = "an integer" if self.kind is int else "a number"
+            raise ValueError(f"{name} must be {what}" + (" or null" if self.nullable else ""))
+        return value if self.kind is int else float(value)
+
+    def check(self, name: str, value: object) -> None:
+        """Raises ValueError unless ``value`` is of the setting's type and in its range."""
+        self.typed(name, value)
+        if self.bounds is None or not isinstance(value, int | float):
+            return
+        low, high = self.bounds
+        if self.kind is int and not low <= value <= high:
+            raise ValueError(f"{name} must be between {low} and {high}, got {value}")
+        if self.kind is float and not (math.isfinite(value) and low <= value <= high):
+            raise ValueError(f"{name} must be between {low:g} and {high:g}, got {value!r}")
+
+    def parse(self, raw: str) -> object:
+        """The value of the environment string ``raw``; raises ValueError."""
+        if self.kind is bool:
+            return _parse_bool(raw)
+        return int(raw) if self.kind is int else float(raw)
+
+
+_SETTINGS: dict[str, _Setting] = {
+    "latency_ms": _Setting("GATEWAY_LATENCY_MS", int, (0, 600_000)),
+    "failure_rate": _Setting("GATEWAY_FAILURE_RATE", float, (0.0, 1.0)),
+    "reject_rate": _Setting("GATEWAY_REJECT_RATE", float, (0.0, 1.0)),
+    "timeout_rate": _Setting("GATEWAY_TIMEOUT_RATE", float, (0.0, 1.0)),
+    "timeout_seconds": _Setting("GATEWAY_TIMEOUT_SECONDS", float, (0.0, 3600.0)),
+    "outage": _Setting("GATEWAY_OUTAGE", bool),
+    "flaky_card_failures": _Setting("GATEWAY_FLAKY_CARD_FAILURES", int, (0, 1000)),
+    "key_ttl_seconds": _Setting("GATEWAY_KEY_TTL", float, (0.0, 10 * 365 * 86_400.0)),
+    "seed": _Setting("GATEWAY_SEED", int, nullable=True),
+}
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     """Fault-injection settings. Immutable: changing them builds a new config."""
 
@@ -122,32 +191,11 @@ class GatewayConfig:
     key_ttl_seconds: float = 86_400.0  # how long an idempotency key is remembered
     seed: int | None = None  # seed of the random generator (None: unpredictable)
 
-    ENV_VARS: ClassVar[dict[str, str]] = {
-        "latency_ms": "GATEWAY_LATENCY_MS",
-        "failure_rate": "GATEWAY_FAILURE_RATE",
-        "reject_rate": "GATEWAY_REJECT_RATE",
-        "timeout_rate": "GATEWAY_TIMEOUT_RATE",
-        "timeout_seconds": "GATEWAY_TIMEOUT_SECONDS",
-        "outage": "GATEWAY_OUTAGE",
-        "flaky_card_failures": "GATEWAY_FLAKY_CARD_FAILURES",
-        "key_ttl_seconds": "GATEWAY_KEY_TTL",
-        "seed": "GATEWAY_SEED",
-    }
+    ENV_VARS: ClassVar[dict[str, str]] = {name: s.env for name, s in _SETTINGS.items()}
 
     def __post_init__(self) -> None:
-        _check_int("latency_ms", self.latency_ms, 0, 600_000)
-        _check_number("failure_rate", self.failure_rate, 0.0, 1.0)
-        _check_number("reject_rate", self.reject_rate, 0.0, 1.0)
-        _check_number("timeout_rate", self.timeout_rate, 0.0, 1.0)
-        _check_number("timeout_seconds", self.timeout_seconds, 0.0, 3600.0)
-        if not isinstance(self.outage, bool):
-            raise ValueError("outage must be a boolean")
-        _check_int("flaky_card_failures", self.flaky_card_failures, 0, 1000)
-        _check_number("key_ttl_seconds", self.key_ttl_seconds, 0.0, 10 * 365 * 86_400.0)
-        if self.seed is not None and (
-            isinstance(self.seed, bool) or not isinstance(self.seed, int)
-        ):
-            raise ValueError("seed must be an integer or null")
+        for name, setting in _SETTINGS.items():
+            setting.check(name, getattr(self, name))
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> GatewayConfig:
@@ -157,20 +205,15 @@ class GatewayConfig:
         """
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
-        for name, var in cls.ENV_VARS.items():
-            raw = env.get(var, "").strip()
+        for name, setting in _SETTINGS.items():
+            raw = env.get(setting.env, "").strip()
             if not raw:
                 continue
             try:
-                if name in ("latency_ms", "flaky_card_failures", "seed"):
-                    values[name] = int(raw)
-                elif name == "outage":
-                    values[name] = _parse_bool(raw)
-                else:
-                    values[name] = float(raw)
+                values[name] = setting.parse(raw)
                 cls(**{name: values[name]})  # range check, naming the variable on failure
             except ValueError as exc:
-                raise ValueError(f"{var}={raw!r}: {exc}") from None
+                raise ValueError(f"{setting.env}={raw!r}: {exc}") from None
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
@@ -181,42 +224,13 @@ class GatewayConfig:
 
         Raises ValueError on unknown keys, wrong JSON types or out-of-range values.
         """
-        unknown = sorted(set(changes) - set(self.ENV_VARS))
+        unknown = sorted(set(changes) - set(_SETTINGS))
         if unknown:
             raise ValueError(f"unknown setting(s): {', '.join(unknown)}")
-        values: dict[str, Any] = {}
-        for name, value in changes.items():
-            if name in ("latency_ms", "flaky_card_failures"):
-                if isinstance(value, bool) or not isinstance(value, int):
-                    raise ValueError(f"{name} must be an integer")
-                values[name] = value
-            elif name == "seed":
-                if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-                    raise ValueError("seed must be an integer or null")
-                values[name] = value
-            elif name == "outage":
-                if not isinstance(value, bool):
-                    raise ValueError("outage must be true or false")
-                values[name] = value
-            else:
-                if isinstance(value, bool) or not isinstance(value, int | float):
-                    raise ValueError(f"{name} must be a number")
-                values[name] = float(value)
+        values: dict[str, Any] = {
+            name: _SETTINGS[name].typed(name, value) for name, value in changes.items()
+        }
         return replace(self, **values)
-
-
-def _check_int(name: str, value: object, low: int, high: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer")
-    if not low <= value <= high:
-        raise ValueError(f"{name} must be between {low} and {high}, got {value}")
-
-
-def _check_number(name: str, value: object, low: float, high: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"{name} must be a number")
-    if not math.isfinite(value) or not low <= value <= high:
-        raise ValueError(f"{name} must be between {low:g} and {high:g}, got {value!r}")
 
 
 def _parse_bool(raw: str) -> bool:
@@ -301,12 +315,7 @@ def _luhn_valid(digits: str) -> bool:
 
 def parse_token_request(body: bytes) -> str:
     """Validate a POST /v1/tokens; returns the card number or raises HTTPError(400)."""
-    data = _parse_json_object(body)
-    card = data.get("card")
-    if card is None:
-        raise HTTPError(400, "Missing required param: card.")
-    if not isinstance(card, str) or not _CARD_RE.fullmatch(card):
-        raise HTTPError(400, "Invalid card: expected 12 to 19 digits.")
+    card = _param(_parse_json_object(body), "card", _CARD_RE, "expected 12 to 19 digits")
     if not _luhn_valid(card):
         raise HTTPError(400, "Invalid card: the number fails its check digit.")
     return card
@@ -335,11 +344,7 @@ def parse_charge_request(idempotency_key: str | None, body: bytes) -> ChargeRequ
             " and send it as source.",
         )
 
-    amount = data.get("amount")
-    if amount is None:
-        raise HTTPError(400, "Missing required param: amount.")
-    if not isinstance(amount, str) or not _AMOUNT_RE.fullmatch(amount):
-        raise HTTPError(400, 'Invalid amount: expected a decimal string such as "12.34".')
+    amount = _param(data, "amount", _AMOUNT_RE, 'expected a decimal string such as "12.34"')
     try:
         value = Decimal(amount)
     except InvalidOperation:  # pragma: no cover - the regex only lets decimals through
@@ -351,17 +356,8 @@ def parse_charge_request(idempotency_key: str | None, body: bytes) -> ChargeRequ
     if value != value.quantize(_CENT):
         raise HTTPError(400, "Invalid amount: at most 2 decimal places.")
 
-    currency = data.get("currency")
-    if currency is None:
-        raise HTTPError(400, "Missing required param: currency.")
-    if not isinstance(currency, str) or not _CURRENCY_RE.fullmatch(currency):
-        raise HTTPError(400, "Invalid currency: expected a 3-letter code such as EUR.")
-
-    source = data.get("source")
-    if source is None:
-        raise HTTPError(400, "Missing required param: source.")
-    if not isinstance(source, str) or not _TOKEN_RE.fullmatch(source):
-        raise HTTPError(400, 'Invalid source: expected a token id such as "tok_visa".')
+    currency = _param(data, "currency", _CURRENCY_RE, "expected a 3-letter code such as EUR")
+    source = _param(data, "source", _TOKEN_RE, 'expected a token id such as "tok_visa"')
 
     description = data.get("description")
     if description is not None:
@@ -379,6 +375,17 @@ def parse_charge_request(idempotency_key: str | None, body: bytes) -> ChargeRequ
         source=source,
         description=description,
     )
+
+
+def _param(data: Mapping[str, object], name: str, pattern: re.Pattern[str], expected: str) -> str:
+    """The required string ``data[name]`` matching ``pattern``, or HTTPError(400) saying
+    it is missing or, with ``expected``, what it should look like."""
+    value = data.get(name)
+    if value is None:
+        raise HTTPError(400, f"Missing required param: {name}.")
+    if not isinstance(value, str) or not pattern.fullmatch(value):
+        raise HTTPError(400, f"Invalid {name}: {expected}.")
+    return value
 
 
 def _parse_json_object(body: bytes) -> dict[str, Any]:
@@ -475,6 +482,18 @@ class Ledger:
         with self._lock:
             self._conn.close()
 
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One ``BEGIN IMMEDIATE`` write transaction (hold the lock): committed when the
+        block ends, rolled back when it raises."""
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._conn
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        self._conn.execute("COMMIT")
+
     def _forget_expired(self, idempotency_key: str, key_ttl: float) -> None:
         """Let go of the key's charge once it is older than the TTL (inside a transaction).
 
@@ -511,38 +530,24 @@ class Ledger:
         return token
 
     def charge(self, request: ChargeRequest, flaky_card_failures: int, key_ttl: float) -> Outcome:
-        with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                self._forget_expired(request.idempotency_key, key_ttl)
-                outcome = self._charge(request, flaky_card_failures)
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
-            return outcome
+        with self._lock, self._transaction():
+            self._forget_expired(request.idempotency_key, key_ttl)
+            return self._charge(request, flaky_card_failures)
 
     def cancel(self, idempotency_key: str, key_ttl: float) -> Outcome:
         """Cancel the key's payment unless it has an outcome; one transaction with charges."""
-        with self._lock:
-            conn = self._conn
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                self._forget_expired(idempotency_key, key_ttl)
-                row = conn.execute(
-                    f"SELECT {_VIEW_COLUMNS} FROM charges WHERE idempotency_key = ?",  # noqa: S608
-                    (idempotency_key,),
-                ).fetchone()
-                if row is None:
-                    conn.execute(
-                        "INSERT INTO cancellations (idempotency_key, created) VALUES (?, ?)"
-                        " ON CONFLICT (idempotency_key) DO NOTHING",
-                        (idempotency_key, _now()),
-                    )
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
+        with self._lock, self._transaction() as conn:
+            self._forget_expired(idempotency_key, key_ttl)
+            row = conn.execute(
+                f"SELECT {_VIEW_COLUMNS} FROM charges WHERE idempotency_key = ?",  # noqa: S608
+                (idempotency_key,),
+            ).fetchone()
+            if row is None:
+                conn.execute(
+                    "INSERT INTO cancellations (idempotency_key, created) VALUES (?, ?)"
+                    " ON CONFLICT (idempotency_key) DO NOTHING",
+                    (idempotency_key, _now()),
+                )
         if row is None:
             return Outcome(200, {"cancelled": True, "idempotency_key": idempotency_key})
         return Outcome(200, {"cancelled": False, "charge": dict(row)})
@@ -675,13 +680,8 @@ class Ledger:
             params.append(description)
         with self._lock:
             if idempotency_key is not None and key_ttl is not None:
-                self._conn.execute("BEGIN IMMEDIATE")
-                try:
+                with self._transaction():
                     self._forget_expired(idempotency_key, key_ttl)
-                except BaseException:
-                    self._conn.execute("ROLLBACK")
-                    raise
-                self._conn.execute("COMMIT")
             rows = self._conn.execute(query + " ORDER BY seq", params).fetchall()
         return [dict(row) for row in rows]
 
@@ -696,7 +696,7 @@ class Gateway:
         self.ledger = ledger
         self._config = config
         self._lock = threading.Lock()
-        self._random = random.Random(config.seed)  # noqa: S311 - fault injection, not crypto
+        self._random = random.Random(config.seed)  # fault injection, not crypto
         self.stopping = threading.Event()
 
     @property
@@ -803,28 +803,9 @@ class GatewayRequestHandler(BaseHTTPRequestHandler):
     def version_string(self) -> str:
         return self.server_version
 
-    def do_GET(self) -> None:
-        self._handle()
-
-    def do_POST(self) -> None:
-        self._handle()
-
-    def do_HEAD(self) -> None:
-        self._handle()
-
-    def do_PUT(self) -> None:
-        self._handle()
-
-    def do_PATCH(self) -> None:
-        self._handle()
-
-    def do_DELETE(self) -> None:
-        self._handle()
-
-    def do_OPTIONS(self) -> None:
-        self._handle()
-
     def _handle(self) -> None:
+        """Every method goes through here (see the aliases below): routing says which are
+        allowed where, and answers the others 405 (or 404) as JSON."""
         try:
             response = self._dispatch(self._read_body())
         except HTTPError as exc:
@@ -838,6 +819,8 @@ class GatewayRequestHandler(BaseHTTPRequestHandler):
             response = replace(response, headers=response.headers | _CORS_ORIGIN)
         self.server.gateway.sleep(response.delay)
         self._send(response)
+
+    do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = _handle
 
     def _read_body(self) -> bytes:
         if self.headers.get("Transfer-Encoding"):
