@@ -96,7 +96,12 @@ def main() -> int:
                 "install redis),\n  point CELERY_BROKER_URL at a running Redis, or run the "
                 "whole stack with: docker compose up"
             )
-        print(f"make run: no Redis at {where}; starting a private redis-server there.")
+        print(
+            f"make run: no Redis at {where}; starting a private redis-server there. It keeps"
+            " nothing on disk (a demo's broker): a restart loses what is queued, which the"
+            " outbox relay and the reconciler then recover. Production runs Redis with AOF"
+            " (docker-compose.yml, the README's checklist)."
+        )
         env["REDIS_PORT"] = str(broker.port or 6379)
         processes.insert(0, "redis")
 

@@ -21,6 +21,24 @@
 6. Decide. An operator replays a dead letter (the replay goes through the outbox with a
    new task id and a link to the original) or discards it, which means what the
    project registered with jobs.dead_letters.on_discard (the shop cancels the order).
+
+The signal receivers that act on a task along the way, and where they live:
+
+- before_task_publish: stamps the publish time, so queue wait is measured
+  (jobs.lifecycle._stamp_sent_at).
+- task_prerun: binds the correlation id and logs `started` (jobs.lifecycle._on_prerun);
+  applies Django's connection rules (jobs.connections._close_old_connections).
+- task_postrun: times the run, clears the correlation id (jobs.lifecycle._on_postrun);
+  the connection rules again (jobs.connections).
+- task_success: counts it (jobs.lifecycle._on_success); records on the dead letter a
+  replay came from that the replay succeeded (jobs.dead_letters._on_task_success).
+- task_retry: counts and logs it (jobs.lifecycle._on_retry); for send_receipt, gives back
+  the claim of a pool child that died holding it (shop.tasks.emails).
+- task_failure: counts it (jobs.lifecycle._on_failure); writes the dead letter
+  (jobs.dead_letters._on_task_failure); for the sales report, closes its run
+  (shop.tasks.reports._report_failed).
+- worker_init, beat_init: refuse to start with a redelivery loop (jobs.checks);
+  worker_ready: serves the worker's metrics when configured (jobs.lifecycle).
 """
 
 from typing import Any

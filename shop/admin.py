@@ -2,6 +2,7 @@ import logging
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
+from uuid import uuid4
 
 from django import forms
 from django.contrib import admin, messages
@@ -11,8 +12,12 @@ from django.utils.translation import ngettext
 
 from jobs.admin import ActionsRefusedLoudly, ReadOnly
 from jobs.errors import TransientError
-from shop.models import Order, OrderLine, Payment, Product, Receipt
-from shop.services.catalog import StockWouldGoNegative, product_stock_adjust
+from shop.models import Order, OrderLine, Payment, Product, Receipt, StockAdjustment
+from shop.services.catalog import (
+    AdjustmentAlreadyApplied,
+    StockWouldGoNegative,
+    product_stock_adjust,
+)
 from shop.services.orders import Cancelled, order_cancel, order_dead_letters_close
 
 logger = logging.getLogger(__name__)
@@ -66,7 +71,10 @@ class ProductChangeForm(forms.ModelForm):
         help_text="Negative removes units. Added to the stock as it is when you save, so "
         "orders placed meanwhile keep their units.",
     )
+    # One per page shown: the same form sent twice adjusts once.
+    adjustment_token = forms.UUIDField(widget=forms.HiddenInput, required=False, initial=uuid4)
     new_stock: int | None = None  # what the adjustment left, once applied
+    actor = ""  # set per request by ProductAdmin.get_form
 
     def full_clean(self) -> None:
         """The adjustment comes last, once everything else is valid: its conditional
@@ -77,9 +85,12 @@ class ProductChangeForm(forms.ModelForm):
             return
         try:
             self.new_stock = product_stock_adjust(
-                product_id=self.instance.pk, delta=self.cleaned_data[ADJUSTMENT]
+                product_id=self.instance.pk,
+                delta=self.cleaned_data[ADJUSTMENT],
+                actor=self.actor,
+                token=self.cleaned_data.get("adjustment_token"),
             )
-        except StockWouldGoNegative as refused:
+        except (StockWouldGoNegative, AdjustmentAlreadyApplied) as refused:
             self.add_error(ADJUSTMENT, str(refused))
 
 
@@ -98,13 +109,15 @@ class ProductAdmin(admin.ModelAdmin):
         self, request: HttpRequest, obj: Product | None = None, change: bool = False, **kwargs: Any
     ) -> Any:
         if obj is not None:
-            kwargs["form"] = ProductChangeForm
+            actor = request.user.get_username()
+            kwargs["form"] = type("ProductChangeForm", (ProductChangeForm,), {"actor": actor})
         return super().get_form(request, obj, change, **kwargs)
 
     def get_fields(self, request: HttpRequest, obj: Product | None = None) -> list[Any]:
         """The adjustment right under the stock it changes."""
-        fields = [name for name in super().get_fields(request, obj) if name != ADJUSTMENT]
-        return fields if obj is None else [*fields, ADJUSTMENT]
+        extra = [ADJUSTMENT, "adjustment_token"]
+        fields = [name for name in super().get_fields(request, obj) if name not in extra]
+        return fields if obj is None else [*fields, *extra]
 
     def save_model(
         self, request: HttpRequest, obj: Product, form: forms.ModelForm, change: bool
@@ -113,7 +126,8 @@ class ProductAdmin(admin.ModelAdmin):
             super().save_model(request, obj, form, change)
             return
         # Only what the operator changed: a full save would write back the stale stock.
-        obj.save(update_fields=[name for name in form.changed_data if name != ADJUSTMENT])
+        own = [name for name in form.changed_data if name not in (ADJUSTMENT, "adjustment_token")]
+        obj.save(update_fields=own)
         assert isinstance(form, ProductChangeForm)
         delta = form.cleaned_data.get(ADJUSTMENT)
         if delta and form.new_stock is not None:
@@ -226,3 +240,12 @@ class ReceiptAdmin(ReadOnly):
         "attempts",
         "message_id",
     ]
+
+
+@admin.register(StockAdjustment)
+class StockAdjustmentAdmin(ReadOnly):
+    """Who changed which stock by how much, and when (written by product_stock_adjust)."""
+
+    list_display = ["created_at", "product", "delta", "actor"]
+    list_filter = ["actor"]
+    search_fields = ["product__sku", "actor"]

@@ -27,6 +27,21 @@ class Product(models.Model):
         return f"{self.name} ({self.sku})"
 
 
+class StockAdjustment(models.Model):
+    """An operator's change to a product's stock, in units: the audit trail of stock that
+    did not move by orders, and, by its form's one-time token, the guard that a form sent
+    twice (a double click, back and resubmit) adjusts once."""
+
+    product = models.ForeignKey(Product, on_delete=models.PROTECT, related_name="adjustments")
+    delta = models.IntegerField()
+    actor = models.CharField(max_length=150, blank=True)
+    token = models.UUIDField(null=True, blank=True, unique=True, editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return f"{self.delta:+d} {self.product.sku} by {self.actor or 'someone'}"
+
+
 class Order(models.Model):
     class Status(models.TextChoices):
         PENDING = "pending", "Payment pending"
@@ -88,7 +103,6 @@ class Payment(models.Model):
         UNKNOWN = "unknown", "Unknown"
         CHARGED = "charged", "Charged"
         DECLINED = "declined", "Declined"
-        FAILED = "failed", "Failed"
         # Closed without a charge: an operator cancelled the order (or discarded its
         # charge's dead letter), or its payment deadline passed. The gateway was told
         # first (the key is cancelled there), so no later attempt can charge it.

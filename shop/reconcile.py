@@ -9,7 +9,6 @@ paid order); a person decides about refunds.
 """
 
 import logging
-import re
 import time
 from collections import Counter
 from datetime import datetime, timedelta
@@ -26,13 +25,12 @@ from jobs.reconcile import Result, reconciler
 from shop.gateway import client as gateway
 from shop.models import Order, Payment, Receipt
 from shop.services.orders import Cancelled, order_cancel, order_dead_letters_close
-from shop.services.payments import CANCELLED_MESSAGE
+from shop.services.payments import CANCELLED_MESSAGE, order_number
 from shop.services.receipts import CLAIM_LEASE
 from shop.tasks.emails import send_receipt as send_receipt_task
 from shop.tasks.payments import charge_payment as charge_payment_task
 
 logger = logging.getLogger(__name__)
-ORDER_REF = re.compile(r"^Order #(\d+)\b")  # payments.charge_description()
 # Seconds one run spends cancelling overdue orders (two gateway calls each), well inside
 # the reconcile task's soft time limit, so the other checks keep running on a slow gateway.
 DEADLINE_RUN_BUDGET = 20.0
@@ -120,11 +118,11 @@ def ledger_mismatch(*, repair: bool) -> Result:
     for charge in gateway.charges_list():
         if charge.get("status") != "succeeded":
             continue
-        match = ORDER_REF.match(str(charge.get("description", "")))
-        if match is None:
+        number = order_number(str(charge.get("description", "")))
+        if number is None:
             samples.append(f"charge {charge.get('id')}: no order reference")
         else:
-            charged[int(match.group(1))] += 1
+            charged[number] += 1
     paid = set(Order.objects.filter(status=Order.Status.PAID).values_list("pk", flat=True))
     settled_paid = Order.objects.filter(pk__in=paid, updated_at__lt=cutoff)
     samples += [f"order {o}: {n} charges" for o, n in sorted(charged.items()) if n > 1]

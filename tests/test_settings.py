@@ -60,3 +60,18 @@ def test_every_cited_fact_is_written_down_in_the_repository():
     assert cited  # the settings do cite
     assert {(path, cite) for path, cite in cited if cite not in sections} == set()
     assert outside == []
+
+
+def test_the_lifecycle_story_names_every_signal_receiver_that_acts_on_a_task():
+    import jobs.base
+
+    story = jobs.base.__doc__ or ""
+    receivers = [
+        (signal, path.relative_to(REPO).with_suffix("").as_posix().replace("/", "."))
+        for path in [*REPO.glob("jobs/*.py"), *REPO.glob("shop/**/*.py")]
+        for signal in re.findall(r"^@(\w+)\.connect", path.read_text(), flags=re.MULTILINE)
+    ]
+
+    assert len(receivers) > 10  # the regex found them
+    missing = [(s, m) for s, m in receivers if s not in story or m not in story]
+    assert missing == []

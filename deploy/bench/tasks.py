@@ -17,6 +17,7 @@ from functools import cache
 import redis
 from celery import Task, shared_task
 from celery.contrib.django.task import DjangoTask
+from django.conf import settings
 from django.utils import timezone
 
 from jobs.celery import app
@@ -50,7 +51,7 @@ def naive_charge(payment_id: int) -> None:
     charge = gateway.charge_create(
         idempotency_key=str(payment.idempotency_key),
         amount=payment.amount,
-        currency="EUR",
+        currency=settings.SHOP_CURRENCY,
         card_token=payment.card_token,
         description=charge_description(payment.order),
     )

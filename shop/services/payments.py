@@ -6,9 +6,11 @@ runs that both reach it still make one charge.
 """
 
 import logging
+import re
 from datetime import datetime
 
 from celery.exceptions import SoftTimeLimitExceeded
+from django.conf import settings
 from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
@@ -54,7 +56,7 @@ def payment_charge(*, payment_id: int) -> None:
             charge = gateway.charge_create(
                 idempotency_key=key,
                 amount=payment.amount,
-                currency="EUR",
+                currency=settings.SHOP_CURRENCY,
                 card_token=payment.card_token,
                 description=description,
             )
@@ -78,8 +80,17 @@ def payment_charge(*, payment_id: int) -> None:
 def charge_description(order: Order) -> str:
     """What the gateway's ledger says a charge is for: how a charge is found again once
     the gateway forgot its idempotency key (the reference makes it unique across
-    databases), and how the reconciler matches the ledger (by the number)."""
+    databases), and how the reconciler matches the ledger (by the number: order_number)."""
     return f"Order #{order.pk} ({order.reference})"
+
+
+_ORDER_NUMBER = re.compile(r"^Order #(\d+)\b")
+
+
+def order_number(description: str) -> int | None:
+    """The order number a charge_description() names; None for any other description."""
+    match = _ORDER_NUMBER.match(description)
+    return int(match.group(1)) if match else None
 
 
 def payment_mark_charged(*, payment_id: int, charge_id: str) -> bool:

@@ -2,6 +2,7 @@
 made meanwhile, stock moves only by atomic adjustments, and nothing that is work or
 evidence (orders, payments, receipts, outbox rows, dead letters) can be deleted."""
 
+import uuid
 from typing import Any
 
 import pytest
@@ -10,7 +11,7 @@ from django.contrib.messages import get_messages
 from django.test import Client
 
 from jobs.models import DeadLetter, OutboxMessage
-from shop.models import Order, Payment, Product, Receipt
+from shop.models import Order, Payment, Product, Receipt, StockAdjustment
 from shop.services.catalog import StockWouldGoNegative, product_stock_adjust
 from shop.services.checkout import checkout_complete, checkout_parse
 from tests.processes import run_concurrently
@@ -27,6 +28,11 @@ def as_loaded(response: Any) -> dict[str, Any]:
     form = response.context["adminform"].form
     values = {name: form[name].value() for name in form.fields}
     return {name: "" if value is None else value for name, value in values.items()}
+
+
+def another(loaded: dict[str, Any]) -> dict[str, Any]:
+    """The same form as a page opened again: its own one-time adjustment token."""
+    return loaded | {"adjustment_token": str(uuid.uuid4())}
 
 
 def order(sku: str, quantity: int) -> Order:
@@ -70,14 +76,16 @@ def test_adjustments_apply_to_the_current_stock_and_never_make_it_negative(
     loaded = as_loaded(operator.get(change_url(mug)))
     order("MUG", 3)
 
-    added = operator.post(change_url(mug), loaded | {"stock_adjustment": "5"})
-    removed = operator.post(change_url(mug), loaded | {"stock_adjustment": "-3"})
+    added = operator.post(change_url(mug), another(loaded) | {"stock_adjustment": "5"})
+    removed = operator.post(change_url(mug), another(loaded) | {"stock_adjustment": "-3"})
 
     assert (added.status_code, removed.status_code) == (302, 302)
     assert "+5 units: Mug (MUG) has 12 in stock now." in map(str, get_messages(added.wsgi_request))
     assert stock("MUG") == 10 - 3 + 5 - 3
 
-    refused = operator.post(change_url(mug), loaded | {"stock_adjustment": "-10", "name": "X"})
+    refused = operator.post(
+        change_url(mug), another(loaded) | {"stock_adjustment": "-10", "name": "X"}
+    )
 
     assert refused.status_code == 200  # the form again, with the error
     assert refused.context["adminform"].form.errors["stock_adjustment"] == [
@@ -86,10 +94,29 @@ def test_adjustments_apply_to_the_current_stock_and_never_make_it_negative(
     mug.refresh_from_db()
     assert (mug.name, mug.stock) == ("Mug", 9)  # nothing changed, not even the name
 
-    invalid = operator.post(change_url(mug), loaded | {"stock_adjustment": "5", "name": ""})
+    invalid = operator.post(
+        change_url(mug), another(loaded) | {"stock_adjustment": "5", "name": ""}
+    )
 
     assert invalid.status_code == 200
     assert stock("MUG") == 9  # the rest of the form was invalid: no adjustment either
+
+
+def test_one_adjustment_form_sent_twice_adjusts_once_and_is_recorded(operator, broker, products):
+    mug = products["MUG"]
+    form = as_loaded(operator.get(change_url(mug))) | {"stock_adjustment": "5"}
+
+    first = operator.post(change_url(mug), form)
+    again = operator.post(change_url(mug), form)  # a double click, back and resubmit
+
+    assert first.status_code == 302
+    assert again.status_code == 200  # the form again, saying so
+    assert again.context["adminform"].form.errors["stock_adjustment"] == [
+        "This change was already made (the form was sent twice); reload the page to make another."
+    ]
+    assert stock("MUG") == 15
+    [adjustment] = StockAdjustment.objects.all()
+    assert (adjustment.product_id, adjustment.delta, adjustment.actor) == (mug.pk, 5, "root")
 
 
 def test_stock_is_set_when_adding_a_product_and_read_only_afterwards(operator, products):

@@ -22,7 +22,7 @@ from jobs.models import OutboxMessage
 from shop.gateway import client as gateway_client
 from shop.models import Order, Payment, Product, Receipt
 from shop.services.checkout import checkout_complete, checkout_parse
-from shop.services.payments import charge_description, payment_charge
+from shop.services.payments import charge_description, order_number, payment_charge
 from shop.services.receipts import receipt_send
 from shop.tasks.emails import send_receipt
 from tests.processes import run_concurrently
@@ -394,3 +394,13 @@ def test_a_failed_send_gives_its_own_claim_back_and_an_expired_lease_is_anyones(
     receipt = Receipt.objects.get()
     assert (receipt.status, receipt.claimed_by, receipt.attempts) == ("sent", "task-C/0", 3)
     assert mails_with(mail_dir, receipt.message_id) == 1
+
+
+@pytest.mark.django_db
+def test_a_charge_description_names_its_order_and_nothing_else_does(products):
+    order = place_order().order
+
+    assert order_number(charge_description(order)) == order.pk
+    assert order_number(f"Order #{order.pk}") == order.pk  # as a ledger may shorten it
+    assert order_number("Refund #12") is None
+    assert order_number("Order #12a") is None

@@ -193,3 +193,16 @@ def test_the_reconciler_must_wait_out_the_longest_retry_budget(settings):
 
     assert error.id == "shop.E001"
     assert "1710 s at most" in error.msg
+
+
+def test_the_reconciler_waits_out_a_tasks_own_longer_retry_policy(monkeypatch):
+    from jobs import app
+    from shop.checks import reconciler_waits_out_the_retries
+
+    task = type(app.tasks["shop.tasks.emails.send_receipt"])
+    monkeypatch.setattr(task, "max_retries", 30, raising=False)  # a policy of its own
+
+    [error] = reconciler_waits_out_the_retries()
+
+    assert error.id == "shop.E001"
+    assert "7110 s at most" in error.msg  # 2+4+...+256, then 300 s 22 times
