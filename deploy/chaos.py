@@ -81,7 +81,7 @@ class Lab(Stack):
         self.rng = random.Random(args.seed)
         self.faults: list[tuple[float, str]] = []
         self.lock = threading.Lock()  # faults and the supervisor do not restart at once
-        self.exits: list[str] = []  # processes that exited on their own
+        self.exits: list[str] = []  # processes restarted: exited, or failed the liveness probe
         self.trapped_mails = 0
         self.initial_stock: dict[str, int] = {}
         self.decisions: Counter[str] = Counter()  # what the lab's operator did
@@ -227,6 +227,34 @@ class Lab(Stack):
                         self.beat()
                     else:
                         self.worker(name.removeprefix("worker-"))
+
+    def probe_liveness(self, stop: threading.Event) -> None:
+        """Restart a worker that stops answering pings, as the livenessProbe of
+        deploy/k8s/workers.yaml (deploy/bin/worker-alive: `celery inspect ping`) and
+        compose's healthcheck would: a worker whose main loop is wedged (seen here: blocked
+        reading a broker connection after the broker's faults) consumes nothing and never
+        exits, so restarting only what exits is not enough [§9]."""
+        from jobs import app
+
+        misses: Counter[str] = Counter()
+        while not stop.wait(LIVENESS_PERIOD):
+            for name in [n for n in list(self.procs) if n.startswith("worker-")]:
+                queue = name.removeprefix("worker-")
+                try:
+                    answered = app.control.ping(destination=[self.node(queue)], timeout=5)
+                except Exception:  # noqa: S112 - the broker is down, not the worker: ask again later
+                    continue
+                misses[name] = 0 if answered else misses[name] + 1
+                if misses[name] < LIVENESS_FAILURES:
+                    continue
+                with self.lock:
+                    proc = self.procs[name]
+                    if proc.poll() is None:
+                        os.killpg(proc.pid, signal.SIGKILL)
+                        proc.wait()
+                        self.exits.append(f"{name} (liveness: {misses[name]} pings unanswered)")
+                        self.worker(queue)
+                misses[name] = 0
 
     def kill_mid_charge(self) -> None:
         """The gateway records charges and answers late; the payments children are
@@ -589,7 +617,7 @@ class Lab(Stack):
             ),
             (f"dead letters {', '.join(REPLAYED_REASONS)} (all time)", exhausted, True),
             (
-                "processes that exited on their own (restarted)",
+                "processes restarted (exited on their own, or wedged: liveness probe)",
                 ", ".join(self.exits) or "none",
                 True,
             ),
@@ -636,6 +664,9 @@ class Lab(Stack):
 
 # Out of retries while the gateway was down, killed once too often, or refused while the
 # gateway rejected every request: the job is fine, the environment was not.
+# The lab's liveness probe: a worker that misses this many pings in a row, one every
+# period, is restarted (Kubernetes: periodSeconds 60, failureThreshold 3; shorter here).
+LIVENESS_PERIOD, LIVENESS_FAILURES = 10.0, 3
 REPLAYED_REASONS = ["retries_exhausted", "worker_lost", "permanent_error"]
 FAULTS = [
     "kill_child",
@@ -708,11 +739,13 @@ def main() -> int:
     print(f"chaos: lab in {lab.dir}; {args.orders} orders, seed {args.seed}", flush=True)
     supervisor_stop, stop = threading.Event(), threading.Event()
     supervisor = threading.Thread(target=lab.supervise, args=(supervisor_stop,))
+    liveness = threading.Thread(target=lab.probe_liveness, args=(supervisor_stop,), daemon=True)
     try:
         lab.start()
         lab.setup_django()
         lab.prepare()
         supervisor.start()
+        liveness.start()
         chaos = threading.Thread(target=lab.inject_faults, args=(stop,))
         chaos.start()
         accepted, declined, refused = lab.place_orders()

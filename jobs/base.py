@@ -7,7 +7,8 @@
    every task is idempotent (unique constraints, conditional updates).
 3. Retry what may heal. A TransientError (timeout, connection refused, a 5xx), and
    any unexpected exception (a bug), is retried with exponential backoff and equal
-   jitter (jobs.retry.backoff), at most `max_retries` times: with the defaults for at
+   jitter (jobs.retry.backoff), at most `max_retries` times (not Celery's
+   `autoretry_for`, whose backoff is full jitter: jobs/NOTES.md says why): with the defaults for at
    least 14 minutes, so an ordinary outage of a dependency dead-letters nothing. The
    longest wait stays below half the broker's visibility timeout (a system check
    refuses to start otherwise).

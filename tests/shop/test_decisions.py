@@ -16,6 +16,7 @@ from django.utils import timezone
 from jobs.dead_letters import dead_letter_discard
 from jobs.models import DeadLetter, OutboxMessage
 from jobs.reconcile import reconciler
+from jobs.testing import assert_enqueued
 from shop import reconcile as shop_reconcile
 from shop.gateway import client as gateway_client
 from shop.models import Order, Payment, Product, Receipt
@@ -114,7 +115,7 @@ def test_discarding_when_the_gateway_charged_after_all_makes_the_order_paid(
     assert (payment.status, payment.gateway_charge_id) == ("charged", charge["id"])
     assert payment.order.status == "paid"
     assert stock() == 7  # sold, not released
-    assert OutboxMessage.objects.filter(task_name=RECEIPT).count() == 1
+    assert_enqueued(RECEIPT, args=[payment.order_id])
 
 
 def test_a_discard_asks_the_gateway_with_no_transaction_open(

@@ -18,7 +18,7 @@ from celery.signals import task_retry
 from django.utils import timezone
 
 from jobs.errors import PermanentError, TransientError
-from jobs.models import OutboxMessage
+from jobs.testing import assert_enqueued
 from shop.gateway import client as gateway_client
 from shop.models import Order, Payment, Product, Receipt
 from shop.services.checkout import checkout_complete, checkout_parse
@@ -55,7 +55,7 @@ def test_charging_twice_charges_once_and_enqueues_one_receipt(broker, gateway, p
     assert payment.status == Payment.Status.CHARGED
     assert Order.objects.get().status == Order.Status.PAID
     assert Receipt.objects.filter(order=payment.order).count() == 1
-    assert OutboxMessage.objects.filter(task_name=SEND_RECEIPT).count() == 1
+    assert_enqueued(SEND_RECEIPT, args=[payment.order_id])
 
 
 @pytest.mark.django_db(transaction=True)
@@ -70,7 +70,7 @@ def test_concurrent_charges_charge_once_and_enqueue_one_receipt(broker, gateway,
     assert len(gateway.ledger(str(payment.idempotency_key))) == 1
     assert payment.status == Payment.Status.CHARGED
     assert Receipt.objects.count() == 1
-    assert OutboxMessage.objects.filter(task_name=SEND_RECEIPT).count() == 1
+    assert_enqueued(SEND_RECEIPT, args=[payment.order_id])
 
 
 @pytest.mark.django_db(transaction=True)

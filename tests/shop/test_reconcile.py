@@ -11,6 +11,7 @@ from django.utils import timezone
 
 from jobs.models import DeadLetter, OutboxMessage, ReconciliationFinding
 from jobs.reconcile import reconciler
+from jobs.testing import assert_enqueued, enqueued
 from shop.models import Order, Payment, Receipt
 from shop.services.receipts import CLAIM_LEASE, receipt_send
 from tests.jobs.test_metrics import scrape, value
@@ -45,8 +46,8 @@ def test_a_paid_order_without_a_sent_receipt_is_repaired_through_the_outbox(
     result = finding("paid_without_receipt")
     assert (result.found, result.repaired) == (1, 1)
     assert result.samples == [f"order {stuck.pk}"]
-    [message] = OutboxMessage.objects.all()
-    assert (message.task_name, message.args) == ("shop.tasks.emails.send_receipt", [stuck.pk])
+    assert_enqueued(SEND_RECEIPT, args=[stuck.pk])
+    assert len(enqueued()) == 1
     assert broker.queue_lengths()["emails"] == 1
     assert Receipt.objects.get(order=done).status == "sent"
 
@@ -71,8 +72,8 @@ def test_a_receipt_whose_claim_outlived_its_lease_is_resent_without_waiting(
 
     result = finding("receipt_claim_expired")
     assert (result.found, result.repaired) == (2, 1)
-    [message] = OutboxMessage.objects.all()
-    assert (message.task_name, message.args) == (SEND_RECEIPT, [dead.pk])
+    assert_enqueued(SEND_RECEIPT, args=[dead.pk])
+    assert len(enqueued()) == 1
     assert finding("paid_without_receipt").found == 0  # that one would wait 45 minutes
 
 
@@ -106,7 +107,7 @@ def test_a_stuck_payment_is_recharged_unless_an_operator_owns_its_dead_letter(
     reconciler.run(repair=True)
 
     assert (finding("payment_stuck").found, finding("payment_stuck").repaired) == (2, 1)
-    assert [m.args for m in OutboxMessage.objects.all()] == [[mine.pk]]
+    assert [m.args for m in enqueued()] == [[mine.pk]]
 
 
 def test_a_double_charge_is_reported_and_nothing_is_touched(broker, gateway, products):
