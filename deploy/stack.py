@@ -20,7 +20,9 @@ from pathlib import Path
 import httpx
 
 BASE_DIR = Path(__file__).resolve().parent.parent
-# Concurrency per queue, as `make run` and docker-compose run them.
+# Concurrency per queue, as `make run` runs them on one host (deploy/Procfile; the keys are
+# the settings' CELERY_TASK_QUEUES, tests/jobs/test_routing.py checks both). The compose and
+# Kubernetes pools are sized for hosts of their own and differ.
 QUEUES = {"payments": 2, "emails": 2, "reports": 1, "default": 1}
 # On one host the bulk pool yields the CPU to the urgent ones, as `make run` starts it
 # (deploy/Procfile); a deployment gives each pool its own CPU limit instead.

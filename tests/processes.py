@@ -19,9 +19,11 @@ from typing import Any
 
 import httpx
 import redis
+from django.conf import settings
 
 REPO = Path(__file__).resolve().parent.parent
-QUEUES = ("payments", "emails", "reports", "default")
+# The shop's queues, as its settings declare them (once: CELERY_TASK_QUEUES).
+QUEUES = tuple(queue.name for queue in settings.CELERY_TASK_QUEUES)
 # kombu keeps each queue as one Redis list per priority step: name, name\x06\x163, ...
 _PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")
 

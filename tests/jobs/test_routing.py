@@ -47,7 +47,7 @@ def test_a_task_sent_to_an_undeclared_queue_fails_loudly(broker):
 def test_queues_are_declared_once_and_routes_target_declared_queues():
     declared = [queue.name for queue in settings.CELERY_TASK_QUEUES]
 
-    assert sorted(declared) == sorted(QUEUES)
+    assert sorted(declared) == ["default", "emails", "payments", "reports"]
     assert settings.CELERY_TASK_DEFAULT_QUEUE in declared
     assert app.conf.task_create_missing_queues is False  # jobs/conf.py
     for route in settings.CELERY_TASK_ROUTES.values():
@@ -71,3 +71,16 @@ def test_make_run_starts_exactly_one_worker_per_declared_queue_and_one_beat():
     for command in commands.values():
         if "celery" in command:
             assert "celery -A jobs " in command
+
+
+def test_the_labs_and_benchs_stack_runs_the_pools_make_run_runs():
+    from deploy import stack
+
+    procfile = (REPO / "deploy" / "Procfile").read_text()
+    pools = {
+        match.group(1): int(match.group(2))
+        for match in re.finditer(r"celery -A jobs worker -Q (\S+) .*--concurrency (\d+)", procfile)
+    }
+
+    assert pools == stack.QUEUES
+    assert sorted(stack.QUEUES) == sorted(QUEUES)  # the settings' declared queues
