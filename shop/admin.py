@@ -56,6 +56,8 @@ _LEVELS = {
 
 
 ADJUSTMENT = "stock_adjustment"
+# The change form's own fields, not the product's: never saved on the row.
+FORM_ONLY = (ADJUSTMENT, "adjustment_token")
 
 
 class ProductChangeForm(forms.ModelForm):
@@ -115,9 +117,8 @@ class ProductAdmin(admin.ModelAdmin):
 
     def get_fields(self, request: HttpRequest, obj: Product | None = None) -> list[Any]:
         """The adjustment right under the stock it changes."""
-        extra = [ADJUSTMENT, "adjustment_token"]
-        fields = [name for name in super().get_fields(request, obj) if name not in extra]
-        return fields if obj is None else [*fields, *extra]
+        fields = [name for name in super().get_fields(request, obj) if name not in FORM_ONLY]
+        return fields if obj is None else [*fields, *FORM_ONLY]
 
     def save_model(
         self, request: HttpRequest, obj: Product, form: forms.ModelForm, change: bool
@@ -126,8 +127,7 @@ class ProductAdmin(admin.ModelAdmin):
             super().save_model(request, obj, form, change)
             return
         # Only what the operator changed: a full save would write back the stale stock.
-        own = [name for name in form.changed_data if name not in (ADJUSTMENT, "adjustment_token")]
-        obj.save(update_fields=own)
+        obj.save(update_fields=[name for name in form.changed_data if name not in FORM_ONLY])
         assert isinstance(form, ProductChangeForm)
         delta = form.cleaned_data.get(ADJUSTMENT)
         if delta and form.new_stock is not None:

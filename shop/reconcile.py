@@ -51,6 +51,18 @@ def _operator_owned(task_name: str, arg: int) -> bool:
     ).exists()
 
 
+def _resend_receipts(orders: list[int], *, repair: bool) -> Result:
+    """Enqueue send_receipt for these orders (a receipt row first, if none), except where
+    an operator owns the receipt's dead letter."""
+    repaired = 0
+    for order_id in orders:
+        if repair and not _operator_owned(send_receipt_task.name, order_id):
+            Receipt.objects.get_or_create(order_id=order_id)
+            enqueue(send_receipt_task, args=[order_id])
+            repaired += 1
+    return Result(found=len(orders), repaired=repaired, samples=[f"order {o}" for o in orders])
+
+
 @reconciler.register("paid_without_receipt", "Paid orders whose receipt was not sent")
 def paid_without_receipt(*, repair: bool) -> Result:
     settled = [Receipt.Status.SENT, Receipt.Status.ABANDONED]  # abandoned: an operator's call
@@ -60,13 +72,7 @@ def paid_without_receipt(*, repair: bool) -> Result:
             "pk", flat=True
         )
     )
-    repaired = 0
-    for order_id in orders:
-        if repair and not _operator_owned(send_receipt_task.name, order_id):
-            Receipt.objects.get_or_create(order_id=order_id)
-            enqueue(send_receipt_task, args=[order_id])
-            repaired += 1
-    return Result(found=len(orders), repaired=repaired, samples=[f"order {o}" for o in orders])
+    return _resend_receipts(orders, repair=repair)
 
 
 @reconciler.register("receipt_claim_expired", "Receipts claimed by a delivery that died")
@@ -78,13 +84,7 @@ def receipt_claim_expired(*, repair: bool) -> Result:
     expired = Receipt.objects.filter(
         status=Receipt.Status.SENDING, claimed_at__lt=timezone.now() - CLAIM_LEASE
     )
-    orders = list(expired.values_list("order_id", flat=True))
-    repaired = 0
-    for order_id in orders:
-        if repair and not _operator_owned(send_receipt_task.name, order_id):
-            enqueue(send_receipt_task, args=[order_id])
-            repaired += 1
-    return Result(found=len(orders), repaired=repaired, samples=[f"order {o}" for o in orders])
+    return _resend_receipts(list(expired.values_list("order_id", flat=True)), repair=repair)
 
 
 @reconciler.register("payment_stuck", "Payments pending or unknown past the threshold")

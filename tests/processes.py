@@ -75,11 +75,14 @@ def run_concurrently(action: Callable[[], Any], times: int = 2) -> list[BaseExce
     return errors
 
 
-def run_module(module: str, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+def run_module(
+    module: str, *args: str, timeout: float, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """`python -m module args...` from the repository, its output captured as text."""
     return subprocess.run(
         [sys.executable, "-m", module, *args],
         cwd=REPO,
+        env=env,
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -5,8 +5,6 @@ and /readyz. Every step runs in a process of the lift project's own."""
 
 import json
 import os
-import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.processes import REPO, RedisServer, Worker, wait_until
+from tests.processes import RedisServer, Worker, run_module, wait_until
 
 pytestmark = pytest.mark.stack
 
@@ -41,13 +39,8 @@ def lift_env(
         "PROMETHEUS_MULTIPROC_DIR": str(tmp_path_factory.mktemp("lift-metrics")),
     }
     try:
-        subprocess.run(
-            [sys.executable, "-m", "django", "migrate", "--noinput", "-v", "0"],
-            cwd=REPO,
-            env=env,
-            check=True,
-            timeout=120,
-        )
+        migrated = run_module("django", "migrate", "--noinput", "-v", "0", env=env, timeout=120)
+        assert migrated.returncode == 0, migrated.stderr[-3000:]
         yield env
     finally:
         with psycopg.connect(f"{server}/postgres", autocommit=True) as conn:
@@ -55,15 +48,7 @@ def lift_env(
 
 
 def step(env: dict[str, str], name: str) -> Any:
-    result = subprocess.run(
-        [sys.executable, "-m", "tests.liftproject.drive", name],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    result = run_module("tests.liftproject.drive", name, env=env, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.splitlines()[-1])
 
