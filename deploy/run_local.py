@@ -65,6 +65,7 @@ def main() -> int:
         GATEWAY_PORT=str(settings.GATEWAY_PORT),
         FLOWER_PORT=str(settings.FLOWER_PORT),
         SHOP_VAR_DIR=str(settings.VAR_DIR),
+        LISTEN_HOST="127.0.0.1",  # this machine only (the scripts' default is a container's)
     )
     # Flower takes its options from FLOWER_* variables.
     env["FLOWER_COOKIE_SECRET"] = settings.FLOWER_COOKIE_SECRET
@@ -72,12 +73,14 @@ def main() -> int:
     if not settings.FLOWER_BASIC_AUTH:
         env.pop("FLOWER_BASIC_AUTH", None)
     Path(settings.STATIC_ROOT).mkdir(parents=True, exist_ok=True)  # whitenoise expects it
-    # One metrics folder for every process of this run, emptied: counts start at zero.
+    # One metrics folder for every process of this run, emptied once here (counts start at
+    # zero); the roles' scripts leave it alone (METRICS_DIR_SHARED).
     metrics_dir = Path(
         env.setdefault("PROMETHEUS_MULTIPROC_DIR", str(settings.VAR_DIR / "metrics"))
     )
     shutil.rmtree(metrics_dir, ignore_errors=True)
     metrics_dir.mkdir(parents=True)
+    env["METRICS_DIR_SHARED"] = "1"
 
     for name in ("WEB_PORT", "GATEWAY_PORT", "FLOWER_PORT"):
         if _answers("127.0.0.1", int(env[name])):

@@ -8,8 +8,10 @@ machine's shared Redis or another database.
 
 import argparse
 import os
+import shlex
 import signal
 import socket
+import string
 import subprocess
 import sys
 import tempfile
@@ -20,13 +22,32 @@ from pathlib import Path
 import httpx
 
 BASE_DIR = Path(__file__).resolve().parent.parent
-# Concurrency per queue, as `make run` runs them on one host (deploy/Procfile; the keys are
-# the settings' CELERY_TASK_QUEUES, tests/jobs/test_routing.py checks both). The compose and
-# Kubernetes pools are sized for hosts of their own and differ.
-QUEUES = {"payments": 2, "emails": 2, "reports": 1, "default": 1}
-# On one host the bulk pool yields the CPU to the urgent ones, as `make run` starts it
-# (deploy/Procfile); a deployment gives each pool its own CPU limit instead.
-BULK_PRIORITY = {"reports": ("nice", "-n", "10")}
+PROCFILE = BASE_DIR / "deploy" / "Procfile"
+
+
+def procfile() -> dict[str, list[str]]:
+    """The commands of `make run` by process name (deploy/Procfile), split like a shell
+    would, `${VARIABLES}` left for `Stack.command` to fill in."""
+    lines = (line for line in PROCFILE.read_text().splitlines() if line.strip())
+    return {
+        name.strip(): shlex.split(command)
+        for name, command in (line.split(":", 1) for line in lines if not line.startswith("#"))
+    }
+
+
+def pools() -> dict[str, int]:
+    """Concurrency per queue, as `make run` runs them on one host: the Procfile's
+    `worker_<queue>` lines (the keys are the settings' CELERY_TASK_QUEUES, which
+    tests/jobs/test_routing.py checks). Compose and Kubernetes size pools for hosts of their
+    own and differ."""
+    found = {}
+    for name, command in procfile().items():
+        if name.startswith("worker_"):
+            found[name.removeprefix("worker_")] = int(command[command.index("--concurrency") + 1])
+    return found
+
+
+QUEUES = pools()
 
 
 def choose(
@@ -88,7 +109,7 @@ class Stack:
         self.dir = Path(tempfile.mkdtemp(prefix=prefix, dir=BASE_DIR / "var"))
         self.database_url = database_url
         self.redis_port, self.web_port, self.gateway_port = free_port(), free_port(), free_port()
-        self.web_workers, self.web_threads, self.wsgi = web_workers, web_threads, wsgi
+        self.web_workers, self.web_threads = web_workers, web_threads
         self.worker_args = worker_args
         self.env = {
             **os.environ,
@@ -99,6 +120,11 @@ class Stack:
             "SHOP_VAR_DIR": str(self.dir),
             "EMAIL_FILE_PATH": str(self.dir / "mail"),
             "PROMETHEUS_MULTIPROC_DIR": str(self.dir / "metrics"),
+            "METRICS_DIR_SHARED": "1",  # one folder for all, new and empty: see below
+            "LISTEN_HOST": "127.0.0.1",
+            "WEB_PORT": str(self.web_port),
+            "GATEWAY_PORT": str(self.gateway_port),
+            "WEB_APP": wsgi,
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
             **env,
         }
@@ -164,74 +190,31 @@ class Stack:
             sock.sendall(b"PING\r\n")
             return sock.recv(16).startswith(b"+PONG")
 
+    def command(self, role: str, *extra: str) -> list[str]:
+        """The Procfile's command for `role` with this stack's variables, then `extra`
+        (the scripts let later options win)."""
+        words = [string.Template(word).substitute(self.env) for word in procfile()[role]]
+        return [*words, *extra]
+
     def gateway(self) -> None:
-        self.spawn(
-            "gateway",
-            sys.executable,
-            "-m",
-            "deploy.gateway",
-            "--port",
-            str(self.gateway_port),
-            "--db",
-            str(self.dir / "gateway.sqlite3"),
-        )
+        self.spawn("gateway", *self.command("gateway"))
 
     def web(self) -> None:
-        self.spawn(
-            "web",
-            sys.executable,
-            "-m",
-            "gunicorn",
-            self.wsgi,
-            "--bind",
-            f"127.0.0.1:{self.web_port}",
-            "--workers",
-            str(self.web_workers),
-            "--threads",
-            str(self.web_threads),
-        )
+        workers, threads = str(self.web_workers), str(self.web_threads)
+        self.spawn("web", *self.command("web", "--workers", workers, "--threads", threads))
 
     def worker(self, queue: str, *extra: str, name: str = "") -> None:
         """One worker consuming `queue`, node `<name or queue>@<stack>`."""
         name = name or queue
-        self.spawn(
-            f"worker-{name}",
-            *BULK_PRIORITY.get(queue, ()),
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "jobs",
-            "worker",
-            "-Q",
-            queue,
-            "-n",
-            self.node(name),
-            "-c",
-            str(QUEUES[queue]),
-            "--loglevel",
-            self.env.get("LOG_LEVEL", "WARNING"),
-            *self.worker_args,
-            *extra,
-        )
+        level = self.env.get("LOG_LEVEL", "WARNING")
+        options = ("-n", self.node(name), "--loglevel", level, *self.worker_args, *extra)
+        self.spawn(f"worker-{name}", *self.command(f"worker_{queue}", *options))
 
     def node(self, name: str) -> str:
         return f"{name}@{self.dir.name}"
 
     def beat(self) -> None:
-        self.spawn(
-            "beat",
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "jobs",
-            "beat",
-            "--pidfile",
-            str(self.dir / "beat.pid"),
-            "--loglevel",
-            "WARNING",
-        )
+        self.spawn("beat", *self.command("beat", "--loglevel", "WARNING"))
 
     def stop_process(self, name: str, sig: int = signal.SIGTERM, timeout: float = 30) -> None:
         proc = self.procs[name]

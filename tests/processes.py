@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ import redis
 from django.conf import settings
 
 REPO = Path(__file__).resolve().parent.parent
+BIN = REPO / "deploy" / "bin"  # how every role starts, here as in make run and the images
 # The shop's queues, as its settings declare them (once: CELERY_TASK_QUEUES).
 QUEUES = tuple(queue.name for queue in settings.CELERY_TASK_QUEUES)
 # kombu keeps each queue as one Redis list per priority step: name, name\x06\x163, ...
@@ -32,6 +33,19 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def role_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """`env` (this process's by default) with what the start scripts of deploy/bin/ need:
+    this virtualenv's commands first on PATH (as the image has them), loopback addresses,
+    and the tests' one metrics folder left as it is (the test process reads it too)."""
+    env = dict(os.environ if env is None else env)
+    return {
+        **env,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+        "LISTEN_HOST": "127.0.0.1",
+        "METRICS_DIR_SHARED": "1",
+    }
 
 
 def wait_until(
@@ -96,7 +110,18 @@ def _log_tail(path: Path, lines: int = 40) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
-class RedisServer:
+class _Server:
+    """A server process of the tests, stopped with SIGTERM."""
+
+    proc: subprocess.Popen[bytes] | None = None
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+
+
+class RedisServer(_Server):
     """A private redis-server on a free port (no persistence unless asked)."""
 
     def __init__(self, directory: Path, *extra: str) -> None:
@@ -124,11 +149,6 @@ class RedisServer:
             return bool(self.client().ping())
         except redis.ConnectionError:
             return False
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
 
     def crash(self) -> None:
         """SIGKILL: no shutdown save, no goodbye; only what is on disk survives."""
@@ -171,7 +191,7 @@ class RedisServer:
         client.delete("unacked", "unacked_index")
 
 
-class Gateway:
+class Gateway(_Server):
     """The fake payment gateway as its own process, with its own ledger file."""
 
     def __init__(self, directory: Path) -> None:
@@ -185,10 +205,11 @@ class Gateway:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        args = [sys.executable, "-m", "deploy.gateway", "--host", "127.0.0.1"]
-        args += ["--port", str(self.port), "--db", str(self.db)]
+        env = {**role_env(), "GATEWAY_PORT": str(self.port), "SHOP_VAR_DIR": str(self.db.parent)}
         with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(args, cwd=REPO, stdout=log, stderr=log)
+            self.proc = subprocess.Popen(
+                [str(BIN / "gateway")], cwd=REPO, env=env, stdout=log, stderr=log
+            )
         wait_until(self._answers, timeout=15, what="the payment gateway")
 
     def _answers(self) -> bool:
@@ -196,11 +217,6 @@ class Gateway:
             return httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200
         except httpx.HTTPError:
             return False
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
 
     def ledger(self, idempotency_key: str | None = None) -> list[dict[str, Any]]:
         params = {"idempotency_key": idempotency_key} if idempotency_key else {}
@@ -237,14 +253,18 @@ class Worker:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> "Worker":
-        args = [sys.executable, "-m", "celery", "-A", "jobs", "worker", "-Q", self.queue]
-        args += ["-n", self.name, "-c", str(self.concurrency), "-P", "prefork"]
-        args += ["--without-mingle", "--without-gossip", "--loglevel", "INFO"]
+        args = [str(BIN / "worker"), self.queue, "-n", self.name, "-c", str(self.concurrency)]
+        args += ["-P", "prefork", "--without-mingle", "--without-gossip", "--loglevel", "INFO"]
         if self.include:
             args += ["-I", self.include]
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
-                args, cwd=REPO, env=self.env, stdout=log, stderr=log, start_new_session=True
+                args,
+                cwd=REPO,
+                env=role_env(self.env),
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
             )
         return self
 

@@ -21,7 +21,7 @@ from django.conf import settings
 from jobs import app
 from jobs.celery import queue_of
 from tests.processes import QUEUES, REPO, wait_until
-from tests.test_settings import variables_in_example
+from tests.test_settings import variables_in_example, variables_read_by_start_scripts
 
 
 @pytest.fixture(scope="module")
@@ -194,13 +194,12 @@ def test_start_scripts_name_real_entry_points():
     assert 'celery -A jobs worker -Q "$queue"' in scripts()["worker"]
     assert commands
     assert set(commands) <= set(get_commands())
-    assert "gunicorn shop.wsgi:application" in scripts()["web"]
+    assert 'gunicorn "${WEB_APP:-shop.wsgi:application}"' in scripts()["web"]
     assert "python -m deploy.gateway" in scripts()["gateway"]
 
 
 def test_start_scripts_read_only_variables_of_the_example_env_file():
-    text = "\n".join(path.read_text() for path in BIN.iterdir())
-    used = set(re.findall(r"\$\{?([A-Z][A-Z0-9_]+)", text))
+    used = variables_read_by_start_scripts()
 
     assert used  # the regex found them
     assert used <= variables_in_example()

@@ -2,12 +2,11 @@
 credentials and is read-only by default."""
 
 import subprocess
-import sys
 
 import httpx
 import pytest
 
-from tests.processes import REPO, free_port, wait_until
+from tests.processes import BIN, REPO, free_port, role_env, wait_until
 
 pytestmark = pytest.mark.stack
 
@@ -23,10 +22,12 @@ def test_flower_needs_credentials_and_is_read_only(redis_server, tmp_path):
         "FLOWER_COOKIE_SECRET": "test-cookie-secret",
         "FLOWER_READ_ONLY": "true",
     }
-    command = [sys.executable, "-m", "celery", "-A", "jobs", "flower", f"--port={port}"]
-    command += ["--address=127.0.0.1", "--persistent=True", f"--db={tmp_path}/flower"]
     flower = subprocess.Popen(
-        command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        [str(BIN / "flower")],
+        cwd=REPO,
+        env={**role_env(env), "FLOWER_PORT": str(port)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
     try:

@@ -13,6 +13,11 @@ def variables_read_by_settings() -> set[str]:
     return set(re.findall(r"\benv(?:_bool|_int|_float)?\(\s*\"([A-Z_]+)\"", source))
 
 
+def variables_read_by_start_scripts() -> set[str]:
+    text = "\n".join(path.read_text() for path in (REPO / "deploy" / "bin").iterdir())
+    return set(re.findall(r"\$\{?([A-Z][A-Z0-9_]+)", text))
+
+
 def variables_in_example() -> set[str]:
     lines = (REPO / ".env.example").read_text().splitlines()
     return {m.group(1) for line in lines if (m := re.match(r"#?\s*([A-Z][A-Z0-9_]+)=", line))}
@@ -23,7 +28,8 @@ def test_every_variable_the_settings_read_is_in_the_example_env_file_and_vice_ve
 
     assert len(read) > 20  # the regex found the reads
     read_by_libraries = {"PROMETHEUS_MULTIPROC_DIR"}  # prometheus-client reads it itself
-    expected = read | set(GatewayConfig.ENV_VARS.values()) | read_by_libraries
+    read_by_scripts = variables_read_by_start_scripts()  # deploy/bin/: LISTEN_HOST, ...
+    expected = read | set(GatewayConfig.ENV_VARS.values()) | read_by_libraries | read_by_scripts
     assert expected == variables_in_example()
 
 

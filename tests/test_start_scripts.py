@@ -6,13 +6,12 @@ says it is gone."""
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.processes import REPO, free_port, wait_until
+from tests.processes import REPO, free_port, role_env, wait_until
 
 pytestmark = pytest.mark.stack
 
@@ -21,9 +20,9 @@ BIN = REPO / "deploy" / "bin"
 
 @pytest.fixture
 def env(worker_env: dict[str, str]) -> dict[str, str]:
-    """The workers' environment, with this virtualenv's commands (celery, gunicorn) first
-    on PATH, as the image has them."""
-    return {**worker_env, "PATH": f"{Path(sys.executable).parent}:{worker_env['PATH']}"}
+    """The workers' environment as a container has it: this virtualenv's commands first on
+    PATH, and the metrics folder the role's own (the script empties it)."""
+    return {**role_env(worker_env), "METRICS_DIR_SHARED": ""}
 
 
 def run(*args: str, env: dict[str, str]) -> int:
@@ -123,3 +122,35 @@ def test_beat_under_its_script_is_alive_for_its_healthcheck_and_stops_on_term(
     for schedule in tmp_path.glob("celerybeat-schedule*"):
         os.utime(schedule, (time.time() - 600, time.time() - 600))
     assert run("beat-alive", env=beat_env) != 0
+
+
+@pytest.mark.parametrize(("shared", "left"), [("", False), ("1", True)])
+def test_a_role_empties_its_metrics_folder_unless_its_launcher_shares_it(
+    shared, left, env, tmp_path
+):
+    (tmp_path / "counter_4242.db").write_bytes(b"another running role's counts")
+    role_env = {**env, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "METRICS_DIR_SHARED": shared}
+    subprocess.run(
+        ["bash", "-c", f"source {BIN / 'metrics-dir'}"], env=role_env, check=True, timeout=30
+    )
+
+    assert (tmp_path / "counter_4242.db").exists() is left
+
+
+def test_flower_without_a_password_refuses_to_listen_beyond_this_machine(env, tmp_path):
+    result = subprocess.run(
+        [str(BIN / "flower")],
+        cwd=REPO,
+        env={
+            **env,
+            "LISTEN_HOST": "0.0.0.0",  # noqa: S104  (what it refuses)
+            "FLOWER_BASIC_AUTH": "",
+            "SHOP_VAR_DIR": str(tmp_path),
+        },
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+    assert result.returncode == 2
+    assert "set FLOWER_BASIC_AUTH=user:password (Flower listens on 0.0.0.0)" in result.stderr

@@ -16,7 +16,6 @@ import selectors
 import signal
 import sqlite3
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -32,6 +31,7 @@ import pytest
 
 from deploy.gateway import server
 from deploy.gateway.server import GatewayConfig
+from tests.processes import BIN, role_env
 
 pytestmark = pytest.mark.stack
 
@@ -67,7 +67,7 @@ DEFAULTS: dict[str, Any] = {
 
 
 class GatewayProcess:
-    """`python -m deploy.gateway` on a free port (``--port 0``) with its own ledger file."""
+    """The gateway under its start script on a free port (``--port 0``), its own ledger file."""
 
     def __init__(self, db_path: Path, log_path: Path, env: dict[str, str] | None = None) -> None:
         self.db_path = db_path
@@ -81,12 +81,9 @@ class GatewayProcess:
         env.update(self.env)
         with self.log_path.open("a") as log:
             self.proc = subprocess.Popen(
-                [
-                    *(sys.executable, "-m", "deploy.gateway"),
-                    *("--host", "127.0.0.1", "--port", "0", "--db", str(self.db_path)),
-                ],
+                [str(BIN / "gateway"), "--port", "0", "--db", str(self.db_path)],
                 cwd=REPO_ROOT,
-                env=env,
+                env=role_env(env),
                 stdout=subprocess.PIPE,
                 stderr=log,
                 text=True,

@@ -11,7 +11,8 @@ from django.core.management import CommandError, call_command
 from django.utils import timezone
 
 from jobs import dead_letters
-from jobs.models import DeadLetter, OutboxMessage
+from jobs.models import DeadLetter
+from jobs.testing import assert_enqueued, assert_nothing_enqueued, enqueued
 from tests.processes import run_concurrently
 
 CHANGELIST = "/admin/jobs/deadletter/"
@@ -40,10 +41,6 @@ def staff(username: str, *codenames: str) -> User:
     return user
 
 
-def replayed_messages() -> list[OutboxMessage]:
-    return list(OutboxMessage.objects.order_by("id"))
-
-
 @pytest.mark.django_db(transaction=True)
 def test_replay_publishes_through_the_outbox_with_a_link_and_an_audit_trail(broker):
     letter = make_letter()
@@ -51,8 +48,8 @@ def test_replay_publishes_through_the_outbox_with_a_link_and_an_audit_trail(brok
     result = dead_letters.dead_letter_replay(ids=[letter.pk], actor="ops")
 
     assert (result.done, result.refused) == (1, 0)
-    [message] = replayed_messages()
-    assert (message.task_name, message.args) == (letter.task_name, [42])
+    [message] = assert_enqueued(letter.task_name, args=[42])
+    assert len(enqueued()) == 1
     assert message.headers == {"replay_of": letter.task_id, "x_correlation_id": "req-123"}
     assert str(message.task_id) != letter.task_id
     assert message.sent_at is not None
@@ -77,7 +74,7 @@ def test_replaying_a_row_twice_or_from_two_operators_at_once_publishes_once(brok
     assert errors == []
     assert sorted((r.done, r.refused) for r in results) == [(0, 1), (1, 0)]
     assert (again.done, again.refused) == (0, 1)
-    assert len(replayed_messages()) == 1
+    assert len(enqueued()) == 1
     assert broker.queue_lengths()["payments"] == 1
 
 
@@ -102,7 +99,7 @@ def test_a_row_naming_a_task_that_is_not_registered_is_refused(broker):
 
     assert (result.done, result.refused) == (0, 1)
     assert DeadLetter.objects.get().status == DeadLetter.Status.DEAD
-    assert replayed_messages() == []
+    assert_nothing_enqueued()
     assert broker.queue_lengths() == dict.fromkeys(broker.queue_lengths(), 0)
 
 
@@ -130,7 +127,7 @@ def test_a_row_whose_queue_is_gone_is_refused_with_a_reason_and_the_others_repla
     )
     assert DeadLetter.objects.get(pk=stuck.pk).status == "dead"  # still waiting, untouched
     assert DeadLetter.objects.get(pk=fine.pk).status == "replayed"
-    assert [m.task_name for m in OutboxMessage.objects.all()] == [fine.task_name]
+    assert [m.task_name for m in enqueued()] == [fine.task_name]
 
 
 @pytest.mark.django_db
@@ -177,7 +174,7 @@ def test_admin_without_the_permission_neither_sees_nor_runs_the_actions(client, 
     assert b"discard_selected" not in page.content
     assert (posted.status_code, discard.status_code) == (403, 403)
     assert DeadLetter.objects.get().status == DeadLetter.Status.DEAD
-    assert replayed_messages() == []
+    assert_nothing_enqueued()
 
 
 @pytest.mark.django_db(transaction=True)
@@ -204,7 +201,7 @@ def test_admin_replay_and_discard_report_counts(client, broker):
     ]
     assert [str(m) for m in discard.context["messages"]] == ["1 dead letter discarded."]
     assert DeadLetter.objects.get(pk=first.pk).handled_by == "operator"
-    assert len(replayed_messages()) == 1
+    assert len(enqueued()) == 1
 
 
 @pytest.mark.django_db
@@ -239,7 +236,7 @@ def test_dlq_command_lists_shows_replays_and_discards(broker, capsys):
     shown = capsys.readouterr().out
     call_command("dlq", "replay", "--reason", "retries_exhausted", "--dry-run")
     dry = capsys.readouterr().out
-    assert replayed_messages() == []
+    assert_nothing_enqueued()
     call_command("dlq", "replay", "--reason", "retries_exhausted", "--since", "1h")
     replayed = capsys.readouterr().out
     call_command("dlq", "discard", str(a.pk))
@@ -251,8 +248,9 @@ def test_dlq_command_lists_shows_replays_and_discards(broker, capsys):
     assert replayed.strip() == "replayed 1 dead letter(s), refused 0"
     assert discarded.strip() == "discarded 1 dead letter(s), refused 0"
     assert DeadLetter.objects.get(pk=b.pk).handled_by.startswith("cli:")
-    assert [m.args for m in replayed_messages()] == [[42]]
-    assert json.loads(json.dumps(replayed_messages()[0].headers))["replay_of"] == b.task_id
+    [message] = assert_enqueued(b.task_name, args=[42])
+    assert len(enqueued()) == 1
+    assert json.loads(json.dumps(message.headers))["replay_of"] == b.task_id
 
 
 @pytest.mark.django_db

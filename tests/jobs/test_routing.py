@@ -1,13 +1,11 @@
 """Routing: each task lands on its own queue, declared once; a typo fails loudly."""
 
-import re
-
 import pytest
 from celery.exceptions import QueueNotFound
 from django.conf import settings
 
 from jobs import app, outbox
-from tests.processes import QUEUES, REPO
+from tests.processes import QUEUES
 
 TASK_QUEUES = [
     ("shop.tasks.payments.charge_payment", [1], "payments"),
@@ -54,33 +52,32 @@ def test_queues_are_declared_once_and_routes_target_declared_queues():
         assert route["queue"] in declared
 
 
-def test_make_run_starts_exactly_one_worker_per_declared_queue_and_one_beat():
-    procfile = (REPO / "deploy" / "Procfile").read_text()
-    commands = dict(
-        line.split(":", 1) for line in procfile.splitlines() if line and not line.startswith("#")
-    )
-    consumed = [
-        queue
-        for command in commands.values()
-        if " worker " in command
-        for queue in re.search(r"-Q (\S+)", command).group(1).split(",")  # type: ignore[union-attr]
-    ]
+def test_make_run_starts_each_role_through_its_script_one_worker_per_queue_and_one_beat():
+    from deploy.stack import procfile
 
-    assert sorted(consumed) == sorted(QUEUES)
-    assert sum(" beat" in command for command in commands.values()) == 1
-    for command in commands.values():
-        if "celery" in command:
-            assert "celery -A jobs " in command
+    commands = procfile()
+    scripts = {
+        name: next(w for w in command if w.startswith("deploy/bin/"))
+        for name, command in commands.items()
+        if name != "redis"
+    }  # redis: a stand-in broker, not a role
+    consumed = {
+        name: command[command.index("deploy/bin/worker") + 1]
+        for name, command in commands.items()
+        if "deploy/bin/worker" in command
+    }
+
+    assert set(scripts) == set(commands) - {"redis"}
+    assert sorted(consumed.values()) == sorted(QUEUES)
+    assert all(name == f"worker_{queue}" for name, queue in consumed.items())
+    assert list(scripts.values()).count("deploy/bin/beat") == 1
 
 
 def test_the_labs_and_benchs_stack_runs_the_pools_make_run_runs():
     from deploy import stack
 
-    procfile = (REPO / "deploy" / "Procfile").read_text()
-    pools = {
-        match.group(1): int(match.group(2))
-        for match in re.finditer(r"celery -A jobs worker -Q (\S+) .*--concurrency (\d+)", procfile)
-    }
-
-    assert pools == stack.QUEUES
     assert sorted(stack.QUEUES) == sorted(QUEUES)  # the settings' declared queues
+    for queue, concurrency in stack.QUEUES.items():
+        command = stack.procfile()[f"worker_{queue}"]
+        assert command[command.index("deploy/bin/worker") + 1] == queue
+        assert command[command.index("--concurrency") + 1] == str(concurrency)

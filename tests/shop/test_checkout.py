@@ -11,6 +11,7 @@ from django.apps import apps
 from django.db import transaction
 
 from jobs.models import OutboxMessage
+from jobs.testing import assert_enqueued, assert_nothing_enqueued, enqueued
 from shop.models import Order, Payment, Product
 from shop.services.checkout import checkout_complete, checkout_parse
 
@@ -30,7 +31,7 @@ def order_body(**overrides: object) -> dict[str, object]:
 def assert_nothing_written(broker, stock_before: dict[str, int]) -> None:
     assert Order.objects.count() == 0
     assert Payment.objects.count() == 0
-    assert OutboxMessage.objects.count() == 0
+    assert_nothing_enqueued()
     assert dict(Product.objects.values_list("sku", "stock")) == stock_before
     assert broker.queue_lengths()["payments"] == 0
 
@@ -48,9 +49,8 @@ def test_api_checkout_writes_one_order_payment_and_outbox_row(client, broker, pr
     assert order.total == 2 * products["MUG"].price + products["TEE"].price
     payment = Payment.objects.get()
     assert (payment.order_id, payment.amount, payment.status) == (order.pk, order.total, "pending")
-    message = OutboxMessage.objects.get()
-    assert message.task_name == "shop.tasks.payments.charge_payment"
-    assert message.args == [payment.pk]
+    [message] = assert_enqueued("shop.tasks.payments.charge_payment", args=[payment.pk])
+    assert len(enqueued()) == 1
     assert message.sent_at is not None  # published right after commit
     assert broker.queue_lengths() == {"payments": 1, "emails": 0, "reports": 0, "default": 0}
     assert dict(Product.objects.values_list("sku", "stock")) == {"MUG": 8, "TEE": 9}

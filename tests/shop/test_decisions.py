@@ -16,7 +16,7 @@ from django.utils import timezone
 from jobs.dead_letters import dead_letter_discard
 from jobs.models import DeadLetter, OutboxMessage
 from jobs.reconcile import reconciler
-from jobs.testing import assert_enqueued
+from jobs.testing import assert_enqueued, assert_nothing_enqueued, enqueued
 from shop import reconcile as shop_reconcile
 from shop.gateway import client as gateway_client
 from shop.models import Order, Payment, Product, Receipt
@@ -71,7 +71,7 @@ def stock() -> int:
 
 
 def charges_queued() -> int:
-    return OutboxMessage.objects.filter(task_name=CHARGE).count()
+    return len(enqueued(CHARGE))
 
 
 def test_discarding_a_charges_dead_letter_cancels_the_order_and_nothing_charges_it_later(
@@ -173,13 +173,13 @@ def test_discarding_a_receipts_dead_letter_abandons_it_and_the_reconciler_never_
     payment_charge(payment_id=payment.pk)
     letter = dead_letter(RECEIPT, payment.order_id)
     Order.objects.filter(pk=payment.order_id).update(updated_at=AN_HOUR_AGO)
-    receipts_before = OutboxMessage.objects.filter(task_name=RECEIPT).count()
+    receipts_before = len(enqueued(RECEIPT))
 
     dead_letter_discard(ids=[letter.pk], actor="alice")
     reconciler.run(repair=True)
 
     assert Receipt.objects.get(order_id=payment.order_id).status == "abandoned"
-    assert OutboxMessage.objects.filter(task_name=RECEIPT).count() == receipts_before
+    assert len(enqueued(RECEIPT)) == receipts_before
 
 
 def test_a_cancelled_key_refuses_a_charge_and_the_attempt_finishes_the_cancellation(
@@ -376,7 +376,7 @@ def test_an_attempt_still_retrying_is_not_stuck_for_the_reconciler(broker, gatew
     [stuck] = [f for f in reconciler.run(repair=True) if f.check_name == "payment_stuck"]
 
     assert (stuck.found, stuck.repaired) == (0, 0)  # no second copy beside the retrying one
-    assert not OutboxMessage.objects.exists()
+    assert_nothing_enqueued()
 
 
 def test_discarding_one_dead_letter_of_a_charge_closes_its_others(broker, gateway, products):

@@ -14,6 +14,7 @@ from django_celery_results.models import TaskResult
 
 from jobs import app
 from jobs.models import DeadLetter, OutboxMessage
+from jobs.testing import assert_enqueued
 from shop.models import Order, Payment, Product, Receipt, ReportRun
 from tests.processes import wait_until
 
@@ -98,7 +99,7 @@ def test_delivering_both_tasks_again_changes_nothing(client, workers, gateway, m
     assert len(gateway.ledger(str(payment.idempotency_key))) == 1
     assert Receipt.objects.filter(order_id=order_id).count() == 1
     assert mails_with(mail_dir, Receipt.objects.get(order_id=order_id).message_id) == 1
-    assert OutboxMessage.objects.filter(task_name="shop.tasks.emails.send_receipt").count() == 1
+    assert_enqueued("shop.tasks.emails.send_receipt")
 
 
 def test_broker_down_at_checkout_the_order_completes_after_recovery(
@@ -223,8 +224,7 @@ def test_an_operator_discards_a_dead_charge_and_the_order_ends_without_a_charge(
     assert (body["status"], body["payment"]["status"]) == ("cancelled", "cancelled")
     assert Product.objects.get(sku="MUG").stock == 10
     payment = Payment.objects.get(order_id=order_id)
-    queued = OutboxMessage.objects.filter(task_name=letter.task_name)
-    assert queued.count() == 1  # the checkout's own: the reconciler enqueued nothing
+    assert_enqueued(letter.task_name)  # the checkout's own: the reconciler enqueued nothing
     assert gateway.ledger(str(payment.idempotency_key)) == []
     page = client.get(status_url(order_id).removeprefix("/api")).content.decode()
     assert "This order was cancelled" in page
@@ -281,7 +281,7 @@ def test_an_operator_replays_the_dead_letter_from_the_admin_and_the_order_comple
     assert [str(m) for m in again.context["messages"]] == [
         "1 was not replayed: only dead letters in state 'dead' can be."
     ]
-    assert OutboxMessage.objects.filter(task_name=letter.task_name).count() == 2  # order + replay
+    assert_enqueued(letter.task_name, count=2)  # order + replay
 
 
 def test_the_request_id_follows_the_charge_through_its_retries_into_logs_and_dead_letter(

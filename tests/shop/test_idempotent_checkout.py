@@ -8,7 +8,7 @@ import re
 import pytest
 from django.test import Client
 
-from jobs.models import OutboxMessage
+from jobs.testing import enqueued
 from shop.models import Order, Payment, Product
 from tests.processes import run_concurrently
 from tests.shop.test_checkout import assert_nothing_written, order_body
@@ -30,7 +30,7 @@ def post_order(client: Client, key: str | None, body: dict | None = None):
 def assert_one_order_placed() -> None:
     assert Order.objects.count() == 1
     assert Payment.objects.count() == 1
-    assert OutboxMessage.objects.count() == 1
+    assert len(enqueued()) == 1
     assert dict(Product.objects.values_list("sku", "stock")) == {"MUG": 8, "TEE": 9}
 
 

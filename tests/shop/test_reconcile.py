@@ -9,9 +9,9 @@ import pytest
 from django.core.management import call_command
 from django.utils import timezone
 
-from jobs.models import DeadLetter, OutboxMessage, ReconciliationFinding
+from jobs.models import DeadLetter, ReconciliationFinding
 from jobs.reconcile import reconciler
-from jobs.testing import assert_enqueued, enqueued
+from jobs.testing import assert_enqueued, assert_nothing_enqueued, enqueued
 from shop.models import Order, Payment, Receipt
 from shop.services.receipts import CLAIM_LEASE, receipt_send
 from tests.jobs.test_metrics import scrape, value
@@ -86,7 +86,7 @@ def test_a_dry_run_reports_and_repairs_nothing(broker, gateway, products):
         1,
         0,
     )
-    assert not OutboxMessage.objects.exists()
+    assert_nothing_enqueued()
 
 
 def test_a_stuck_payment_is_recharged_unless_an_operator_owns_its_dead_letter(
@@ -132,7 +132,7 @@ def test_a_double_charge_is_reported_and_nothing_is_touched(broker, gateway, pro
     assert f"order {order.pk}: 2 charges" in result.samples
     assert result.repaired == 0
     assert gateway.ledger() == ledger_before
-    assert not OutboxMessage.objects.exists()
+    assert_nothing_enqueued()
     assert Payment.objects.get(order=order).status == "charged"
 
 

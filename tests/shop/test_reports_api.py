@@ -15,7 +15,7 @@ from django.test import Client
 from django.utils import timezone
 
 from jobs.errors import PermanentError
-from jobs.models import OutboxMessage
+from jobs.testing import assert_enqueued, assert_nothing_enqueued, enqueued
 from shop.models import ReportRun
 from shop.services import reports
 from shop.services.reports import ABANDON_AFTER, sales_report_run
@@ -42,7 +42,7 @@ def test_an_anonymous_request_is_refused_and_enqueues_nothing(client):
 
     assert response.status_code == 403
     assert "staff" in response.json()["errors"]["auth"][0]
-    assert OutboxMessage.objects.count() == 0
+    assert_nothing_enqueued()
     assert ReportRun.objects.count() == 0
 
 
@@ -52,7 +52,7 @@ def test_a_logged_in_shopper_who_is_not_staff_is_refused(client):
     response = client.post(URL)
 
     assert response.status_code == 403
-    assert OutboxMessage.objects.count() == 0
+    assert_nothing_enqueued()
 
 
 def test_staff_queue_a_report_through_the_outbox(staff):
@@ -60,11 +60,9 @@ def test_staff_queue_a_report_through_the_outbox(staff):
 
     assert response.status_code == 202
     task_id = response.json()["task_id"]
-    message = OutboxMessage.objects.get()
-    assert (str(message.task_id), message.task_name) == (
-        task_id,
-        "shop.tasks.reports.build_sales_report",
-    )
+    [message] = assert_enqueued("shop.tasks.reports.build_sales_report")
+    assert len(enqueued()) == 1
+    assert str(message.task_id) == task_id
     assert ReportRun.objects.get().status == ReportRun.Status.QUEUED
 
 
@@ -77,7 +75,7 @@ def test_a_second_request_while_one_is_queued_is_409_and_names_the_first(staff):
     errors = second.json()["errors"]
     assert errors["task_id"] == [first]
     assert "already" in errors["report"][0]
-    assert OutboxMessage.objects.count() == 1
+    assert len(enqueued()) == 1
     assert ReportRun.objects.count() == 1
 
 
@@ -96,7 +94,7 @@ def test_a_running_report_blocks_too_and_a_finished_one_does_not(staff):
     assert ReportRun.objects.get(task_id=first).finished_at is not None
     assert after.status_code == 202
     assert after.json()["task_id"] != first
-    assert OutboxMessage.objects.count() == 2
+    assert len(enqueued()) == 2
 
 
 @pytest.mark.parametrize("status", [ReportRun.Status.QUEUED, ReportRun.Status.RUNNING])
@@ -170,7 +168,7 @@ def test_the_scheduled_run_claims_a_run_of_its_own_and_blocks_requests(
     assert path == tmp_path / "sales.csv"
     assert during == [409]
     assert ReportRun.objects.get(task_id="beat-2").status == ReportRun.Status.DONE
-    assert OutboxMessage.objects.count() == 0
+    assert_nothing_enqueued()
 
 
 def test_the_database_refuses_a_second_active_run():
@@ -192,7 +190,7 @@ def test_a_staff_session_needs_the_csrf_token_so_another_site_cannot_post_it():
     assert forged.status_code == 403
     assert "CSRF" in forged.json()["errors"]["csrf"][0]
     assert genuine.status_code == 202
-    assert OutboxMessage.objects.count() == 1
+    assert len(enqueued()) == 1
 
 
 @pytest.mark.django_db(transaction=True)
@@ -239,5 +237,5 @@ def test_two_requests_at_the_same_instant_queue_one_report(broker, monkeypatch):
         thread.join(timeout=30)
 
     assert sorted(statuses) == [202, 409]
-    assert OutboxMessage.objects.count() == 1
+    assert len(enqueued()) == 1
     assert ReportRun.objects.count() == 1
