@@ -238,6 +238,7 @@ class ReceiptAdmin(ReadOnly):
         "claimed_by",
         "sent_at",
         "attempts",
+        "unconfirmed_sends",
         "message_id",
     ]
 

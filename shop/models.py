@@ -138,12 +138,17 @@ class Receipt(models.Model):
     order = models.OneToOneField(Order, on_delete=models.CASCADE, related_name="receipt")
     status = models.CharField(max_length=20, choices=Status.choices, default=Status.PENDING)
     claimed_at = models.DateTimeField(null=True, blank=True)
-    # The delivery holding the claim, "<task id>/<attempt>": a later attempt of the same
-    # task may take it over at once (Celery starts it only after this one ended or died);
-    # any other delivery, another copy of the same message included, leaves it alone.
+    # The delivery holding the claim, "<task id>/<attempt>": every other delivery (another
+    # copy of the message, a later attempt) leaves a live claim alone; its holder gives it
+    # back (a failed send, receipt_release) or its lease runs out.
     claimed_by = models.CharField(max_length=255, blank=True)
     sent_at = models.DateTimeField(null=True, blank=True)
-    attempts = models.PositiveIntegerField(default=0)
+    attempts = models.PositiveIntegerField(default=0)  # claims taken, failed sends included
+    # Claims that ended without knowing whether their mail went: given back for a delivery
+    # that died holding it, or taken over after the lease. Above 0, the mail may have gone
+    # more than once (the reconciler's receipt_resent reports it); a send that failed and
+    # said so does not count.
+    unconfirmed_sends = models.PositiveIntegerField(default=0)
 
     def __str__(self) -> str:
         return f"Receipt for order #{self.order_id} ({self.status})"

@@ -138,10 +138,12 @@ def ledger_mismatch(*, repair: bool) -> Result:
 
 @reconciler.register("receipt_resent", "Receipts that may have been mailed more than once")
 def receipt_resent(*, repair: bool) -> Result:
-    """A claim taken over after its lease means the first sender may have mailed it
-    before dying. The Message-ID is the same, so a provider can drop the duplicate."""
+    """A claim that ended without knowing whether its mail went (its delivery died holding
+    it: given back, or taken over after the lease) means the mail may have gone twice. The
+    Message-ID is the same, so a provider can drop the duplicate. A failed send that said
+    so is not counted: it mailed nothing."""
     receipts = list(
-        Receipt.objects.filter(status=Receipt.Status.SENT, attempts__gt=1).values_list(
+        Receipt.objects.filter(status=Receipt.Status.SENT, unconfirmed_sends__gt=0).values_list(
             "order_id", flat=True
         )
     )

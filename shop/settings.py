@@ -199,6 +199,7 @@ PAYMENT_GATEWAY_TIMEOUT = (
 )
 SHOP_CURRENCY = "EUR"
 REPORTS_DIR = Path(env("REPORTS_DIR", str(VAR_DIR / "reports")))
+REPORT_RETENTION_DAYS = env_int("REPORT_RETENTION_DAYS", 30)  # older reports and runs go
 # Seconds the sales report sleeps per chunk of orders: makes the bulk job visibly slow.
 REPORT_CHUNK_DELAY = env_float("REPORT_CHUNK_DELAY", 0.5)
 # The reconciler (shop/reconcile.py) looks at orders and payments older than this only:

@@ -118,7 +118,7 @@ def test_a_child_killed_between_sending_and_marking_leaves_one_receipt_and_one_m
 
     assert (tmp_path / "killed").exists()  # the crash did happen, after a send
     receipt = Receipt.objects.get(order_id=order_id)
-    assert receipt.attempts == 2
+    assert (receipt.attempts, receipt.unconfirmed_sends) == (2, 1)  # the dead child's claim
     mails = list(mail_dir.iterdir())
     assert len(mails) == 2  # sent, crashed before marking, sent again by the retry...
     assert mails_with(mail_dir, receipt.message_id) == 2  # ...with the same Message-ID

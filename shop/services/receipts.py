@@ -20,7 +20,7 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.core.mail import EmailMessage
-from django.db.models import F, Q
+from django.db.models import F
 from django.template.loader import render_to_string
 from django.utils import timezone
 
@@ -45,14 +45,18 @@ def receipt_send(*, order_id: int, claimant: str = "", attempt: int = 0) -> None
         return
     now = timezone.now()
     me = f"{claimant}/{attempt}" if claimant else ""
-    dead = Q(claimed_at__lt=now - CLAIM_LEASE)
-    claimable = Q(status=Receipt.Status.PENDING) | (Q(status=Receipt.Status.SENDING) & dead)
-    claimed = Receipt.objects.filter(claimable, pk=receipt.pk).update(
-        status=Receipt.Status.SENDING,
-        claimed_at=now,
-        claimed_by=me,
-        attempts=F("attempts") + 1,
-    )
+    rows = Receipt.objects.filter(pk=receipt.pk)
+    claim = {
+        "status": Receipt.Status.SENDING,
+        "claimed_at": now,
+        "claimed_by": me,
+        "attempts": F("attempts") + 1,
+    }
+    claimed = rows.filter(status=Receipt.Status.PENDING).update(**claim)
+    if not claimed:
+        # A dead holder's expired claim: whether its mail went is not known.
+        expired = rows.filter(status=Receipt.Status.SENDING, claimed_at__lt=now - CLAIM_LEASE)
+        claimed = expired.update(**claim, unconfirmed_sends=F("unconfirmed_sends") + 1)
     if not claimed:
         # Sent meanwhile, or a live claim: its holder sends it (or gives it back when its
         # send fails, and retries). Nothing to do here, and no retry budget spent.
@@ -78,7 +82,11 @@ def receipt_release(*, order_id: int, claimant: str, attempt: int) -> bool:
     return bool(
         Receipt.objects.filter(
             order_id=order_id, status=Receipt.Status.SENDING, claimed_by=f"{claimant}/{attempt}"
-        ).update(status=Receipt.Status.PENDING, claimed_at=None)
+        ).update(
+            status=Receipt.Status.PENDING,
+            claimed_at=None,
+            unconfirmed_sends=F("unconfirmed_sends") + 1,
+        )
     )
 
 

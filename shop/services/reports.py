@@ -95,7 +95,26 @@ def sales_report_run(*, task_id: str) -> Path | None:
     ReportRun.objects.filter(task_id=task_id, status=ReportRun.Status.RUNNING).update(
         status=ReportRun.Status.DONE, finished_at=timezone.now()
     )
+    reports_prune(keep=path)
     return path
+
+
+def reports_prune(*, keep: Path, now: datetime | None = None) -> int:
+    """Delete report files and finished runs older than REPORT_RETENTION_DAYS (beat builds
+    a report every hour: without this the folder and the table only grow), and a build's
+    leftover `.part` file (its attempt was killed) older than the longest attempt. `keep`,
+    the report just built, always stays. Returns how many files went."""
+    now = now or timezone.now()
+    cutoff = now - timedelta(days=settings.REPORT_RETENTION_DAYS)
+    deleted = 0
+    for path in settings.REPORTS_DIR.glob("sales-*.csv*"):
+        modified = datetime.fromtimestamp(path.stat().st_mtime, tz=now.tzinfo)
+        limit = now - ABANDON_AFTER if path.suffix == ".part" else cutoff
+        if path != keep and modified < limit:
+            path.unlink(missing_ok=True)  # (another prune may have taken it first)
+            deleted += 1
+    ReportRun.objects.exclude(status__in=ReportRun.ACTIVE).filter(finished_at__lt=cutoff).delete()
+    return deleted
 
 
 def sales_report_failed(*, task_id: str) -> None:

@@ -23,7 +23,7 @@ from shop.gateway import client as gateway_client
 from shop.models import Order, Payment, Product, Receipt
 from shop.services.checkout import checkout_complete, checkout_parse
 from shop.services.payments import charge_description, order_number, payment_charge
-from shop.services.receipts import receipt_send
+from shop.services.receipts import receipt_release, receipt_send
 from shop.tasks.emails import send_receipt
 from tests.processes import run_concurrently
 
@@ -393,7 +393,35 @@ def test_a_failed_send_gives_its_own_claim_back_and_an_expired_lease_is_anyones(
 
     receipt = Receipt.objects.get()
     assert (receipt.status, receipt.claimed_by, receipt.attempts) == ("sent", "task-C/0", 3)
+    assert receipt.unconfirmed_sends == 2  # two expired claims taken over: unknown outcomes
     assert mails_with(mail_dir, receipt.message_id) == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_send_that_failed_and_said_so_is_no_possible_duplicate_a_dead_claim_is(
+    broker, gateway, products, mail_dir, settings
+):
+    from shop.reconcile import receipt_resent
+
+    failed_then_sent, released = place_order(), place_order()
+    for payment in (failed_then_sent, released):
+        payment_charge(payment_id=payment.pk)
+    settings.EMAIL_BACKEND = "tests.fault_email.RefusingBackend"
+    with pytest.raises(TransientError):
+        receipt_send(order_id=failed_then_sent.order_id, claimant="task-A")
+    settings.EMAIL_BACKEND = "django.core.mail.backends.filebased.EmailBackend"
+    receipt_send(order_id=failed_then_sent.order_id, claimant="task-A", attempt=1)
+    # a delivery that died holding its claim: the worker gives it back (receipt_release)
+    Receipt.objects.filter(order_id=released.order_id).update(
+        status="sending", claimed_by="task-B/0", claimed_at=timezone.now()
+    )
+    assert receipt_release(order_id=released.order_id, claimant="task-B", attempt=0)
+    receipt_send(order_id=released.order_id, claimant="task-B", attempt=1)
+
+    found = receipt_resent(repair=False)
+
+    assert Receipt.objects.get(order_id=failed_then_sent.order_id).attempts == 2
+    assert (found.found, found.samples) == (1, [f"order {released.order_id}"])
 
 
 @pytest.mark.django_db

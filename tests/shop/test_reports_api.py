@@ -4,8 +4,9 @@ The "one at a time" is a row in the database (ReportRun), so it holds across web
 processes, beat and replays; a run that died without a word stops blocking after the
 task's hard time limit."""
 
+import os
 import threading
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -239,3 +240,34 @@ def test_two_requests_at_the_same_instant_queue_one_report(broker, monkeypatch):
     assert sorted(statuses) == [202, 409]
     assert len(enqueued()) == 1
     assert ReportRun.objects.count() == 1
+
+
+def test_a_built_report_deletes_reports_and_finished_runs_past_their_retention(settings):
+    settings.REPORT_RETENTION_DAYS = 30
+    now = timezone.now()
+    expired, recent = now - timedelta(days=31), now - timedelta(days=29)
+    settings.REPORTS_DIR.mkdir(parents=True)
+
+    def report(name: str, modified: datetime) -> None:
+        path = settings.REPORTS_DIR / name
+        path.write_text("sku,name,units,revenue\n")
+        os.utime(path, (modified.timestamp(), modified.timestamp()))
+
+    report("sales-expired.csv", expired)
+    report("sales-recent.csv", recent)
+    report("sales-killed.csv.part", now - ABANDON_AFTER - timedelta(seconds=1))
+    report("sales-being-written.csv.part", now)
+    for task_id, status, finished in [
+        ("done-expired", ReportRun.Status.DONE, expired),
+        ("failed-expired", ReportRun.Status.FAILED, expired),
+        ("done-recent", ReportRun.Status.DONE, recent),
+    ]:
+        ReportRun.objects.create(task_id=task_id, status=status, finished_at=finished)
+
+    built = sales_report_run(task_id="beat-9")
+
+    assert built is not None
+    assert sorted(path.name for path in settings.REPORTS_DIR.iterdir()) == sorted(
+        [built.name, "sales-recent.csv", "sales-being-written.csv.part"]
+    )
+    assert set(ReportRun.objects.values_list("task_id", flat=True)) == {"done-recent", "beat-9"}
