@@ -37,7 +37,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--inline-rate", type=float, default=10.0, help="orders/s in scenario 2 (open loop)"
     )
-    parser.add_argument("--gateway-latency-ms", type=int, default=300, help="scenario 2")
+    parser.add_argument("--gateway-latency-ms", type=int, default=300, help="scenarios 2, 8")
+    parser.add_argument(
+        "--gateway-jitter-ms", type=int, default=50, help="plus uniform 0..this (8)"
+    )
+    parser.add_argument("--mail-latency-ms", type=int, default=100, help="scenario 8")
+    parser.add_argument("--threads", type=int, default=32, help="threads per worker (8)")
     parser.add_argument(
         "--only",
         default=",".join(SCENARIOS),
@@ -57,9 +62,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.reps, args.seconds, args.orders, args.probes = 1, 1.0, 20, 10
         args.reports, args.rate, args.inline_rate, args.gateway_latency_ms = 100, 20.0, 5.0, 50
+        args.mail_latency_ms, args.gateway_jitter_ms, args.threads = 10, 5, 4
     positive = ["reps", "seconds", "clients", "web_workers", "web_threads", "orders", "probes"]
-    positive += ["reports", "rate", "inline_rate"]
-    if any(getattr(args, name) <= 0 for name in positive) or args.gateway_latency_ms < 0:
+    positive += ["reports", "rate", "inline_rate", "threads"]
+    latencies = [args.gateway_latency_ms, args.gateway_jitter_ms, args.mail_latency_ms]
+    if any(getattr(args, name) <= 0 for name in positive) or min(latencies) < 0:
         parser.error(f"--{', --'.join(n.replace('_', '-') for n in positive)} must be positive")
     args.only = choose(parser, args.only, SCENARIOS, "scenario")
     return args

@@ -41,6 +41,8 @@ class Bench(Stack):
                 # The bench leaves orders unpaid on purpose (queues purged after a scenario
                 # that pauses the workers): the reconciler must not take them up mid-run.
                 "RECONCILE_INTERVAL": "86400",
+                # A mail server's latency, set per run (scenario 8): deploy/bench/mail.py.
+                "EMAIL_BACKEND": "deploy.bench.mail.LatencyFileBackend",
             },
             wsgi="deploy.bench.web:application",
             web_workers=web_workers,
@@ -123,6 +125,20 @@ class Bench(Stack):
 
     def idle(self, *queues: str) -> bool:
         return self.depth(*queues) == 0 and self.unacked() == 0
+
+    def restart_workers(self, *queues: str, options: tuple[str, ...] = ()) -> None:
+        """Start these queues' workers anew with `options` after the Procfile's (a pool:
+        `-P threads -c 32`), and wait until they answer."""
+        for queue in queues:
+            self.stop_process(f"worker-{queue}")
+            self.worker(queue, *options)
+        nodes = [self.node(queue) for queue in queues]
+        wait_for("the restarted workers", lambda: len(self.ping(nodes)) == len(nodes), 120)
+
+    def latencies(self, *, gateway_ms: int, jitter_ms: int = 0, mail_ms: int = 0) -> None:
+        """What the gateway and the mail server take to answer, from now on."""
+        self.gateway_control(latency_ms=gateway_ms, latency_jitter_ms=jitter_ms)
+        (self.dir / "mail-latency-ms").write_text(str(mail_ms))
 
     # --- load ----------------------------------------------------------------------------
 

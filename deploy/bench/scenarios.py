@@ -1,4 +1,4 @@
-"""The seven scenarios. Each measures the shop and its baseline side by side, alternating
+"""The eight scenarios. Each measures the shop and its baseline side by side, alternating
 which goes first in each repetition, so drift on a noisy machine hits both alike.
 
 A scenario returns one dict of figures per repetition; the report takes the median,
@@ -445,11 +445,59 @@ def broker_down(bench: Bench, args: argparse.Namespace) -> Result:
     return result
 
 
+# --- 8 ---------------------------------------------------------------------------------
+
+
+def pools(bench: Bench, args: argparse.Namespace) -> Result:
+    """The pipeline drain (as in 3) with a real processor's and mail server's latency
+    against none, on two pools for the I/O-bound queues: the prefork pool `make run`
+    starts (2 processes each) and a threads pool (`--threads` each). Payments and emails
+    wait on the network, not the CPU, so a prefork pool sized for the CPU caps the drain
+    at concurrency / latency whatever the machine; threads wait side by side."""
+    result = Result(
+        8,
+        "Drain with real latencies vs none, per pool",
+        [Goal("threads_latency_ratio", ">=", 0.8)],
+    )
+    options = {"prefork": (), "threads": ("-P", "threads", "-c", str(args.threads))}
+    real = {
+        "gateway_ms": args.gateway_latency_ms,
+        "jitter_ms": args.gateway_jitter_ms,
+        "mail_ms": args.mail_latency_ms,
+    }
+    for rep in range(args.reps):
+        figures: Figures = {}
+        for pool in _alternate(rep, "prefork", "threads"):
+            bench.restart_workers(*NAIVE, options=options[pool])
+            bench.latencies(gateway_ms=0)
+            _drain_orders(bench, min(args.orders, 50))  # warm the new pool
+            for latency in _alternate(rep, "none", "real"):
+                bench.latencies(**(real if latency == "real" else {"gateway_ms": 0}))
+                seconds = _drain_orders(bench, args.orders)
+                figures[f"{pool}_{latency}_orders_per_s"] = args.orders / seconds
+            figures[f"{pool}_latency_ratio"] = (
+                figures[f"{pool}_real_orders_per_s"] / figures[f"{pool}_none_orders_per_s"]
+            )
+        figures["threads_vs_prefork_real"] = (
+            figures["threads_real_orders_per_s"] / figures["prefork_real_orders_per_s"]
+        )
+        result.reps.append(figures)
+    bench.latencies(gateway_ms=0)
+    bench.restart_workers(*NAIVE)  # the Procfile's pools again, for the scenarios after
+    result.notes.append(
+        f"{args.orders} orders per drain; real: gateway {args.gateway_latency_ms} ms + "
+        f"uniform 0-{args.gateway_jitter_ms} ms, mail {args.mail_latency_ms} ms; prefork: "
+        f"the Procfile's concurrency; threads: {args.threads} per worker"
+    )
+    return result
+
+
 SCENARIOS: dict[str, Callable[[Bench, argparse.Namespace], Any]] = {
     "checkout": checkout,
     "inline": inline,
     "isolation": isolation,
     "drains": drains,
+    "pools": pools,
     "enqueue": enqueue_latency,
     "broker_down": broker_down,
 }

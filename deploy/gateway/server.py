@@ -164,6 +164,7 @@ class _Setting:
 
 _SETTINGS: dict[str, _Setting] = {
     "latency_ms": _Setting("GATEWAY_LATENCY_MS", int, (0, 600_000)),
+    "latency_jitter_ms": _Setting("GATEWAY_LATENCY_JITTER_MS", int, (0, 600_000)),
     "failure_rate": _Setting("GATEWAY_FAILURE_RATE", float, (0.0, 1.0)),
     "reject_rate": _Setting("GATEWAY_REJECT_RATE", float, (0.0, 1.0)),
     "timeout_rate": _Setting("GATEWAY_TIMEOUT_RATE", float, (0.0, 1.0)),
@@ -180,6 +181,7 @@ class GatewayConfig:
     """Fault-injection settings. Immutable: changing them builds a new config."""
 
     latency_ms: int = 0  # sleep before handling each POST to charges, cancellations, tokens
+    latency_jitter_ms: int = 0  # plus uniform(0, this) more, as a real network varies
     failure_rate: float = 0.0  # probability that a POST /v1/charges answers 503 up front
     # probability that a POST /v1/charges is refused as invalid (400, nothing stored): the
     # permanent error of a broken integration, which only a person can fix
@@ -697,6 +699,9 @@ class Gateway:
         self._config = config
         self._lock = threading.Lock()
         self._random = random.Random(config.seed)  # fault injection, not crypto
+        # The jitter draws from a generator of its own: a seeded run's charge faults stay
+        # the same whatever the latency.
+        self._jitter = random.Random(config.seed)
         self.stopping = threading.Event()
 
     @property
@@ -731,7 +736,12 @@ class Gateway:
     def _arrive(self) -> GatewayConfig:
         """The latency and the outage, which every POST to the API suffers alike; returns
         the settings in force once the latency is over."""
-        self.sleep(self.config.latency_ms / 1000)
+        config = self.config
+        jitter = 0.0
+        if config.latency_jitter_ms:
+            with self._lock:
+                jitter = self._jitter.uniform(0, config.latency_jitter_ms)
+        self.sleep((config.latency_ms + jitter) / 1000)
         config = self.config  # settings may have changed while we slept
         if config.outage:
             raise HTTPError(

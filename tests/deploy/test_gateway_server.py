@@ -55,6 +55,7 @@ PREFLIGHT_HEADERS = {
 SEED = 1234
 DEFAULTS: dict[str, Any] = {
     "latency_ms": 0,
+    "latency_jitter_ms": 0,
     "failure_rate": 0.0,
     "reject_rate": 0.0,
     "timeout_rate": 0.0,
@@ -876,6 +877,30 @@ def test_latency_delays_charges_and_tokens(client: httpx.Client) -> None:
     assert charged - started >= 0.3
     assert token.status_code == 201
     assert time.monotonic() - charged >= 0.3
+
+
+def test_jitter_adds_up_to_its_bound_to_each_latency_and_leaves_seeded_faults_alone(
+    tmp_path: Path,
+) -> None:
+    def run(jitter_ms: int) -> tuple[list[float], list[bool]]:
+        config = GatewayConfig(latency_ms=100, latency_jitter_ms=jitter_ms, seed=7)
+        gateway = server.Gateway(server.Ledger(str(tmp_path / f"{jitter_ms}.sqlite3")), config)
+        slept: list[float] = []
+        gateway.sleep = slept.append  # type: ignore[method-assign,assignment]
+        faults = []
+        for _ in range(200):
+            gateway._arrive()
+            faults.append(gateway.chance(0.5))
+        gateway.close()
+        return slept, faults
+
+    jittered, faults = run(50)
+    steady, steady_faults = run(0)
+
+    assert steady == [0.1] * 200
+    assert all(0.1 <= seconds <= 0.15 for seconds in jittered)
+    assert max(jittered) - min(jittered) > 0.04  # spread over the bound, not one value
+    assert faults == steady_faults
 
 
 # --- Bad requests -------------------------------------------------------------------
