@@ -14,16 +14,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 BASE_DIR = Path(__file__).resolve().parent.parent
-PROCESSES = [
-    "web",
-    "gateway",
-    "worker_payments",
-    "worker_emails",
-    "worker_reports",
-    "worker_default",
-    "beat",
-    "flower",
-]
+BROKER = "redis"  # the Procfile's stand-in broker: started only when none answers
 LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1"}
 
 
@@ -42,6 +33,14 @@ def _redis_answers(url: str) -> bool:
         return bool(redis.Redis.from_url(url, socket_connect_timeout=2).ping())
     except redis.RedisError:
         return False
+
+
+def processes() -> list[str]:
+    """The Procfile's processes but the stand-in broker: every role, one worker per
+    queue (a queue added to the settings and the Procfile starts here with no change)."""
+    from deploy.stack import procfile
+
+    return [name for name in procfile() if name != BROKER]
 
 
 def _fail(message: str) -> int:
@@ -86,7 +85,7 @@ def main() -> int:
         if _answers("127.0.0.1", int(env[name])):
             return _fail(f"port {env[name]} is in use; set {name} to a free port.")
 
-    processes = list(PROCESSES)
+    started = processes()
     broker = urlsplit(settings.CELERY_BROKER_URL)
     if not _redis_answers(settings.CELERY_BROKER_URL):
         where = f"{broker.hostname}:{broker.port or 6379}"
@@ -106,7 +105,7 @@ def main() -> int:
             " (docker-compose.yml, the README's checklist)."
         )
         env["REDIS_PORT"] = str(broker.port or 6379)
-        processes.insert(0, "redis")
+        started.insert(0, BROKER)
 
     manage = [sys.executable, "manage.py"]
     site = f"http://127.0.0.1:{settings.WEB_PORT}"
@@ -125,7 +124,7 @@ def main() -> int:
         flush=True,
     )
     honcho = [sys.executable, "-m", "honcho", "start", "-f", "deploy/Procfile", "-d", "."]
-    os.execve(sys.executable, [*honcho, *processes], env)
+    os.execve(sys.executable, [*honcho, *started], env)
     return 0  # not reached: execve replaced this process
 
 

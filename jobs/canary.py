@@ -5,17 +5,21 @@ pings but have stopped taking messages (celery #8030, #4453)."""
 import time
 
 from jobs.broker import redis_client
-from jobs.celery import app
+from jobs.celery import app, beat_entries
 
 KEY = "jobs:canary:{queue}"
 TASK = "jobs.tasks.canary"
 
 
-def canary_send(*, expires: float = 60.0) -> list[str]:
-    """Send one canary to each declared queue; a canary nobody takes in time expires."""
-    queues = sorted(app.amqp.queues)
-    for queue in queues:
-        app.send_task(TASK, args=[queue], queue=queue, expires=expires, ignore_result=True)
+def canary_send() -> list[str]:
+    """Send now the canaries beat sends every CANARY_INTERVAL (jobs.celery.beat_entries):
+    one straight to each declared queue, expiring after CANARY_EXPIRES if nobody takes it.
+    Returns the queues."""
+    queues = []
+    for entry in beat_entries(app.conf).values():
+        if entry["task"] == TASK:
+            app.send_task(TASK, args=entry["args"], **entry["options"])
+            queues.append(entry["args"][0])
     return queues
 
 

@@ -49,9 +49,14 @@ def beat_entries(conf: Settings) -> dict[str, dict[str, Any]]:
 @app.on_after_configure.connect
 def _reliable_defaults(sender: Celery, source: Settings, **_: Any) -> None:
     for name, value in CELERY_DEFAULTS.items():
-        if not hasattr(django_settings, f"CELERY_{name.upper()}"):
+        host = getattr(django_settings, f"CELERY_{name.upper()}", None)
+        if host is None:
             # Celery's Django fixup reads this one by its old name only.
             source["CELERY_DB_REUSE_MAX" if name == "db_reuse_max" else name] = value
+        elif isinstance(value, dict) and isinstance(host, dict):
+            # The host's options add to jobs' (broker_transport_options): a host that sets
+            # its visibility timeout keeps jobs' socket timeouts and health checks [§2].
+            source[name] = {**value, **host}
     if jobs_settings.SCHEDULE:
         # The host's entries win over jobs' own of the same name.
         source["beat_schedule"] = {**beat_entries(source), **(source.beat_schedule or {})}

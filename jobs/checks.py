@@ -1,5 +1,6 @@
 """Start-up checks: refuse a configuration that makes Redis redeliver tasks in a loop,
-and warn about a retry budget that a short outage of a dependency exhausts.
+warn about a retry budget that a short outage of a dependency exhausts, and about probes
+that a pod's IP cannot reach.
 
 On Redis a message is handed to another worker once it has been unacked for the
 visibility timeout, counted from delivery. A task that runs, or waits for its retry
@@ -11,6 +12,7 @@ import sys
 from typing import Any
 
 from celery.signals import beat_init, worker_init
+from django.conf import settings
 from django.core.checks import CheckMessage, Error, register
 from django.core.checks import Warning as CheckWarning
 from django.utils.module_loading import autodiscover_modules
@@ -45,18 +47,30 @@ def visibility_timeout_check(app_configs: Any = None, **kwargs: Any) -> list[Che
             errors.append(
                 CheckWarning(
                     f"{what} rides out an outage of {at_least:g} s for sure (at most "
-                    f"{at_most:g} s), less than RETRY_OUTAGE_BUDGET ({outage:g} s): a longer "
+                    f"{at_most:g} s), less than JOBS_RETRY_OUTAGE_BUDGET ({outage:g} s): a longer "
                     "outage of a dependency dead-letters every job in flight.",
-                    hint="Raise RETRY_MAX_RETRIES or RETRY_BACKOFF_CAP (or the task's own).",
+                    hint="Raise JOBS_RETRY_MAX_RETRIES or JOBS_RETRY_BACKOFF_CAP (or the "
+                    "task's own max_retries, retry_backoff_max).",
                     id="jobs.W001",
                 )
             )
 
+    retries = jobs_settings.RETRY_MAX_RETRIES
+    if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
+        return [
+            Error(
+                f"JOBS_RETRY_MAX_RETRIES is {retries!r}: retries must be bounded, or a job "
+                "that never succeeds retries for ever and no dead letter tells anyone.",
+                hint="Set it to a whole number of retries (0 or more); a task that must "
+                "retry for ever says so itself with max_retries=None.",
+                id="jobs.E002",
+            )
+        ]
     default_limit = app.conf.task_time_limit
     default = RetryPolicy.from_settings()
     require(default_limit, "The default hard time limit (task_time_limit)")
-    require(default.cap, "The retry backoff cap (RETRY_BACKOFF_CAP)")
-    require(default.base, "The retry delay base (RETRY_BACKOFF_BASE)")
+    require(default.cap, "The retry backoff cap (JOBS_RETRY_BACKOFF_CAP)")
+    require(default.base, "The retry delay base (JOBS_RETRY_BACKOFF_BASE)")
     rides_out(default, "The retry policy")
     # Not app.loader.import_default_modules(): Celery's Django fixup runs the system
     # checks from that very signal, which would recurse.
@@ -71,6 +85,32 @@ def visibility_timeout_check(app_configs: Any = None, **kwargs: Any) -> list[Che
             require(policy.base, f"{name}: retry backoff base")
             rides_out(policy, f"{name}: the retry policy")
     return errors
+
+
+PROBES = "jobs.middleware.ProbeMiddleware"
+# Middleware that validates the request's host (DisallowedHost for one not allowed).
+HOST_READERS = (
+    "django.middleware.security.SecurityMiddleware",
+    "django.middleware.common.CommonMiddleware",
+)
+
+
+@register("jobs")
+def probe_middleware_check(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    """Kubelet probes and Prometheus scrapes ask for a pod by its IP, which no ALLOWED_HOSTS
+    names: without ProbeMiddleware ahead of host validation they answer 400."""
+    middleware = list(settings.MIDDLEWARE)
+    readers = [middleware.index(name) for name in HOST_READERS if name in middleware]
+    if PROBES in middleware and middleware.index(PROBES) < min(readers, default=len(middleware)):
+        return []
+    return [
+        CheckWarning(
+            f"{PROBES} is not in MIDDLEWARE ahead of host validation: /healthz, /readyz and "
+            "/metrics asked for by a pod's IP (kubelet, Prometheus) answer 400 DisallowedHost.",
+            hint=f"Put {PROBES} in MIDDLEWARE before {' and '.join(HOST_READERS)}.",
+            id="jobs.W002",
+        )
+    ]
 
 
 @worker_init.connect

@@ -220,13 +220,19 @@ ORDER_PAYMENT_DEADLINE = env_float("ORDER_PAYMENT_DEADLINE", 24 * 3600.0)
 # wins (jobs/NOTES.md [§2]).
 
 CELERY_BROKER_URL = env("CELERY_BROKER_URL", "redis://localhost:6379/0")
+# What the environment may change; jobs adds the rest of its options (health checks,
+# keepalive) to these.
+_transport = _celery_defaults["broker_transport_options"]
 CELERY_BROKER_TRANSPORT_OPTIONS = {
-    **_celery_defaults["broker_transport_options"],
     # Every retry delay and hard time limit must stay well below it (checked at start-up).
-    "visibility_timeout": env_int("CELERY_VISIBILITY_TIMEOUT", 3600),
-    "socket_timeout": env_float("CELERY_BROKER_SOCKET_TIMEOUT", 15.0),
-    "socket_connect_timeout": env_float("CELERY_BROKER_CONNECT_TIMEOUT", 5.0),
-    "unacked_restore_interval": env_float("CELERY_UNACKED_RESTORE_INTERVAL", 30.0),
+    "visibility_timeout": env_int("CELERY_VISIBILITY_TIMEOUT", _transport["visibility_timeout"]),
+    "socket_timeout": env_float("CELERY_BROKER_SOCKET_TIMEOUT", _transport["socket_timeout"]),
+    "socket_connect_timeout": env_float(
+        "CELERY_BROKER_CONNECT_TIMEOUT", _transport["socket_connect_timeout"]
+    ),
+    "unacked_restore_interval": env_float(
+        "CELERY_UNACKED_RESTORE_INTERVAL", _transport["unacked_restore_interval"]
+    ),
 }
 CELERY_WORKER_SOFT_SHUTDOWN_TIMEOUT = env_float("CELERY_WORKER_SOFT_SHUTDOWN_TIMEOUT", 30.0)
 

@@ -95,6 +95,12 @@ def test_jobs_lifted_into_another_project_works_end_to_end(lift_env, tmp_path: P
 
     probes = step(lift_env, "probes")
     assert (probes["readyz"], probes["healthz"], probes["metrics"]) == (200, 200, 200)
+    assert probes["admin_by_ip"] == 400  # probes answer any host; the rest validates it
+    assert probes["checks"] == []
+    # the host's one transport option, and jobs' others beside it
+    assert probes["transport"]["visibility_timeout"] == 7200
+    assert probes["transport"]["socket_timeout"] == 15.0
+    assert probes["transport"]["health_check_interval"] == 25
     assert any('task="lift.greet"' in line for line in probes["succeeded"]), probes
     assert any('task="lift.greet_when_ready"' in line for line in probes["succeeded"]), probes
     assert probes["shop_imported"] is False

@@ -121,3 +121,27 @@ def test_readyz_says_migrations_are_not_applied_in_fixed_words(client, broker, m
     assert response.status_code == 503
     assert response.json()["checks"]["migrations"]["detail"] == "not applied"
     assert "RuntimeError" not in response.content.decode()
+
+
+PROBES = "jobs.middleware.ProbeMiddleware"
+COMMON = "django.middleware.common.CommonMiddleware"
+
+
+@pytest.mark.parametrize(
+    ("middleware", "warned"),
+    [
+        pytest.param(None, False, id="the-shops"),
+        pytest.param([COMMON], True, id="missing"),
+        pytest.param([COMMON, PROBES], True, id="after-host-validation"),
+        pytest.param([PROBES, COMMON], False, id="first"),
+    ],
+)
+def test_the_start_up_check_warns_when_probes_meet_host_validation_first(
+    settings, middleware, warned
+):
+    from jobs.checks import probe_middleware_check
+
+    if middleware is not None:
+        settings.MIDDLEWARE = middleware
+
+    assert [m.id for m in probe_middleware_check()] == (["jobs.W002"] if warned else [])

@@ -4,7 +4,6 @@ worker against a gateway outage), and the system check that guards the visibilit
 import json
 import random
 import subprocess
-import sys
 import time
 
 import pytest
@@ -18,7 +17,7 @@ from jobs.models import DeadLetter
 from jobs.retry import RetryPolicy, backoff
 from shop.models import Payment
 from shop.services.checkout import checkout_complete, checkout_parse
-from tests.processes import REPO, Worker, wait_until
+from tests.processes import BIN, REPO, Worker, role_env, wait_until
 
 
 def test_backoff_ceiling_doubles_per_attempt_until_the_cap():
@@ -131,30 +130,34 @@ def test_the_check_rejects_a_retry_cap_above_half_the_visibility_timeout(setting
 
     messages = [error.msg for error in visibility_timeout_check()]
 
-    assert "The retry backoff cap (RETRY_BACKOFF_CAP) is 50 s: redelivery loop." in messages
+    assert "The retry backoff cap (JOBS_RETRY_BACKOFF_CAP) is 50 s: redelivery loop." in messages
     assert "The default hard time limit (task_time_limit) is 60 s: redelivery loop." in messages
     assert "shop.tasks.reports.build_sales_report: hard time limit is 600 s: redelivery loop." in (
         messages
     )
 
 
-@pytest.mark.parametrize(
-    "command",
-    [["manage.py", "check"], ["-m", "celery", "-A", "jobs", "worker", "-Q", "default"]],
-    ids=["site", "worker"],
-)
+def test_the_check_refuses_unbounded_default_retries_without_failing_itself(settings):
+    settings.JOBS_RETRY_MAX_RETRIES = None
+
+    assert [error.id for error in visibility_timeout_check()] == ["jobs.E002"]
+
+
+@pytest.mark.parametrize("command", [["web"], ["worker", "default"]], ids=["site", "worker"])
 def test_the_site_and_a_worker_refuse_to_start_with_a_short_visibility_timeout(
     command, redis_server
 ):
     result = subprocess.run(
-        [sys.executable, *command],
+        [str(BIN / command[0]), *command[1:]],  # as every deployment starts them
         cwd=REPO,
-        env={
-            "PATH": "/usr/bin:/bin",
-            "DJANGO_SETTINGS_MODULE": "shop.settings",
-            "CELERY_VISIBILITY_TIMEOUT": "100",
-            "CELERY_BROKER_URL": redis_server.url,
-        },
+        env=role_env(
+            {
+                "PATH": "/usr/bin:/bin",
+                "DJANGO_SETTINGS_MODULE": "shop.settings",
+                "CELERY_VISIBILITY_TIMEOUT": "100",
+                "CELERY_BROKER_URL": redis_server.url,
+            }
+        ),
         capture_output=True,
         text=True,
         timeout=60,

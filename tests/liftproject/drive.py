@@ -64,11 +64,16 @@ def fix_and_replay() -> dict[str, object]:
 
 
 def probes() -> dict[str, object]:
+    from django.core.checks import run_checks
+
     from jobs.celery import app
 
-    client = Client()
+    client = Client(HTTP_HOST="10.1.2.3:8000")  # a pod's IP, as kubelet and Prometheus ask
     metrics = client.get("/metrics")
     return {
+        "admin_by_ip": client.get("/admin/login/").status_code,  # host validation holds
+        "checks": sorted(str(message.id) for message in run_checks()),
+        "transport": app.conf.broker_transport_options,
         "readyz": client.get("/readyz").status_code,
         "healthz": client.get("/healthz").status_code,
         "metrics": metrics.status_code,

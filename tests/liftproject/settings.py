@@ -25,7 +25,9 @@ INSTALLED_APPS = [
     "tests.liftproject",
 ]
 MIDDLEWARE = [
+    "jobs.middleware.ProbeMiddleware",  # probes by pod IP, before host validation
     "jobs.middleware.CorrelationIdMiddleware",
+    "django.middleware.common.CommonMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
@@ -52,6 +54,8 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 CELERY_BROKER_URL = os.environ["CELERY_BROKER_URL"]
 CELERY_TASK_QUEUES = [Queue("lift")]
 CELERY_TASK_DEFAULT_QUEUE = "lift"
+# One option of the host's own: jobs adds the others (socket timeouts, health checks).
+CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 7200}
 
 # Quick retries, so the test sees a job retried and dead-lettered in seconds.
 JOBS_RETRY_MAX_RETRIES = 2
