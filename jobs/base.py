@@ -11,7 +11,9 @@
    `autoretry_for`, whose backoff is full jitter: jobs/NOTES.md says why): with the defaults for at
    least 14 minutes, so an ordinary outage of a dependency dead-letters nothing. The
    longest wait stays below half the broker's visibility timeout (a system check
-   refuses to start otherwise).
+   refuses to start otherwise). Each run has a deadline, its soft time limit
+   (jobs.deadline): clients cap their timeouts by what is left, so a hung call ends on a
+   pool that enforces no time limits too.
 4. Fail fast on what cannot. A PermanentError (a request the dependency rejects as
    invalid, a row that must exist and does not) is not retried, nor is a soft time
    limit (the same work would run out of time again). An expected business
@@ -38,7 +40,8 @@ The signal receivers that act on a task along the way, and where they live:
 - task_failure: counts it (jobs.lifecycle._on_failure); writes the dead letter
   (jobs.dead_letters._on_task_failure); for the sales report, closes its run
   (shop.tasks.reports._report_failed).
-- worker_init, beat_init: refuse to start with a redelivery loop (jobs.checks);
+- worker_init, beat_init: refuse to start with a redelivery loop, or a pool that cannot
+  bound the tasks of its queues (jobs.checks);
   worker_ready: serves the worker's metrics when configured (jobs.lifecycle).
 """
 
@@ -47,6 +50,7 @@ from typing import Any
 from celery.contrib.django.task import DjangoTask
 from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded
 
+from jobs import deadline
 from jobs.conf import jobs_settings
 from jobs.errors import PermanentError, PoisonMessage
 from jobs.poison import delivery_count, delivery_finished
@@ -60,6 +64,10 @@ class ReliableTask(DjangoTask):
     Celery's, but the backoff is jobs' equal jitter (jobs/retry.py says why)."""
 
     acks_late = True
+    # True when every network call the task makes caps its timeouts by what is left of the
+    # run (jobs.deadline.capped): it then ends within its soft time limit on a pool that
+    # enforces no time limits (threads), and the start-up check lets such a pool run it.
+    bounded_calls = False
 
     # Read by Celery itself: Task.retry() and the worker-lost retry (which waits
     # default_retry_delay) both stop at max_retries, then the task FAILS. Properties, so
@@ -97,9 +105,16 @@ class ReliableTask(DjangoTask):
             # Reached unless the process died: this delivery is not a poison suspect.
             delivery_finished(task_id, retries)
 
+    def run_budget(self) -> float | None:
+        """Seconds this run may take: the soft time limit (the message's own, else the
+        task's), else the hard one (jobs.deadline)."""
+        hard, soft = self.request.timelimit or (None, None)
+        return soft or self.soft_time_limit or hard or self.time_limit or None
+
     def _run(self, *args: Any, **kwargs: Any) -> Any:
         try:
-            return super().__call__(*args, **kwargs)
+            with deadline.running(self.run_budget()):
+                return super().__call__(*args, **kwargs)
         except (Retry, Ignore, Reject, PermanentError, SoftTimeLimitExceeded):
             # A soft time limit is not a blip: the same work would run out of time again
             # (a task whose call may time out and heal converts it, as charge_payment does).

@@ -113,6 +113,72 @@ def probe_middleware_check(app_configs: Any = None, **kwargs: Any) -> list[Check
     ]
 
 
+# What each of Celery's pools enforces of a task's time limits (celery/concurrency/, 5.7):
+# prefork both (a signal in the child, then a kill); gevent and eventlet the hard one (a
+# Timeout in the green thread); threads and solo none (they take no timeouts).
+POOL_LIMITS = {
+    "prefork": {"soft", "hard"},
+    "gevent": {"hard"},
+    "eventlet": {"hard"},
+    "threads": set(),
+    "solo": set(),
+}
+
+
+def pool_check(pool: str, queues: list[str]) -> list[CheckMessage]:
+    """A pool that does not enforce the hard time limit may run a queue's tasks only if
+    each caps its calls by the run's deadline (ReliableTask.bounded_calls, jobs.deadline);
+    otherwise a hung call would hold its thread past every limit the project's guarantees
+    count on (leases, the visibility timeout)."""
+    from jobs.base import ReliableTask
+    from jobs.celery import app, queue_of
+
+    if "hard" in POOL_LIMITS.get(pool, set()):
+        return []
+    autodiscover_modules("tasks")
+    unbounded = sorted(
+        name
+        for name, task in app.tasks.items()
+        if not name.startswith("celery.")
+        and queue_of(name) in queues
+        and not (isinstance(task, ReliableTask) and task.bounded_calls)
+    )
+    if not unbounded:
+        return []
+    return [
+        Error(
+            f"The {pool} pool enforces no hard time limit, and these tasks of its queues "
+            f"({', '.join(queues)}) do not bound their own calls: {', '.join(unbounded)}.",
+            hint="Run these queues on the prefork pool, or make each task cap its timeouts "
+            "with jobs.deadline.capped and set bounded_calls = True.",
+            id="jobs.E003",
+        )
+    ]
+
+
+def pool_name(pool_cls: Any) -> str:
+    """The alias of a worker's pool (`-P threads`, worker_pool, or the class), as
+    POOL_LIMITS names it; a custom pool by its path. Imports no pool (gevent may be
+    absent)."""
+    from celery.concurrency import ALIASES
+
+    if isinstance(pool_cls, str):
+        path = ALIASES.get(pool_cls) or pool_cls
+    else:
+        path = f"{pool_cls.__module__}:{pool_cls.__name__}"
+    return next((alias for alias, target in ALIASES.items() if target == path), path)
+
+
+@worker_init.connect
+def refuse_a_pool_that_cannot_bound_its_tasks(sender: Any, **_: Any) -> None:
+    queues = sorted(sender.app.amqp.queues.consume_from or sender.app.amqp.queues)
+    errors = pool_check(pool_name(sender.pool_cls), queues)
+    for error in errors:
+        print(f"{error.id}: {error.msg}\n  {error.hint}", file=sys.stderr)
+    if errors:
+        raise SystemExit(1)
+
+
 @worker_init.connect
 @beat_init.connect
 def refuse_to_start_with_a_redelivery_loop(**_: Any) -> None:

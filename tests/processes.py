@@ -234,7 +234,7 @@ class Gateway(_Server):
 
 
 class Worker:
-    """`celery -A jobs worker` for one queue, as a real prefork process."""
+    """`deploy/bin/worker` for one queue: a real worker process, prefork unless asked."""
 
     def __init__(
         self,
@@ -243,6 +243,7 @@ class Worker:
         log_dir: Path,
         concurrency: int = 1,
         include: str = "",
+        pool: str = "prefork",
     ) -> None:
         self.queue = queue
         self.include = include
@@ -250,11 +251,12 @@ class Worker:
         self.env = env
         self.log = log_dir / f"worker-{self.name}.log"
         self.concurrency = concurrency
+        self.pool = pool
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> "Worker":
         args = [str(BIN / "worker"), self.queue, "-n", self.name, "-c", str(self.concurrency)]
-        args += ["-P", "prefork", "--without-mingle", "--without-gossip", "--loglevel", "INFO"]
+        args += ["-P", self.pool, "--without-mingle", "--without-gossip", "--loglevel", "INFO"]
         if self.include:
             args += ["-I", self.include]
         with self.log.open("ab") as log:

@@ -1,7 +1,8 @@
 """Client of the payment gateway: turns its answers into the project's error taxonomy.
 
-Every call carries the payment's idempotency key and a (connect, read) timeout, so a
-retried or duplicated charge is the same charge, and a hung gateway cannot hold a worker.
+Every call carries the payment's idempotency key and a (connect, read) timeout, capped by
+what is left of the task's run (jobs.deadline), so a retried or duplicated charge is the
+same charge, and a hung gateway cannot hold a worker, on any pool.
 """
 
 import os
@@ -12,6 +13,7 @@ from typing import Any
 import httpx
 from django.conf import settings
 
+from jobs import deadline
 from jobs.errors import PermanentError, TransientError
 
 
@@ -79,8 +81,11 @@ def _error_code(response: httpx.Response) -> str:
 
 
 def _request(method: str, url: str, **kwargs: Any) -> httpx.Response:
+    connect, read = settings.PAYMENT_GATEWAY_TIMEOUT
+    # (RunOutOfTime when the run has no time left: nothing is sent, the task retries.)
+    timeout = httpx.Timeout(deadline.capped(read), connect=deadline.capped(connect))
     try:
-        response = _client().request(method, url, **kwargs)
+        response = _client().request(method, url, timeout=timeout, **kwargs)
     except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
         # No connection, so the request was never sent.
         raise GatewayUnavailable(f"payment gateway unreachable: {exc!r}") from exc

@@ -19,11 +19,12 @@ import logging
 from datetime import timedelta
 
 from django.conf import settings
-from django.core.mail import EmailMessage
+from django.core.mail import EmailMessage, get_connection
 from django.db.models import F
 from django.template.loader import render_to_string
 from django.utils import timezone
 
+from jobs import deadline
 from jobs.errors import PermanentError, TransientError
 from shop.models import Order, Receipt
 
@@ -95,7 +96,10 @@ def receipt_deliver(*, receipt: Receipt) -> None:
     resend is recognisable as the same mail."""
     order = Order.objects.prefetch_related("lines__product").get(pk=receipt.order_id)
     body = render_to_string("shop/email/receipt.txt", {"order": order})
+    # Each socket operation of the SMTP exchange waits at most what the run has left.
+    timeout = deadline.capped(settings.EMAIL_TIMEOUT)
     message = EmailMessage(
+        connection=get_connection(timeout=timeout),
         subject=f"Your receipt for order #{order.pk}",
         body=body,
         from_email=settings.DEFAULT_FROM_EMAIL,

@@ -14,6 +14,7 @@ from shop.services.receipts import receipt_release, receipt_send
     bind=True,
     soft_time_limit=25,
     time_limit=30,
+    bounded_calls=True,  # the mail connection's timeout is capped by the run's deadline
 )
 def send_receipt(self: ReliableTask, order_id: int) -> None:
     receipt_send(order_id=order_id, claimant=self.request.id, attempt=self.request.retries or 0)

@@ -15,6 +15,7 @@ from shop.services import payments
     base=ReliableTask,
     soft_time_limit=20,
     time_limit=30,
+    bounded_calls=True,  # every gateway call is capped by the run's deadline (the client)
 )
 def charge_payment(payment_id: int) -> None:
     payments.payment_charge(payment_id=payment_id)

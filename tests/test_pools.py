@@ -1,0 +1,102 @@
+"""A pool without time limits (threads) still ends every run of the tasks it may run:
+each call is capped by the run's deadline (jobs.deadline); a worker whose pool cannot
+bound the tasks of its queues refuses to start (jobs.E003)."""
+
+import json
+import subprocess
+
+import pytest
+
+from shop.models import Payment
+from tests.processes import BIN, REPO, Worker, role_env, wait_until
+from tests.shop.test_end_to_end import place_order
+
+pytestmark = [pytest.mark.stack, pytest.mark.django_db(transaction=True)]
+
+
+def events(worker: Worker, name: str, task_name: str) -> int:
+    records = [json.loads(line) for line in worker.log_text().splitlines() if line[:1] == "{"]
+    return sum((r.get("event"), r.get("task_name")) == (name, task_name) for r in records)
+
+
+def test_a_hung_gateway_call_on_the_threads_pool_ends_at_the_runs_deadline_and_is_retried(
+    client, broker, gateway, worker_env, worker_logs, products
+):
+    # given: a gateway that records each charge and answers a minute late, and a client
+    # timeout longer than that: only the run's deadline (the soft limit, 20 s) ends the call
+    gateway.control(timeout_rate=1.0, timeout_seconds=60)
+    env = worker_env | {"PAYMENT_GATEWAY_READ_TIMEOUT": "120"}
+    payments = Worker("payments", env, worker_logs, concurrency=4, pool="threads").start()
+    try:
+        payments.wait_ready()
+
+        order_id = place_order(client)
+
+        # then: the call gave up at the deadline, the retry asked the gateway and found the
+        # charge it had recorded: paid, without waiting out the late answer
+        wait_until(
+            lambda: Payment.objects.filter(order_id=order_id, status="charged").exists(),
+            timeout=50,
+            what="the payment charged after one retry",
+        )
+    finally:
+        payments.stop()
+        gateway.reset()
+    charge = "shop.tasks.payments.charge_payment"
+    assert events(payments, "retried", charge) == 1
+    assert len(gateway.ledger(Payment.objects.get(order_id=order_id).idempotency_key)) == 1
+
+
+def test_a_threads_worker_for_a_queue_whose_tasks_do_not_bound_their_calls_refuses_to_start(
+    worker_env, tmp_path
+):
+    env = role_env(worker_env | {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path)})
+
+    result = subprocess.run(
+        [str(BIN / "worker"), "reports", "-P", "threads", "-n", "reports@refused"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert result.returncode != 0
+    assert "jobs.E003" in result.stderr
+    assert "shop.tasks.reports.build_sales_report" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("pool", "queues", "refused"),
+    [
+        ("threads", ["payments", "emails"], []),
+        ("threads", ["reports"], ["shop.tasks.reports.build_sales_report"]),
+        ("solo", ["default"], ["jobs.tasks.canary", "jobs.tasks.prune_dead_letters"]),
+        ("prefork", ["reports"], []),
+        ("gevent", ["reports"], []),  # enforces the hard limit
+    ],
+)
+def test_the_pool_check_knows_which_limits_each_pool_enforces(pool, queues, refused):
+    from jobs.checks import pool_check
+
+    errors = pool_check(pool, queues)
+
+    assert [e.id for e in errors] == (["jobs.E003"] if refused else [])
+    for name in refused:
+        assert name in errors[0].msg
+
+
+@pytest.mark.parametrize(
+    ("given", "alias"),
+    [
+        ("threads", "threads"),
+        ("processes", "prefork"),
+        ("celery.concurrency.thread:TaskPool", "threads"),
+        ("myproject.pools:Pool", "myproject.pools:Pool"),
+    ],
+)
+def test_a_pool_is_named_by_its_alias_however_the_worker_was_given_it(given, alias):
+    from jobs.checks import pool_name
+
+    assert pool_name(given) == alias
