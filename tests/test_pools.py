@@ -100,3 +100,43 @@ def test_a_pool_is_named_by_its_alias_however_the_worker_was_given_it(given, ali
     from jobs.checks import pool_name
 
     assert pool_name(given) == alias
+
+
+def worker_commands() -> dict[str, list[str]]:
+    """Every worker command the project ships, by where it is: make run's, compose's and
+    Kubernetes's."""
+    import yaml
+
+    from deploy.stack import procfile
+
+    commands = {f"Procfile {n}": c for n, c in procfile().items() if n.startswith("worker_")}
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]
+    for name, service in compose.items():
+        if service.get("command", [""])[0] == "deploy/bin/worker":
+            commands[f"compose {name}"] = service["command"]
+    for document in yaml.safe_load_all((REPO / "deploy/k8s/workers.yaml").read_text()):
+        if document and document["kind"] == "Deployment":
+            [container] = document["spec"]["template"]["spec"]["containers"]
+            commands[f"k8s {document['metadata']['name']}"] = container["command"]
+    return commands
+
+
+def test_every_shipped_worker_runs_a_pool_that_bounds_its_queues_tasks_and_io_runs_threads():
+    from jobs.checks import pool_check
+
+    commands = worker_commands()
+    pools = {}
+    for where, command in commands.items():
+        words = command[command.index("deploy/bin/worker") :]
+        queue = words[1]
+        pool = words[words.index("-P") + 1] if "-P" in words else "prefork"
+        pools[where] = (queue, pool)
+        assert pool_check(pool, [queue]) == [], where
+
+    assert len(commands) == 12  # four queues in each of the three
+    assert {pool for queue, pool in pools.values() if queue in ("payments", "emails")} == {
+        "threads"
+    }
+    assert {pool for queue, pool in pools.values() if queue in ("reports", "default")} == {
+        "prefork"
+    }
