@@ -109,7 +109,8 @@ class ReliableTask(DjangoTask):
         """Seconds this run may take: the soft time limit (the message's own, else the
         task's), else the hard one (jobs.deadline)."""
         hard, soft = self.request.timelimit or (None, None)
-        return soft or self.soft_time_limit or hard or self.time_limit or None
+        limits = [soft or self.soft_time_limit, hard or self.time_limit]
+        return min((limit for limit in limits if limit), default=None)
 
     def _run(self, *args: Any, **kwargs: Any) -> Any:
         try:

@@ -6,8 +6,11 @@ thread.py, Celery 5.7, takes no timeouts): a hung call would hold its thread for
 long as the socket lets it. So each run carries a deadline (its soft time limit, set by
 ReliableTask when the run starts), and a client caps every timeout it passes to its
 socket by what is left: with no time left it does not call at all, and the task retries
-(RunOutOfTime is transient). On any pool a run then ends within its soft time limit plus
-one socket operation; the start-up check (jobs/checks.py) refuses a pool without time
+(RunOutOfTime is transient). A socket timeout bounds one operation, not a call: an HTTP
+call is a connect, a send and the reads of its answer (one for a small JSON answer, more
+if a server trickles it), each capped by what was left when the call began; an SMTP
+send is seven or more replies, which jobs.mail.DeadlineSMTPBackend caps one by one, so it
+ends at the deadline. The start-up check (jobs/checks.py) refuses a pool without time
 limits for a task that does not promise this (`ReliableTask.bounded_calls`).
 """
 
@@ -44,8 +47,11 @@ def capped(timeout: float) -> float:
 
 @contextmanager
 def running(seconds: float | None) -> Iterator[None]:
-    """A run that must end within `seconds` (None: no deadline)."""
-    token = _deadline.set(None if seconds is None else time.monotonic() + seconds)
+    """A run that must end within `seconds` (None: no deadline of its own). Nested in
+    another run, the earlier deadline wins."""
+    outer = _deadline.get()
+    mine = None if seconds is None else time.monotonic() + seconds
+    token = _deadline.set(min((d for d in (outer, mine) if d is not None), default=None))
     try:
         yield
     finally:

@@ -48,6 +48,19 @@ def role_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
     }
 
 
+def run_script(*args: str, env: Mapping[str, str]) -> subprocess.CompletedProcess[str]:
+    """A deploy/bin script run to its end (a refusal, a usage error), its output as text."""
+    return subprocess.run(
+        [str(BIN / args[0]), *args[1:]],
+        cwd=REPO,
+        env=dict(env),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
 def wait_until(
     condition: Callable[[], Any], *, timeout: float, interval: float = 0.1, what: str = ""
 ) -> Any:

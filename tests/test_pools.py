@@ -3,12 +3,11 @@ each call is capped by the run's deadline (jobs.deadline); a worker whose pool c
 bound the tasks of its queues refuses to start (jobs.E003)."""
 
 import json
-import subprocess
 
 import pytest
 
 from shop.models import Payment
-from tests.processes import BIN, REPO, Worker, role_env, wait_until
+from tests.processes import REPO, Worker, role_env, run_script, wait_until
 from tests.shop.test_end_to_end import place_order
 
 pytestmark = [pytest.mark.stack, pytest.mark.django_db(transaction=True)]
@@ -22,21 +21,32 @@ def events(worker: Worker, name: str, task_name: str) -> int:
 def test_a_hung_gateway_call_on_the_threads_pool_ends_at_the_runs_deadline_and_is_retried(
     client, broker, gateway, worker_env, worker_logs, products
 ):
-    # given: a gateway that records each charge and answers a minute late, and a client
-    # timeout longer than that: only the run's deadline (the soft limit, 20 s) ends the call
+    # given: a gateway that records each charge and answers a minute late, a client
+    # timeout longer than that, and a charge message whose own soft limit is 2 s (the
+    # task's is 20 s): only the message's deadline can end the call in time
+    from jobs import app
+
+    order_id = place_order(client)
+    broker.purge_queues()  # the checkout's own message: replaced by the one below
+    payment = Payment.objects.get(order_id=order_id)
     gateway.control(timeout_rate=1.0, timeout_seconds=60)
     env = worker_env | {"PAYMENT_GATEWAY_READ_TIMEOUT": "120"}
     payments = Worker("payments", env, worker_logs, concurrency=4, pool="threads").start()
     try:
         payments.wait_ready()
+        app.send_task(
+            "shop.tasks.payments.charge_payment",
+            args=[payment.pk],
+            soft_time_limit=2,
+            time_limit=5,
+        )
 
-        order_id = place_order(client)
-
-        # then: the call gave up at the deadline, the retry asked the gateway and found the
-        # charge it had recorded: paid, without waiting out the late answer
+        # then: the call gave up at the 2 s deadline, the retry asked the gateway and
+        # found the charge it had recorded: paid, long before the late answer or the
+        # task's own 20 s
         wait_until(
-            lambda: Payment.objects.filter(order_id=order_id, status="charged").exists(),
-            timeout=50,
+            lambda: Payment.objects.filter(pk=payment.pk, status="charged").exists(),
+            timeout=15,
             what="the payment charged after one retry",
         )
     finally:
@@ -44,7 +54,7 @@ def test_a_hung_gateway_call_on_the_threads_pool_ends_at_the_runs_deadline_and_i
         gateway.reset()
     charge = "shop.tasks.payments.charge_payment"
     assert events(payments, "retried", charge) == 1
-    assert len(gateway.ledger(Payment.objects.get(order_id=order_id).idempotency_key)) == 1
+    assert len(gateway.ledger(payment.idempotency_key)) == 1
 
 
 def test_a_threads_worker_for_a_queue_whose_tasks_do_not_bound_their_calls_refuses_to_start(
@@ -52,15 +62,7 @@ def test_a_threads_worker_for_a_queue_whose_tasks_do_not_bound_their_calls_refus
 ):
     env = role_env(worker_env | {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path)})
 
-    result = subprocess.run(
-        [str(BIN / "worker"), "reports", "-P", "threads", "-n", "reports@refused"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = run_script("worker", "reports", "-P", "threads", "-n", "reports@refused", env=env)
 
     assert result.returncode != 0
     assert "jobs.E003" in result.stderr
@@ -140,3 +142,18 @@ def test_every_shipped_worker_runs_a_pool_that_bounds_its_queues_tasks_and_io_ru
     assert {pool for queue, pool in pools.values() if queue in ("reports", "default")} == {
         "prefork"
     }
+
+
+def test_the_shipped_smtp_configuration_holds_each_step_to_the_runs_deadline():
+    import yaml
+
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    [config] = [
+        d
+        for d in yaml.safe_load_all((REPO / "deploy/k8s/config.yaml").read_text())
+        if d and d["kind"] == "ConfigMap"
+    ]
+
+    backend = "jobs.mail.DeadlineSMTPBackend"  # send_receipt says bounded_calls = True
+    assert compose["x-app"]["environment"]["EMAIL_BACKEND"] == backend
+    assert config["data"]["EMAIL_BACKEND"] == backend

@@ -24,6 +24,13 @@ def test_inside_a_run_a_timeout_never_exceeds_what_is_left(monkeypatch):
     assert deadline.remaining() is None  # the run ended: no deadline after it
 
 
+def test_a_run_inside_another_keeps_the_earlier_deadline(monkeypatch):
+    monkeypatch.setattr(deadline.time, "monotonic", lambda: 1000.0)
+
+    with deadline.running(2), deadline.running(25):
+        assert deadline.remaining() == 2.0
+
+
 def test_a_run_without_a_budget_has_no_deadline():
     with deadline.running(None):
         assert deadline.capped(15.0) == 15.0

@@ -3,7 +3,6 @@ worker against a gateway outage), and the system check that guards the visibilit
 
 import json
 import random
-import subprocess
 import time
 
 import pytest
@@ -17,7 +16,7 @@ from jobs.models import DeadLetter
 from jobs.retry import RetryPolicy, backoff
 from shop.models import Payment
 from shop.services.checkout import checkout_complete, checkout_parse
-from tests.processes import BIN, REPO, Worker, role_env, wait_until
+from tests.processes import Worker, role_env, run_script, wait_until
 
 
 def test_backoff_ceiling_doubles_per_attempt_until_the_cap():
@@ -147,9 +146,8 @@ def test_the_check_refuses_unbounded_default_retries_without_failing_itself(sett
 def test_the_site_and_a_worker_refuse_to_start_with_a_short_visibility_timeout(
     command, redis_server
 ):
-    result = subprocess.run(
-        [str(BIN / command[0]), *command[1:]],  # as every deployment starts them
-        cwd=REPO,
+    result = run_script(  # as every deployment starts them
+        *command,
         env=role_env(
             {
                 "PATH": "/usr/bin:/bin",
@@ -158,10 +156,6 @@ def test_the_site_and_a_worker_refuse_to_start_with_a_short_visibility_timeout(
                 "CELERY_BROKER_URL": redis_server.url,
             }
         ),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
     )
 
     assert result.returncode != 0
