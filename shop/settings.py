@@ -187,7 +187,9 @@ DEFAULT_FROM_EMAIL = env("DEFAULT_FROM_EMAIL", "shop@example.com")
 
 # --- The shop -------------------------------------------------------------------
 
-PAYMENT_GATEWAY_URL = env("PAYMENT_GATEWAY_URL", "http://127.0.0.1:8100")
+# Unset: the gateway `make run` starts, on GATEWAY_PORT when that is set.
+_local_gateway = f"http://127.0.0.1:{env('GATEWAY_PORT', '8100')}"
+PAYMENT_GATEWAY_URL = env("PAYMENT_GATEWAY_URL", _local_gateway)
 # Where shoppers' browsers reach the gateway to turn a card number into a token (its
 # POST /v1/tokens, like a processor's browser SDK): the card goes from the browser to the
 # processor, and the shop only ever sees the token.

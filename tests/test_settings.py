@@ -81,3 +81,22 @@ def test_the_lifecycle_story_names_every_signal_receiver_that_acts_on_a_task():
     assert len(receivers) > 10  # the regex found them
     missing = [(s, m) for s, m in receivers if s not in story or m not in story]
     assert missing == []
+
+
+def test_the_shop_calls_the_local_gateway_on_the_port_make_run_starts_it_on():
+    def url(**env: str) -> str:
+        result = subprocess.run(
+            [sys.executable, "-c", "import shop.settings as s; print(s.PAYMENT_GATEWAY_URL)"],
+            cwd=REPO,
+            env={"PATH": "/usr/bin:/bin", **env},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return result.stdout.strip()
+
+    assert url() == "http://127.0.0.1:8100"
+    assert url(GATEWAY_PORT="8711") == "http://127.0.0.1:8711"
+    assert url(GATEWAY_PORT="8711", PAYMENT_GATEWAY_URL="https://pay.example") == (
+        "https://pay.example"
+    )
