@@ -113,6 +113,14 @@ def test_beat_under_its_script_is_alive_for_its_healthcheck_and_stops_on_term(
     beat = subprocess.Popen([str(BIN / "beat")], cwd=REPO, env=beat_env, stdout=log, stderr=log)
     try:
         wait_until(lambda: run("beat-alive", env=beat_env) == 0, timeout=60, what="beat's schedule")
+        # Its schedule file is written while beat still sets up (its result backend is
+        # imported then); TERM in that moment ends it with an error. TERM a running beat:
+        # one that has sent its first due task.
+        wait_until(
+            lambda: "Sending due task" in (tmp_path / "beat.log").read_text(),
+            timeout=60,
+            what="beat's first due task",
+        )
         beat.send_signal(signal.SIGTERM)
         assert beat.wait(timeout=30) == 0
     finally:
