@@ -56,13 +56,10 @@ _clients: dict[int, httpx.Client] = {}
 
 def _client() -> httpx.Client:
     # One pooled client per process: a prefork child must not share its parent's sockets.
+    # Its timeouts come with each request (_request: capped by the run's deadline).
     pid = os.getpid()
     if pid not in _clients:
-        connect, read = settings.PAYMENT_GATEWAY_TIMEOUT
-        _clients[pid] = httpx.Client(
-            base_url=settings.PAYMENT_GATEWAY_URL,
-            timeout=httpx.Timeout(read, connect=connect),
-        )
+        _clients[pid] = httpx.Client(base_url=settings.PAYMENT_GATEWAY_URL)
     return _clients[pid]
 
 
