@@ -87,6 +87,24 @@ def visibility_timeout_check(app_configs: Any = None, **kwargs: Any) -> list[Che
     return errors
 
 
+@register("jobs")
+def outbox_check(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    """A published row is marked sent OUTBOX_MARK_INTERVAL later (jobs/outbox.py); the
+    relay publishes unsent rows older than OUTBOX_RELAY_GRACE again. An interval that
+    is not far below the grace re-sends every row."""
+    interval, grace = jobs_settings.OUTBOX_MARK_INTERVAL, jobs_settings.OUTBOX_RELAY_GRACE
+    if 0 < interval <= grace / 4:
+        return []
+    return [
+        Error(
+            f"JOBS_OUTBOX_MARK_INTERVAL is {interval:g} s with JOBS_OUTBOX_RELAY_GRACE "
+            f"{grace:g} s: the relay would publish rows again that wait to be marked sent.",
+            hint="Keep the interval above 0 and at most a quarter of the grace period.",
+            id="jobs.E004",
+        )
+    ]
+
+
 PROBES = "jobs.middleware.ProbeMiddleware"
 # Middleware that validates the request's host (DisallowedHost for one not allowed).
 HOST_READERS = (
@@ -183,7 +201,7 @@ def refuse_a_pool_that_cannot_bound_its_tasks(sender: Any, **_: Any) -> None:
 @beat_init.connect
 def refuse_to_start_with_a_redelivery_loop(**_: Any) -> None:
     """Celery's Django fixup runs the system checks but starts the worker anyway."""
-    errors = [e for e in visibility_timeout_check() if e.is_serious()]
+    errors = [e for e in [*visibility_timeout_check(), *outbox_check()] if e.is_serious()]
     if errors:
         for error in errors:
             print(f"{error.id}: {error.msg}\n  {error.hint}", file=sys.stderr)

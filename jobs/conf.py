@@ -33,6 +33,10 @@ class Defaults:
     # nothing.
     OUTBOX_PUBLISH_TIMEOUT: float = 1.0
     OUTBOX_PUBLISH_PAUSE: float = 10.0
+    # A row published after its commit is marked sent this many seconds later, with the
+    # others published meanwhile, in one UPDATE off the request path: far below
+    # OUTBOX_RELAY_GRACE, or the relay would publish rows again that only wait for it.
+    OUTBOX_MARK_INTERVAL: float = 0.5
     OUTBOX_RETENTION_DAYS: int = 7  # sent rows are pruned after this
     # A relay run stops after this many seconds (the next run goes on), well inside its
     # task's soft time limit: a slow broker never gets the run killed mid-row.

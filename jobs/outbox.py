@@ -6,9 +6,12 @@ the process dies between COMMIT and publish, the row stays unsent and `relay_uns
 (run by beat every few seconds, or `manage.py outbox_relay`) publishes it later. A
 broker that does not answer costs the request a short timeout once; then this process
 leaves its rows to the relay for a while (a circuit breaker).
+A published row is marked sent off the request path, with other rows in one UPDATE a
+moment later (`_Marks`), so a checkout commits once.
 Delivery is therefore at least once: consumers must be idempotent, and they are.
 """
 
+import atexit
 import enum
 import logging
 import os
@@ -21,7 +24,8 @@ from typing import Any, cast
 
 from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
-from django.db import transaction
+from celery.signals import worker_process_shutdown
+from django.db import DatabaseError, connections, router, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 from kombu import Connection
@@ -176,6 +180,81 @@ def _back_off(message: OutboxMessage, exc: Exception, using: str | None) -> None
     OutboxMessage.objects.using(using).filter(pk=message.pk).update(**fields)
 
 
+class _Marks:
+    """Rows this process published after their commit, waiting to be marked sent.
+
+    Marking each row with its own UPDATE was a second COMMIT on every checkout's path,
+    after the publish and before the response (make bench, scenario 9). Instead the id
+    waits here, and a thread of this process marks every waiting row in one UPDATE,
+    JOBS_OUTBOX_MARK_INTERVAL seconds after the first of them came. A process that dies
+    first (killed, the database unreachable) leaves those rows unsent: the relay publishes
+    them again once they are older than the grace period, under the same task id, as
+    any redelivery (at least once). So the grace period must be far longer than the
+    interval; a start-up check (jobs.E004) refuses one that is not.
+    """
+
+    MAX_WAITING = 100_000  # beyond this (the database gone for long) the relay re-sends
+    IDLE = 1.0  # seconds without a row to mark after which the thread's connection closes
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._waiting: dict[str, list[int]] = {}  # database alias -> row ids
+        self._due = threading.Event()
+        self._pid = 0  # the process whose thread marks: a forked child starts its own
+
+    def add(self, message: OutboxMessage, using: str | None) -> None:
+        alias = using or router.db_for_write(OutboxMessage)
+        with self._lock:
+            if self._pid != os.getpid():
+                self._pid, self._waiting = os.getpid(), {}
+                threading.Thread(
+                    target=self._mark_forever, name="outbox-marks", daemon=True
+                ).start()
+            if sum(map(len, self._waiting.values())) < self.MAX_WAITING:
+                self._waiting.setdefault(alias, []).append(message.pk)
+        self._due.set()
+
+    def flush(self) -> int:
+        """Mark every waiting row sent now; how many were marked."""
+        with self._lock:
+            waiting, self._waiting = self._waiting, {}
+        marked = 0
+        for alias, ids in waiting.items():
+            try:
+                marked += (
+                    OutboxMessage.objects.using(alias)
+                    .filter(pk__in=ids, sent_at__isnull=True)
+                    .update(sent_at=timezone.now(), attempts=F("attempts") + 1)
+                )
+            except DatabaseError as exc:
+                logger.warning("outbox: marking %d row(s) sent failed: %r", len(ids), exc)
+                with self._lock:  # the next round tries again; the relay if it never can
+                    self._waiting.setdefault(alias, []).extend(ids)
+        return marked
+
+    def _mark_forever(self) -> None:
+        while True:
+            if not self._due.wait(timeout=self.IDLE):
+                connections.close_all()  # this thread's: nothing to mark for a while
+                continue
+            time.sleep(jobs_settings.OUTBOX_MARK_INTERVAL)  # gather the rows coming in
+            self._due.clear()
+            for alias in connections:  # as a request does: CONN_MAX_AGE, health checks
+                connections[alias].close_if_unusable_or_obsolete()
+            self.flush()
+
+
+_marks = _Marks()
+atexit.register(_marks.flush)  # a clean exit (gunicorn, a threads worker) marks its rows
+worker_process_shutdown.connect(lambda **_: _marks.flush(), weak=False)  # prefork children
+
+
+def flush_marks() -> int:
+    """Mark the rows this process published sent, now instead of a moment later (tests,
+    a process about to exit); how many were marked."""
+    return _marks.flush()
+
+
 def _publish_committed(message: OutboxMessage, using: str | None) -> None:
     """The after-commit publisher. Never raises: the request that committed has succeeded."""
     global _paused_until
@@ -193,9 +272,7 @@ def _publish_committed(message: OutboxMessage, using: str | None) -> None:
     except Exception as exc:
         _back_off(message, exc, using)
         return
-    OutboxMessage.objects.using(using).filter(pk=message.pk, sent_at__isnull=True).update(
-        sent_at=timezone.now(), attempts=F("attempts") + 1
-    )
+    _marks.add(message, using)
     _sent(message)
 
 

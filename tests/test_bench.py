@@ -10,7 +10,7 @@ import pytest
 from tests.processes import run_module
 from tests.test_chaos import drop_database
 
-SCENARIOS = {1, 2, 3, 4, 5, 6, 7, 8}
+SCENARIOS = {1, 2, 3, 4, 5, 6, 7, 8, 9}
 
 
 @pytest.mark.parametrize(

@@ -160,6 +160,16 @@ class Bench(Stack):
             raise SystemExit(f"bench: {run.errors} order(s) refused: {run.statuses}")
         return first, run.ok
 
+    def writes(self) -> int:
+        """The next transaction id PostgreSQL will assign: it assigns one to each
+        transaction that writes (read-only ones get none), in every database of the
+        server, so the difference over a run is that run's writing transactions."""
+        from django.db import connection
+
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint")
+            return int(cursor.fetchone()[0])
+
     def receipts_sent(self, first_order: int) -> int:
         from shop.models import Receipt
 

@@ -1,4 +1,4 @@
-"""The eight scenarios. Each measures the shop and its baseline side by side, alternating
+"""The nine scenarios. Each measures the shop and its baseline side by side, alternating
 which goes first in each repetition, so drift on a noisy machine hits both alike.
 
 A scenario returns one dict of figures per repetition; the report takes the median,
@@ -495,8 +495,128 @@ def pools(bench: Bench, args: argparse.Namespace) -> Result:
     return result
 
 
+# --- 9 ---------------------------------------------------------------------------------
+
+
+def bounds(bench: Bench, args: argparse.Namespace) -> Result:
+    """Checkout through the outbox vs what a team would pick instead, Celery's own
+    `delay_on_commit` (no outbox row), and vs the same rows in one hand-written SQL
+    transaction: through the same gunicorn (`sql`) and from this process's threads with
+    no HTTP (`sql_direct`): the database's own bound. Throughput with closed-loop
+    clients; p99 open loop at half of delay_on_commit's throughput, the same rate for
+    both. PostgreSQL counts the commits (transactions that wrote); queries are counted
+    per checkout (the view, called in this process) and per task (every task the
+    workers ran: deploy/bench/tasks.py)."""
+    from deploy.bench.tasks import QUERIES_KEY, TASKS_KEY
+
+    result = Result(
+        9,
+        "Checkout: outbox vs delay_on_commit vs hand-written SQL",
+        [Goal("on_commit_throughput_ratio", ">=", 0.9), Goal("on_commit_p99_ratio", ">=", 0.9)],
+    )
+    requests = {
+        "outbox": bench.request("/api/orders/"),
+        "on_commit": bench.request("/bench/orders-on-commit/"),
+        "sql": bench.request("/bench/orders-sql/"),
+    }
+    bench.pause("payments")
+    _warm(bench, *requests.values())
+    for rep in range(args.reps):
+        figures: Figures = {}
+        variants = list(requests)
+        for variant in variants[rep % 3 :] + variants[: rep % 3]:
+            before = bench.writes()
+            run = bench.load(requests[variant], args.seconds)
+            figures |= _latency(variant, run)
+            figures[f"{variant}_commits_per_checkout"] = (bench.writes() - before) / run.ok
+        figures["sql_direct_per_s"] = _sql_direct(bench, args.seconds)
+        rate = figures["on_commit_per_s"] / 2
+        for variant in _alternate(rep, "outbox", "on_commit"):
+            paced_run = paced(  # three times as long: a p99 of 1,000 answers, not of 300
+                "127.0.0.1", bench.web_port, requests[variant], rate=rate, seconds=3 * args.seconds
+            )
+            figures[f"{variant}_half_load_p50_ms"] = paced_run.percentile(50)
+            figures[f"{variant}_half_load_p99_ms"] = paced_run.percentile(99)
+            figures[f"{variant}_half_load_errors"] = float(paced_run.errors)
+        outbox = figures["outbox_per_s"]
+        figures["on_commit_throughput_ratio"] = outbox / figures["on_commit_per_s"]
+        # >= 0.9 reads as for throughput: the outbox at least 0.9 x as fast at the p99.
+        figures["on_commit_p99_ratio"] = (
+            figures["on_commit_half_load_p99_ms"] / figures["outbox_half_load_p99_ms"]
+        )
+        figures["sql_throughput_ratio"] = outbox / figures["sql_per_s"]
+        figures["sql_direct_throughput_ratio"] = outbox / figures["sql_direct_per_s"]
+        result.reps.append(figures)
+        bench.purge("payments")
+    bench.resume("payments")
+    bench.client.delete(QUERIES_KEY, TASKS_KEY)
+    _drain_orders(bench, min(args.orders, 100))
+    figures = result.reps[-1]  # counts, not speeds: reported with the last repetition
+    figures["queries_per_checkout"] = _checkout_queries()
+    queries, tasks = bench.client.hgetall(QUERIES_KEY), bench.client.hgetall(TASKS_KEY)
+    for name, key in (("charge_payment", "payments"), ("send_receipt", "receipts")):
+        task = next((t for t in tasks if t.decode().endswith(f".{name}")), None)
+        if task is not None:
+            figures[f"queries_per_{key}_task"] = int(queries[task]) / int(tasks[task])
+    result.notes.append(
+        f"{bench.clients} concurrent clients, {args.seconds:g} s per run (sql_direct: as "
+        f"many threads, one connection each); half_load: open loop at on_commit_per_s / 2 for "
+        f"{3 * args.seconds:g} s; "
+        "sql writes the outbox row already sent and publishes nothing"
+    )
+    return result
+
+
+def _sql_direct(bench: Bench, seconds: float) -> float:
+    """Checkouts per second, `bench.clients` threads running sql_checkout back to back."""
+    import threading
+
+    import psycopg
+
+    from deploy.bench.sql import sql_checkout
+
+    data = json.loads(ORDER_BODY)
+    done = [0] * bench.clients
+    until = time.monotonic() + seconds
+
+    def client(index: int) -> None:
+        with psycopg.connect(bench.database_url) as conn:
+            while time.monotonic() < until:
+                sql_checkout(conn, data, str(uuid.uuid4()))
+                done[index] += 1
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(bench.clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return sum(done) / (time.monotonic() - started)
+
+
+def _checkout_queries() -> float:
+    """SQL queries of one checkout through the API view, after-commit work included."""
+    from django.db import connection
+    from django.test import RequestFactory
+    from django.test.utils import CaptureQueriesContext
+
+    from shop.views import api
+
+    request = RequestFactory().post(
+        "/api/orders/",
+        ORDER_BODY,
+        content_type="application/json",
+        headers={"Idempotency-Key": str(uuid.uuid4())},
+    )
+    with CaptureQueriesContext(connection) as queries:
+        response = api.orders(request)
+    assert response.status_code == 201, response.content
+    return float(len(queries))
+
+
 SCENARIOS: dict[str, Callable[[Bench, argparse.Namespace], Any]] = {
     "checkout": checkout,
+    "bounds": bounds,
     "inline": inline,
     "isolation": isolation,
     "drains": drains,

@@ -8,16 +8,23 @@
   the way a first version would be: `.delay()` after commit with no outbox, early acks,
   plain saves instead of conditional transitions, no claim on the receipt. They do the
   same work (the gateway call, the mail) so the difference is what reliability costs.
+
+Every task a bench worker runs counts its SQL queries (the result backend's included):
+`bench:queries` and `bench:tasks` in Redis, per task name, read by scenario 9.
 """
 
 import json
+import threading
 import time
+from collections.abc import Callable
 from functools import cache
+from typing import Any
 
 import redis
-from celery import Task, shared_task
+from celery import Task, shared_task, signals
 from celery.contrib.django.task import DjangoTask
 from django.conf import settings
+from django.db import connection
 from django.utils import timezone
 
 from jobs.celery import app
@@ -27,11 +34,34 @@ from shop.services.payments import charge_description
 from shop.services.receipts import receipt_deliver
 
 PROBE_KEY = "bench:probe"
+QUERIES_KEY, TASKS_KEY = "bench:queries", "bench:tasks"
+_counting = threading.local()
 
 
 @cache
 def _redis() -> redis.Redis:
     return redis.Redis.from_url(app.conf.broker_url)
+
+
+def _count(execute: Callable[..., Any], *args: Any) -> Any:
+    _counting.queries += 1
+    return execute(*args)
+
+
+@signals.task_prerun.connect
+def _count_from(**_: Any) -> None:
+    _counting.queries = 0
+    connection.execute_wrappers.append(_count)
+
+
+@signals.task_postrun.connect
+def _counted(sender: Task, **_: Any) -> None:  # after the result was stored
+    if _count in connection.execute_wrappers:
+        connection.execute_wrappers.remove(_count)
+    pipe = _redis().pipeline()
+    pipe.hincrby(QUERIES_KEY, sender.name, _counting.queries)
+    pipe.hincrby(TASKS_KEY, sender.name, 1)
+    pipe.execute()
 
 
 @shared_task(name="bench.noop", base=Task, ignore_result=True, track_started=False)

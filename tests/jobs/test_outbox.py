@@ -10,10 +10,13 @@ import pytest
 from celery.app.routes import Router, prepare
 from celery.exceptions import QueueNotFound, SoftTimeLimitExceeded
 from django.core.management import CommandError, call_command
-from django.db import transaction
+from django.db import OperationalError, connection, transaction
+from django.db.models import QuerySet
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from jobs import app, outbox
+from jobs.checks import outbox_check
 from jobs.models import DeadLetter, OutboxMessage
 from tests.processes import run_concurrently, wait_until
 
@@ -39,10 +42,58 @@ def test_enqueue_publishes_after_commit_with_the_rows_task_id(broker):
         message = outbox.enqueue(TASK, args=[7])
         assert published_task_ids(broker) == []
 
-    message.refresh_from_db()
     assert published_task_ids(broker) == [str(message.task_id)]
-    assert message.sent_at is not None
+    message.refresh_from_db()
+    assert message.sent_at is None  # marked a moment later, off the committing thread
+    wait_until(lambda: OutboxMessage.objects.get(pk=message.pk).sent_at is not None, timeout=5)
+    message.refresh_from_db()
     assert message.attempts == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_committing_thread_writes_nothing_after_its_commit(broker, settings):
+    settings.JOBS_OUTBOX_MARK_INTERVAL = 2.5  # the marking thread stays out of the way
+    with CaptureQueriesContext(connection) as queries:
+        with transaction.atomic():
+            message = outbox.enqueue(TASK, args=[7])
+        assert published_task_ids(broker) == [str(message.task_id)]
+
+    # then: one transaction (the row, with the caller's); no UPDATE after the publish:
+    # the mark is someone else's, so a checkout commits once
+    assert [q["sql"].split()[0] for q in queries.captured_queries] == ["BEGIN", "INSERT", "COMMIT"]
+    assert outbox.flush_marks() == 1
+    assert OutboxMessage.objects.get(pk=message.pk).sent_at is not None
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_row_published_but_never_marked_is_published_again_with_its_task_id(broker, monkeypatch):
+    # given: the process dies between its publish and its mark
+    monkeypatch.setattr(outbox._marks, "add", lambda message, using: None)
+    message = outbox.enqueue(TASK, args=[7])
+    assert published_task_ids(broker) == [str(message.task_id)]
+
+    # then: the row is still unsent, and the relay publishes it again: the same task id
+    # twice, which the idempotent task absorbs like any redelivery (at least once)
+    assert outbox.relay_unsent(older_than=0) == 1
+    assert published_task_ids(broker) == [str(message.task_id)] * 2
+    assert OutboxMessage.objects.get(pk=message.pk).sent_at is not None
+
+
+@pytest.mark.django_db(transaction=True)
+def test_marks_that_fail_are_kept_for_the_next_round(broker, monkeypatch, settings):
+    settings.JOBS_OUTBOX_MARK_INTERVAL = 2.5  # the marking thread stays out of the way
+    message = outbox.enqueue(TASK, args=[7])
+    real_update = QuerySet.update
+
+    def database_down(self, **fields):
+        raise OperationalError("the database went away")
+
+    monkeypatch.setattr(QuerySet, "update", database_down)
+    assert outbox._marks.flush() == 0
+    monkeypatch.setattr(QuerySet, "update", real_update)
+
+    assert outbox.flush_marks() == 1
+    assert OutboxMessage.objects.get(pk=message.pk).sent_at is not None
 
 
 @pytest.mark.django_db(transaction=True)
@@ -93,6 +144,7 @@ def test_a_frozen_broker_costs_one_short_timeout_then_the_relay_takes_over(broke
     # and after the pause, publishing after commit is tried again, and works
     wait_until(lambda: not outbox.publishing_paused(), timeout=5)
     third = outbox.enqueue(TASK, args=[3])
+    outbox.flush_marks()
     third.refresh_from_db()
     assert third.sent_at is not None
     assert str(third.task_id) in published_task_ids(broker)
@@ -302,3 +354,15 @@ def test_outbox_relay_command(broker, capsys):
     assert broker.queue_lengths()["payments"] == 3
     with pytest.raises(CommandError, match="positive"):
         call_command("outbox_relay", loop=0)
+
+
+def test_the_check_passes_the_shipped_marking_interval():
+    assert outbox_check() == []
+
+
+@pytest.mark.parametrize("interval", [0, 2.6], ids=["never", "near-the-grace"])
+def test_the_check_refuses_a_marking_interval_the_relay_would_overtake(settings, interval):
+    settings.JOBS_OUTBOX_RELAY_GRACE = 10
+    settings.JOBS_OUTBOX_MARK_INTERVAL = interval
+
+    assert [error.id for error in outbox_check()] == ["jobs.E004"]

