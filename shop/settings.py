@@ -238,7 +238,8 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {
 }
 CELERY_WORKER_SOFT_SHUTDOWN_TIMEOUT = env_float("CELERY_WORKER_SOFT_SHUTDOWN_TIMEOUT", 30.0)
 
-CELERY_RESULT_BACKEND = "django-db"  # results are observability only; rows are the truth [§4]
+# Only for tasks that ask (ignore_result=False: the sales report); rows are the truth [§4]
+CELERY_RESULT_BACKEND = "django-db"
 CELERY_RESULT_EXTENDED = True  # store task name, args, worker, queue with each result [§4]
 CELERY_RESULT_EXPIRES = 7 * 24 * 3600  # purged daily by beat's celery.backend_cleanup [§4]
 

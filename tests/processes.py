@@ -4,6 +4,7 @@ Everything runs on free ports and temporary folders; the machine's shared servic
 never stopped or flushed.
 """
 
+import json
 import os
 import signal
 import socket
@@ -317,3 +318,14 @@ class Worker:
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def events(self, event: str) -> list[dict[str, Any]]:
+        """The job events of this kind in the worker's log (LOG_FORMAT=json, jobs/logs.py)."""
+        lines = self.log_text().splitlines()
+        records = (json.loads(line) for line in lines if line[:1] == "{")
+        return [record for record in records if record.get("event") == event]
+
+    def succeeded(self, task_id: str) -> bool:
+        """Whether the worker logged `task_id` as succeeded: the witness, since results are
+        not stored (jobs ignores them unless a task asks)."""
+        return any(record.get("task_id") == task_id for record in self.events("succeeded"))

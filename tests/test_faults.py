@@ -13,7 +13,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from django_celery_results.models import TaskResult
 
 from jobs import app, outbox
 from jobs.models import DeadLetter, OutboxMessage
@@ -174,7 +173,7 @@ def test_warm_shutdown_finishes_the_running_task_and_acks_it(
     assert code == 0
     assert log.read_text().splitlines()[-1] == "finished"
     assert len(attempts_started(log)) == 1
-    assert TaskResult.objects.get(task_id=task_id).status == "SUCCESS"
+    assert worker.succeeded(task_id)
     assert broker.unacked() == 0
     assert broker.queue_lengths()["default"] == 0
 

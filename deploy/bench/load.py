@@ -136,12 +136,41 @@ def load(
     return asyncio.run(main())
 
 
+def mixed(
+    host: str, port: int, requests: dict[str, Request], *, clients: int, seconds: float
+) -> dict[str, Run]:
+    """`load` with the clients shared out between the requests, a Run for each: variants
+    measured in the same seconds share whatever else the machine does meanwhile (a
+    checkpoint, a vacuum, a neighbour), which one variant after the other do not."""
+
+    async def main() -> dict[str, Run]:
+        runs = {kind: Run() for kind in requests}
+        kinds = [list(requests)[index % len(requests)] for index in range(clients)]
+        started = time.perf_counter()
+        until, budget = started + seconds, [-1]
+        await asyncio.gather(
+            *(_client(host, port, requests[kind], until, budget, runs[kind]) for kind in kinds)
+        )
+        for run in runs.values():
+            run.seconds = time.perf_counter() - started
+        return runs
+
+    return asyncio.run(main())
+
+
 def paced(host: str, port: int, request: Request, *, rate: float, seconds: float) -> Run:
     """Open loop: a request every 1/rate s whatever the answers, each on its own
     connection. Latency counts from the moment the request was due, so a server that
     falls behind shows it (no coordinated omission)."""
+    return paced_mixed(host, port, {"": request}, rate=rate, seconds=seconds)[""]
 
-    async def one(due: float, run: Run) -> None:
+
+def paced_mixed(
+    host: str, port: int, requests: dict[str, Request], *, rate: float, seconds: float
+) -> dict[str, Run]:
+    """`paced`, the requests taking turns (`rate` in all), a Run for each (see `mixed`)."""
+
+    async def one(request: Request, due: float, run: Run) -> None:
         try:
             reader, writer = await asyncio.open_connection(host, port)
             writer.write(request())
@@ -153,15 +182,18 @@ def paced(host: str, port: int, request: Request, *, rate: float, seconds: float
         run.latencies.append(time.perf_counter() - due)
         run.statuses[status] = run.statuses.get(status, 0) + 1
 
-    async def main() -> Run:
-        run, pending = Run(), []
+    async def main() -> dict[str, Run]:
+        runs = {kind: Run() for kind in requests}
+        kinds, pending = list(requests), []
         started = time.perf_counter()
         for index in range(max(1, round(rate * seconds))):
             due = started + index / rate
             await asyncio.sleep(max(0.0, due - time.perf_counter()))
-            pending.append(asyncio.create_task(one(due, run)))
+            kind = kinds[index % len(kinds)]
+            pending.append(asyncio.create_task(one(requests[kind], due, runs[kind])))
         await asyncio.gather(*pending)
-        run.seconds = time.perf_counter() - started
-        return run
+        for run in runs.values():
+            run.seconds = time.perf_counter() - started
+        return runs
 
     return asyncio.run(main())

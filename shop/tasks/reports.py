@@ -17,6 +17,7 @@ from shop.services import reports
     name=reports.REPORT_TASK,
     base=ReliableTask,
     bind=True,
+    ignore_result=False,  # the result says where the report's file is
     soft_time_limit=reports.SOFT_TIME_LIMIT,
     time_limit=reports.TIME_LIMIT,
 )

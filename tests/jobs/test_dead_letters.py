@@ -8,7 +8,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from django_celery_results.models import TaskResult
 
 from jobs import app
 from jobs.dead_letters import dead_letter_record
@@ -54,11 +53,7 @@ def test_a_transient_failure_that_heals_is_retried_with_backoff_and_leaves_no_de
 
     task_id = send("fail_until", str(log), 2)
 
-    wait_until(
-        lambda: TaskResult.objects.filter(task_id=task_id, status="SUCCESS").exists(),
-        timeout=30,
-        what="the task to succeed",
-    )
+    wait_until(lambda: fault_worker.succeeded(task_id), timeout=30, what="the task to succeed")
     times = attempts(log)
     assert len(times) == 3
     gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
@@ -125,7 +120,7 @@ def test_a_child_killed_once_is_redelivered_and_completes_once(fault_worker, tmp
     task_id = send("die", str(log), 1, str(done))
 
     wait_until(
-        lambda: TaskResult.objects.filter(task_id=task_id, status="SUCCESS").exists(),
+        lambda: fault_worker.succeeded(task_id),
         timeout=30,
         what="the task to succeed after its child was killed",
     )
