@@ -3,10 +3,13 @@ shared and noisy): only that the harness measures every scenario and writes its 
 
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
 
+from deploy.bench.cpu import CpuGroups, cores, manifest_cpu
+from deploy.stack import QUEUES
 from tests.processes import run_module
 from tests.test_chaos import drop_database
 
@@ -51,3 +54,34 @@ def test_a_quick_bench_measures_every_scenario_and_writes_its_report(tmp_path):
     assert (tmp_path / "bench.txt").read_text() in result.stdout
     stack = result.stdout.split("bench: stack in ", 1)[1].split()[0]
     assert not Path(stack).exists()  # a run that succeeded leaves no logs behind
+
+
+def test_the_bench_gives_its_processes_the_cpu_their_deployments_ask_for():
+    cpu = manifest_cpu()
+
+    # every process the bench starts has a Deployment to take its CPU from
+    assert {"web", "beat", *(f"worker-{queue}" for queue in QUEUES)} <= set(cpu)
+    assert cpu["worker-reports"] == (cores("250m"), cores("500m")) == (0.25, 0.5)
+    assert all(0 < request <= limit for request, limit in cpu.values())
+
+
+@pytest.mark.skipif(not CpuGroups("probe").available, reason="needs cgroup v1's cpu controller")
+def test_a_process_placed_in_its_group_is_weighted_and_limited_as_its_deployment(tmp_path):
+    groups = CpuGroups(f"bench-test-{os.getpid()}")
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        groups.place("worker-reports", sleeper.pid)
+        groups.place("redis", sleeper.pid)  # no Deployment: stays where it is
+
+        group = groups.root / "worker-reports"
+        assert (
+            f":cpu:/{groups.root.name}/worker-reports"
+            in Path(f"/proc/{sleeper.pid}/cgroup").read_text()
+        )
+        assert (group / "cpu.shares").read_text().strip() == str(round(0.25 * 1024))
+        assert (group / "cpu.cfs_quota_us").read_text().strip() == "50000"  # 0.5 of 100 ms
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        groups.close()
+    assert not groups.root.exists()

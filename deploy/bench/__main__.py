@@ -33,10 +33,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--probes", type=int, default=200, help="enqueue probes of each kind")
     parser.add_argument("--probe-gap", type=float, default=0.01, help="seconds between probes")
     parser.add_argument("--reports", type=int, default=10_000, help="reports queued (5)")
-    parser.add_argument("--rate", type=float, default=40.0, help="orders/s in scenario 5")
     parser.add_argument(
-        "--inline-rate", type=float, default=10.0, help="orders/s in scenario 2 (open loop)"
+        "--load",
+        type=float,
+        default=0.5,
+        help="share of the capacity measured in the same run placed open loop (2, 5)",
     )
+    parser.add_argument("--samples", type=int, default=1000, help="charge waits per run (5)")
     parser.add_argument("--gateway-latency-ms", type=int, default=300, help="scenarios 2, 8")
     parser.add_argument(
         "--gateway-jitter-ms", type=int, default=50, help="plus uniform 0..this (8)"
@@ -61,10 +64,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.reps, args.seconds, args.orders, args.probes = 1, 1.0, 20, 10
-        args.reports, args.rate, args.inline_rate, args.gateway_latency_ms = 100, 20.0, 5.0, 50
+        args.reports, args.samples, args.gateway_latency_ms = 100, 20, 50
         args.mail_latency_ms, args.gateway_jitter_ms, args.threads = 10, 5, 4
     positive = ["reps", "seconds", "clients", "web_workers", "web_threads", "orders", "probes"]
-    positive += ["reports", "rate", "inline_rate", "threads"]
+    positive += ["reports", "load", "samples", "threads"]
     latencies = [args.gateway_latency_ms, args.gateway_jitter_ms, args.mail_latency_ms]
     if any(getattr(args, name) <= 0 for name in positive) or min(latencies) < 0:
         parser.error(f"--{', --'.join(n.replace('_', '-') for n in positive)} must be positive")
@@ -94,7 +97,7 @@ def main() -> int:
             print(f"bench: {name} took {time.monotonic() - started:.0f} s", flush=True)
     finally:
         bench.stop()
-    info = report.machine()
+    info = report.machine() | {"cpu_groups": bench.cpu.describe()}
     print("\n" + report.table(results, bench.peak_rss, info))
     report.write(results, bench.peak_rss, info, args.out, args)
     print(f"\nbench: wrote {args.out / 'bench.json'} and {args.out / 'bench.png'}")

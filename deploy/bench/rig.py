@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from deploy.bench.cpu import CpuGroups
 from deploy.bench.load import Request, Run, load, post_json
 from deploy.stack import QUEUES, Stack, children, wait_for
 
@@ -50,6 +51,7 @@ class Bench(Stack):
             worker_args=("-I", "deploy.bench.tasks"),
         )
         self.clients = clients
+        self.cpu = CpuGroups(self.dir.name)
         self.peak_rss: dict[str, int] = {}  # role -> KiB
         self._sampling = threading.Event()
         self._client: Any = None
@@ -75,6 +77,12 @@ class Bench(Stack):
     def stop(self) -> None:
         self._sampling.set()
         super().stop()
+        self.cpu.close()
+
+    def spawn(self, name: str, *command: str) -> None:
+        """Each process in the CPU group its Deployment would have (deploy/bench/cpu.py)."""
+        super().spawn(name, *command)
+        self.cpu.place(name, self.procs[name].pid)
 
     # --- consumers and queues ------------------------------------------------------------
 

@@ -111,8 +111,9 @@ def checkout(bench: Bench, args: argparse.Namespace) -> Result:
 def inline(bench: Bench, args: argparse.Namespace) -> Result:
     """The async checkout vs the same checkout charging the card and sending the receipt
     inside the request, the gateway answering in 300 ms, at a steady rate the inline
-    variant can still keep up with (latency, not capacity: scenario 1 saturates). Workers
-    paused, queues purged: the inline variant must be the only one charging its orders."""
+    variant can still keep up with: `--load` x its capacity, measured first (latency,
+    not capacity: scenario 1 saturates). Workers paused, queues purged: the inline
+    variant must be the only one charging its orders."""
     result = Result(2, "Async checkout vs charge + email inline", [Goal("p50_speedup", ">=", 20)])
     bench.gateway_control(latency_ms=args.gateway_latency_ms)
     bench.pause("payments", "emails")
@@ -121,13 +122,13 @@ def inline(bench: Bench, args: argparse.Namespace) -> Result:
         bench.request("/bench/orders-inline/", idempotent=False),
     )
     _warm(bench, asynchronous, synchronous)
+    capacity = bench.load(synchronous, args.seconds).per_second()
+    rate = args.load * capacity
     for rep in range(args.reps):
-        figures: Figures = {}
+        figures: Figures = {"inline_capacity_per_s": capacity}
         for variant in _alternate(rep, "async", "inline"):
             request = asynchronous if variant == "async" else synchronous
-            run = paced(
-                "127.0.0.1", bench.web_port, request, rate=args.inline_rate, seconds=args.seconds
-            )
+            run = paced("127.0.0.1", bench.web_port, request, rate=rate, seconds=args.seconds)
             figures |= _latency(variant, run)
         figures["p50_speedup"] = figures["inline_p50_ms"] / figures["async_p50_ms"]
         result.reps.append(figures)
@@ -135,8 +136,8 @@ def inline(bench: Bench, args: argparse.Namespace) -> Result:
     bench.gateway_control(latency_ms=0)
     bench.resume("payments", "emails")
     result.notes.append(
-        f"gateway latency {args.gateway_latency_ms} ms; {args.inline_rate:g} orders/s for "
-        f"{args.seconds:g} s per run, open loop"
+        f"gateway latency {args.gateway_latency_ms} ms; {args.load:g} x the inline "
+        f"capacity measured first: {rate:.1f} orders/s for {args.seconds:g} s per run, open loop"
     )
     return result
 
@@ -300,31 +301,41 @@ def _arrived(bench: Bench, count: int) -> bool:
 def isolation(bench: Bench, args: argparse.Namespace) -> Result:
     """The queue wait of charge_payment (publish -> start, from the payments worker's
     `started` log lines) for orders placed at a steady rate, with 10,000 sales reports
-    queued (one running) vs none. The reports worker runs at a lower CPU priority (nice),
-    as its own CPU limit would give it in a deployment: on one host, that is what keeps
-    a bulk pool from slowing the urgent ones."""
+    queued (one running) vs none. Each of the stack's processes runs in a cgroup weighted
+    and limited as its Deployment is in deploy/k8s (deploy/bench/cpu.py): on one host,
+    that is what keeps a bulk pool from slowing the urgent ones. The rate is a share of
+    the pipeline's capacity, measured first in the same run, so a slower machine gets a
+    lighter load instead of a queue that only grows; each variant places enough orders
+    for a p99 of `--samples` waits."""
     from jobs.celery import app
 
     result = Result(5, "Payment queue wait: reports queued vs none", [Goal("p99_ratio", "<=", 1.5)])
+    capacity = min(args.orders, 200) / _drain_orders(bench, min(args.orders, 200))
+    bench.resume(*NAIVE)  # the drain leaves the consumers paused
+    rate = args.load * capacity
+    seconds = args.samples / rate
     for rep in range(args.reps):
-        figures: Figures = {}
+        figures: Figures = {"capacity_orders_per_s": capacity, "orders_per_s": rate}
         for variant in _alternate(rep, "quiet", "busy"):
             if variant == "busy":
                 with app.producer_or_acquire() as producer:
                     for _ in range(args.reports):
                         app.send_task("shop.tasks.reports.build_sales_report", producer=producer)
-            waits = _paced_charge_waits(bench, args.rate, 3 * args.seconds)
+            waits = _paced_charge_waits(bench, rate, seconds)
             figures[f"{variant}_reports_queued"] = float(bench.depth("reports"))
-            figures[f"{variant}_p50_ms"] = percentile(waits, 50)
-            figures[f"{variant}_p99_ms"] = percentile(waits, 99)
+            figures[f"{variant}_samples"] = float(len(waits))
+            for q in (50, 95, 99):
+                figures[f"{variant}_p{q}_ms"] = percentile(waits, q)
             bench.purge("reports")
             # The report still running would share the CPU with the next, quiet, run.
             wait_until("the last report", lambda: bench.idle("reports"), timeout=600, every=0.2)
+        figures["p95_ratio"] = figures["busy_p95_ms"] / figures["quiet_p95_ms"]
         figures["p99_ratio"] = figures["busy_p99_ms"] / figures["quiet_p99_ms"]
         result.reps.append(figures)
-    # Three times the other runs' length: a p99 of 200 waits is the second-worst wait,
-    # and one beat task or GC pause moved it from 5 to 70 ms.
-    result.notes.append(f"{args.rate:g} orders/s for {3 * args.seconds:g} s per run")
+    result.notes.append(
+        f"{args.load:g} x the drain capacity measured first ({capacity:.0f} orders/s): "
+        f"{rate:.1f} orders/s for {seconds:.0f} s per run; {bench.cpu.describe()}"
+    )
     return result
 
 
@@ -560,6 +571,7 @@ def bounds(bench: Bench, args: argparse.Namespace) -> Result:
     bench.resume("payments")
     bench.client.delete(QUERIES_KEY, TASKS_KEY)
     _drain_orders(bench, min(args.orders, 100))
+    bench.resume(*NAIVE)  # the drain leaves the consumers paused
     figures = result.reps[-1]  # counts, not speeds: reported with the last repetition
     figures["queries_per_checkout"] = _checkout_queries()
     queries, tasks = bench.client.hgetall(QUERIES_KEY), bench.client.hgetall(TASKS_KEY)
