@@ -197,6 +197,11 @@ class _Marks:
     IDLE = 1.0  # seconds without a row to mark after which the thread's connection closes
 
     def __init__(self) -> None:
+        self._reset()
+        # A child forked while the parent's thread held the lock would wait for ever.
+        os.register_at_fork(after_in_child=self._reset)
+
+    def _reset(self) -> None:
         self._lock = threading.Lock()
         self._waiting: dict[str, list[int]] = {}  # database alias -> row ids
         self._due = threading.Event()
@@ -245,8 +250,17 @@ class _Marks:
 
 
 _marks = _Marks()
-atexit.register(_marks.flush)  # a clean exit (gunicorn, a threads worker) marks its rows
-worker_process_shutdown.connect(lambda **_: _marks.flush(), weak=False)  # prefork children
+
+
+def _flush_on_exit(**_: Any) -> None:
+    try:
+        _marks.flush()
+    except Exception as exc:  # exiting anyway: the relay sends these rows again
+        logger.warning("outbox: marking rows sent on exit failed: %r", exc)
+
+
+atexit.register(_flush_on_exit)  # a clean exit (gunicorn, a threads worker) marks its rows
+worker_process_shutdown.connect(_flush_on_exit, weak=False)  # prefork pool children
 
 
 def flush_marks() -> int:
