@@ -42,7 +42,7 @@ def test_a_quick_bench_measures_every_scenario_and_writes_its_report(tmp_path):
     assert {s["number"] for s in report["scenarios"]} == SCENARIOS
     for scenario in report["scenarios"]:
         assert scenario["repetitions"], scenario["title"]
-        assert scenario["goals"], scenario["title"]
+        assert scenario["goals"] or scenario["number"] == 1, scenario["title"]  # 1: a figure
         for goal in scenario["goals"]:  # measured: a number, not NaN
             assert goal["median"] == goal["median"], (scenario["title"], goal)
     checkout = report["scenarios"][0]["summary"]
@@ -50,7 +50,7 @@ def test_a_quick_bench_measures_every_scenario_and_writes_its_report(tmp_path):
     assert checkout["checkout_errors"]["max"] == 0
     assert {"web worker", "payments child", "emails child"} <= set(report["peak_rss_mib"])
     assert (tmp_path / "bench.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
-    assert "goal throughput_ratio >= 0.4" in result.stdout
+    assert "goal on_commit_throughput_ratio >= 0.9" in result.stdout
     assert (tmp_path / "bench.txt").read_text() in result.stdout
     stack = result.stdout.split("bench: stack in ", 1)[1].split()[0]
     assert not Path(stack).exists()  # a run that succeeded leaves no logs behind

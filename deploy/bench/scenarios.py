@@ -70,12 +70,11 @@ def _warm(bench: Bench, *requests: Callable[[], bytes]) -> None:
 def checkout(bench: Bench, args: argparse.Namespace) -> Result:
     """POST /api/orders/ vs a trivial Django JSON view on the same server, same clients.
     The charges wait in their queue (payments paused, purged after each run): this
-    measures the web tier, not the workers sharing its 2 cores (scenario 3 does)."""
-    result = Result(
-        1,
-        "Checkout vs a trivial JSON view",
-        [Goal("throughput_ratio", ">=", 0.4), Goal("checkout_p99_ms", "<=", 25)],
-    )
+    measures the web tier, not the workers sharing its 2 cores (scenario 3 does).
+    A figure, not a goal: a checkout is a database transaction and a trivial view is
+    not, so the ratio is set by the database (scenario 9 measures checkout against the
+    bounds that matter: delay_on_commit, and the same rows in hand-written SQL)."""
+    result = Result(1, "Checkout vs a trivial JSON view", [])
     hello = get("127.0.0.1", bench.web_port, "/bench/hello/")
     order = bench.request("/api/orders/")
     bench.pause("payments")
