@@ -1,15 +1,98 @@
 import json
-from typing import Any
+from typing import Any, cast
 
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
-from django.db.models import QuerySet
+from django.db import connections, router
+from django.db.models import Field, Model, QuerySet
 from django.http import HttpRequest, HttpResponse
 from django.utils.html import format_html
 from django.utils.translation import ngettext
 
+from jobs.celery import app
 from jobs.dead_letters import Handled, dead_letter_discard, dead_letter_replay
 from jobs.models import DeadLetter, OutboxMessage
+
+
+def distinct_values(model: type[Model], field: str) -> list[Any]:
+    """The distinct values of an indexed, non-null column, in order, each found in its
+    index (a loose index scan: one short descent per value). `SELECT DISTINCT` reads the
+    whole index instead, and the admin's own filter for a column ran it on every view of
+    the list: 40 ms of every page at 100,000 dead letters (make bench, scenario 10)."""
+    connection = connections[router.db_for_read(model)]
+    table = connection.ops.quote_name(model._meta.db_table)
+    concrete = cast("Field[Any, Any]", model._meta.get_field(field))
+    column = connection.ops.quote_name(str(concrete.column))
+    sql = (
+        f"WITH RECURSIVE found (value) AS (SELECT MIN({column}) FROM {table}"  # noqa: S608
+        f" UNION ALL SELECT (SELECT MIN({column}) FROM {table} WHERE {column} > found.value)"
+        " FROM found WHERE found.value IS NOT NULL)"
+        " SELECT value FROM found WHERE value IS NOT NULL"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql)
+        return [value for (value,) in cursor.fetchall()]
+
+
+class IndexedValuesFilter(admin.AllValuesFieldListFilter):
+    """Django's filter of a column's values (links to each), the values read from the
+    column's index (`distinct_values`). The whole table's values, as Django's own filter
+    shows them for an admin whose queryset is the whole table."""
+
+    def __init__(
+        self,
+        field: "Field[Any, Any]",
+        request: HttpRequest,
+        params: dict[str, Any],
+        model: type[Model],
+        model_admin: "admin.ModelAdmin[Any]",
+        field_path: str,
+    ) -> None:
+        super().__init__(field, request, params, model, model_admin, field_path)
+        # The values themselves serve as well as Django's queryset of them.
+        self.lookup_choices = distinct_values(model, field_path)  # type: ignore[assignment]
+
+
+class OutboxStateFilter(admin.SimpleListFilter):
+    """What became of a row. `unsent` is what the relay will publish and the Operations
+    page counts (not dead-lettered), read from the relay's own index: the `sent_at` empty
+    filter it replaces counted and ordered a million rows of history to find them."""
+
+    title = "state"
+    parameter_name = "state"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return [("unsent", "Unsent"), ("sent", "Sent"), ("dead_lettered", "Dead-lettered")]
+
+    def queryset(
+        self, request: HttpRequest, queryset: QuerySet[OutboxMessage]
+    ) -> QuerySet[OutboxMessage]:
+        if self.value() == "unsent":
+            return queryset.filter(sent_at__isnull=True, dead_lettered_at__isnull=True)
+        if self.value() == "sent":
+            return queryset.filter(sent_at__isnull=False)
+        if self.value() == "dead_lettered":
+            return queryset.filter(dead_lettered_at__isnull=False)
+        return queryset
+
+
+class OutboxTaskFilter(admin.SimpleListFilter):
+    """The tasks this project registers, without a query: the outbox has no index on
+    task names (each would cost every enqueue), and `SELECT DISTINCT` over it read every
+    row on every view of the list. A row of a task no longer registered is found by the
+    search."""
+
+    title = "task name"
+    parameter_name = "task_name"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        names = sorted(name for name in app.tasks if not name.startswith("celery."))
+        return [(name, name) for name in names]
+
+    def queryset(
+        self, request: HttpRequest, queryset: QuerySet[OutboxMessage]
+    ) -> QuerySet[OutboxMessage]:
+        return queryset.filter(task_name=self.value()) if self.value() else queryset
 
 
 class ActionsRefusedLoudly(admin.ModelAdmin):
@@ -54,8 +137,11 @@ class OutboxMessageAdmin(ReadOnly):
     after retention; an unsent row is a task not published yet)."""
 
     list_display = ["id", "task_name", "task_id", "created_at", "sent_at", "attempts"]
-    list_filter = ["task_name", ("sent_at", admin.EmptyFieldListFilter)]
+    list_filter = [OutboxStateFilter, OutboxTaskFilter]
     search_fields = ["task_id", "task_name"]
+    # A filtered list says "N results (Show all)" instead of counting the whole history
+    # (a million rows, a week of checkouts) for "(N total)" on every view.
+    show_full_result_count = False
 
 
 def _pre(text: str) -> str:
@@ -87,9 +173,21 @@ class DeadLetterAdmin(ReadOnly, ActionsRefusedLoudly):
         "last_failed_at",
         "replay_outcome",
     ]
-    list_filter = ["status", "reason", "queue", "task_name", "replay_outcome", "last_failed_at"]
+    list_filter = [
+        "status",
+        "reason",
+        ("queue", IndexedValuesFilter),
+        ("task_name", IndexedValuesFilter),
+        "replay_outcome",
+        "last_failed_at",
+    ]
     search_fields = ["task_id", "task_name", "exception_message", "correlation_id"]
-    date_hierarchy = "last_failed_at"
+    # No date hierarchy: to offer its years, months or days it reads the date of every
+    # row on every view of the list (50 ms at 100,000 dead letters, with an index). The
+    # `last_failed_at` filter (today, past 7 days, this month, this year) selects by date.
+    # And one count per view, of the list as filtered: "N results (Show all)", not a
+    # second count of the whole table for "(N total)".
+    show_full_result_count = False
     actions = ["replay_selected", "discard_selected"]
     fieldsets = [(title, {"fields": tuple(fields)}) for title, fields in _SECTIONS]
     readonly_fields = [name for _, fields in _SECTIONS for name in fields]

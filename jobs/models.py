@@ -102,6 +102,16 @@ class DeadLetter(models.Model):
 
     class Meta:
         ordering = ["-last_failed_at"]
+        indexes = [
+            # The newest first: the admin's list, `dlq list`, and `--since` (a range).
+            models.Index(fields=["last_failed_at", "id"], name="deadletter_last_failed_idx"),
+            # Counts by status and reason (/metrics, the Operations page, the admin's
+            # filtered list) read this index alone, never the rows and their tracebacks;
+            # the dead of one reason, newest first, is the Operations page's link.
+            models.Index(
+                fields=["status", "reason", "last_failed_at", "id"], name="deadletter_state_idx"
+            ),
+        ]
         permissions = [
             ("replay_deadletter", "Can replay dead letters"),
             ("discard_deadletter", "Can discard dead letters"),

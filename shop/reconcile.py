@@ -41,22 +41,29 @@ def _cutoff() -> datetime:
     return timezone.now() - timedelta(minutes=settings.RECONCILE_AFTER_MINUTES)
 
 
-def _operator_owned(task_name: str, arg: int) -> bool:
-    """An operator owns the job: its dead letter waits for a decision (`dead`), or the
-    decision was to never run it again (`discarded`). Either way, not ours to re-run."""
-    return DeadLetter.objects.filter(
-        task_name=task_name,
-        status__in=[DeadLetter.Status.DEAD, DeadLetter.Status.DISCARDED],
-        args=[arg],
-    ).exists()
+def _operator_owned(task_name: str, args: list[int]) -> set[int]:
+    """Which of these jobs an operator owns: its dead letter waits for a decision
+    (`dead`), or the decision was to never run it again (`discarded`). Either way, not
+    ours to re-run. One query for all of them: a query per job read the task's dead
+    letters once per job found (make bench, scenario 10)."""
+    owned: set[int] = set()
+    for start in range(0, len(args), 1000):
+        letters = DeadLetter.objects.filter(
+            task_name=task_name,
+            status__in=[DeadLetter.Status.DEAD, DeadLetter.Status.DISCARDED],
+            args__in=[[arg] for arg in args[start : start + 1000]],
+        ).values_list("args", flat=True)
+        owned.update(letter[0] for letter in letters)
+    return owned
 
 
 def _resend_receipts(orders: list[int], *, repair: bool) -> Result:
     """Enqueue send_receipt for these orders (a receipt row first, if none), except where
     an operator owns the receipt's dead letter."""
     repaired = 0
+    owned = _operator_owned(send_receipt_task.name, orders) if repair else set()
     for order_id in orders:
-        if repair and not _operator_owned(send_receipt_task.name, order_id):
+        if repair and order_id not in owned:
             Receipt.objects.get_or_create(order_id=order_id)
             enqueue(send_receipt_task, args=[order_id])
             repaired += 1
@@ -97,8 +104,9 @@ def payment_stuck(*, repair: bool) -> Result:
         ).values_list("pk", flat=True)
     )
     repaired = 0
+    owned = _operator_owned(charge_payment_task.name, payments) if repair else set()
     for payment_id in payments:
-        if repair and not _operator_owned(charge_payment_task.name, payment_id):
+        if repair and payment_id not in owned:
             enqueue(charge_payment_task, args=[payment_id])  # same idempotency key: safe
             repaired += 1
     return Result(
@@ -123,15 +131,21 @@ def ledger_mismatch(*, repair: bool) -> Result:
             samples.append(f"charge {charge.get('id')}: no order reference")
         else:
             charged[number] += 1
+    # Both sides are compared in this process, and the database is asked only about the
+    # few charges without a paid order: the paid orders as a list of ids in a query
+    # (`pk__in`, twice) cost 27 s of a 36 s check at 500,000 orders (make bench,
+    # scenario 10).
     paid = set(Order.objects.filter(status=Order.Status.PAID).values_list("pk", flat=True))
-    settled_paid = Order.objects.filter(pk__in=paid, updated_at__lt=cutoff)
+    settled_paid = Order.objects.filter(status=Order.Status.PAID, updated_at__lt=cutoff)
     samples += [f"order {o}: {n} charges" for o, n in sorted(charged.items()) if n > 1]
     samples += [
         f"order {o}: paid, no charge"
         for o in settled_paid.values_list("pk", flat=True)
         if not charged[o]
     ]
-    unpaid = Order.objects.filter(pk__in=charged, created_at__lt=cutoff).exclude(pk__in=paid)
+    unpaid = Order.objects.filter(
+        pk__in=[o for o in charged if o not in paid], created_at__lt=cutoff
+    ).exclude(status=Order.Status.PAID)
     samples += [f"order {o}: charged, not paid" for o in unpaid.values_list("pk", flat=True)]
     return Result(found=len(samples), samples=samples)
 

@@ -1,14 +1,18 @@
-"""The benchmark's report: a table on stdout, `bench.json` and `bench.png`."""
+"""The benchmark's report: a table on stdout, `bench.json` and `bench.png`, and
+`scale.png` when scenario 10 ran (its curves)."""
 
 import json
 import os
 import platform
+import re
 import statistics
 from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+from deploy.bench.scale import MEASURES
+from deploy.bench.scale import NUMBER as SCALE
 from deploy.bench.scenarios import Result
 
 
@@ -106,6 +110,9 @@ def write(
     (out / "bench.json").write_text(json.dumps(data, indent=2, default=str))
     (out / "bench.txt").write_text(table(results, peak_rss, info) + "\n")
     chart(results, out / "bench.png")
+    for result in results:
+        if result.number == SCALE:
+            scale_chart(result, out / "scale.png")
 
 
 def chart(results: list[Result], path: Path) -> None:
@@ -146,5 +153,62 @@ def chart(results: list[Result], path: Path) -> None:
     axes.set_xlabel("measured / goal (1 = the goal exactly; right of the line: met)")
     axes.set_title("make bench: each goal, median of the repetitions (whiskers: min-max)")
     figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def scale_chart(result: Result, path: Path) -> None:
+    """Scenario 10's curves: each measure against the size of its table (log axis), its
+    bound as a dashed line where a goal sets one at the largest size. A flat line is a
+    cost that does not grow with the table."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for key, stats in summary(result).items():
+        if match := re.fullmatch(r"(.+)_(\d+)", key):
+            curves.setdefault(match[1], []).append((int(match[2]), stats["median"]))
+    bounds = {goal.key: goal for goal in result.goals}
+    columns = 2
+    rows = (len(curves) + columns - 1) // columns
+    figure, grid = plt.subplots(
+        rows, columns, figsize=(10, 2.8 * rows + 0.6), dpi=100, squeeze=False
+    )
+    for axes, (measure, points) in zip(grid.flat, curves.items(), strict=False):
+        points.sort()
+        title, table_name = MEASURES.get(measure, (measure, "rows"))
+        sizes, values = [p[0] for p in points], [p[1] for p in points]
+        axes.plot(sizes, values, marker="o", color="#1565c0")
+        for size, value in points:
+            axes.annotate(
+                _number(value),
+                (size, value),
+                textcoords="offset points",
+                xytext=(0, 6),
+                ha="center",
+                fontsize=8,
+            )
+        goal = bounds.get(f"{measure}_{sizes[-1]}")
+        if goal is not None:
+            met = goal.met(values[-1])
+            axes.axhline(
+                goal.bound,
+                color="#2e7d32" if met else "#c62828",
+                linestyle="--",
+                linewidth=1,
+                label=f"goal {goal.op} {goal.bound:g}",
+            )
+            axes.legend(fontsize=8, loc="upper left")
+        axes.set_xscale("log")
+        axes.set_ylim(bottom=0, top=max([*values, goal.bound if goal else 0]) * 1.25 or 1)
+        axes.set_title(title, fontsize=9)
+        axes.set_xlabel(table_name, fontsize=8)
+        axes.tick_params(labelsize=8)
+    for axes in list(grid.flat)[len(curves) :]:
+        axes.set_visible(False)
+    figure.suptitle(f"make bench, {result.number}. {result.title} (median)", fontsize=10)
+    figure.tight_layout(rect=(0, 0, 1, 0.98))  # the title above the top row's
     figure.savefig(path)
     plt.close(figure)

@@ -1,18 +1,23 @@
 """The reconciler checks outcomes: it repairs a stuck order through the outbox, leaves
 what an operator owns alone, and reports a double charge without touching anything."""
 
+import re
 import uuid
 from datetime import timedelta
 
 import httpx
 import pytest
 from django.core.management import call_command
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from jobs.models import DeadLetter, ReconciliationFinding
 from jobs.reconcile import reconciler
 from jobs.testing import assert_enqueued, assert_nothing_enqueued, enqueued
+from shop import reconcile
 from shop.models import Order, Payment, Receipt
+from shop.reconcile import paid_without_receipt, payment_stuck
 from shop.services.receipts import CLAIM_LEASE, receipt_send
 from tests.jobs.test_metrics import scrape, value
 
@@ -20,6 +25,7 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 LONG_AGO = timezone.now() - timedelta(hours=1)
 SEND_RECEIPT = "shop.tasks.emails.send_receipt"
+CHARGE_PAYMENT = "shop.tasks.payments.charge_payment"
 
 
 def paid_order(products, *, receipt: str | None = "pending") -> Order:
@@ -207,3 +213,68 @@ def test_the_reconciler_waits_out_a_tasks_own_longer_retry_policy(monkeypatch):
 
     assert error.id == "shop.E001"
     assert "7110 s at most" in error.msg  # 2+4+...+256, then 300 s 22 times
+
+
+# --- cost as the tables grow (make bench, scenario 10) ------------------------------
+
+
+def dead_letter_queries(queries: CaptureQueriesContext) -> list[str]:
+    return [q["sql"] for q in queries.captured_queries if '"jobs_deadletter"' in q["sql"]]
+
+
+@pytest.mark.parametrize("stuck", [2, 12])
+def test_the_repairs_ask_once_which_jobs_an_operator_owns_however_many_there_are(
+    broker, gateway, products, stuck
+):
+    orders = [paid_order(products) for _ in range(stuck)]
+    payments = []
+    for _ in range(stuck):
+        order = Order.objects.create(email="a@b.co", total="9.75")
+        payments.append(Payment.objects.create(order=order, amount="9.75", card_token="tok_visa"))
+    Payment.objects.update(updated_at=LONG_AGO)
+    for task, arg in ((SEND_RECEIPT, orders[0].pk), (CHARGE_PAYMENT, payments[0].pk)):
+        DeadLetter.objects.create(
+            task_id=str(uuid.uuid4()), task_name=task, args=[arg], reason="retries_exhausted"
+        )
+
+    with CaptureQueriesContext(connection) as queries:
+        receipts = paid_without_receipt(repair=True)
+        charges = payment_stuck(repair=True)
+
+    assert (receipts.found, receipts.repaired) == (stuck, stuck - 1)
+    assert (charges.found, charges.repaired) == (stuck, stuck - 1)
+    assert {tuple(m.args) for m in enqueued()} == {
+        *((o.pk,) for o in orders[1:]),
+        *((p.pk,) for p in payments[1:]),
+    }
+    assert len(dead_letter_queries(queries)) == 2  # one per check, not one per job
+
+
+def test_the_ledger_check_sends_the_database_no_list_of_paid_orders(broker, products, monkeypatch):
+    unpaid = Order.objects.create(email="a@b.co", total="9.75", status="failed")
+    Order.objects.filter(pk=unpaid.pk).update(created_at=LONG_AGO)
+    orders: list[Order] = []
+    ledger: list[dict[str, str]] = [{"id": "ch_0", "status": "succeeded", "description": ""}]
+    monkeypatch.setattr(reconcile.gateway, "charges_list", lambda: ledger)
+    statements = []
+    moment = re.compile(r"'[^']*'::timestamptz")  # the cutoff, a moment later
+    for paid in (3, 30):
+        orders += [paid_order(products, receipt="sent") for _ in range(paid - len(orders))]
+        ledger[1:] = [  # the first paid order has no charge; the failed one has one
+            {"id": f"ch_{o.pk}", "status": "succeeded", "description": f"Order #{o.pk} (r)"}
+            for o in [*orders[1:], unpaid]
+        ]
+
+        with CaptureQueriesContext(connection) as queries:
+            result = reconcile.ledger_mismatch(repair=True)
+
+        assert sorted(result.samples) == sorted(
+            [
+                "charge ch_0: no order reference",
+                f"order {orders[0].pk}: paid, no charge",
+                f"order {unpaid.pk}: charged, not paid",
+            ]
+        )
+        statements.append([moment.sub("", q["sql"]) for q in queries.captured_queries])
+    # The same statements for 30 paid orders as for 3: no list of their ids in them.
+    assert statements[0] == statements[1]
