@@ -239,14 +239,21 @@ class _Marks:
 
     def _mark_forever(self) -> None:
         while True:
-            if not self._due.wait(timeout=self.IDLE):
-                connections.close_all()  # this thread's: nothing to mark for a while
-                continue
-            time.sleep(jobs_settings.OUTBOX_MARK_INTERVAL)  # gather the rows coming in
-            self._due.clear()
-            for alias in connections:  # as a request does: CONN_MAX_AGE, health checks
-                connections[alias].close_if_unusable_or_obsolete()
-            self.flush()
+            try:
+                self._mark_round()
+            except Exception as exc:  # never die: a dead thread would mark nothing again
+                logger.warning("outbox: marking rows sent failed, trying again: %r", exc)
+                time.sleep(jobs_settings.OUTBOX_MARK_INTERVAL)
+
+    def _mark_round(self) -> None:
+        if not self._due.wait(timeout=self.IDLE):
+            connections.close_all()  # this thread's: nothing to mark for a while
+            return
+        time.sleep(jobs_settings.OUTBOX_MARK_INTERVAL)  # gather the rows coming in
+        self._due.clear()
+        for alias in connections:  # as a request does: CONN_MAX_AGE, health checks
+            connections[alias].close_if_unusable_or_obsolete()
+        self.flush()
 
 
 _marks = _Marks()
