@@ -18,6 +18,7 @@ when every invariant holds, both times.
 
 import argparse
 import json
+import math
 import os
 import random
 import signal
@@ -42,6 +43,7 @@ GOOD, DECLINED = "tok_visa", "tok_chargeDeclined"  # the gateway's test tokens
 SKUS = ["MUG-001", "TEE-002", "BAG-003", "PEN-004", "NBK-005", "CAP-006"]
 CHARGE, RECEIPT = "shop.tasks.payments.charge_payment", "shop.tasks.emails.send_receipt"
 OPERATOR, OPERATOR_PASSWORD = "lab-operator", "lab-operator-password"
+BREAKER_COOLDOWN = 5.0  # seconds a dependency's open breaker waits before its probe
 
 
 class Lab(Stack):
@@ -71,6 +73,13 @@ class Lab(Stack):
                 "GATEWAY_TIMEOUT_RATE": str(args.gateway_timeout_rate),
                 "GATEWAY_TIMEOUT_SECONDS": "17",  # past the client's 15 s read timeout
                 "GATEWAY_SEED": str(args.seed),
+                # A processor's rate limit for the whole run, and the shop's own shared
+                # limiter a little below it, as a team sets it; a breaker whose cooldown
+                # fits the lab's 15 s outage three times.
+                "GATEWAY_RATE_LIMIT": str(args.gateway_rate_limit),
+                "PAYMENT_GATEWAY_RATE_LIMIT": str(0.95 * args.gateway_rate_limit),
+                "BREAKER_COOLDOWN": str(BREAKER_COOLDOWN),
+                "BREAKER_RAMP": "5",
                 "LOG_LEVEL": "WARNING",
             },
         )
@@ -88,6 +97,7 @@ class Lab(Stack):
         self.duplicated: list[str] = []  # task ids of outbox rows published twice at once
         self.publishes: Counter[str] = Counter()  # first publishes seen, per task id
         self.stale_edits = 0
+        self.outages: list[tuple[float, float, int]] = []  # gateway outages: start, end, calls
 
     def watch_publishes(self) -> None:
         """Count the first publish (retries 0) of every task id from Celery's own
@@ -327,11 +337,23 @@ class Lab(Stack):
             os.kill(self.rng.choice(children), signal.SIGKILL)  # gunicorn starts another
 
     def gateway_outage(self) -> None:
-        """The gateway answers 503 to every charge for a while: charges retry with
-        backoff, and those that run out of retries are dead-lettered (replayed later)."""
+        """The gateway answers 503 to every charge for a while: five failures in a row open
+        the circuit breaker, and the charges wait (deferred, no retry spent) while one
+        probe per cooldown asks; the gateway counts what it received meanwhile."""
+        start = time.time()
         self.gateway_control(outage=True)
         time.sleep(self.args.gateway_outage_seconds)
         self.gateway_control(outage=False)
+        end = time.time()
+        seconds = self.gateway_seconds(start)
+        received = sum(r["received"] for r in seconds if start <= r["second"] < math.floor(end))
+        self.outages.append((start, end, received))
+
+    def gateway_seconds(self, since: float) -> list[dict[str, Any]]:
+        """The gateway's own count of each clock second since `since` (GET /v1/stats)."""
+        response = httpx.get(self.gw("/v1/stats"), params={"since": math.floor(since)}, timeout=30)
+        response.raise_for_status()
+        return list(response.json()["seconds"])
 
     def slow_broker(self) -> None:
         """Every packet to and from Redis waits 1.5 s for --outage-seconds: longer than the
@@ -509,7 +531,23 @@ class Lab(Stack):
         kills = sum(1 for _, name in self.faults if name.startswith("kill"))
         chosen, missing = list(self.args.faults), self.faults_not_run()
         key_bound = 50 + 10 * kills  # a killed delivery leaves its count until its TTL
+        limit = self.args.gateway_rate_limit
+        busiest = max((r["received"] for r in self.gateway_seconds(0)), default=0)
+        # Five failures open the breaker; then a probe per cooldown; plus what a second
+        # of the limit admitted before the fifth failure was counted.
+        outage_bound = 5 + math.ceil(self.args.gateway_outage_seconds / BREAKER_COOLDOWN) + limit
+        outage_calls = [calls for _, _, calls in self.outages]
         return [
+            (
+                f"gateway never above its limit ({limit}/s; its own count, busiest second)",
+                f"{busiest} calls",
+                busiest <= limit,
+            ),
+            (
+                f"gateway calls during each outage (breaker: probes only; bound {outage_bound})",
+                ", ".join(map(str, outage_calls)) or "no outage",
+                all(calls <= outage_bound for calls in outage_calls),
+            ),
             (
                 "stock conserved (initial = now + units in paid and pending orders)",
                 ", ".join(unbalanced) or f"every product ({self.stale_edits} stale admin saves)",
@@ -719,6 +757,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--gateway-failure-rate", type=float, default=0.05)
     parser.add_argument("--gateway-timeout-rate", type=float, default=0.01)
+    parser.add_argument(
+        "--gateway-rate-limit", type=int, default=40, help="calls a second it accepts (429 beyond)"
+    )
     parser.add_argument("--settle-timeout", type=float, default=600.0)
     parser.add_argument(
         "--fault-round-timeout",

@@ -14,6 +14,9 @@
    refuses to start otherwise). Each run has a deadline, its soft time limit
    (jobs.deadline): clients cap their timeouts by what is left, so a hung call ends on a
    pool that enforces no time limits too.
+   A call a dependency's rate limit or open circuit breaker holds back
+   (jobs.dependencies.Deferred) was never made: the task runs again later as the same
+   attempt, spending no retry (ReliableTask.defer).
 4. Fail fast on what cannot. A PermanentError (a request the dependency rejects as
    invalid, a row that must exist and does not) is not retried, nor is a soft time
    limit (the same work would run out of time again). An expected business
@@ -45,6 +48,7 @@ The signal receivers that act on a task along the way, and where they live:
   worker_ready: serves the worker's metrics when configured (jobs.lifecycle).
 """
 
+import json
 from typing import Any
 
 from celery.contrib.django.task import DjangoTask
@@ -52,6 +56,7 @@ from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded
 
 from jobs import deadline
 from jobs.conf import jobs_settings
+from jobs.dependencies import DEFERRALS_HEADER, SLOTS_HEADER, Deferred, carried
 from jobs.errors import PermanentError, PoisonMessage
 from jobs.poison import delivery_count, delivery_finished
 from jobs.retry import RetryPolicy
@@ -100,7 +105,9 @@ class ReliableTask(DjangoTask):
                 raise PoisonMessage(
                     f"delivered {deliveries} times without finishing: it kills its worker"
                 )
-            return self._run(*args, **kwargs)
+            # What earlier deferrals booked for this run (jobs.dependencies).
+            with carried(*_deferral_headers(request)):
+                return self._run(*args, **kwargs)
         finally:
             # Reached unless the process died: this delivery is not a poison suspect.
             delivery_finished(task_id, retries)
@@ -116,6 +123,10 @@ class ReliableTask(DjangoTask):
         try:
             with deadline.running(self.run_budget()):
                 return super().__call__(*args, **kwargs)
+        except Deferred as exc:
+            if self.request.called_directly or self.request.is_eager:
+                raise  # no broker to come back through
+            raise self.defer(exc) from exc
         except (Retry, Ignore, Reject, PermanentError, SoftTimeLimitExceeded):
             # A soft time limit is not a blip: the same work would run out of time again
             # (a task whose call may time out and heal converts it, as charge_payment does).
@@ -130,6 +141,50 @@ class ReliableTask(DjangoTask):
                 countdown=self.retry_policy().delay(self.request.retries),
                 max_retries=self.max_retries,
             ) from exc
+
+    def defer(self, exc: Deferred) -> Retry:
+        """Run again in ``exc.delay`` seconds (capped by the retry policy's cap, which the
+        start-up check keeps below half the visibility timeout) as the same attempt: a
+        call that was never made spends no retry. Returns the Retry to raise; the worker
+        records it as Celery's RETRY state and acks this delivery. As with Celery's own
+        retry(), a publish that fails rejects the message (the reconciler finds the order)."""
+        # At least a second: the copy must not start before this run has ended (its
+        # bookkeeping is by task id); a slot booked for it waits for it meanwhile.
+        countdown = max(1.0, min(exc.delay, self.retry_policy().cap))
+        request = self.request
+        slots, deferrals = _deferral_headers(request)
+        if exc.slot is not None:
+            slots[exc.dependency] = exc.slot
+        headers = {
+            **(request.headers or {}),
+            SLOTS_HEADER: json.dumps(slots),
+            DEFERRALS_HEADER: deferrals + 1,
+        }
+        signature = self.signature_from_request(
+            request, countdown=countdown, retries=request.retries, headers=headers
+        )
+        # The copy is the same delivery's successor: its count starts again.
+        delivery_finished(request.id, request.retries)
+        try:
+            signature.apply_async()
+        except Exception as error:
+            raise Reject(error, requeue=False) from error
+        return Retry(exc=exc, when=countdown, sig=signature)
+
+
+def _deferral_headers(request: Any) -> tuple[dict[str, float], int]:
+    """The slots booked for this run by its earlier deferrals, and how many in a row."""
+
+    def header(name: str) -> Any:
+        value = getattr(request, name, None)
+        return value if value is not None else (getattr(request, "headers", None) or {}).get(name)
+
+    try:
+        slots = {str(k): float(v) for k, v in json.loads(header(SLOTS_HEADER) or "{}").items()}
+        deferrals = int(header(DEFERRALS_HEADER) or 0)
+    except (TypeError, ValueError, AttributeError):
+        return {}, 0  # a header someone else wrote: start afresh
+    return slots, deferrals
 
 
 def _own(task: ReliableTask, name: str, default: float) -> float:

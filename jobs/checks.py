@@ -105,6 +105,37 @@ def outbox_check(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
     ]
 
 
+@register("jobs")
+def dependencies_check(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    """Each JOBS_DEPENDENCIES entry names known settings with usable values: a typo would
+    otherwise surface only at the first call, in a worker, as a task failing."""
+    from jobs.dependencies import Limits
+
+    errors: list[CheckMessage] = []
+    for name in jobs_settings.DEPENDENCIES:
+        problem = ""
+        try:
+            limits = Limits.of(name)
+            if limits.rate is not None and not limits.rate > 0:
+                problem = f"rate is {limits.rate}: give calls per second, or None for no limit"
+            elif limits.failures < 1:
+                problem = f"failures is {limits.failures}: the breaker needs at least one"
+            elif min(limits.cooldown, limits.probe_timeout) <= 0 or limits.ramp < 0:
+                problem = "cooldown and probe_timeout must be above 0, ramp at least 0"
+        except (TypeError, ValueError) as exc:  # an unknown setting, a number as text
+            problem = str(exc)
+        if problem:
+            errors.append(
+                Error(
+                    f"JOBS_DEPENDENCIES[{name!r}]: {problem}.",
+                    hint="Settings: rate, failures, cooldown, ramp, probe_timeout "
+                    "(jobs/dependencies.py).",
+                    id="jobs.E005",
+                )
+            )
+    return errors
+
+
 PROBES = "jobs.middleware.ProbeMiddleware"
 # Middleware that validates the request's host (DisallowedHost for one not allowed).
 HOST_READERS = (
@@ -201,7 +232,8 @@ def refuse_a_pool_that_cannot_bound_its_tasks(sender: Any, **_: Any) -> None:
 @beat_init.connect
 def refuse_to_start_with_a_redelivery_loop(**_: Any) -> None:
     """Celery's Django fixup runs the system checks but starts the worker anyway."""
-    errors = [e for e in [*visibility_timeout_check(), *outbox_check()] if e.is_serious()]
+    checks = [*visibility_timeout_check(), *outbox_check(), *dependencies_check()]
+    errors = [e for e in checks if e.is_serious()]
     if errors:
         for error in errors:
             print(f"{error.id}: {error.msg}\n  {error.hint}", file=sys.stderr)

@@ -13,7 +13,8 @@ Nothing here names the host: queues, routes, the broker URL and the host's own p
 tasks are the host's settings.
 """
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from django.conf import settings
@@ -68,6 +69,16 @@ class Defaults:
     # A bulk replay publishes this many rows per transaction, pausing between batches.
     REPLAY_BATCH_SIZE: int = 100
     REPLAY_BATCH_PAUSE: float = 0.2
+
+    # --- The services tasks call (jobs/dependencies.py) ----------------------------------
+    # Per dependency, by the host's names: {"gateway": {"rate": 50, "failures": 5,
+    # "cooldown": 30, "ramp": 30}}; a dependency not named has no rate limit and the
+    # default breaker. Its state is in this Redis ("": the broker's).
+    DEPENDENCIES: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    DEPENDENCY_REDIS_URL: str = ""
+    # A call waits at most this long for its turn (and never past half of what its run
+    # has left); a later turn defers the task instead, spending no retry.
+    DEPENDENCY_MAX_WAIT: float = 2.0
 
     # --- Periodic work (scheduled by jobs itself, jobs/celery.py) -----------------------
     # False: jobs adds nothing to beat's schedule, and the host schedules the tasks of

@@ -1,6 +1,6 @@
 """Bookkeeping of every job: the time it was published (a message header), and in the
 worker its correlation id while it runs, one log line and the metrics per transition
-(started, retried, succeeded, failed; dead letters in jobs.dead_letters)."""
+(started, retried, deferred, succeeded, failed; dead letters in jobs.dead_letters)."""
 
 import time
 from datetime import datetime
@@ -20,6 +20,7 @@ from celery.signals import (
 from jobs import correlation, metrics
 from jobs.celery import queue_of
 from jobs.conf import jobs_settings
+from jobs.dependencies import Deferred
 from jobs.logs import job_event
 
 SENT_AT_HEADER = "x_sent_at"
@@ -113,6 +114,19 @@ def _on_failure(sender: Task, **_: Any) -> None:
 
 @task_retry.connect
 def _on_retry(sender: Task, request: Any = None, reason: Any = None, **_: Any) -> None:
+    deferred = getattr(reason, "exc", None)  # reason: the Retry; its exc, what caused it
+    if isinstance(deferred, Deferred):
+        # A call held back by a dependency's limit or breaker: no retry was spent.
+        metrics.DEFERRED.labels(*_labels(sender), deferred.dependency, deferred.reason).inc()
+        job_event(
+            "deferred",
+            **describe(sender),
+            duration_ms=_observe_runtime(sender),
+            dependency=deferred.dependency,
+            reason=deferred.reason,
+            delay_s=round(deferred.delay, 3),
+        )
+        return
     metrics.RETRIED.labels(*_labels(sender)).inc()
     job_event(
         "retried",

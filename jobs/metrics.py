@@ -9,7 +9,8 @@ Two kinds:
   JOBS_METRICS_PORT (see `serve_worker_metrics`).
 - State, read at scrape time: queue depth and oldest waiting age (every Redis priority
   list), unacked deliveries and the oldest one's age (kombu's `unacked` structures),
-  consumers online, dead letters by reason and status, outbox backlog.
+  consumers online, dead letters by reason and status, outbox backlog, each dependency's
+  circuit breaker state and rate limit (jobs/dependencies.py).
 """
 
 import json
@@ -42,6 +43,12 @@ PUBLISHED = Counter("jobs_tasks_published_total", "Outbox rows handed to the bro
 STARTED = Counter("jobs_tasks_started_total", "Task executions started.", LABELS)
 SUCCEEDED = Counter("jobs_tasks_succeeded_total", "Task executions that succeeded.", LABELS)
 RETRIED = Counter("jobs_tasks_retried_total", "Task executions that asked for a retry.", LABELS)
+DEFERRED = Counter(
+    "jobs_tasks_deferred_total",
+    "Task executions deferred without spending a retry: a dependency's rate limit, its "
+    "open circuit breaker, or its 429.",
+    (*LABELS, "dependency", "reason"),
+)
 FAILED = Counter("jobs_tasks_failed_total", "Tasks that failed for good.", LABELS)
 DEAD_LETTERED = Counter(
     "jobs_dead_letters_total", "Dead letters written.", ("task", "queue", "reason")
@@ -193,6 +200,32 @@ def _database_state(now: float) -> Iterator[Metric]:
     yield failed
 
 
+_BREAKER_STATES = ("closed", "half_open", "open")
+
+
+def _dependencies() -> Iterator[Metric]:
+    from jobs.conf import jobs_settings
+    from jobs.dependencies import Dependency, Limits
+
+    state = GaugeMetricFamily(
+        "jobs_dependency_breaker_state",
+        "1 for the state the dependency's circuit breaker is in (shared by all workers).",
+        labels=["dependency", "state"],
+    )
+    rate = GaugeMetricFamily(
+        "jobs_dependency_rate_limit",
+        "Calls per second all workers together may make to the dependency (0: no limit).",
+        labels=["dependency"],
+    )
+    for name in sorted(jobs_settings.DEPENDENCIES):
+        current = Dependency(name).state()["state"]
+        for known in _BREAKER_STATES:
+            state.add_metric([name, known], 1 if current == known else 0)
+        rate.add_metric([name], Limits.of(name).rate or 0)
+    yield state
+    yield rate
+
+
 class StateCollector(Collector):
     """Reads broker and database state at scrape time. A part that cannot be read (Redis
     down) is left out of the scrape, and `jobs_scrape_errors` says which."""
@@ -214,8 +247,9 @@ class StateCollector(Collector):
             parts["unacked"] = lambda: _unacked_state(client, queues, now)
             parts["consumers"] = lambda: _consumers(queues)
             parts["canaries"] = lambda: _canaries(queues, now)
+            parts["dependencies"] = _dependencies
         else:  # fail fast: no inspect broadcast, no reconnect loop
-            for part in ("queues", "unacked", "consumers", "canaries"):
+            for part in ("queues", "unacked", "consumers", "canaries", "dependencies"):
                 errors.add_metric([part], 1)
         for part, read in parts.items():
             try:

@@ -19,12 +19,20 @@ class QueueRow:
 
 
 @dataclass
+class DependencyRow:
+    name: str
+    breaker: str = "closed"  # closed | half_open | open
+    rate_limit: float = 0  # calls per second for all workers (0: none)
+
+
+@dataclass
 class Snapshot:
     queues: list[QueueRow]
     dead_letters: dict[str, dict[str, int]]  # reason -> status -> count
     outbox_unsent: int
     outbox_oldest_age: float
     findings: list[ReconciliationFinding]
+    dependencies: list[DependencyRow] = field(default_factory=list)
     unreadable: list[str] = field(default_factory=list)  # parts that could not be read
 
 
@@ -43,6 +51,7 @@ def snapshot() -> Snapshot:
     letters: dict[str, dict[str, int]] = defaultdict(dict)
     scalars: dict[str, float] = {}
     unreadable: list[str] = []
+    dependencies: dict[str, DependencyRow] = {}
     for family in StateCollector().collect():
         for sample in family.samples:
             labels = sample.labels
@@ -51,6 +60,13 @@ def snapshot() -> Snapshot:
                 setattr(row, _QUEUE_FIELDS[family.name], sample.value)
             elif family.name == "jobs_dead_letters":
                 letters[labels["reason"]][labels["status"]] = int(sample.value)
+            elif family.name.startswith("jobs_dependency_"):
+                name = labels["dependency"]
+                dependency = dependencies.setdefault(name, DependencyRow(name))
+                if family.name == "jobs_dependency_rate_limit":
+                    dependency.rate_limit = sample.value
+                elif sample.value:  # jobs_dependency_breaker_state: 1 for its state
+                    dependency.breaker = labels["state"]
             elif family.name == "jobs_scrape_errors" and sample.value:
                 unreadable.append(labels["part"])
             else:
@@ -61,5 +77,6 @@ def snapshot() -> Snapshot:
         outbox_unsent=int(scalars.get("jobs_outbox_unsent", 0)),
         outbox_oldest_age=scalars.get("jobs_outbox_oldest_unsent_age_seconds", 0.0),
         findings=list(ReconciliationFinding.objects.all()),
+        dependencies=sorted(dependencies.values(), key=lambda row: row.name),
         unreadable=unreadable,
     )

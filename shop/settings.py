@@ -289,6 +289,22 @@ JOBS_RECONCILE_INTERVAL = env_float("RECONCILE_INTERVAL", _jobs.RECONCILE_INTERV
 JOBS_CANARY_INTERVAL = env_float("CANARY_INTERVAL", _jobs.CANARY_INTERVAL)
 JOBS_WORKER_METRICS_PORT = env_int("WORKER_METRICS_PORT", _jobs.WORKER_METRICS_PORT)
 
+
+# The services the workers call (jobs/dependencies.py): a rate limit each, in calls per
+# second for every worker together (0: none), and a circuit breaker each. Processors
+# publish their limit (Stripe's is 100 requests a second in live mode); stay a little
+# below it: calls start evenly spaced, and the network shifts them by milliseconds.
+_BREAKER = {
+    "failures": env_int("BREAKER_FAILURES", 5),  # in a row: the breaker opens
+    "cooldown": env_float("BREAKER_COOLDOWN", 30.0),  # open this long, then one probe
+    "ramp": env_float("BREAKER_RAMP", 30.0),  # after closing, the rate climbs this long
+}
+JOBS_DEPENDENCIES = {
+    "gateway": {"rate": env_float("PAYMENT_GATEWAY_RATE_LIMIT", 50.0) or None, **_BREAKER},
+    "mail": {"rate": env_float("MAIL_RATE_LIMIT", 20.0) or None, **_BREAKER},
+}
+JOBS_DEPENDENCY_MAX_WAIT = env_float("DEPENDENCY_MAX_WAIT", _jobs.DEPENDENCY_MAX_WAIT)
+
 # --- Processes started by `make run` (deploy/run_local.py) ------------------------
 
 WEB_PORT = env_int("WEB_PORT", 8000)

@@ -39,8 +39,9 @@ def _publishing_resumed() -> Iterator[None]:
 
 @pytest.fixture
 def broker(redis_server: RedisServer) -> RedisServer:
-    """The private Redis with empty queues."""
+    """The private Redis with empty queues (and every circuit breaker closed)."""
     redis_server.purge_queues()
+    redis_server.forget_dependencies()
     return redis_server
 
 
@@ -53,9 +54,11 @@ def gateway_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gatewa
 
 
 @pytest.fixture
-def gateway(gateway_process: Gateway, settings: object) -> Gateway:
-    """The gateway with its faults off, and this process's client pointed at it."""
+def gateway(gateway_process: Gateway, redis_server: RedisServer, settings: object) -> Gateway:
+    """The gateway with its faults off, its breaker closed, and this process's client
+    pointed at it."""
     gateway_process.reset()
+    redis_server.forget_dependencies()
     settings.PAYMENT_GATEWAY_URL = gateway_process.url  # type: ignore[attr-defined]
     gateway_client._clients.clear()
     return gateway_process

@@ -14,6 +14,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from django.db import connection
 
 from jobs.base import ReliableTask
+from jobs.dependencies import Deferred
 from jobs.errors import PermanentError, TransientError
 
 
@@ -28,6 +29,15 @@ def fail_until(path: str, failures: int) -> int:
     attempt = _attempt(path)
     if attempt <= failures:
         raise TransientError(f"attempt {attempt} of a flaky dependency")
+    return attempt
+
+
+@shared_task(name="tests.fault_tasks.defer_until", base=ReliableTask)
+def defer_until(path: str, deferrals: int) -> int:
+    """Held back by a dependency's limit `deferrals` times (its call never made), then done."""
+    attempt = _attempt(path)
+    if attempt <= deferrals:
+        raise Deferred("svc", "rate_limited", 0.1)
     return attempt
 
 

@@ -204,6 +204,17 @@ class RedisServer(_Server):
         client.delete(*(q + s for q in QUEUES for s in _PRIORITY_SUFFIXES))
         client.delete("unacked", "unacked_index")
 
+    def forget_dependencies(self) -> None:
+        """Close every circuit breaker and clear every rate-limit schedule (a test that
+        opened one must not leave it to the next)."""
+        client = self.client()
+        try:
+            keys = [*client.scan_iter("jobs:breaker:*"), *client.scan_iter("jobs:schedule:*")]
+        except redis.ConnectionError:
+            return  # stopped by the test (it starts again empty, in a fresh folder)
+        if keys:
+            client.delete(*keys)
+
 
 class Gateway(_Server):
     """The fake payment gateway as its own process, with its own ledger file."""
@@ -244,7 +255,15 @@ class Gateway(_Server):
         return dict(response.json())
 
     def reset(self) -> None:
-        self.control(latency_ms=0, failure_rate=0, timeout_rate=0, outage=False)
+        self.control(latency_ms=0, failure_rate=0, timeout_rate=0, outage=False, rate_limit=None)
+
+    def stats(self, since: int | None = None) -> dict[str, Any]:
+        """What the gateway received, accepted and refused per clock second (its own
+        count: the witness of the shop's rate limit)."""
+        params = {"since": since} if since is not None else {}
+        response = httpx.get(f"{self.url}/v1/stats", params=params, timeout=5)
+        response.raise_for_status()
+        return dict(response.json())
 
 
 class Worker:

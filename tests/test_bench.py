@@ -13,7 +13,7 @@ from deploy.stack import QUEUES
 from tests.processes import run_module
 from tests.test_chaos import drop_database
 
-SCENARIOS = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10}
+SCENARIOS = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11}
 
 
 @pytest.mark.parametrize(

@@ -43,6 +43,8 @@ def test_a_small_lab_run_keeps_every_invariant():
     assert re.search(r"ok +lost \(accepted, no receipt, no dead letter\) +0\n", verdicts[0])
     assert re.search(r"ok +accepted orders waiting in the dead letters \S+ +0\n", verdicts[1])
     assert re.search(r"ok +stock conserved .+ every product", verdicts[1])
+    assert re.search(r"ok +gateway never above its limit \(40/s", verdicts[0])
+    assert re.search(r"ok +gateway calls during each outage .+\)  +\d+(, \d+)*\n", verdicts[0])
     assert "BAD" not in result.stdout
     assert "chaos: every invariant holds" in result.stdout
 

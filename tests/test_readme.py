@@ -20,6 +20,7 @@ FAILURES = [
     "worker killed mid-task",
     "poison message",
     "retry storm",
+    "rate-limited dependency",
     "growing dead letters",
     "starved queue",
     "stuck job",

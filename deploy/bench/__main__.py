@@ -46,6 +46,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--mail-latency-ms", type=int, default=100, help="scenario 8")
     parser.add_argument("--threads", type=int, default=32, help="threads per worker (8)")
+    parser.add_argument("--rate-limit", type=int, default=50, help="the gateway's, calls/s (11)")
+    parser.add_argument(
+        "--limit-margin", type=float, default=0.95, help="the shop's limit / the gateway's (11)"
+    )
+    parser.add_argument("--limit-orders", type=int, default=2000, help="orders per drain (11)")
+    parser.add_argument("--replays", type=int, default=10_000, help="dead letters replayed (11)")
     parser.add_argument(
         "--only",
         default=",".join(SCENARIOS),
@@ -66,9 +72,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.reps, args.seconds, args.orders, args.probes = 1, 1.0, 20, 10
         args.reports, args.samples, args.gateway_latency_ms = 100, 20, 50
         args.mail_latency_ms, args.gateway_jitter_ms, args.threads = 10, 5, 4
+        args.rate_limit, args.limit_orders, args.replays = 20, 40, 40
     positive = ["reps", "seconds", "clients", "web_workers", "web_threads", "orders", "probes"]
-    positive += ["reports", "load", "samples", "threads"]
+    positive += ["reports", "load", "samples", "threads", "rate_limit", "limit_orders", "replays"]
     latencies = [args.gateway_latency_ms, args.gateway_jitter_ms, args.mail_latency_ms]
+    if not 0 < args.limit_margin <= 1:
+        parser.error("--limit-margin must be in (0, 1]")
     if any(getattr(args, name) <= 0 for name in positive) or min(latencies) < 0:
         parser.error(f"--{', --'.join(n.replace('_', '-') for n in positive)} must be positive")
     args.only = choose(parser, args.only, SCENARIOS, "scenario")

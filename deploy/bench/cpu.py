@@ -14,6 +14,7 @@ the bench runs unweighted and its report says so.
 """
 
 import contextlib
+import re
 from pathlib import Path
 from typing import Any
 
@@ -63,10 +64,12 @@ class CpuGroups:
     def place(self, name: str, pid: int) -> None:
         """Move process `pid` (started as `name`) into its group; the children it forks
         later are born there. A name with no Deployment stays where it is."""
-        name = name.replace("worker-naive-", "worker-")  # the naive pipeline: same pods
-        if not self.available or name not in self.cpu:
+        # The naive pipeline's workers and a Deployment's replicas (worker-payments-2):
+        # the same pods, each its own group.
+        deployment = re.sub(r"-\d+$", "", name.replace("worker-naive-", "worker-"))
+        if not self.available or deployment not in self.cpu:
             return
-        request, limit = self.cpu[name]
+        request, limit = self.cpu[deployment]
         group = self.root / name
         group.mkdir(exist_ok=True)
         (group / "cpu.shares").write_text(str(max(2, round(request * 1024))))

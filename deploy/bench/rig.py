@@ -44,6 +44,9 @@ class Bench(Stack):
                 "RECONCILE_INTERVAL": "86400",
                 # A mail server's latency, set per run (scenario 8): deploy/bench/mail.py.
                 "EMAIL_BACKEND": "deploy.bench.mail.LatencyFileBackend",
+                # Speed without a rate limit; scenario 11 sets one (deploy/bench/limits.py).
+                "PAYMENT_GATEWAY_RATE_LIMIT": "0",
+                "MAIL_RATE_LIMIT": "0",
             },
             wsgi="deploy.bench.web:application",
             web_workers=web_workers,

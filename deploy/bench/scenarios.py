@@ -1,4 +1,5 @@
-"""The ten scenarios (the tenth in deploy/bench/scale.py). Each measures the shop and its
+"""The eleven scenarios (the tenth in deploy/bench/scale.py, the eleventh in
+deploy/bench/limits.py). Each measures the shop and its
 baseline side by side, alternating which goes first in each repetition, so drift on a
 noisy machine hits both alike.
 
@@ -646,6 +647,16 @@ def scale(bench: Bench, args: argparse.Namespace) -> Result:
     return scale.scale(bench, args)
 
 
+# --- 11 --------------------------------------------------------------------------------
+
+
+def limits(bench: Bench, args: argparse.Namespace) -> Result:
+    """A rate-limited gateway: deploy/bench/limits.py."""
+    from deploy.bench import limits  # it builds on this module's Result and Goal
+
+    return limits.limits(bench, args)
+
+
 SCENARIOS: dict[str, Callable[[Bench, argparse.Namespace], Any]] = {
     "checkout": checkout,
     "bounds": bounds,
@@ -655,5 +666,6 @@ SCENARIOS: dict[str, Callable[[Bench, argparse.Namespace], Any]] = {
     "pools": pools,
     "enqueue": enqueue_latency,
     "scale": scale,
+    "limits": limits,
     "broker_down": broker_down,
 }

@@ -40,7 +40,18 @@ API (JSON in, JSON out):
   the key is refused (409, code ``payment_cancelled``) and the answer is
   ``{"cancelled": true}``. Cancelling twice is the same cancellation.
 - ``GET /v1/control`` / ``POST /v1/control``: read / change the fault settings
+- ``GET /v1/stats[?since=UNIX_SECOND]``: what the API received, accepted and refused in
+  each clock second (the last hour), and in all: the witness of how hard the shop pressed
+  on the gateway (``{"rate_limit": N, "seconds": [{"second": ..., "received": ...,
+  "accepted": ..., "refused": ..., "charges": ...}], "totals": {...}}``; ``charges``
+  counts the accepted ``POST /v1/charges``)
 - ``GET /healthz``
+
+Like real processors, the gateway can limit how fast a merchant calls it
+(``rate_limit``, requests per clock second): beyond it a request is answered 429 (code
+``rate_limit``) with ``Retry-After`` (seconds), before its latency and before anything
+is stored. The limit counts the shop's server calls (``/v1/charges`` and
+``/v1/cancellations``); tokens, which shoppers' browsers ask for, stay out of it.
 
 Like real processors, the gateway remembers an idempotency key for a limited time
 (``key_ttl_seconds``, 24 h by default; Stripe keeps keys for at least 24 hours). After
@@ -69,9 +80,10 @@ import socketserver
 import sqlite3
 import sys
 import threading
+import time
 import traceback
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -173,6 +185,7 @@ _SETTINGS: dict[str, _Setting] = {
     "flaky_card_failures": _Setting("GATEWAY_FLAKY_CARD_FAILURES", int, (0, 1000)),
     "key_ttl_seconds": _Setting("GATEWAY_KEY_TTL", float, (0.0, 10 * 365 * 86_400.0)),
     "seed": _Setting("GATEWAY_SEED", int, nullable=True),
+    "rate_limit": _Setting("GATEWAY_RATE_LIMIT", int, (1, 1_000_000), nullable=True),
 }
 
 
@@ -192,6 +205,9 @@ class GatewayConfig:
     flaky_card_failures: int = 2  # 503s per idempotency key for a flaky token before it charges
     key_ttl_seconds: float = 86_400.0  # how long an idempotency key is remembered
     seed: int | None = None  # seed of the random generator (None: unpredictable)
+    # API requests per second (each clock second) above which the gateway answers 429
+    # with Retry-After, as processors limit a merchant (None: no limit)
+    rate_limit: int | None = None
 
     ENV_VARS: ClassVar[dict[str, str]] = {name: s.env for name, s in _SETTINGS.items()}
 
@@ -691,6 +707,61 @@ class Ledger:
 # --- The service --------------------------------------------------------------------
 
 
+class Traffic:
+    """Requests per clock second: received, accepted, refused (429), accepted charges.
+
+    The rate limit is a fixed window of one clock second, the unit the stats count in,
+    so "no second above the limit" reads straight off ``stats``.
+    """
+
+    KEEP_SECONDS = 3600
+
+    def __init__(self, clock: Callable[[], float] | None = None) -> None:
+        self._clock = clock or time.time
+        self._lock = threading.Lock()
+        self._seconds: dict[int, dict[str, int]] = {}
+        self._totals = dict.fromkeys(("received", "accepted", "refused", "charges"), 0)
+
+    def arrive(self, limit: int | None, *, charge: bool) -> int | None:
+        """Count one request; returns the Retry-After (whole seconds) when it is refused."""
+        second = math.floor(self._clock())
+        with self._lock:
+            counts = self._seconds.get(second)
+            if counts is None:
+                counts = self._seconds[second] = dict.fromkeys(self._totals, 0)
+                for old in [s for s in self._seconds if s <= second - self.KEEP_SECONDS]:
+                    del self._seconds[old]
+            refused = limit is not None and counts["accepted"] >= limit
+            outcome = ["received", "refused" if refused else "accepted"]
+            if charge and not refused:
+                outcome.append("charges")
+            for name in outcome:
+                counts[name] += 1
+                self._totals[name] += 1
+        # The window reopens at the next clock second: at most 1 s away, and Retry-After
+        # counts whole seconds.
+        return 1 if refused else None
+
+    def stats(self, since: int | None, limit: int | None) -> dict[str, Any]:
+        with self._lock:
+            seconds = [
+                {"second": second, **counts}
+                for second, counts in sorted(self._seconds.items())
+                if since is None or second >= since
+            ]
+            return {"rate_limit": limit, "seconds": seconds, "totals": dict(self._totals)}
+
+
+def _since(query: str) -> int | None:
+    raw = parse_qs(query, keep_blank_values=True).get("since")
+    if not raw:
+        return None
+    try:
+        return int(raw[0])
+    except ValueError:
+        raise HTTPError(400, "since must be a whole number of seconds (Unix time).") from None
+
+
 class Gateway:
     """Shared state of one running gateway: ledger, settings, random generator."""
 
@@ -702,6 +773,7 @@ class Gateway:
         # The jitter draws from a generator of its own: a seeded run's charge faults stay
         # the same whatever the latency.
         self._jitter = random.Random(config.seed)
+        self.traffic = Traffic()
         self.stopping = threading.Event()
 
     @property
@@ -732,6 +804,17 @@ class Gateway:
     def close(self) -> None:
         self.stopping.set()
         self.ledger.close()
+
+    def admit(self, *, charge: bool) -> None:
+        """Count an API request as it arrives; raises the 429 beyond the rate limit."""
+        retry_after = self.traffic.arrive(self.config.rate_limit, charge=charge)
+        if retry_after is not None:
+            raise HTTPError(
+                429,
+                "Too many requests: the rate limit of this account is exceeded.",
+                code="rate_limit",
+                headers={"Retry-After": str(retry_after)},
+            )
 
     def _arrive(self) -> GatewayConfig:
         """The latency and the outage, which every POST to the API suffers alike; returns
@@ -791,7 +874,10 @@ _ROUTES: dict[str, tuple[str, ...]] = {
     "/v1/charges": ("GET", "POST"),
     "/v1/cancellations": ("POST",),
     "/v1/control": ("GET", "POST"),
+    "/v1/stats": ("GET",),
 }
+# The shop's server calls: limited by rate_limit and counted by /v1/stats.
+_LIMITED_PATHS = frozenset({"/v1/charges", "/v1/cancellations"})
 # Browsers call POST /v1/tokens from the shop's pages, another origin: a JSON body makes
 # them ask first (the preflight), and they let the page read only answers that allow it.
 _CORS_PATHS = frozenset({"/v1/tokens"})
@@ -875,6 +961,12 @@ class GatewayRequestHandler(BaseHTTPRequestHandler):
                 except ValueError as exc:
                     raise HTTPError(400, f"Invalid settings: {exc}.") from None
             return Response(200, gateway.config.to_dict())
+        if url.path == "/v1/stats":
+            return Response(
+                200, gateway.traffic.stats(_since(url.query), gateway.config.rate_limit)
+            )
+        if url.path in _LIMITED_PATHS:
+            gateway.admit(charge=method == "POST" and url.path == "/v1/charges")
         if url.path == "/v1/cancellations":
             return gateway.cancel_payment(self.headers.get("Idempotency-Key"))
         if url.path == "/v1/tokens":

@@ -2,7 +2,10 @@
 
 Every call carries the payment's idempotency key and a (connect, read) timeout, capped by
 what is left of the task's run (jobs.deadline), so a retried or duplicated charge is the
-same charge, and a hung gateway cannot hold a worker, on any pool.
+same charge, and a hung gateway cannot hold a worker, on any pool. Every call also waits
+for its turn under the rate limit all workers share, and is not made while the circuit
+breaker is open (GATEWAY, jobs.dependencies): then, and on a 429, it raises Deferred and
+nothing was sent.
 """
 
 import os
@@ -14,11 +17,15 @@ import httpx
 from django.conf import settings
 
 from jobs import deadline
+from jobs.dependencies import Dependency
 from jobs.errors import PermanentError, TransientError
+
+# The rate limit and circuit breaker of every call (JOBS_DEPENDENCIES["gateway"]).
+GATEWAY = Dependency("gateway")
 
 
 class GatewayUnavailable(TransientError):
-    """The gateway could not be reached, or answered 5xx or 429: try again later."""
+    """The gateway could not be reached, or answered 5xx: try again later."""
 
 
 class OutcomeUnknown(TransientError):
@@ -77,7 +84,16 @@ def _error_code(response: httpx.Response) -> str:
         return ""
 
 
+def _retry_after(response: httpx.Response) -> float:
+    """Seconds a 429 asks to wait (Retry-After in seconds; 1 when absent or a date)."""
+    try:
+        return min(max(float(response.headers.get("Retry-After", "1")), 0.1), 300.0)
+    except ValueError:
+        return 1.0
+
+
 def _request(method: str, url: str, **kwargs: Any) -> httpx.Response:
+    GATEWAY.admit()  # this call's turn under the shared limit; Deferred: nothing is sent
     connect, read = settings.PAYMENT_GATEWAY_TIMEOUT
     # (RunOutOfTime when the run has no time left: nothing is sent, the task retries.)
     timeout = httpx.Timeout(deadline.capped(read), connect=deadline.capped(connect))
@@ -85,16 +101,29 @@ def _request(method: str, url: str, **kwargs: Any) -> httpx.Response:
         response = _client().request(method, url, timeout=timeout, **kwargs)
     except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
         # No connection, so the request was never sent.
+        GATEWAY.failed()
         raise GatewayUnavailable(f"payment gateway unreachable: {exc!r}") from exc
     except httpx.TimeoutException as exc:
+        GATEWAY.failed()
         raise GatewayTimeout(f"payment gateway did not answer in time: {exc!r}") from exc
     except httpx.TransportError as exc:
         # A read or write error, the connection closed mid-answer: sent, perhaps processed.
+        GATEWAY.failed()
         raise OutcomeUnknown(f"payment gateway answer lost: {exc!r}") from exc
-    if response.status_code >= 500 or response.status_code == 429:
+    if response.status_code == 429:
+        # Refused before anything was done: a limit, not an outage (no breaker count).
+        raise GATEWAY.throttled(_retry_after(response))
+    if response.status_code >= 500:
+        GATEWAY.failed()
         raise GatewayUnavailable(
             f"payment gateway answered {response.status_code}: {_error_message(response)}"
         )
+    # The breaker watches the calls that charge and cancel: a read can succeed while
+    # charging fails (a processor's partial outage), and must not close it.
+    if method == "POST":
+        GATEWAY.succeeded()
+    else:
+        GATEWAY.inconclusive()
     return response
 
 

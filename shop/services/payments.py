@@ -15,6 +15,7 @@ from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
 
+from jobs.dependencies import Deferred
 from jobs.errors import PermanentError, TransientError
 from jobs.outbox import enqueue
 from shop.gateway import client as gateway
@@ -39,15 +40,19 @@ def payment_charge(*, payment_id: int) -> None:
     # From here the request may reach the gateway, and this process may die before the
     # answer (a lost worker, a hard time limit): `unknown` says so before it happens, and
     # every attempt that finds `unknown` asks the gateway before charging.
-    first = Payment.objects.filter(pk=payment_id, status=Payment.Status.PENDING).update(
-        status=Payment.Status.UNKNOWN, updated_at=timezone.now()
-    )
-    if not first:
-        # Every attempt says it is alive: the reconciler re-enqueues only payments that
-        # no attempt touched for RECONCILE_AFTER_MINUTES (a replay's retries included).
-        Payment.objects.filter(pk=payment_id, status__in=CHARGEABLE).update(
-            updated_at=timezone.now()
-        )
+    marked_at = timezone.now()
+    rows = Payment.objects.filter(pk=payment_id)
+    claim = {"status": Payment.Status.UNKNOWN, "updated_at": marked_at}
+    first = rows.filter(status=Payment.Status.PENDING).update(**claim)
+    # Every attempt says it is alive: the reconciler re-enqueues only payments that no
+    # attempt touched for RECONCILE_AFTER_MINUTES (a replay's retries included). Only an
+    # `unknown` one is touched: a deferred first attempt may have put it back to
+    # `pending` meanwhile, and then this attempt is the first again.
+    if not first and not rows.filter(status=Payment.Status.UNKNOWN).update(updated_at=marked_at):
+        first = rows.filter(status=Payment.Status.PENDING).update(**claim)
+        if not first:
+            logger.info("payment %s was settled meanwhile: nothing to do", payment_id)
+            return
     try:
         charge = None
         if not first:
@@ -69,6 +74,17 @@ def payment_charge(*, payment_id: int) -> None:
         # cancellation here in case the process that asked for it died before doing so.
         payment_mark_cancelled(payment_id=payment_id, message=CANCELLED_MESSAGE)
         return
+    except Deferred:
+        # Held back by the rate limit or the breaker, or refused with a 429: nothing was
+        # sent that charged. A first attempt puts the payment back to `pending`, so the
+        # next one charges without asking first (asking would spend calls of the limit),
+        # unless another attempt touched it since (that one then owns the `unknown`;
+        # touching needs `unknown`, so an attempt after the revert claims `pending`).
+        if first:
+            rows.filter(status=Payment.Status.UNKNOWN, updated_at=marked_at).update(
+                status=Payment.Status.PENDING
+            )
+        raise
     except (gateway.OutcomeUnknown, SoftTimeLimitExceeded) as exc:
         raise TransientError(f"outcome of the charge is unknown: {exc!r}") from exc
     if charge.status == "declined":

@@ -13,9 +13,14 @@ twice, redelivered), whatever their attempt numbers. A claim changes hands only
   reconciler or a redelivery takes it over.
 
 Either way it sends again with the same Message-ID, so the duplicate is recognisable.
+
+Each send waits for its turn under the mail server's rate limit, shared by all workers,
+and is not made while its circuit breaker is open (MAIL, jobs.dependencies): the task is
+deferred before it claims anything.
 """
 
 import logging
+import smtplib
 from datetime import timedelta
 
 from django.conf import settings
@@ -25,10 +30,14 @@ from django.template.loader import render_to_string
 from django.utils import timezone
 
 from jobs import deadline
+from jobs.dependencies import Deferred, Dependency
 from jobs.errors import PermanentError, TransientError
 from shop.models import Order, Receipt
 
 logger = logging.getLogger(__name__)
+
+# The rate limit and circuit breaker of every send (JOBS_DEPENDENCIES["mail"]).
+MAIL = Dependency("mail")
 
 # Longer than send_receipt's hard time limit: a claim this old belongs to a dead worker.
 CLAIM_LEASE = timedelta(seconds=60)
@@ -44,6 +53,13 @@ def receipt_send(*, order_id: int, claimant: str = "", attempt: int = 0) -> None
         raise PermanentError(f"order {order_id} has no receipt to send")
     if receipt.status in SETTLED:
         return
+    try:
+        MAIL.admit()  # Deferred: this send's turn is far off, or the mail server is down
+    except Deferred:
+        # Alive, only waiting: the reconciler resends receipts of orders nothing touched
+        # for RECONCILE_AFTER_MINUTES, and a deferral can last longer than the retries.
+        Order.objects.filter(pk=order_id).update(updated_at=timezone.now())
+        raise
     now = timezone.now()
     me = f"{claimant}/{attempt}" if claimant else ""
     rows = Receipt.objects.filter(pk=receipt.pk)
@@ -68,12 +84,26 @@ def receipt_send(*, order_id: int, claimant: str = "", attempt: int = 0) -> None
         receipt_deliver(receipt=receipt)
     except Exception as exc:
         mine.update(status=Receipt.Status.PENDING, claimed_at=None)
+        if _mail_server_failed(exc):
+            MAIL.failed()
         raise TransientError(f"sending the receipt failed: {exc!r}") from exc
+    MAIL.succeeded()
     # Even if the lease ran out and another delivery took the claim over, the mail went.
     Receipt.objects.filter(pk=receipt.pk, status=Receipt.Status.SENDING).update(
         status=Receipt.Status.SENT, sent_at=timezone.now()
     )
     logger.info("receipt for order %s sent", order_id)
+
+
+def _mail_server_failed(exc: Exception) -> bool:
+    """A failure that says the mail server is unwell (the breaker counts it): no
+    connection, a dropped one, a timeout, a 4xx "try again later". Not a refused
+    recipient or a template error."""
+    if isinstance(exc, smtplib.SMTPRecipientsRefused):
+        return False
+    if isinstance(exc, smtplib.SMTPResponseException):
+        return 400 <= exc.smtp_code < 500
+    return isinstance(exc, OSError)  # sockets, timeouts; smtplib's errors (disconnected) too
 
 
 def receipt_release(*, order_id: int, claimant: str, attempt: int) -> bool:

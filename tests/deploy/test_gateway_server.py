@@ -30,7 +30,7 @@ import httpx
 import pytest
 
 from deploy.gateway import server
-from deploy.gateway.server import GatewayConfig
+from deploy.gateway.server import GatewayConfig, Traffic
 from tests.processes import BIN, role_env
 
 pytestmark = pytest.mark.stack
@@ -64,6 +64,7 @@ DEFAULTS: dict[str, Any] = {
     "flaky_card_failures": 2,
     "key_ttl_seconds": 86400.0,
     "seed": SEED,
+    "rate_limit": None,
 }
 
 
@@ -1057,6 +1058,9 @@ def test_control_reads_and_updates_settings(client: httpx.Client) -> None:
         '{"flaky_card_failures": "2"}',
         '{"seed": "x"}',
         '{"key_ttl_seconds": -1}',
+        '{"rate_limit": 0}',
+        '{"rate_limit": 2.5}',
+        '{"rate_limit": "10"}',
         '{"no_such_setting": 1}',
         '{"latency_ms": 50, "failure_rate": 7}',
         "[]",
@@ -1082,6 +1086,7 @@ def test_config_from_env() -> None:
             "GATEWAY_FLAKY_CARD_FAILURES": "4",
             "GATEWAY_KEY_TTL": "60",
             "GATEWAY_SEED": "9",
+            "GATEWAY_RATE_LIMIT": "50",
         }
     )
 
@@ -1094,6 +1099,7 @@ def test_config_from_env() -> None:
         flaky_card_failures=4,
         key_ttl_seconds=60.0,
         seed=9,
+        rate_limit=50,
     )
     assert GatewayConfig.from_env({}) == GatewayConfig()
     assert GatewayConfig.from_env({"GATEWAY_OUTAGE": "0"}).outage is False
@@ -1110,11 +1116,107 @@ def test_config_from_env() -> None:
         ("GATEWAY_FLAKY_CARD_FAILURES", "1.5"),
         ("GATEWAY_SEED", "abc"),
         ("GATEWAY_KEY_TTL", "-1"),
+        ("GATEWAY_RATE_LIMIT", "0"),
+        ("GATEWAY_RATE_LIMIT", "2.5"),
     ],
 )
 def test_config_from_env_rejects_bad_values(name: str, value: str) -> None:
     with pytest.raises(ValueError, match=name):
         GatewayConfig.from_env({name: value})
+
+
+# --- Rate limit and stats ------------------------------------------------------------
+
+
+def test_traffic_refuses_beyond_the_limit_in_each_clock_second() -> None:
+    now = [100.2]
+    traffic = Traffic(clock=lambda: now[0])
+
+    answers = [traffic.arrive(2, charge=True) for _ in range(3)]
+    now[0] = 100.9
+    answers.append(traffic.arrive(2, charge=False))
+    now[0] = 101.0  # a new clock second: the window reopens
+    answers += [traffic.arrive(2, charge=False), traffic.arrive(None, charge=True)]
+
+    assert answers == [None, None, 1, 1, None, None]
+    stats = traffic.stats(None, 2)
+    assert stats["seconds"] == [
+        {"second": 100, "received": 4, "accepted": 2, "refused": 2, "charges": 2},
+        {"second": 101, "received": 2, "accepted": 2, "refused": 0, "charges": 1},
+    ]
+    assert stats["totals"] == {"received": 6, "accepted": 4, "refused": 2, "charges": 3}
+    assert traffic.stats(101, 2)["seconds"] == stats["seconds"][1:]
+
+
+def test_traffic_keeps_the_last_hour() -> None:
+    now = [0.0]
+    traffic = Traffic(clock=lambda: now[0])
+    for second in (0, 1, Traffic.KEEP_SECONDS):
+        now[0] = float(second)
+        traffic.arrive(None, charge=False)
+
+    assert [row["second"] for row in traffic.stats(None, None)["seconds"]] == [1, 3600]
+    assert traffic.stats(None, None)["totals"]["received"] == 3
+
+
+def test_beyond_the_rate_limit_a_charge_is_429_with_retry_after_and_stores_nothing(
+    client: httpx.Client, gateway_server: GatewayProcess
+) -> None:
+    since = int(time.time())
+    control(client, rate_limit=2)
+    keys = [new_key() for _ in range(10)]
+    answers = [charge(client, key) for key in keys]
+
+    refused = [r for r in answers if r.status_code == 429]
+    assert refused, [r.status_code for r in answers]  # 10 requests in far less than 5 s
+    for response in refused:
+        assert response.headers["Retry-After"] == "1"
+        assert response.json()["error"]["code"] == "rate_limit"
+    charged = [key for key, r in zip(keys, answers, strict=True) if r.status_code == 201]
+    assert len(charged) + len(refused) == len(keys)
+    assert {row["idempotency_key"] for row in ledger_rows(gateway_server)} >= set(charged)
+    assert not any(ledger_rows(gateway_server, key) for key in set(keys) - set(charged))
+
+    stats = client.get("/v1/stats", params={"since": since}).json()
+    assert stats["rate_limit"] == 2
+    for row in stats["seconds"]:
+        assert row["accepted"] <= 2, stats
+        assert row["received"] == row["accepted"] + row["refused"]
+    totals = sum(row["refused"] for row in stats["seconds"])
+    assert totals == len(refused)
+    assert sum(row["charges"] for row in stats["seconds"]) == len(charged)
+
+
+def test_the_limit_counts_the_shops_calls_not_tokens_control_or_stats(
+    client: httpx.Client,
+) -> None:
+    control(client, rate_limit=1)
+    before = client.get("/v1/stats").json()["totals"]
+    for _ in range(3):
+        assert tokenize(client, luhn_card()).status_code == 201
+        assert client.get("/v1/control").status_code == 200
+        assert client.get("/healthz").status_code == 200
+    after = client.get("/v1/stats").json()["totals"]
+    assert after == before
+
+    lookups = [client.get("/v1/charges", params={"idempotency_key": new_key()}) for _ in range(4)]
+    cancels = [cancel(client, new_key()) for _ in range(4)]
+    assert 429 in {r.status_code for r in lookups + cancels}
+    counted = client.get("/v1/stats").json()["totals"]
+    assert counted["received"] - after["received"] == 8
+    assert counted["charges"] == after["charges"]
+
+
+def test_lifting_the_limit_accepts_everything_again(client: httpx.Client) -> None:
+    control(client, rate_limit=1)
+    control(client, rate_limit=None)
+    assert all(charge(client, new_key()).status_code == 201 for _ in range(5))
+
+
+def test_stats_refuses_a_bad_since(client: httpx.Client) -> None:
+    response = client.get("/v1/stats", params={"since": "yesterday"})
+    assert response.status_code == 400
+    assert "since" in response.json()["error"]["message"]
 
 
 # --- Restart ------------------------------------------------------------------------

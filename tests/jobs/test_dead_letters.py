@@ -46,6 +46,23 @@ def attempts(path: Path) -> list[float]:
     return [float(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+def test_a_deferred_call_spends_no_retry(fault_worker, tmp_path):
+    log = tmp_path / "attempts"
+
+    # Held back more often than the retries allow: each deferral is the same attempt.
+    task_id = send("defer_until", str(log), MAX_RETRIES + 2)
+
+    wait_until(lambda: fault_worker.succeeded(task_id), timeout=30, what="the task to succeed")
+    assert len(attempts(log)) == MAX_RETRIES + 3
+    deferred = [e for e in fault_worker.events("deferred") if e["task_id"] == task_id]
+    assert len(deferred) == MAX_RETRIES + 2
+    assert {(e["attempt"], e["dependency"], e["reason"]) for e in deferred} == {
+        (1, "svc", "rate_limited")
+    }
+    assert not [e for e in fault_worker.events("retried") if e["task_id"] == task_id]
+    assert not DeadLetter.objects.filter(task_id=task_id).exists()
+
+
 def test_a_transient_failure_that_heals_is_retried_with_backoff_and_leaves_no_dead_letter(
     fault_worker, tmp_path
 ):

@@ -9,6 +9,7 @@ from kombu import Connection
 from prometheus_client.parser import text_string_to_metric_families
 
 from jobs import outbox
+from jobs.dependencies import Dependency
 from jobs.models import DeadLetter, OutboxMessage
 
 CHARGE = "shop.tasks.payments.charge_payment"
@@ -77,3 +78,20 @@ def test_dead_letters_and_outbox_backlog_are_reported(client, broker):
     assert value(down, "jobs_outbox_oldest_unsent_age_seconds") >= 0
     assert value(down, "jobs_scrape_errors", part="queues") == 1  # said, not a 500
     assert OutboxMessage.objects.filter(sent_at__isnull=True).count() == 1
+
+
+@pytest.mark.django_db
+def test_each_dependencys_breaker_state_and_rate_limit_are_reported(client, broker, settings):
+    settings.JOBS_DEPENDENCIES = {"gateway": {"rate": 50.0, "failures": 1}, "mail": {}}
+    Dependency("gateway").failed()
+
+    samples = scrape(client)
+
+    assert value(samples, "jobs_dependency_breaker_state", dependency="gateway", state="open") == 1
+    for state in ("closed", "half_open"):
+        labels = {"dependency": "gateway", "state": state}
+        assert value(samples, "jobs_dependency_breaker_state", **labels) == 0
+    assert value(samples, "jobs_dependency_breaker_state", dependency="mail", state="closed") == 1
+    assert value(samples, "jobs_dependency_rate_limit", dependency="gateway") == 50
+    assert value(samples, "jobs_dependency_rate_limit", dependency="mail") == 0
+    assert value(samples, "jobs_scrape_errors", part="dependencies") == 0

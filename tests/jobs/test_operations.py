@@ -6,6 +6,7 @@ import pytest
 from django.contrib.auth.models import User
 
 from jobs import outbox
+from jobs.dependencies import Dependency
 from jobs.models import DeadLetter
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -54,4 +55,23 @@ def test_operations_page_says_what_it_could_not_read_with_the_broker_down(client
         broker.start()
 
     assert response.status_code == 200
-    assert b"Could not read: queues, unacked, consumers, canaries" in response.content
+    assert b"Could not read: queues, unacked, consumers, canaries, dependencies" in response.content
+
+
+def test_operations_page_shows_each_dependencys_breaker_and_rate_limit(client, broker, settings):
+    settings.JOBS_DEPENDENCIES = {
+        "gateway": {"rate": 50.0, "failures": 2},
+        "mail": {},
+    }
+    for _ in range(2):
+        Dependency("gateway").failed()
+    client.force_login(User.objects.create_user("ops", password="pw", is_staff=True))
+
+    response = client.get("/admin/operations/")
+
+    rows = {row.name: row for row in response.context["snapshot"].dependencies}
+    assert (rows["gateway"].breaker, rows["gateway"].rate_limit) == ("open", 50.0)
+    assert (rows["mail"].breaker, rows["mail"].rate_limit) == ("closed", 0)
+    html = response.content.decode()
+    assert "open: calls are deferred" in html
+    assert "50 calls/s" in html

@@ -2,6 +2,7 @@
 run concurrently, declined, flaky, timed out. Task logic only; the worker behaviour is in
 test_end_to_end.py."""
 
+import math
 import socket
 import threading
 import time
@@ -17,15 +18,18 @@ from celery.exceptions import Retry, SoftTimeLimitExceeded
 from celery.signals import task_retry
 from django.utils import timezone
 
+from jobs import dependencies
+from jobs.dependencies import Deferred
 from jobs.errors import PermanentError, TransientError
 from jobs.testing import assert_enqueued
 from shop.gateway import client as gateway_client
+from shop.gateway.client import GATEWAY
 from shop.models import Order, Payment, Product, Receipt
 from shop.services.checkout import checkout_complete, checkout_parse
 from shop.services.payments import charge_description, order_number, payment_charge
-from shop.services.receipts import receipt_release, receipt_send
+from shop.services.receipts import MAIL, _mail_server_failed, receipt_release, receipt_send
 from shop.tasks.emails import send_receipt
-from tests.processes import run_concurrently
+from tests.processes import free_port, run_concurrently
 
 GOOD, DECLINED, FLAKY = "tok_visa", "tok_chargeDeclined", "tok_flaky"  # test tokens
 SEND_RECEIPT = "shop.tasks.emails.send_receipt"
@@ -432,3 +436,97 @@ def test_a_charge_description_names_its_order_and_nothing_else_does(products):
     assert order_number(f"Order #{order.pk}") == order.pk  # as a ledger may shorten it
     assert order_number("Refund #12") is None
     assert order_number("Order #12a") is None
+
+
+@pytest.mark.django_db(transaction=True)
+def test_with_the_breaker_open_a_charge_is_deferred_and_the_gateway_never_called(
+    broker, gateway, products
+):
+    payment = place_order()
+    for _ in range(5):  # failures in a row (BREAKER_FAILURES)
+        GATEWAY.failed()
+    received = gateway.stats()["totals"]["received"]
+
+    with pytest.raises(Deferred) as deferred:
+        payment_charge(payment_id=payment.pk)
+
+    assert deferred.value.reason == "breaker_open"
+    assert gateway.stats()["totals"]["received"] == received
+    payment.refresh_from_db()
+    # Put back as it was: the next attempt charges without asking the gateway first.
+    assert payment.status == Payment.Status.PENDING
+    assert Order.objects.get().status == Order.Status.PENDING
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_429_defers_the_charge_holds_every_caller_back_and_is_no_outage(
+    broker, gateway, products, settings, monkeypatch
+):
+    waits: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        time.sleep(seconds)
+
+    monkeypatch.setattr(dependencies, "_sleep", sleep)
+    settings.JOBS_DEPENDENCIES = {"gateway": {}}  # no limit of our own: the gateway's says no
+    gateway.control(rate_limit=1)
+    first, second = place_order(), place_order()
+    time.sleep(math.ceil(time.time()) - time.time() + 0.01)  # a clock second just began
+    payment_charge(payment_id=first.pk)
+
+    with pytest.raises(Deferred) as deferred:
+        payment_charge(payment_id=second.pk)  # the same clock second: the gateway's 429
+
+    assert deferred.value.reason == "throttled"
+    second.refresh_from_db()
+    assert second.status == Payment.Status.PENDING
+    assert GATEWAY.state()["state"] == "closed"  # a limit is not an outage
+    gateway.control(rate_limit=None)
+    assert gateway.ledger(str(second.idempotency_key)) == []
+
+    payment_charge(payment_id=second.pk)  # waits out the Retry-After (1 s), then charges
+
+    assert len(waits) == 1
+    assert 0.5 < waits[0] <= 1.0  # the pause began at the 429, a moment ago
+    second.refresh_from_db()
+    assert second.status == Payment.Status.CHARGED
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_mail_server_that_refuses_connections_opens_its_breaker_and_sends_are_deferred(
+    broker, gateway, products, settings
+):
+    settings.EMAIL_BACKEND = "jobs.mail.DeadlineSMTPBackend"
+    settings.EMAIL_HOST, settings.EMAIL_PORT = "127.0.0.1", free_port()  # nothing listens
+    orders = []
+    for _ in range(5):
+        payment = place_order(GOOD)
+        payment_charge(payment_id=payment.pk)
+        orders.append(payment.order_id)
+
+    for order_id in orders[:-1]:  # four refused connections: BREAKER_FAILURES is five
+        with pytest.raises(TransientError, match="sending the receipt failed"):
+            receipt_send(order_id=order_id)
+    assert MAIL.state()["state"] == "closed"
+    with pytest.raises(TransientError, match="sending the receipt failed"):
+        receipt_send(order_id=orders[-1])
+    assert MAIL.state()["state"] == "open"
+
+    with pytest.raises(Deferred) as deferred:
+        receipt_send(order_id=orders[0])
+
+    assert deferred.value.reason == "breaker_open"
+    receipt = Receipt.objects.get(order_id=orders[0])
+    assert (receipt.status, receipt.attempts) == (Receipt.Status.PENDING, 1)  # not claimed
+
+
+def test_only_failures_of_the_mail_server_count_towards_its_breaker():
+    import smtplib
+
+    assert _mail_server_failed(ConnectionRefusedError())
+    assert _mail_server_failed(smtplib.SMTPServerDisconnected("gone"))
+    assert _mail_server_failed(smtplib.SMTPResponseException(421, b"try again later"))
+    assert not _mail_server_failed(smtplib.SMTPResponseException(550, b"no such user"))
+    assert not _mail_server_failed(smtplib.SMTPRecipientsRefused({"a@b.co": (550, b"no")}))
+    assert not _mail_server_failed(ValueError("a template error"))
