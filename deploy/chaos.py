@@ -349,12 +349,6 @@ class Lab(Stack):
         received = sum(r["received"] for r in seconds if start <= r["second"] < math.floor(end))
         self.outages.append((start, end, received))
 
-    def gateway_seconds(self, since: float) -> list[dict[str, Any]]:
-        """The gateway's own count of each clock second since `since` (GET /v1/stats)."""
-        response = httpx.get(self.gw("/v1/stats"), params={"since": math.floor(since)}, timeout=30)
-        response.raise_for_status()
-        return list(response.json()["seconds"])
-
     def slow_broker(self) -> None:
         """Every packet to and from Redis waits 1.5 s for --outage-seconds: longer than the
         after-commit publish's timeout, so checkouts leave their rows to the relay, which

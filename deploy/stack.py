@@ -7,6 +7,7 @@ machine's shared Redis or another database.
 """
 
 import argparse
+import math
 import os
 import shlex
 import signal
@@ -18,6 +19,7 @@ import tempfile
 import time
 from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -265,6 +267,14 @@ class Stack:
 
     def gateway_control(self, **settings: object) -> None:
         httpx.post(self.gw("/v1/control"), json=settings, timeout=10).raise_for_status()
+
+    def gateway_seconds(self, since: float) -> list[dict[str, Any]]:
+        """The gateway's own count of each clock second since `since` (GET /v1/stats):
+        received, accepted, refused (429) and accepted charges."""
+        params = {"since": math.floor(since)}
+        response = httpx.get(self.gw("/v1/stats"), params=params, timeout=30)
+        response.raise_for_status()
+        return list(response.json()["seconds"])
 
     def children(self, name: str) -> list[int]:
         return children(self.procs[name].pid)

@@ -11,12 +11,9 @@ operator would after an outage (`dlq replay`): the same witness.
 """
 
 import argparse
-import math
 import time
 import uuid
 from typing import Any
-
-import httpx
 
 from deploy.bench.rig import Bench, wait_until
 from deploy.bench.scenarios import Figures, Goal, Result
@@ -53,12 +50,6 @@ def _consumers(bench: Bench, command: str, nodes: list[str]) -> None:
         raise SystemExit(f"bench: only {len(replies)} of {len(nodes)} answered {command}")
 
 
-def _stats(bench: Bench, since: float) -> list[dict[str, Any]]:
-    response = httpx.get(bench.gw("/v1/stats"), params={"since": math.floor(since)}, timeout=10)
-    response.raise_for_status()
-    return list(response.json()["seconds"])
-
-
 def _paid(first_order: int) -> int:
     from shop.models import Order
 
@@ -85,7 +76,7 @@ def _drain(bench: Bench, nodes: list[str], orders: int, limit: int) -> Figures:
     _consumers(bench, "add_consumer", nodes)
     wait_until("every order paid", lambda: _paid(first) >= placed, timeout=1800, every=0.2)
     ended = time.time()
-    return _witness(_stats(bench, started), limit, ended - started)
+    return _witness(bench.gateway_seconds(started), limit, ended - started)
 
 
 def _replay(bench: Bench, nodes: list[str], count: int, limit: int) -> Figures:
@@ -110,7 +101,7 @@ def _replay(bench: Bench, nodes: list[str], count: int, limit: int) -> Figures:
     dead_letter_replay(ids=[letter.pk for letter in letters], actor="bench")
     wait_until("every replayed order paid", lambda: _paid(first) >= placed, 3600, every=0.5)
     ended = time.time()
-    figures = _witness(_stats(bench, started), limit, ended - started)
+    figures = _witness(bench.gateway_seconds(started), limit, ended - started)
     return {f"replay_{key}": value for key, value in figures.items()}
 
 
