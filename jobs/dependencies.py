@@ -19,8 +19,11 @@ disagree; the server's is one):
   booked in one call costs one round trip per call. The schedule is the whole limiter:
   the first script below, twenty lines.)
 - A caller whose slot is further away than it may wait (JOBS_DEPENDENCY_MAX_WAIT, and
-  never past half its run's deadline) books nothing and raises Deferred: the task is
-  scheduled again for when a slot will be free, without spending a retry.
+  never past half its run's deadline) keeps that slot and raises Deferred: the task is
+  scheduled again for a little before it, carrying the booking, without spending a
+  retry. A run that comes back more than a slot late has lost its turn and books anew
+  (calling at once would crowd the slots others hold). Beyond the horizon (the retry
+  policy's cap) nothing is booked.
 - A ``429 Too Many Requests`` moves the schedule past its ``Retry-After`` for every
   caller (``throttled``), and the task is deferred, not failed: a limit is not an outage.
 - The circuit breaker counts failures in a row (what the caller says is one: a refused
@@ -77,8 +80,12 @@ if state == 'open' or state == 'half_open' then
   return {'probe', '0'}
 end
 local max_wait = tonumber(ARGV[2])
+local rate = tonumber(ARGV[1])
 local reserved = tonumber(ARGV[6])
-if reserved > 0 then  -- booked on an earlier run of this task: its turn, no new booking
+-- Booked on an earlier run of this task: its turn, no new booking. Unless it came back
+-- more than a slot late (a worker whose threads were all busy): that turn has passed,
+-- and calling now would add a call to slots others hold. It books anew.
+if reserved > 0 and (rate == 0 or now - reserved <= 1 / rate) then
   local wait = math.max(0, reserved - now)
   if wait > max_wait then return {'booked', fmt(wait), fmt(reserved)} end
   return {'go', fmt(wait)}
@@ -87,7 +94,6 @@ end
 local slot = math.max(now, tonumber(redis.call('GET', KEYS[2]) or '0'))
 local wait = slot - now
 if wait > tonumber(ARGV[5]) then return {'busy', fmt(wait)} end
-local rate = tonumber(ARGV[1])
 if rate > 0 then
   local closed_at = tonumber(b[3])
   local ramp = tonumber(ARGV[3])
@@ -240,8 +246,12 @@ class Dependency:
         if verdict == "probe":
             logger.info("%s: circuit breaker half open, this call is the probe", self.name)
             return
-        if verdict == "booked":  # back exactly at the slot booked for it, run once more
-            raise Deferred(self.name, "rate_limited", seconds, slot=float(answer[2]))
+        if verdict == "booked":
+            # Back a little before the slot booked for it (half the max wait early, to
+            # sleep the rest): a worker busy when the countdown ends starts it late, and
+            # a run more than a slot late has lost its turn.
+            back = max(seconds - max_wait / 2, seconds / 2)
+            raise Deferred(self.name, "rate_limited", back, slot=float(answer[2]))
         if verdict == "busy":  # further off than any deferral waits: nothing booked
             raise Deferred(self.name, "rate_limited", seconds)
         raise Deferred(self.name, "breaker_open", self._breaker_delay(verdict, seconds, limits))

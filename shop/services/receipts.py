@@ -78,6 +78,7 @@ def receipt_send(*, order_id: int, claimant: str = "", attempt: int = 0) -> None
         # Sent meanwhile, or a live claim: its holder sends it (or gives it back when its
         # send fails, and retries). Nothing to do here, and no retry budget spent.
         logger.info("receipt for order %s is another delivery's: left to it", order_id)
+        MAIL.inconclusive()  # no mail sent: were this the breaker's probe, another probes
         return
     mine = Receipt.objects.filter(pk=receipt.pk, status=Receipt.Status.SENDING, claimed_by=me)
     try:
@@ -86,6 +87,8 @@ def receipt_send(*, order_id: int, claimant: str = "", attempt: int = 0) -> None
         mine.update(status=Receipt.Status.PENDING, claimed_at=None)
         if _mail_server_failed(exc):
             MAIL.failed()
+        else:
+            MAIL.inconclusive()  # the message's fault, not the server's
         raise TransientError(f"sending the receipt failed: {exc!r}") from exc
     MAIL.succeeded()
     # Even if the lease ran out and another delivery took the claim over, the mail went.

@@ -55,7 +55,8 @@ def test_a_turn_further_than_the_max_wait_is_booked_and_the_task_deferred_to_it(
         dependency.admit()  # 0.3 s away: booked, and the task comes back then
 
     assert deferred.value.reason == "rate_limited"
-    assert 0.25 <= deferred.value.delay <= 0.3
+    # It comes back half the max wait before its slot, to sleep the rest there.
+    assert 0.25 - 0.125 <= deferred.value.delay <= 0.3 - 0.125
     assert deferred.value.slot is not None
     assert len(waits) == 2
     # The slot is taken: the next caller's turn is after it.
@@ -75,6 +76,28 @@ def test_a_turn_further_than_the_max_wait_is_booked_and_the_task_deferred_to_it(
         dependency.admit()
     assert after.value.slot is not None
     assert next_caller.value.slot == pytest.approx(after.value.slot + 0.1, abs=1e-4)
+
+
+def test_a_run_back_more_than_a_slot_late_has_lost_its_turn_and_books_anew(
+    dependency, waits, settings
+):
+    settings.JOBS_DEPENDENCY_MAX_WAIT = 0.05
+    dependency.admit()
+    with pytest.raises(Deferred) as deferred:
+        dependency.admit()  # 0.1 s away: booked
+    slot = deferred.value.slot
+    assert slot is not None
+    time.sleep(0.1 + 1 / RATE + 0.05)  # back after its slot and the one after it
+    settings.JOBS_DEPENDENCY_MAX_WAIT = 2.0
+    dependency.admit()  # meanwhile others took the slots from now on
+    dependency.admit()
+    assert waits[-1] == pytest.approx(1 / RATE, abs=0.02)
+
+    with carried({"svc": slot}, 1):
+        dependency.admit()
+    # Not at once (that call would share a slot with the callers' now): it waited for
+    # the next free slot, after theirs.
+    assert waits[-1] == pytest.approx(2 / RATE, abs=0.02)
 
 
 def test_a_turn_further_than_any_deferral_waits_books_nothing(dependency, waits, settings):

@@ -18,7 +18,7 @@ from celery.exceptions import Retry, SoftTimeLimitExceeded
 from celery.signals import task_retry
 from django.utils import timezone
 
-from jobs import dependencies
+from jobs import deadline, dependencies
 from jobs.dependencies import Deferred
 from jobs.errors import PermanentError, TransientError
 from jobs.testing import assert_enqueued
@@ -530,3 +530,68 @@ def test_only_failures_of_the_mail_server_count_towards_its_breaker():
     assert not _mail_server_failed(smtplib.SMTPResponseException(550, b"no such user"))
     assert not _mail_server_failed(smtplib.SMTPRecipientsRefused({"a@b.co": (550, b"no")}))
     assert not _mail_server_failed(ValueError("a template error"))
+
+
+def open_then_due_for_a_probe(dependency, settings) -> None:
+    """The dependency's breaker opened by one failure, its short cooldown over."""
+    settings.JOBS_DEPENDENCIES = {dependency.name: {"failures": 1, "cooldown": 0.2}}
+    dependency.failed()
+    assert dependency.state()["state"] == "open"
+    time.sleep(0.3)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_probe_with_no_time_left_to_call_hands_the_probe_on(broker, gateway, settings):
+    open_then_due_for_a_probe(GATEWAY, settings)
+    received = gateway.stats()["totals"]["received"]
+
+    with deadline.running(0.001):
+        time.sleep(0.01)  # the run's time is spent: admitted as the probe, it cannot call
+        with pytest.raises(deadline.RunOutOfTime):
+            gateway_client.charge_create(
+                card_token=GOOD,
+                amount=Decimal("1.00"),
+                currency="EUR",
+                idempotency_key="k",
+                description="d",
+            )
+
+    assert gateway.stats()["totals"]["received"] == received  # nothing was sent
+    GATEWAY.admit()  # the next caller is the probe, not deferred until the probe times out
+    assert GATEWAY.state()["state"] == "half_open"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_probe_that_finds_the_receipt_claimed_hands_the_probe_on(
+    broker, gateway, products, settings
+):
+    payment = place_order(GOOD)
+    payment_charge(payment_id=payment.pk)
+    Receipt.objects.filter(order_id=payment.order_id).update(
+        status=Receipt.Status.SENDING, claimed_at=timezone.now(), claimed_by="other/0"
+    )
+    open_then_due_for_a_probe(MAIL, settings)
+
+    receipt_send(order_id=payment.order_id, claimant="me")  # the probe: the claim is live
+
+    MAIL.admit()  # the next send probes, not deferred until the probe times out
+    assert MAIL.state()["state"] == "half_open"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_http_client_is_built_before_the_call_takes_its_turn(broker, gateway, monkeypatch):
+    # Building one loads the TLS certificates (tens of ms, more on a busy host): done
+    # after the turn, it would delay the call past its slot and bunch calls up at the
+    # gateway, which counts them as they arrive.
+    monkeypatch.setattr(gateway_client, "_clients", {})
+    ready_at_turn: list[bool] = []
+    admit = GATEWAY.admit
+
+    def turn() -> None:
+        ready_at_turn.append(bool(gateway_client._clients))
+        admit()
+
+    monkeypatch.setattr(GATEWAY, "admit", turn)
+    gateway_client.charge_find(description="Order #1")
+
+    assert ready_at_turn == [True]
