@@ -21,8 +21,9 @@ disagree; the server's is one):
 - A caller whose slot is further away than it may wait (JOBS_DEPENDENCY_MAX_WAIT, and
   never past half its run's deadline) keeps that slot and raises Deferred: the task is
   scheduled again for a little before it, carrying the booking, without spending a
-  retry. A run that comes back more than a slot late has lost its turn and books anew
-  (calling at once would crowd the slots others hold). Beyond the horizon (the retry
+  retry. A run that comes back too late (``late``, 50 ms after its slot) has lost its turn
+  and books anew (calling at once would crowd the slots others hold); so does a call
+  that wakes too late from its wait (a stalled process). Beyond the horizon (the retry
   policy's cap) nothing is booked.
 - A ``429 Too Many Requests`` moves the schedule past its ``Retry-After`` for every
   caller (``throttled``), and the task is deferred, not failed: a limit is not an outage.
@@ -39,6 +40,7 @@ still answers 429, and a broker outage must not stop charges that are already ru
 
 Configure per dependency (the host's names: ``JOBS_DEPENDENCIES = {"gateway": {"rate":
 50}}``): ``rate`` (calls per second for all workers together; None: no limit),
+``late`` (0.05 s: a call that wakes later than this after its slot books another),
 ``failures`` (5), ``cooldown`` (30 s), ``ramp`` (30 s), ``probe_timeout`` (the longest a
 probe may take before another caller may probe, 60 s).
 """
@@ -61,7 +63,8 @@ from jobs.errors import TransientError
 logger = logging.getLogger(__name__)
 
 # KEYS: the breaker's hash, the schedule's key. ARGV: rate (0: none), max wait, ramp,
-# probe timeout, horizon, the slot this caller booked earlier (0: none). Returns
+# probe timeout, horizon, the slot this caller booked earlier (0: none), how late a
+# booked slot may still be taken. Returns
 # {verdict, seconds[, slot]}: go (after seconds), probe (go now, the breaker's probe),
 # booked (a slot further than max wait, booked: come back then), busy (further than the
 # horizon: nothing booked), open / half_open (seconds until the cooldown or the probe
@@ -83,9 +86,9 @@ local max_wait = tonumber(ARGV[2])
 local rate = tonumber(ARGV[1])
 local reserved = tonumber(ARGV[6])
 -- Booked on an earlier run of this task: its turn, no new booking. Unless it came back
--- more than a slot late (a worker whose threads were all busy): that turn has passed,
--- and calling now would add a call to slots others hold. It books anew.
-if reserved > 0 and (rate == 0 or now - reserved <= 1 / rate) then
+-- too late (ARGV[7]; its worker's threads were all busy): that turn has passed, and
+-- calling now would add a call to slots others hold. It books anew.
+if reserved > 0 and (rate == 0 or now - reserved <= tonumber(ARGV[7])) then
   local wait = math.max(0, reserved - now)
   if wait > max_wait then return {'booked', fmt(wait), fmt(reserved)} end
   return {'go', fmt(wait)}
@@ -182,6 +185,12 @@ class Limits:
     """One dependency's settings (JOBS_DEPENDENCIES[name], the rest defaults)."""
 
     rate: float | None = None
+    # A call that wakes more than this after its slot gives the slot up and books the
+    # next free one: a process stalled (CPU throttled, GIL-starved) would otherwise send
+    # its late calls together with the on-time calls of others. With the shop's rate a
+    # fraction m of the service's limit, lateness up to 1/m - 1 seconds cannot push a
+    # clock second over the limit (0.05 s for m = 0.95).
+    late: float = 0.05
     failures: int = 5
     cooldown: float = 30.0
     ramp: float = 30.0
@@ -224,6 +233,12 @@ class Dependency:
 
     def admit(self) -> None:
         limits = Limits.of(self.name)
+        while not self._admitted(limits):
+            pass  # woke too late for its slot: book the next free one
+
+    def _admitted(self, limits: Limits) -> bool:
+        """One booking: True when the call may go now, False when it woke too late for
+        its slot (nothing sent, the slot given up); raises Deferred."""
         left = deadline.remaining()
         max_wait = jobs_settings.DEPENDENCY_MAX_WAIT
         if left is not None:
@@ -232,24 +247,38 @@ class Dependency:
         booked = reserved_slots()
         reserved = booked.pop(self.name, 0.0)  # used once: a second call books its own
         _slots.set(booked)
+        asked = time.monotonic()  # the slot is no earlier than this plus the wait
         answer = self._script(
-            _ADMIT, limits.rate or 0, max_wait, limits.ramp, limits.probe_timeout, horizon, reserved
+            _ADMIT,
+            limits.rate or 0,
+            max_wait,
+            limits.ramp,
+            limits.probe_timeout,
+            horizon,
+            reserved,
+            limits.late,
         )
         if answer is None:
-            return
+            return True
         verdict, seconds = answer[0].decode(), float(answer[1])
         if verdict == "go":
             if seconds > 0:
                 _sleep(seconds)
                 self._still_closed(limits)  # it may have opened while this call waited
-            return
+            late = time.monotonic() - (asked + seconds)
+            if limits.rate and late > limits.late:
+                logger.info(
+                    "%s: woke %.0f ms after its slot: booking another", self.name, late * 1e3
+                )
+                return False
+            return True
         if verdict == "probe":
             logger.info("%s: circuit breaker half open, this call is the probe", self.name)
-            return
+            return True
         if verdict == "booked":
             # Back a little before the slot booked for it (half the max wait early, to
             # sleep the rest): a worker busy when the countdown ends starts it late, and
-            # a run more than a slot late has lost its turn.
+            # a run too late for it has lost its turn.
             back = max(seconds - max_wait / 2, seconds / 2)
             raise Deferred(self.name, "rate_limited", back, slot=float(answer[2]))
         if verdict == "busy":  # further off than any deferral waits: nothing booked

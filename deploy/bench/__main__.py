@@ -62,6 +62,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--quick", action="store_true", help="a tiny run that checks the harness, not speed"
     )
     parser.add_argument(
+        "--keep-stack",
+        action="store_true",
+        help="keep the stack's folder (process logs, Redis files) after a run that succeeded",
+    )
+    parser.add_argument(
         "--database-url",
         default=os.environ.get(
             "BENCH_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/shop_bench"
@@ -111,8 +116,11 @@ def main() -> int:
     report.write(results, bench.peak_rss, info, args.out, args)
     print(f"\nbench: wrote {args.out / 'bench.json'} and {args.out / 'bench.png'}")
     # The stack's logs and Redis files (hundreds of MB after 10,000 reports) are only
-    # worth keeping when something failed; then the exception leaves them for reading.
-    shutil.rmtree(bench.dir, ignore_errors=True)
+    # worth keeping when something failed (the exception leaves them) or when asked.
+    if args.keep_stack:
+        print(f"bench: the stack's folder is kept: {bench.dir}")
+    else:
+        shutil.rmtree(bench.dir, ignore_errors=True)
     return 0
 
 

@@ -56,6 +56,19 @@ def _paid(first_order: int) -> int:
     return Order.objects.filter(pk__gte=first_order, status=Order.Status.PAID).count()
 
 
+def _busiest(seconds: list[dict[str, Any]], label: str) -> str:
+    """The busiest second beside its neighbours: a burst between quiet seconds is calls
+    that reached the gateway late and together (a stalled worker), a plateau is the
+    limiter's own rate."""
+    if not seconds:
+        return f"{label}: no calls"
+    at = max(range(len(seconds)), key=lambda n: seconds[n]["received"])
+    around = [str(row["received"]) for row in seconds[max(0, at - 3) : at + 4]]
+    return f"{label}: busiest second {seconds[at]['received']} calls, with its neighbours " + (
+        ", ".join(around)
+    )
+
+
 def _witness(seconds: list[dict[str, Any]], limit: int, drained: float) -> Figures:
     charges = sum(row["charges"] for row in seconds)
     return {
@@ -67,7 +80,7 @@ def _witness(seconds: list[dict[str, Any]], limit: int, drained: float) -> Figur
     }
 
 
-def _drain(bench: Bench, nodes: list[str], orders: int, limit: int) -> Figures:
+def _drain(bench: Bench, nodes: list[str], orders: int, limit: int) -> tuple[Figures, str]:
     """Place `orders` with the payments consumers paused, let them all go, and read the
     gateway's seconds from then until the last order is paid."""
     _consumers(bench, "cancel_consumer", nodes)
@@ -76,10 +89,12 @@ def _drain(bench: Bench, nodes: list[str], orders: int, limit: int) -> Figures:
     _consumers(bench, "add_consumer", nodes)
     wait_until("every order paid", lambda: _paid(first) >= placed, timeout=1800, every=0.2)
     ended = time.time()
-    return _witness(bench.gateway_seconds(started), limit, ended - started)
+    seconds = bench.gateway_seconds(started)
+    witness = _witness(seconds, limit, ended - started)
+    return witness, _busiest(seconds, f"{len(nodes)} worker(s)")
 
 
-def _replay(bench: Bench, nodes: list[str], count: int, limit: int) -> Figures:
+def _replay(bench: Bench, nodes: list[str], count: int, limit: int) -> tuple[Figures, str]:
     """`count` charges dead-lettered (their orders placed, their messages dropped, as
     after an outage that exhausted their retries), replayed at once."""
     from jobs.dead_letters import dead_letter_replay
@@ -101,8 +116,9 @@ def _replay(bench: Bench, nodes: list[str], count: int, limit: int) -> Figures:
     dead_letter_replay(ids=[letter.pk for letter in letters], actor="bench")
     wait_until("every replayed order paid", lambda: _paid(first) >= placed, 3600, every=0.5)
     ended = time.time()
-    figures = _witness(bench.gateway_seconds(started), limit, ended - started)
-    return {f"replay_{key}": value for key, value in figures.items()}
+    seconds = bench.gateway_seconds(started)
+    figures = _witness(seconds, limit, ended - started)
+    return {f"replay_{key}": value for key, value in figures.items()}, _busiest(seconds, "replay")
 
 
 def limits(bench: Bench, args: argparse.Namespace) -> Result:
@@ -117,6 +133,7 @@ def limits(bench: Bench, args: argparse.Namespace) -> Result:
         + [Goal("replay_max_second_ratio", "<=", 1.0)],
     )
     shop_limit = args.limit_margin * limit
+    busiests: list[str] = []
     bench.env["PAYMENT_GATEWAY_RATE_LIMIT"] = str(shop_limit)
     bench.gateway_control(rate_limit=limit)
     try:
@@ -124,12 +141,15 @@ def limits(bench: Bench, args: argparse.Namespace) -> Result:
             figures: Figures = {}
             counts = WORKER_COUNTS if rep % 2 == 0 else tuple(reversed(WORKER_COUNTS))
             for count in counts:
-                drained = _drain(bench, _replicas(bench, count), args.limit_orders, limit)
+                drained, busiest = _drain(bench, _replicas(bench, count), args.limit_orders, limit)
                 figures |= {f"w{count}_{key}": value for key, value in drained.items()}
+                busiests.append(busiest)
                 _stop_replicas(bench)
             result.reps.append(figures)
         nodes = _replicas(bench, max(WORKER_COUNTS))
-        result.reps[-1] |= _replay(bench, nodes, args.replays, limit)  # once, with the last
+        replayed, busiest = _replay(bench, nodes, args.replays, limit)
+        result.reps[-1] |= replayed  # once, with the last repetition
+        busiests.append(busiest)
     finally:
         bench.gateway_control(rate_limit=None)
         bench.env["PAYMENT_GATEWAY_RATE_LIMIT"] = "0"
@@ -140,4 +160,5 @@ def limits(bench: Bench, args: argparse.Namespace) -> Result:
         f"clock second, the shop's shared limiter allows {shop_limit:g}; seconds and "
         f"charges counted by the gateway; replay: {args.replays} dead letters, 4 workers"
     )
+    result.notes.extend(busiests)
     return result

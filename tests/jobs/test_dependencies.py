@@ -78,7 +78,7 @@ def test_a_turn_further_than_the_max_wait_is_booked_and_the_task_deferred_to_it(
     assert next_caller.value.slot == pytest.approx(after.value.slot + 0.1, abs=1e-4)
 
 
-def test_a_run_back_more_than_a_slot_late_has_lost_its_turn_and_books_anew(
+def test_a_run_back_too_late_for_its_booked_slot_has_lost_its_turn_and_books_anew(
     dependency, waits, settings
 ):
     settings.JOBS_DEPENDENCY_MAX_WAIT = 0.05
@@ -98,6 +98,27 @@ def test_a_run_back_more_than_a_slot_late_has_lost_its_turn_and_books_anew(
     # Not at once (that call would share a slot with the callers' now): it waited for
     # the next free slot, after theirs.
     assert waits[-1] == pytest.approx(2 / RATE, abs=0.02)
+
+
+def test_a_call_that_wakes_too_late_for_its_slot_gives_it_up_and_books_another(
+    dependency, monkeypatch, caplog
+):
+    slept: list[float] = []
+
+    def stalled(seconds: float) -> None:  # the first wait wakes 100 ms after its slot
+        slept.append(seconds)
+        time.sleep(seconds + (0.1 if len(slept) == 1 else 0))
+
+    monkeypatch.setattr(dependencies, "_sleep", stalled)
+    dependency.admit()  # slot 0: at once
+    with caplog.at_level(logging.INFO, logger="jobs.dependencies"):
+        dependency.admit()  # slot 0.1 s; wakes at 0.2 s, too late: takes the next free slot
+
+    assert "after its slot: booking another" in caplog.text
+    dependency.admit()
+    # The late call took the slot at 0.2 s, so this one waits for the one at 0.3 s (had
+    # the late call gone without booking, this one would have gone at once, with it).
+    assert slept[-1] == pytest.approx(1 / RATE, abs=0.03), slept
 
 
 def test_a_turn_further_than_any_deferral_waits_books_nothing(dependency, waits, settings):
@@ -268,6 +289,7 @@ def test_an_unknown_setting_is_refused(settings):
         ({"failures": 0}, "failures is 0"),
         ({"cooldown": 0}, "cooldown"),
         ({"ramp": -1}, "ramp"),
+        ({"late": 0}, "late must be above 0"),
         ({"rate": "50"}, "not supported"),
     ],
 )
