@@ -120,15 +120,15 @@ def dependencies_check(app_configs: Any = None, **kwargs: Any) -> list[CheckMess
                 problem = f"rate is {limits.rate}: give calls per second, or None for no limit"
             elif limits.failures < 1:
                 problem = f"failures is {limits.failures}: the breaker needs at least one"
-            elif min(limits.cooldown, limits.probe_timeout, limits.late) <= 0 or limits.ramp < 0:
-                problem = "cooldown, probe_timeout and late must be above 0, ramp at least 0"
+            elif min(limits.cooldown, limits.probe_timeout) <= 0 or limits.ramp < 0:
+                problem = "cooldown and probe_timeout must be above 0, ramp at least 0"
         except (TypeError, ValueError) as exc:  # an unknown setting, a number as text
             problem = str(exc)
         if problem:
             errors.append(
                 Error(
                     f"JOBS_DEPENDENCIES[{name!r}]: {problem}.",
-                    hint="Settings: rate, late, failures, cooldown, ramp, probe_timeout "
+                    hint="Settings: rate, failures, cooldown, ramp, probe_timeout "
                     "(jobs/dependencies.py).",
                     id="jobs.E005",
                 )

@@ -21,10 +21,14 @@ disagree; the server's is one):
 - A caller whose slot is further away than it may wait (JOBS_DEPENDENCY_MAX_WAIT, and
   never past half its run's deadline) keeps that slot and raises Deferred: the task is
   scheduled again for a little before it, carrying the booking, without spending a
-  retry. A run that comes back too late (``late``, 50 ms after its slot) has lost its turn
-  and books anew (calling at once would crowd the slots others hold); so does a call
-  that wakes too late from its wait (a stalled process). Beyond the horizon (the retry
-  policy's cap) nothing is booked.
+  retry. Beyond the horizon (the retry policy's cap) nothing is booked.
+- Spacing alone does not hold the limit where the service counts it: a process stalled
+  after its turn (CPU throttled, starved of the GIL) sends its late calls together with
+  the on-time calls of others, and a clock second at the service gets more than
+  ``rate``. So each call, just before it goes, also counts itself in the current clock
+  second (Redis's): one that finds the second full gives its turn up and books another.
+  The count costs no extra round trip: it is part of the booking for a call that goes at
+  once, and of the breaker's check after the wait for one that waited.
 - A ``429 Too Many Requests`` moves the schedule past its ``Retry-After`` for every
   caller (``throttled``), and the task is deferred, not failed: a limit is not an outage.
 - The circuit breaker counts failures in a row (what the caller says is one: a refused
@@ -40,7 +44,6 @@ still answers 429, and a broker outage must not stop charges that are already ru
 
 Configure per dependency (the host's names: ``JOBS_DEPENDENCIES = {"gateway": {"rate":
 50}}``): ``rate`` (calls per second for all workers together; None: no limit),
-``late`` (0.05 s: a call that wakes later than this after its slot books another),
 ``failures`` (5), ``cooldown`` (30 s), ``ramp`` (30 s), ``probe_timeout`` (the longest a
 probe may take before another caller may probe, 60 s).
 """
@@ -62,15 +65,35 @@ from jobs.errors import TransientError
 
 logger = logging.getLogger(__name__)
 
-# KEYS: the breaker's hash, the schedule's key. ARGV: rate (0: none), max wait, ramp,
-# probe timeout, horizon, the slot this caller booked earlier (0: none), how late a
-# booked slot may still be taken. Returns
-# {verdict, seconds[, slot]}: go (after seconds), probe (go now, the breaker's probe),
+# Counts a send in this clock second of Redis's (KEYS[3] holds "second:count"): nil when
+# counted, or, when the second already has its ``cap`` sends, the seconds to the next.
+_COUNT_SEND = """
+local function count_send(t, now, cap)
+  local second = tonumber(t[1])
+  local n = 1
+  local sent = redis.call('GET', KEYS[3])
+  if sent then
+    local at, count = string.match(sent, '(%d+):(%d+)')
+    if tonumber(at) == second then n = tonumber(count) + 1 end
+  end
+  if n > cap then return second + 1 - now end
+  redis.call('SET', KEYS[3], second .. ':' .. n, 'EX', 2)
+  return nil
+end
+"""
+
+# KEYS: the breaker's hash, the schedule's key, this second's sends ("second:count").
+# ARGV: rate (0: none), max wait, ramp, probe timeout, horizon, the slot this caller
+# booked earlier (0: none). Returns
+# {verdict, seconds[, slot]}: go (after seconds, then _SEND; or 'now' follows: counted),
+# probe (go now, the breaker's probe),
 # booked (a slot further than max wait, booked: come back then), busy (further than the
 # horizon: nothing booked), open / half_open (seconds until the cooldown or the probe
 # ends). Times are kept as fixed-point text: Lua's tostring keeps 14 digits, a tenth of
 # a millisecond of today's epoch, too coarse for a slot every 1/rate s.
-_ADMIT = """
+_ADMIT = (
+    _COUNT_SEND
+    + """
 local function fmt(x) return string.format('%.6f', x) end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -85,13 +108,21 @@ end
 local max_wait = tonumber(ARGV[2])
 local rate = tonumber(ARGV[1])
 local reserved = tonumber(ARGV[6])
--- Booked on an earlier run of this task: its turn, no new booking. Unless it came back
--- too late (ARGV[7]; its worker's threads were all busy): that turn has passed, and
--- calling now would add a call to slots others hold. It books anew.
-if reserved > 0 and (rate == 0 or now - reserved <= tonumber(ARGV[7])) then
+local cap = math.ceil(rate)  -- sends in any clock second (the full rate, not the ramp's)
+-- A call that goes now counts itself in this clock second's sends; a full second sends
+-- it to the next one (where the caller counts itself, _SEND).
+local function go(wait)
+  if wait > 0 then return {'go', fmt(wait)} end
+  local wait_for_next = cap > 0 and count_send(t, now, cap)
+  if wait_for_next then return {'go', fmt(wait_for_next)} end
+  return {'go', '0', 'now'}
+end
+-- Booked on an earlier run of this task: its turn, no new booking (late or not: the
+-- count of its second says whether it may go now).
+if reserved > 0 then
   local wait = math.max(0, reserved - now)
   if wait > max_wait then return {'booked', fmt(wait), fmt(reserved)} end
-  return {'go', fmt(wait)}
+  return go(wait)
 end
 -- The schedule: when the next call may start (also pushed past a 429's Retry-After).
 local slot = math.max(now, tonumber(redis.call('GET', KEYS[2]) or '0'))
@@ -108,8 +139,9 @@ if rate > 0 then
   redis.call('SET', KEYS[2], fmt(slot + interval), 'PX', ttl)
 end
 if wait > max_wait then return {'booked', fmt(wait), fmt(slot)} end
-return {'go', fmt(wait)}
+return go(wait)
 """
+)
 
 # KEYS: the breaker's hash, the schedule's key. ARGV: outcome (ok | fail | throttled),
 # failures to open, cooldown, Retry-After. Returns the transition: opened, closed or ''.
@@ -161,6 +193,30 @@ return ''
 """
 
 
+# KEYS: the breaker's hash, the schedule's key, this second's sends. ARGV: rate (0:
+# none). A call about to go after its wait: it counts itself in this clock second, or
+# says why it may not go: the breaker opened or a probe went out meanwhile (open /
+# half_open, seconds until the cooldown or the probe ends), or the second already has
+# its ``rate`` sends (full: calls that woke late, from a stalled process).
+_SEND = (
+    _COUNT_SEND
+    + """
+local function fmt(x) return string.format('%.6f', x) end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local b = redis.call('HMGET', KEYS[1], 'state', 'until')
+if b[1] == 'open' or b[1] == 'half_open' then
+  return {b[1], fmt(math.max(0, (tonumber(b[2]) or 0) - now))}
+end
+local cap = math.ceil(tonumber(ARGV[1]))
+if cap == 0 then return {'go', '0'} end
+local wait_for_next = count_send(t, now, cap)
+if wait_for_next then return {'full', fmt(wait_for_next)} end
+return {'go', '0'}
+"""
+)
+
+
 class Deferred(TransientError):
     """The call was not made (its turn is too far off, the breaker is open, the service
     said 429): run the task again in ``delay`` seconds, without spending a retry
@@ -185,12 +241,6 @@ class Limits:
     """One dependency's settings (JOBS_DEPENDENCIES[name], the rest defaults)."""
 
     rate: float | None = None
-    # A call that wakes more than this after its slot gives the slot up and books the
-    # next free one: a process stalled (CPU throttled, GIL-starved) would otherwise send
-    # its late calls together with the on-time calls of others. With the shop's rate a
-    # fraction m of the service's limit, lateness up to 1/m - 1 seconds cannot push a
-    # clock second over the limit (0.05 s for m = 0.95).
-    late: float = 0.05
     failures: int = 5
     cooldown: float = 30.0
     ramp: float = 30.0
@@ -229,16 +279,17 @@ class Dependency:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self._keys = [f"jobs:breaker:{name}", f"jobs:schedule:{name}"]
+        self._keys = [f"jobs:breaker:{name}", f"jobs:schedule:{name}", f"jobs:sent:{name}"]
 
     def admit(self) -> None:
         limits = Limits.of(self.name)
         while not self._admitted(limits):
-            pass  # woke too late for its slot: book the next free one
+            pass  # its second was full when it woke: book another turn
 
     def _admitted(self, limits: Limits) -> bool:
-        """One booking: True when the call may go now, False when it woke too late for
-        its slot (nothing sent, the slot given up); raises Deferred."""
+        """One booking: True when the call may go now, False when it woke to a clock
+        second that already had its sends (nothing sent, the turn given up); raises
+        Deferred."""
         left = deadline.remaining()
         max_wait = jobs_settings.DEPENDENCY_MAX_WAIT
         if left is not None:
@@ -247,38 +298,25 @@ class Dependency:
         booked = reserved_slots()
         reserved = booked.pop(self.name, 0.0)  # used once: a second call books its own
         _slots.set(booked)
-        asked = time.monotonic()  # the slot is no earlier than this plus the wait
+        rate = limits.rate or 0
         answer = self._script(
-            _ADMIT,
-            limits.rate or 0,
-            max_wait,
-            limits.ramp,
-            limits.probe_timeout,
-            horizon,
-            reserved,
-            limits.late,
+            _ADMIT, rate, max_wait, limits.ramp, limits.probe_timeout, horizon, reserved
         )
         if answer is None:
             return True
         verdict, seconds = answer[0].decode(), float(answer[1])
         if verdict == "go":
+            if len(answer) > 2:  # now (counted in this second's sends)
+                return True
             if seconds > 0:
                 _sleep(seconds)
-                self._still_closed(limits)  # it may have opened while this call waited
-            late = time.monotonic() - (asked + seconds)
-            if limits.rate and late > limits.late:
-                logger.info(
-                    "%s: woke %.0f ms after its slot: booking another", self.name, late * 1e3
-                )
-                return False
-            return True
+            return self._sending(limits)
         if verdict == "probe":
             logger.info("%s: circuit breaker half open, this call is the probe", self.name)
             return True
         if verdict == "booked":
             # Back a little before the slot booked for it (half the max wait early, to
-            # sleep the rest): a worker busy when the countdown ends starts it late, and
-            # a run too late for it has lost its turn.
+            # sleep the rest): a worker busy when the countdown ends starts it late.
             back = max(seconds - max_wait / 2, seconds / 2)
             raise Deferred(self.name, "rate_limited", back, slot=float(answer[2]))
         if verdict == "busy":  # further off than any deferral waits: nothing booked
@@ -296,18 +334,20 @@ class Dependency:
         spread = limits.cooldown * min(2.0 ** _deferrals.get(), 4.0)
         return min(seconds + _spread(0, spread), jobs_settings.RETRY_BACKOFF_CAP)
 
-    def _still_closed(self, limits: Limits) -> None:
-        """Raises Deferred when the breaker opened meanwhile, or a probe went out (one
-        read, no booking; the delay reckoned on this host's clock, a deferral's estimate)."""
-        client = _redis()
-        try:
-            state, until = client.hmget(self._keys[0], "state", "until") if client else (None, None)
-        except redis.RedisError:
-            return
-        if state in (b"open", b"half_open"):
-            left = max(0.0, float(until or 0) - time.time())
-            verdict = "open" if state == b"open" else "half_open"
-            raise Deferred(self.name, "breaker_open", self._breaker_delay(verdict, left, limits))
+    def _sending(self, limits: Limits) -> bool:
+        """After the wait, just before the call: True when it counted itself in this
+        clock second, False when the second was full (a call that woke late: the turn is
+        given up); raises Deferred when the breaker opened or a probe went out meanwhile."""
+        answer = self._script(_SEND, limits.rate or 0)
+        if answer is None:
+            return True
+        verdict, seconds = answer[0].decode(), float(answer[1])
+        if verdict == "go":
+            return True
+        if verdict == "full":
+            logger.info("%s: this second's calls were all made: booking another turn", self.name)
+            return False
+        raise Deferred(self.name, "breaker_open", self._breaker_delay(verdict, seconds, limits))
 
     def inconclusive(self) -> None:
         """An answer that says nothing about what the breaker guards (a read while the

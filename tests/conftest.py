@@ -38,11 +38,13 @@ def _publishing_resumed() -> Iterator[None]:
 
 
 @pytest.fixture
-def broker(redis_server: RedisServer) -> RedisServer:
-    """The private Redis with empty queues (and every circuit breaker closed)."""
+def broker(redis_server: RedisServer) -> Iterator[RedisServer]:
+    """The private Redis with empty queues (and every circuit breaker closed, before and
+    after: a breaker a test opened must not meet a later test that takes no fixture)."""
     redis_server.purge_queues()
     redis_server.forget_dependencies()
-    return redis_server
+    yield redis_server
+    redis_server.forget_dependencies()
 
 
 @pytest.fixture(scope="session")
@@ -54,14 +56,17 @@ def gateway_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gatewa
 
 
 @pytest.fixture
-def gateway(gateway_process: Gateway, redis_server: RedisServer, settings: object) -> Gateway:
+def gateway(
+    gateway_process: Gateway, redis_server: RedisServer, settings: object
+) -> Iterator[Gateway]:
     """The gateway with its faults off, its breaker closed, and this process's client
     pointed at it."""
     gateway_process.reset()
     redis_server.forget_dependencies()
     settings.PAYMENT_GATEWAY_URL = gateway_process.url  # type: ignore[attr-defined]
     gateway_client._clients.clear()
-    return gateway_process
+    yield gateway_process
+    redis_server.forget_dependencies()
 
 
 @pytest.fixture(scope="session")

@@ -205,11 +205,15 @@ class RedisServer(_Server):
         client.delete("unacked", "unacked_index")
 
     def forget_dependencies(self) -> None:
-        """Close every circuit breaker and clear every rate-limit schedule (a test that
-        opened one must not leave it to the next)."""
+        """Close every circuit breaker and clear every rate-limit schedule and count of
+        sends (a test that opened one must not leave it to the next)."""
         client = self.client()
         try:
-            keys = [*client.scan_iter("jobs:breaker:*"), *client.scan_iter("jobs:schedule:*")]
+            keys = [
+                key
+                for pattern in ("jobs:breaker:*", "jobs:schedule:*", "jobs:sent:*")
+                for key in client.scan_iter(pattern)
+            ]
         except redis.ConnectionError:
             return  # stopped by the test (it starts again empty, in a fresh folder)
         if keys:
