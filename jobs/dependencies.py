@@ -65,10 +65,14 @@ from jobs.errors import TransientError
 
 logger = logging.getLogger(__name__)
 
-# Counts a send in this clock second of Redis's (KEYS[3] holds "second:count"): nil when
+# Every script starts with Redis's clock (TIME: one clock for all hosts) and these two.
+# count_send counts a send in this clock second (KEYS[3] holds "second:count"): nil when
 # counted, or, when the second already has its ``cap`` sends, the seconds to the next.
-_COUNT_SEND = """
-local function count_send(t, now, cap)
+_PRELUDE = """
+local function fmt(x) return string.format('%.6f', x) end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local function count_send(cap)
   local second = tonumber(t[1])
   local n = 1
   local sent = redis.call('GET', KEYS[3])
@@ -92,11 +96,8 @@ end
 # ends). Times are kept as fixed-point text: Lua's tostring keeps 14 digits, a tenth of
 # a millisecond of today's epoch, too coarse for a slot every 1/rate s.
 _ADMIT = (
-    _COUNT_SEND
+    _PRELUDE
     + """
-local function fmt(x) return string.format('%.6f', x) end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local b = redis.call('HMGET', KEYS[1], 'state', 'until', 'closed_at')
 local state = b[1] or 'closed'
 if state == 'open' or state == 'half_open' then
@@ -113,7 +114,7 @@ local cap = math.ceil(rate)  -- sends in any clock second (the full rate, not th
 -- it to the next one (where the caller counts itself, _SEND).
 local function go(wait)
   if wait > 0 then return {'go', fmt(wait)} end
-  local wait_for_next = cap > 0 and count_send(t, now, cap)
+  local wait_for_next = cap > 0 and count_send(cap)
   if wait_for_next then return {'go', fmt(wait_for_next)} end
   return {'go', '0', 'now'}
 end
@@ -147,10 +148,9 @@ return go(wait)
 # failures to open, cooldown, Retry-After. Returns the transition: opened, closed or ''.
 # A 429 pushes the schedule past its Retry-After, and counts as an answer: a probe
 # answered 429 closes the breaker (the service is up; the schedule holds the callers).
-_OUTCOME = """
-local function fmt(x) return string.format('%.6f', x) end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+_OUTCOME = (
+    _PRELUDE
+    + """
 local b = redis.call('HMGET', KEYS[1], 'state', 'failures')
 local state = b[1] or 'closed'
 if ARGV[1] == 'throttled' then
@@ -180,17 +180,19 @@ if state == 'half_open' or failures >= tonumber(ARGV[2]) then
 end
 return ''
 """
+)
 
 
 # KEYS: the breaker's hash. A half open breaker's probe is over: the next caller probes.
-_INCONCLUSIVE = """
+_INCONCLUSIVE = (
+    _PRELUDE
+    + """
 if redis.call('HGET', KEYS[1], 'state') == 'half_open' then
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-  redis.call('HSET', KEYS[1], 'until', string.format('%.6f', now))
+  redis.call('HSET', KEYS[1], 'until', fmt(now))
 end
 return ''
 """
+)
 
 
 # KEYS: the breaker's hash, the schedule's key, this second's sends. ARGV: rate (0:
@@ -199,18 +201,15 @@ return ''
 # half_open, seconds until the cooldown or the probe ends), or the second already has
 # its ``rate`` sends (full: calls that woke late, from a stalled process).
 _SEND = (
-    _COUNT_SEND
+    _PRELUDE
     + """
-local function fmt(x) return string.format('%.6f', x) end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local b = redis.call('HMGET', KEYS[1], 'state', 'until')
 if b[1] == 'open' or b[1] == 'half_open' then
   return {b[1], fmt(math.max(0, (tonumber(b[2]) or 0) - now))}
 end
 local cap = math.ceil(tonumber(ARGV[1]))
 if cap == 0 then return {'go', '0'} end
-local wait_for_next = count_send(t, now, cap)
+local wait_for_next = count_send(cap)
 if wait_for_next then return {'full', fmt(wait_for_next)} end
 return {'go', '0'}
 """

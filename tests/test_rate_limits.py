@@ -24,10 +24,12 @@ pytestmark = [pytest.mark.stack, pytest.mark.django_db(transaction=True)]
 LIMIT = 10  # requests per clock second, at the gateway and in the shop's limiter
 COOLDOWN = 10.0  # seconds the breaker stays open before a probe
 WORKERS, THREADS = 4, 8
-# The limiter starts calls 1/LIMIT s apart; each reaches the gateway a scheduling delay
-# after its slot (a thread waking, the request written). A clock second then holds the
-# arrivals of the slots in [s - delay, s + 1): at most LIMIT + ceil(delay * LIMIT). The
-# tolerance allows delays up to two slots (200 ms) on a loaded two-core machine.
+# The limiter starts calls 1/LIMIT s apart and lets at most LIMIT go in a clock second of
+# Redis's; each is counted just before it leaves and reaches the gateway a moment later
+# (the request written and read: a GIL switch or two on a loaded machine). A call
+# counted at the end of one second can land in the gateway's next; the tolerance allows
+# two such calls at a boundary (the lab and the bench instead set the shop's rate 5%
+# below the gateway's, as a team would, and allow nothing).
 TOLERANCE = 2
 
 
