@@ -46,6 +46,12 @@ OPERATOR, OPERATOR_PASSWORD = "lab-operator", "lab-operator-password"
 BREAKER_COOLDOWN = 5.0  # seconds a dependency's open breaker waits before its probe
 
 
+def first_publish(event: dict[str, Any]) -> bool:
+    """A `task-sent` event of a task's first attempt, sent by whoever enqueued it: not a
+    retry (retries above 0), nor a deferral (retries 0, with an ETA; Lab.watch_publishes)."""
+    return not event.get("retries") and not event.get("eta")
+
+
 class Lab(Stack):
     def __init__(self, args: argparse.Namespace) -> None:
         super().__init__(
@@ -104,11 +110,14 @@ class Lab(Stack):
         `task-sent` events (CELERY_TASK_SEND_SENT_EVENT): the witness that a row is
         published at most twice (after commit, and by the relay). The events travel by
         Redis pub/sub: lost while Redis is down, never invented, so the count is a lower
-        bound, and "more than twice" is never a false alarm."""
+        bound, and "more than twice" is never a false alarm. A worker's own publishes of
+        a task id are left out: retries (retries above 0) and deferrals under the rate
+        limit or an open breaker (jobs/dependencies.py: the same attempt again, retries
+        still 0, with an ETA; the outbox publishes none with an ETA)."""
         from jobs import app
 
         def sent(event: dict[str, Any]) -> None:
-            if not event.get("retries"):
+            if first_publish(event):
                 self.publishes[str(event["uuid"])] += 1
 
         while True:

@@ -55,3 +55,12 @@ def drop_database(url: str) -> None:
     server, name = url.rsplit("/", 1)
     with psycopg.connect(f"{server}/postgres", autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_the_published_twice_witness_counts_only_first_publishes():
+    from deploy.chaos import first_publish
+
+    assert first_publish({"uuid": "a", "retries": 0, "eta": None})  # after commit, or relay
+    assert not first_publish({"uuid": "a", "retries": 1, "eta": "2026-12-01T00:00:01"})
+    # A deferral under the rate limit: the same attempt (retries 0) again, with an ETA.
+    assert not first_publish({"uuid": "a", "retries": 0, "eta": "2026-12-01T00:00:01"})
