@@ -56,7 +56,7 @@ from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded
 
 from jobs import deadline
 from jobs.conf import jobs_settings
-from jobs.dependencies import DEFERRALS_HEADER, SLOTS_HEADER, Deferred, carried
+from jobs.dependencies import DEFERRALS_HEADER, SLOTS_HEADER, Deferred, carried, reserved_slots
 from jobs.errors import PermanentError, PoisonMessage
 from jobs.poison import delivery_count, delivery_finished
 from jobs.retry import RetryPolicy
@@ -152,7 +152,10 @@ class ReliableTask(DjangoTask):
         # bookkeeping is by task id); a slot booked for it waits for it meanwhile.
         countdown = max(1.0, min(exc.delay, self.retry_policy().cap))
         request = self.request
-        slots, deferrals = _deferral_headers(request)
+        # The slots this run still holds: one it used (admit pops it) is not carried
+        # on, or the next run would go at once on a turn already spent.
+        slots = reserved_slots()
+        _, deferrals = _deferral_headers(request)
         if exc.slot is not None:
             slots[exc.dependency] = exc.slot
         headers = {

@@ -4,20 +4,20 @@ circuit breaker per dependency, shared by every worker process on every host.
 Celery's own ``rate_limit`` is a token bucket per worker process: four workers of 32
 threads send four times the rate, and an autoscaler that adds workers when the queue
 grows multiplies it again, just when the processor is busiest. Here the state lives in
-Redis (the broker's, or JOBS_DEPENDENCY_REDIS_URL), read and changed by two Lua
-scripts, each one round trip and atomic, timed by Redis's own clock (hosts' clocks may
+Redis (the broker's, or JOBS_DEPENDENCY_REDIS_URL), read and changed by small Lua
+scripts, each atomic and one round trip, timed by Redis's own clock (hosts' clocks may
 disagree; the server's is one):
 
 - The rate limit is a schedule (GCRA, the "virtual scheduling" form of a leaky bucket):
   Redis keeps the time the next call may start; a caller takes that slot and moves it on
-  by 1/rate, then sleeps until its slot. Calls start evenly spaced, at most ``rate`` in
-  any second, and a waiting caller knows exactly when its turn comes with one round trip.
+  by 1/rate, then sleeps until its slot. Calls start evenly spaced, and a waiting caller
+  knows exactly when its turn comes with one round trip.
   (Why not a library: `limits` (moving and sliding windows, the strategies of
   Flask-Limiter) and `pyrate-limiter` answer "now or not" and leave waiting to the
   caller, who can only sleep and ask again; 128 threads waiting for 50 slots a second ask
   thousands of times a second, every one a Lua script on the broker's Redis. A slot
-  booked in one call costs one round trip per call. The schedule is the whole limiter:
-  the first script below, twenty lines.)
+  booked in one call costs one round trip for a call that goes at once, two for one
+  that waits, whatever the contention.)
 - A caller whose slot is further away than it may wait (JOBS_DEPENDENCY_MAX_WAIT, and
   never past half its run's deadline) keeps that slot and raises Deferred: the task is
   scheduled again for a little before it, carrying the booking, without spending a
@@ -26,9 +26,12 @@ disagree; the server's is one):
   after its turn (CPU throttled, starved of the GIL) sends its late calls together with
   the on-time calls of others, and a clock second at the service gets more than
   ``rate``. So each call, just before it goes, also counts itself in the current clock
-  second (Redis's): one that finds the second full gives its turn up and books another.
-  The count costs no extra round trip: it is part of the booking for a call that goes at
-  once, and of the breaker's check after the wait for one that waited.
+  second (Redis's): one that finds the second full (``ceil(rate)`` sends) gives its turn
+  up and books another. The count is part of the booking for a call that goes at once,
+  and of the breaker's check after the wait for one that waited. It bounds what leaves
+  in each of Redis's seconds; a stall after the count, or the service's clock, can still
+  put a call in the service's next second, so set the rate a little below its limit
+  (the lab and the bench use 0.95 of it).
 - A ``429 Too Many Requests`` moves the schedule past its ``Retry-After`` for every
   caller (``throttled``), and the task is deferred, not failed: a limit is not an outage.
 - The circuit breaker counts failures in a row (what the caller says is one: a refused
@@ -98,29 +101,33 @@ end
 _ADMIT = (
     _PRELUDE
     + """
-local b = redis.call('HMGET', KEYS[1], 'state', 'until', 'closed_at')
+local b = redis.call('HMGET', KEYS[1], 'state', 'until', 'closed_at', 'resume')
 local state = b[1] or 'closed'
-if state == 'open' or state == 'half_open' then
-  local until_ = tonumber(b[2]) or 0
-  if now < until_ then return {state, fmt(until_ - now)} end
-  redis.call('HSET', KEYS[1], 'state', 'half_open', 'until', fmt(now + tonumber(ARGV[4])))
-  return {'probe', '0'}
-end
 local max_wait = tonumber(ARGV[2])
 local rate = tonumber(ARGV[1])
 local reserved = tonumber(ARGV[6])
 local cap = math.ceil(rate)  -- sends in any clock second (the full rate, not the ramp's)
+if state == 'open' or state == 'half_open' then
+  local until_ = tonumber(b[2]) or 0
+  if now < until_ then return {state, fmt(until_ - now)} end
+  redis.call('HSET', KEYS[1], 'state', 'half_open', 'until', fmt(now + tonumber(ARGV[4])))
+  if cap > 0 then count_send(cap) end  -- counted; it goes whatever the count says
+  return {'probe', '0'}
+end
 -- A call that goes now counts itself in this clock second's sends; a full second sends
--- it to the next one (where the caller counts itself, _SEND).
+-- it to the next one (where the caller counts itself, _SEND), unless that is further
+-- than it may wait.
 local function go(wait)
   if wait > 0 then return {'go', fmt(wait)} end
   local wait_for_next = cap > 0 and count_send(cap)
+  if wait_for_next and wait_for_next > max_wait then return {'busy', fmt(wait_for_next)} end
   if wait_for_next then return {'go', fmt(wait_for_next)} end
   return {'go', '0', 'now'}
 end
 -- Booked on an earlier run of this task: its turn, no new booking (late or not: the
--- count of its second says whether it may go now).
-if reserved > 0 then
+-- count of its second says whether it may go now). Not if a 429 came since (a pause
+-- until 'resume'): it books anew, behind the pause.
+if reserved > 0 and reserved >= (tonumber(b[4]) or 0) then
   local wait = math.max(0, reserved - now)
   if wait > max_wait then return {'booked', fmt(wait), fmt(reserved)} end
   return go(wait)
@@ -155,6 +162,10 @@ local b = redis.call('HMGET', KEYS[1], 'state', 'failures')
 local state = b[1] or 'closed'
 if ARGV[1] == 'throttled' then
   local resume = now + tonumber(ARGV[4])
+  -- Callers holding a turn already (booked, or waiting for it) see the pause in 'resume'.
+  if resume > (tonumber(redis.call('HGET', KEYS[1], 'resume')) or 0) then
+    redis.call('HSET', KEYS[1], 'resume', fmt(resume))
+  end
   local slot = tonumber(redis.call('GET', KEYS[2]) or '0')
   if resume > slot then
     local ttl = math.ceil(tonumber(ARGV[4]) * 1000) + 1000
@@ -198,15 +209,18 @@ return ''
 # KEYS: the breaker's hash, the schedule's key, this second's sends. ARGV: rate (0:
 # none). A call about to go after its wait: it counts itself in this clock second, or
 # says why it may not go: the breaker opened or a probe went out meanwhile (open /
-# half_open, seconds until the cooldown or the probe ends), or the second already has
-# its ``rate`` sends (full: calls that woke late, from a stalled process).
+# half_open, seconds until the cooldown or the probe ends), or not now (full: the
+# second already has its ceil(rate) sends, calls that woke late from a stalled process;
+# or a 429's pause began meanwhile).
 _SEND = (
     _PRELUDE
     + """
-local b = redis.call('HMGET', KEYS[1], 'state', 'until')
+local b = redis.call('HMGET', KEYS[1], 'state', 'until', 'resume')
 if b[1] == 'open' or b[1] == 'half_open' then
   return {b[1], fmt(math.max(0, (tonumber(b[2]) or 0) - now))}
 end
+local resume = tonumber(b[3]) or 0
+if now < resume then return {'full', fmt(resume - now)} end  -- a 429 came meanwhile
 local cap = math.ceil(tonumber(ARGV[1]))
 if cap == 0 then return {'go', '0'} end
 local wait_for_next = count_send(cap)
@@ -252,6 +266,14 @@ class Limits:
         unknown = sorted(set(configured) - known)
         if unknown:
             raise ValueError(f"unknown setting(s) {', '.join(unknown)}")
+        for key, value in configured.items():
+            # Redis would refuse a None or a text as a script argument, and the call
+            # would then go ahead unlimited, as if Redis were down.
+            if (value is None and key != "rate") or (
+                value is not None
+                and (isinstance(value, bool) or not isinstance(value, int | float))
+            ):
+                raise TypeError(f"{key} is {value!r}: give a number")
         return cls(**configured)
 
 
@@ -271,10 +293,11 @@ def _redis() -> redis.Redis | None:
 
 class Dependency:
     """A service the tasks call. ``admit()`` before each call (it waits for the call's
-    turn, or raises Deferred); then exactly one of ``succeeded()``, ``failed()`` (a failure
-    the breaker counts) or ``throttled(retry_after)`` (a 429: returns the Deferred to
-    raise). Errors that say nothing about the service's health (a decline, a 4xx) need
-    none: ``succeeded()`` is for answers, whatever they say."""
+    turn, or raises Deferred); then exactly one of ``succeeded()`` (an answer, whatever
+    it says: a decline, a 4xx), ``failed()`` (a failure the breaker counts),
+    ``throttled(retry_after)`` (a 429: returns the Deferred to raise) or
+    ``inconclusive()`` (nothing that speaks for the service's health: no call made after
+    all, a read while the writes are what fail)."""
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -344,7 +367,9 @@ class Dependency:
         if verdict == "go":
             return True
         if verdict == "full":
-            logger.info("%s: this second's calls were all made: booking another turn", self.name)
+            logger.info(
+                "%s: not now (this second is full, or a 429's pause): another turn", self.name
+            )
             return False
         raise Deferred(self.name, "breaker_open", self._breaker_delay(verdict, seconds, limits))
 

@@ -3,6 +3,7 @@ the schedule each call books, deferring instead of waiting too long, the breaker
 states, the ramp after it closes, a 429's pause, and calling anyway without Redis.
 (Across worker processes, against the real gateway: tests/test_rate_limits.py.)"""
 
+import json
 import logging
 import math
 import time
@@ -21,6 +22,20 @@ def waits(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     """The sleeps admit() asks for, recorded instead of slept (the schedule is Redis's)."""
     asked: list[float] = []
     monkeypatch.setattr(dependencies, "_sleep", asked.append)
+    return asked
+
+
+@pytest.fixture
+def slept(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The sleeps admit() asks for, recorded and slept (a 429's pause is checked again
+    after the wait: the clock must have moved)."""
+    asked: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        asked.append(seconds)
+        time.sleep(seconds)
+
+    monkeypatch.setattr(dependencies, "_sleep", sleep)
     return asked
 
 
@@ -79,18 +94,30 @@ def test_a_turn_further_than_the_max_wait_is_booked_and_the_task_deferred_to_it(
     assert next_caller.value.slot == pytest.approx(after.value.slot + 0.1, abs=1e-4)
 
 
-def test_no_clock_second_has_more_sends_than_the_rate_whatever_the_slots(dependency, waits):
+def test_no_clock_second_has_more_sends_than_the_rate_whatever_the_slots(dependency, waits, broker):
     # Callers that all wake in one clock second (here their waits are recorded, not
     # slept: as if a stalled process sent its late calls beside others' on-time ones).
-    time.sleep(math.ceil(time.time()) - time.time() + 0.01)  # a second just began
-    for _ in range(int(RATE)):
-        dependency.admit()
+    def redis_second() -> int:
+        return int(broker.client().time()[0])
 
-    with pytest.raises(Deferred) as deferred:
-        dependency.admit()  # this second is full: each turn it books is given up
+    for _ in range(3):  # a try that straddles two of Redis's seconds proves nothing
+        broker.forget_dependencies()
+        time.sleep(math.ceil(time.time()) - time.time() + 0.01)  # a second just began
+        second = redis_second()
+        for _ in range(int(RATE)):
+            dependency.admit()
+        try:
+            dependency.admit()  # this second is full: each turn it books is given up
+            refused = None
+        except Deferred as exc:
+            refused = exc
+        if redis_second() == second:
+            break
+    else:
+        pytest.fail("three tries each straddled a clock second")
 
-    assert deferred.value.reason == "rate_limited"
-    assert time.time() % 1 < 0.5  # all in the same clock second
+    assert refused is not None, "an eleventh call went in the same clock second"
+    assert refused.reason == "rate_limited"
 
 
 def test_a_turn_further_than_any_deferral_waits_books_nothing(dependency, waits, settings):
@@ -224,14 +251,34 @@ def test_after_closing_the_rate_climbs_from_a_tenth(dependency, waits, settings)
     assert waits == [pytest.approx(1.0, abs=0.05)]
 
 
-def test_a_429_holds_every_caller_back_for_its_retry_after(dependency, waits):
+def test_a_429_holds_every_caller_back_for_its_retry_after(dependency, slept):
     deferred = dependency.throttled(1.5)
 
     assert deferred.reason == "throttled"
     assert 1.5 <= deferred.delay <= 1.5 * 1.5
     dependency.admit()  # another caller: its turn comes after the pause
-    assert 1.4 <= waits[-1] <= 1.5
+    assert 1.4 <= slept[-1] <= 1.5
     assert dependency.state()["state"] == "closed"  # a limit is not an outage
+
+
+def test_a_caller_already_waiting_for_its_turn_when_a_429_comes_waits_out_the_pause(
+    dependency, monkeypatch
+):
+    def sleep(seconds: float) -> None:  # while this caller waits, another gets a 429
+        if not pauses:
+            pauses.append(dependency.throttled(1.0))
+        asked.append(seconds)
+        time.sleep(seconds)
+
+    pauses: list[Deferred] = []
+    asked: list[float] = []
+    monkeypatch.setattr(dependencies, "_sleep", sleep)
+    dependency.admit()  # slot 0
+    started = time.monotonic()
+    dependency.admit()  # slot 0.1 s: the 429 comes during its wait
+
+    assert pauses
+    assert time.monotonic() - started >= 0.95  # it went after the pause, not at its slot
 
 
 def test_without_redis_the_call_goes_ahead(settings, waits, caplog):
@@ -261,7 +308,8 @@ def test_an_unknown_setting_is_refused(settings):
         ({"failures": 0}, "failures is 0"),
         ({"cooldown": 0}, "cooldown"),
         ({"ramp": -1}, "ramp"),
-        ({"rate": "50"}, "not supported"),
+        ({"rate": "50"}, "give a number"),
+        ({"ramp": None}, "ramp is None"),
     ],
 )
 def test_the_start_up_check_refuses_a_dependency_it_cannot_use(settings, configured, problem):
@@ -278,7 +326,7 @@ def test_the_shipped_dependencies_pass_the_start_up_check():
     assert dependencies_check() == []
 
 
-def test_a_probe_answered_429_closes_the_breaker_and_holds_the_callers(dependency, waits):
+def test_a_probe_answered_429_closes_the_breaker_and_holds_the_callers(dependency, slept):
     for _ in range(3):
         dependency.failed()
     time.sleep(0.55)
@@ -288,7 +336,7 @@ def test_a_probe_answered_429_closes_the_breaker_and_holds_the_callers(dependenc
 
     assert dependency.state()["state"] == "closed"  # it answered: it is up
     dependency.admit()
-    assert 0.9 <= waits[-1] <= 1.0
+    assert 0.9 <= slept[-1] <= 1.0
 
 
 def test_a_call_that_waited_for_its_turn_is_not_made_if_the_breaker_opened_meanwhile(
@@ -316,3 +364,26 @@ def test_an_inconclusive_answer_hands_the_probe_on_and_closes_nothing(dependency
 
     assert dependency.state()["state"] == "half_open"
     dependency.admit()  # the next caller probes at once
+
+
+def test_a_deferral_carries_only_the_slots_its_run_has_not_used(broker, monkeypatch):
+    from celery.canvas import Signature
+
+    from tests.fault_tasks import defer_until
+
+    published: list[Signature] = []
+    monkeypatch.setattr(Signature, "apply_async", lambda sig, *a, **k: published.append(sig))
+    headers = {dependencies.SLOTS_HEADER: json.dumps({"svc": 1.0, "other": 2.0})}
+    defer_until.push_request(
+        id="t-1", retries=0, args=["p", 1], kwargs={}, headers=headers, delivery_info={}
+    )
+    try:
+        with carried({"svc": 1.0, "other": 2.0}, 1):
+            Dependency("svc").admit()  # its turn on the booked slot: used up
+            defer_until.defer(Deferred("svc", "throttled", 1.0))  # then a 429
+    finally:
+        defer_until.pop_request()
+
+    [copy] = published
+    # Carried on, the spent slot would let the next run go at once, past the 429's pause.
+    assert json.loads(copy.options["headers"][dependencies.SLOTS_HEADER]) == {"other": 2.0}
