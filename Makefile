@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run chaos bench test lint typecheck pytest lock clean
+.PHONY: install system-deps run chaos bench mutate test test-fast lint typecheck pytest lock clean
 
 # Create .venv with the locked dependencies; does nothing when already up to date.
 install: $(STAMP)
@@ -13,6 +13,12 @@ $(STAMP): requirements/dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --require-hashes --no-deps -r requirements/dev.txt
 	touch $(STAMP)
+
+# Debian packages the suite drives: Chromium for the browser tests. Installed when
+# missing; a failed install stops `make test` (the browser tests never skip quietly).
+system-deps:
+	@test -x /usr/bin/chromium || { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null; } \
+	  || { echo "make: Chromium could not be installed (apt-get install chromium); the browser tests need it" >&2; exit 1; }
 
 # Start the whole shop in one terminal (web, gateway, one worker per queue, beat, Flower); Ctrl-C stops it.
 run: install
@@ -26,8 +32,16 @@ chaos: install
 bench: install
 	$(BIN)/python -m deploy.bench $(ARGS)
 
+# Mutation testing of the reliability core: each module's score; survivors in var/mutate/.
+mutate: install
+	$(BIN)/python -m deploy.mutate $(ARGS)
+
 # The whole suite: lint, format check, import contract, types, tests.
-test: install lint typecheck pytest
+test: install system-deps lint typecheck pytest
+
+# The edit-run loop: the same checks and every test that starts no worker, web or lab.
+test-fast: install lint typecheck
+	$(BIN)/pytest -m "not stack"
 
 lint: install
 	$(BIN)/ruff check .

@@ -13,6 +13,16 @@ from shop.gateway import client as gateway_client
 from shop.models import Product
 from tests.processes import QUEUES, Gateway, RedisServer, Worker
 
+# Fixtures that start Celery workers: a test taking one is a `stack` test whether or not
+# its module says so (`make test-fast` leaves them out).
+_STACK_FIXTURES = {"workers", "worker_env"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if _STACK_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.stack)
+
 
 @pytest.fixture(scope="session", autouse=True)
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:

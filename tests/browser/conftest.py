@@ -23,16 +23,16 @@ SCREENSHOTS = REPO / "var" / "screenshots"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    if CHROMIUM.exists():
-        return
-    skip = pytest.mark.skip(
-        reason=f"browser tests need Chromium at {CHROMIUM} (apt-get install chromium; "
-        ".ci/run installs it)"
-    )
-    for item in items:
-        if "tests/browser" in str(item.fspath):
-            item.add_marker(skip)
+@pytest.fixture(scope="session", autouse=True)
+def _chromium_installed() -> None:
+    """No Chromium is a failure, not a skip: `make test` installs it (`make system-deps`),
+    so a browser test that could not run never passes for one that did."""
+    if not CHROMIUM.exists():
+        pytest.fail(
+            f"the browser tests need Chromium at {CHROMIUM}: `make system-deps` installs it "
+            "(apt-get install chromium)",
+            pytrace=False,
+        )
 
 
 @dataclass

@@ -1,0 +1,5 @@
+import sys
+
+from deploy.mutate import main
+
+sys.exit(main())

@@ -1,0 +1,14 @@
+"""A module for the mutation run's own check (tests/test_mutation.py): one function its
+test calls in the test process, one only a subprocess calls, one no test calls."""
+
+
+def doubled(amount: int | None) -> int:
+    return amount + amount if amount else 0
+
+
+def is_large(amount: int) -> bool:
+    return amount > 10
+
+
+def never_called() -> bool:
+    return True
