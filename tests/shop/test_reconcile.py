@@ -17,7 +17,8 @@ from jobs.reconcile import reconciler
 from jobs.testing import assert_enqueued, assert_nothing_enqueued, enqueued
 from shop import reconcile
 from shop.models import Order, Payment, Receipt
-from shop.reconcile import paid_without_receipt, payment_stuck
+from shop.reconcile import ledger_mismatch, paid_without_receipt, payment_stuck
+from shop.services.payments import charge_description
 from shop.services.receipts import CLAIM_LEASE, receipt_send
 from tests.jobs.test_metrics import scrape, value
 
@@ -35,6 +36,33 @@ def paid_order(products, *, receipt: str | None = "pending") -> Order:
         Receipt.objects.create(order=order, status=receipt)
     Order.objects.filter(pk=order.pk).update(updated_at=LONG_AGO, created_at=LONG_AGO)
     return order
+
+
+def unpaid_order() -> tuple[Order, Payment]:
+    order = Order.objects.create(email="ada@example.com", total="12.50")
+    payment = Payment.objects.create(order=order, amount="12.50", card_token="tok_visa")
+    return order, payment
+
+
+def age(order: Order, when: object = LONG_AGO) -> None:
+    Order.objects.filter(pk=order.pk).update(created_at=when, updated_at=when)
+    Payment.objects.filter(order=order).update(updated_at=when)
+
+
+def charge_at_gateway(
+    gateway, description: str, *, key: str | None = None, source: str = "tok_visa"
+) -> httpx.Response:
+    """A charge in the gateway's ledger the shop did not record (or never heard of)."""
+    return httpx.post(
+        f"{gateway.url}/v1/charges",
+        headers={"Idempotency-Key": key or str(uuid.uuid4())},
+        json={"amount": "12.50", "currency": "EUR", "source": source, "description": description},
+    )
+
+
+def about(order: Order, samples: list[str]) -> list[str]:
+    """The samples about this order (the session's gateway ledger holds other tests')."""
+    return [s for s in samples if s.startswith(f"order {order.pk}:")]
 
 
 def finding(name: str) -> ReconciliationFinding:
@@ -140,6 +168,69 @@ def test_a_double_charge_is_reported_and_nothing_is_touched(broker, gateway, pro
     assert gateway.ledger() == ledger_before
     assert_nothing_enqueued()
     assert Payment.objects.get(order=order).status == "charged"
+
+
+def test_a_charge_the_shop_never_heard_of_is_reported_as_charged_not_paid(gateway, products):
+    # given: the gateway charged an old order's key, and its answer never reached the shop
+    order, payment = unpaid_order()
+    response = charge_at_gateway(
+        gateway, charge_description(order), key=str(payment.idempotency_key)
+    )
+    assert response.status_code == 201
+    age(order)
+    ledger_before = gateway.ledger()
+
+    result = ledger_mismatch(repair=True)
+
+    assert about(order, result.samples) == [f"order {order.pk}: charged, not paid"]
+    assert (result.found, result.repaired) == (len(result.samples), 0)
+    assert gateway.ledger() == ledger_before
+    assert Order.objects.get(pk=order.pk).status == "pending"  # reported, not decided
+    assert_nothing_enqueued()
+
+
+def test_a_paid_order_with_no_charge_at_the_gateway_is_reported(gateway, products):
+    order = paid_order(products, receipt="sent")
+
+    result = ledger_mismatch(repair=True)
+
+    assert about(order, result.samples) == [f"order {order.pk}: paid, no charge"]
+    assert result.repaired == 0
+    assert Order.objects.get(pk=order.pk).status == "paid"
+    assert_nothing_enqueued()
+
+
+def test_a_charge_that_names_no_order_is_reported(gateway, products):
+    response = charge_at_gateway(gateway, "Charged by hand from the dashboard")
+    assert response.status_code == 201
+
+    result = ledger_mismatch(repair=True)
+
+    assert f"charge {response.json()['id']}: no order reference" in result.samples
+    assert result.repaired == 0
+
+
+def test_a_declined_charge_is_no_mismatch_and_a_single_charge_neither(gateway, products):
+    # given: an old order whose card was declined (in the ledger, as a declined charge),
+    # and an old paid order charged once
+    declined, payment = unpaid_order()
+    response = charge_at_gateway(
+        gateway,
+        charge_description(declined),
+        key=str(payment.idempotency_key),
+        source="tok_chargeDeclined",
+    )
+    assert response.status_code == 402
+    Order.objects.filter(pk=declined.pk).update(status="failed")
+    Payment.objects.filter(pk=payment.pk).update(status="declined")
+    age(declined)
+    paid = paid_order(products, receipt="sent")
+    assert charge_at_gateway(gateway, charge_description(paid)).status_code == 201
+
+    result = ledger_mismatch(repair=True)
+
+    assert about(declined, result.samples) == []
+    assert about(paid, result.samples) == []
 
 
 def test_the_command_prints_each_check_and_the_gaps_are_metrics(
