@@ -3,10 +3,11 @@ what an operator owns alone, and reports a double charge without touching anythi
 
 import re
 import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import httpx
 import pytest
+from django.conf import settings as django_settings
 from django.core.management import call_command
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
@@ -63,6 +64,12 @@ def charge_at_gateway(
 def about(order: Order, samples: list[str]) -> list[str]:
     """The samples about this order (the session's gateway ledger holds other tests')."""
     return [s for s in samples if s.startswith(f"order {order.pk}:")]
+
+
+def inside_the_threshold() -> datetime:
+    """A minute younger than RECONCILE_AFTER_MINUTES: its own task may still be retrying."""
+    threshold = timedelta(minutes=django_settings.RECONCILE_AFTER_MINUTES)
+    return timezone.now() - threshold + timedelta(minutes=1)
 
 
 def finding(name: str) -> ReconciliationFinding:
@@ -231,6 +238,47 @@ def test_a_declined_charge_is_no_mismatch_and_a_single_charge_neither(gateway, p
 
     assert about(declined, result.samples) == []
     assert about(paid, result.samples) == []
+
+
+def test_a_paid_order_younger_than_the_threshold_does_not_have_its_receipt_resent(
+    broker, gateway, products
+):
+    old, young = paid_order(products), paid_order(products)
+    age(young, inside_the_threshold())
+
+    result = paid_without_receipt(repair=True)
+
+    assert (result.found, result.repaired, result.samples) == (1, 1, [f"order {old.pk}"])
+    assert [m.args for m in enqueued()] == [[old.pk]]
+
+
+def test_a_payment_younger_than_the_threshold_is_not_charged_again(broker, gateway, products):
+    (old, old_payment), (young, _) = unpaid_order(), unpaid_order()
+    age(old)
+    age(young, inside_the_threshold())
+
+    result = payment_stuck(repair=True)
+
+    assert (result.found, result.repaired) == (1, 1)
+    assert [m.args for m in enqueued()] == [[old_payment.pk]]
+
+
+def test_the_ledger_check_leaves_orders_younger_than_the_threshold_alone(gateway, products):
+    # given: a young order charged at the gateway, its answer on the way to the shop, and
+    # a young paid order whose charge the ledger, read a moment earlier, did not hold yet
+    charging, payment = unpaid_order()
+    response = charge_at_gateway(
+        gateway, charge_description(charging), key=str(payment.idempotency_key)
+    )
+    assert response.status_code == 201
+    age(charging, inside_the_threshold())
+    just_paid = paid_order(products, receipt="sent")
+    age(just_paid, inside_the_threshold())
+
+    result = ledger_mismatch(repair=True)
+
+    assert about(charging, result.samples) == []
+    assert about(just_paid, result.samples) == []
 
 
 def test_the_command_prints_each_check_and_the_gaps_are_metrics(
