@@ -13,6 +13,7 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
+from jobs.dead_letters import dead_letter_discard, dead_letter_prune
 from jobs.models import DeadLetter, ReconciliationFinding
 from jobs.reconcile import reconciler
 from jobs.testing import assert_enqueued, assert_nothing_enqueued, enqueued
@@ -149,6 +150,53 @@ def test_a_stuck_payment_is_recharged_unless_an_operator_owns_its_dead_letter(
 
     assert (finding("payment_stuck").found, finding("payment_stuck").repaired) == (2, 1)
     assert [m.args for m in enqueued()] == [[mine.pk]]
+
+
+def test_an_abandoned_receipt_is_never_resent_even_once_its_dead_letter_is_pruned(
+    broker, gateway, products
+):
+    # given: an operator discarded the receipt's dead letter; retention has passed since
+    order = paid_order(products)
+    letter = DeadLetter.objects.create(
+        task_id=str(uuid.uuid4()), task_name=SEND_RECEIPT, args=[order.pk], reason="poison"
+    )
+    assert dead_letter_discard(ids=[letter.pk], actor="alice").done == 1
+    assert dead_letter_prune(older_than_days=0) == 1
+
+    reconciler.run(repair=True)
+
+    assert Receipt.objects.get(order=order).status == "abandoned"
+    assert finding("paid_without_receipt").found == 0
+    assert_nothing_enqueued()
+
+
+def test_a_discarded_dead_letter_is_never_run_again_even_where_its_row_looks_stuck(
+    broker, gateway, products
+):
+    # given: dead letters closed without their consequence (dead_letter_discard's
+    # consequence=False), so the rows still look stuck: the letter alone says "decided"
+    order = paid_order(products)
+    Receipt.objects.filter(order=order).update(
+        status="sending", claimed_by="task-1/0", claimed_at=LONG_AGO
+    )
+    _, payment = unpaid_order()
+    age(payment.order)
+    letters = [
+        DeadLetter.objects.create(
+            task_id=str(uuid.uuid4()), task_name=task, args=[arg], reason="retries_exhausted"
+        )
+        for task, arg in ((SEND_RECEIPT, order.pk), (CHARGE_PAYMENT, payment.pk))
+    ]
+    discarded = dead_letter_discard(
+        ids=[letter.pk for letter in letters], actor="alice", consequence=False
+    )
+    assert discarded.done == 2
+
+    reconciler.run(repair=True)
+
+    for check in ("paid_without_receipt", "receipt_claim_expired", "payment_stuck"):
+        assert (finding(check).found, finding(check).repaired) == (1, 0), check
+    assert_nothing_enqueued()
 
 
 def test_a_double_charge_is_reported_and_nothing_is_touched(broker, gateway, products):
