@@ -143,9 +143,15 @@ def ledger_mismatch(*, repair: bool) -> Result:
         for o in settled_paid.values_list("pk", flat=True)
         if not charged[o]
     ]
-    unpaid = Order.objects.filter(
-        pk__in=[o for o in charged if o not in paid], created_at__lt=cutoff
-    ).exclude(status=Order.Status.PAID)
+    # An old order whose payment an attempt touched lately may have a charge the shop is
+    # still recording (a replay hours later, its answer lost: the retry asks the gateway),
+    # so its age counts from the last attempt, as payment_stuck counts it. Reported at
+    # once, the charge would be refunded by hand (the runbook) and the order then shipped.
+    unpaid = (
+        Order.objects.filter(pk__in=[o for o in charged if o not in paid], created_at__lt=cutoff)
+        .exclude(status=Order.Status.PAID)
+        .exclude(payment__updated_at__gte=cutoff)
+    )
     samples += [f"order {o}: charged, not paid" for o in unpaid.values_list("pk", flat=True)]
     return Result(found=len(samples), samples=samples)
 

@@ -244,6 +244,23 @@ def test_a_charge_the_shop_never_heard_of_is_reported_as_charged_not_paid(gatewa
     assert_nothing_enqueued()
 
 
+def test_an_old_orders_charge_that_an_attempt_is_still_recording_is_not_reported(gateway, products):
+    # given: an order from hours ago, its charge replayed by an operator a moment ago;
+    # the gateway charged, the answer was lost, and the attempt's retry will ask for it.
+    # Reported, the runbook would have the charge refunded by hand, and the order shipped.
+    order, payment = unpaid_order()
+    age(order)
+    Payment.objects.filter(pk=payment.pk).update(status="unknown", updated_at=timezone.now())
+    response = charge_at_gateway(
+        gateway, charge_description(order), key=str(payment.idempotency_key)
+    )
+    assert response.status_code == 201
+
+    result = ledger_mismatch(repair=True)
+
+    assert about(order, result.samples) == []
+
+
 def test_a_paid_order_with_no_charge_at_the_gateway_is_reported(gateway, products):
     order = paid_order(products, receipt="sent")
 
