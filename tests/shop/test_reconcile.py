@@ -1,5 +1,6 @@
 """The reconciler checks outcomes: it repairs a stuck order through the outbox, leaves
-what an operator owns alone, and reports a double charge without touching anything."""
+what an operator owns or decided alone and what is younger than its threshold to its own
+task, and reports each kind of ledger mismatch without touching anything."""
 
 import re
 import uuid
