@@ -4,6 +4,7 @@ guarded by permissions, in batches; from the admin and from `manage.py dlq`."""
 import json
 import uuid
 from datetime import timedelta
+from types import SimpleNamespace
 
 import pytest
 from django.contrib.auth.models import Permission, User
@@ -77,14 +78,31 @@ def test_replaying_a_row_twice_or_from_two_operators_at_once_publishes_once(brok
     assert broker.queue_lengths()["payments"] == 1
 
 
+def replayed_as_others_see_it() -> int:
+    """Replayed rows counted on a connection of its own: committed ones only."""
+    counts: list[int] = []
+    replayed = DeadLetter.objects.filter(status=DeadLetter.Status.REPLAYED)
+    assert run_concurrently(lambda: counts.append(replayed.count()), times=1) == []
+    return counts[0]
+
+
 @pytest.mark.django_db(transaction=True)
-def test_bulk_replay_goes_in_batches(broker, settings):
+def test_bulk_replay_goes_in_batches(broker, settings, monkeypatch):
     settings.JOBS_REPLAY_BATCH_SIZE = 10
-    settings.JOBS_REPLAY_BATCH_PAUSE = 0
+    settings.JOBS_REPLAY_BATCH_PAUSE = 7.5
     letters = [make_letter(args=[n]) for n in range(25)]
+    pauses: list[tuple[float, int, int]] = []  # (seconds, rows replayed, messages queued)
+
+    def pause(seconds: float) -> None:
+        pauses.append((seconds, replayed_as_others_see_it(), broker.queue_lengths()["payments"]))
+
+    monkeypatch.setattr(dead_letters, "time", SimpleNamespace(sleep=pause))
 
     result = dead_letters.dead_letter_replay(ids=[x.pk for x in letters], actor="ops")
 
+    # then: three transactions, each committed (and its rows published) before the pause
+    # that follows it
+    assert pauses == [(7.5, 10, 10), (7.5, 20, 20)]
     assert result.done == 25
     assert broker.queue_lengths()["payments"] == 25
     assert not DeadLetter.objects.filter(status=DeadLetter.Status.DEAD).exists()
