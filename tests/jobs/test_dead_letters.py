@@ -5,9 +5,11 @@ right reason; failures that heal end as none. Test workers retry 3 times, 0.1-0.
 import itertools
 import uuid
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from django.utils import timezone
 
 from jobs import app
 from jobs.dead_letters import dead_letter_record
@@ -159,21 +161,30 @@ def test_a_child_killed_every_time_ends_as_a_worker_lost_dead_letter(fault_worke
     assert not done.exists()
 
 
-def test_recording_the_same_failure_twice_writes_one_row():
+def record_failure(task_id: str) -> DeadLetter:
     from shop.tasks.payments import charge_payment as task
 
-    task_id = str(uuid.uuid4())
+    return dead_letter_record(
+        task=task,
+        task_id=task_id,
+        exception=PermanentError("declined"),
+        args=[1],
+        kwargs={},
+        traceback="Traceback ...",
+    )
 
-    for _ in range(2):
-        dead_letter_record(
-            task=task,
-            task_id=task_id,
-            exception=PermanentError("declined"),
-            args=[1],
-            kwargs={},
-            traceback="Traceback ...",
-        )
+
+def test_recording_the_same_failure_twice_writes_one_row_and_refreshes_its_last_failure():
+    task_id = str(uuid.uuid4())
+    record_failure(task_id)
+    an_hour_ago = timezone.now() - timedelta(hours=1)
+    DeadLetter.objects.update(first_failed_at=an_hour_ago, last_failed_at=an_hour_ago)
+
+    # when: the failure is signalled again (a redelivered message fails once more)
+    before = timezone.now()
+    record_failure(task_id)
 
     letter = DeadLetter.objects.get()
     assert (letter.reason, letter.queue) == (DeadLetter.Reason.PERMANENT_ERROR, "payments")
-    assert letter.last_failed_at >= letter.first_failed_at
+    assert letter.first_failed_at == an_hour_ago
+    assert letter.last_failed_at >= before
