@@ -120,6 +120,34 @@ def test_broker_down_keeps_the_row_and_the_relay_publishes_it_later(broker):
 
 
 @pytest.mark.django_db(transaction=True)
+def test_the_relay_stops_its_batch_at_the_first_row_the_broker_does_not_take(broker, monkeypatch):
+    rows = old_unsent_rows(5)
+    real_send = outbox._send
+    sent: list[int] = []
+
+    def broker_dies_after_two(message: OutboxMessage, connection: object = None) -> None:
+        if len(sent) == 2 and broker.proc is not None and broker.proc.poll() is None:
+            broker.stop()
+        real_send(message)
+        sent.append(message.pk)
+
+    monkeypatch.setattr(outbox, "_send", broker_dies_after_two)
+    try:
+        assert outbox.relay_unsent(older_than=0) == 2
+    finally:
+        monkeypatch.undo()
+        broker.start()
+
+    # then: the third row is the only one tried against the dead broker, once; the rows
+    # behind it were not tried at all (they wait for the next run, and count no failure)
+    attempts = dict(OutboxMessage.objects.values_list("pk", "attempts"))
+    assert [attempts[row.pk] for row in rows] == [1, 1, 1, 0, 0]
+    assert OutboxMessage.objects.filter(sent_at__isnull=False).count() == 2
+    assert not OutboxMessage.objects.filter(failures__gt=0).exists()
+    assert outbox.relay_unsent(older_than=0) == 3
+
+
+@pytest.mark.django_db(transaction=True)
 def test_a_frozen_broker_costs_one_short_timeout_then_the_relay_takes_over(broker, settings):
     settings.JOBS_OUTBOX_PUBLISH_PAUSE = 0.5
     with broker.frozen():
