@@ -14,6 +14,7 @@ from django.db import OperationalError, connection, transaction
 from django.db.models import QuerySet
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
+from kombu.exceptions import EncodeError
 
 from jobs import app, outbox
 from jobs.checks import outbox_check
@@ -177,6 +178,33 @@ def test_a_frozen_broker_costs_one_short_timeout_then_the_relay_takes_over(broke
     third.refresh_from_db()
     assert third.sent_at is not None
     assert str(third.task_id) in published_task_ids(broker)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_row_refused_after_commit_is_backed_off_and_publishing_goes_on(broker, monkeypatch):
+    real_send = outbox._send
+
+    def refuse_the_first(message: OutboxMessage, connection: object = None) -> None:
+        if message.args == [1]:
+            raise EncodeError("this message cannot be serialized")  # the row's, not Redis's
+        real_send(message, connection)
+
+    monkeypatch.setattr(outbox, "_send", refuse_the_first)
+
+    # when: a row fails after its commit for a reason of its own
+    refused = outbox.enqueue(TASK, args=[1])  # autocommit: the publish runs now
+    paused = outbox.publishing_paused()
+    fine = outbox.enqueue(TASK, args=[2])
+
+    # then: the breaker stays closed (the broker is fine): the next row is published at
+    # once; the refused one counts a failure and backs off, as in the relay
+    assert not paused
+    assert published_task_ids(broker) == [str(fine.task_id)]
+    refused.refresh_from_db()
+    assert (refused.sent_at, refused.attempts, refused.failures) == (None, 1, 1)
+    assert "cannot be serialized" in refused.last_error
+    assert refused.retry_after is not None
+    assert refused.retry_after > timezone.now()
 
 
 @pytest.mark.django_db(transaction=True)
