@@ -17,8 +17,10 @@ from django.utils import timezone
 from kombu.exceptions import EncodeError
 
 from jobs import app, outbox
+from jobs.celery import beat_entries
 from jobs.checks import outbox_check
 from jobs.models import DeadLetter, OutboxMessage
+from jobs.tasks import relay_outbox as relay_outbox_task
 from tests.processes import run_concurrently, wait_until
 
 TASK = "shop.tasks.payments.charge_payment"
@@ -241,6 +243,18 @@ def test_relay_all_drains_more_than_one_batch(broker, settings):
 
     assert outbox.relay_all_unsent(older_than=0) == 20
     assert broker.queue_lengths()["payments"] == 20
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_scheduled_relay_task_drains_every_batch(broker, settings):
+    settings.JOBS_OUTBOX_BATCH_SIZE = 7
+    rows = old_unsent_rows(20)
+    assert beat_entries(app.conf)["relay-outbox"]["task"] == relay_outbox_task.name
+
+    assert relay_outbox_task.apply().get() == 20
+
+    assert sorted(published_task_ids(broker)) == sorted(str(r.task_id) for r in rows)
+    assert not OutboxMessage.objects.filter(sent_at__isnull=True).exists()
 
 
 @pytest.mark.django_db(transaction=True)
