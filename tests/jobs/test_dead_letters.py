@@ -12,7 +12,7 @@ import pytest
 from django.utils import timezone
 
 from jobs import app
-from jobs.dead_letters import dead_letter_record
+from jobs.dead_letters import dead_letter_record, dead_letter_replay
 from jobs.errors import PermanentError
 from jobs.models import DeadLetter
 from tests.processes import Worker, wait_until
@@ -159,6 +159,30 @@ def test_a_child_killed_every_time_ends_as_a_worker_lost_dead_letter(fault_worke
     assert letter.exception_class.endswith("WorkerLostError")
     assert len(attempts(log)) == MAX_RETRIES + 1  # bounded, not a loop
     assert not done.exists()
+
+
+def test_a_replay_that_fails_again_marks_its_original_failed(fault_worker, tmp_path):
+    import tests.fault_tasks  # noqa: F401  a replay re-sends only the tasks this process knows
+
+    log = tmp_path / "attempts"
+    original = dead_letter(send("refuse", str(log)))
+
+    # when: an operator replays it, and the replay fails for good too
+    assert dead_letter_replay(ids=[original.pk], actor="ops").done == 1
+    original.refresh_from_db()
+    again = dead_letter(original.replay_task_id)
+
+    # then: the replay is a dead letter of its own, linked to the original, and the
+    # original says its replay failed (not `pending` for ever)
+    assert (again.reason, again.replay_of) == (DeadLetter.Reason.PERMANENT_ERROR, original.task_id)
+    wait_until(
+        lambda: DeadLetter.objects.get(pk=original.pk).replay_outcome == DeadLetter.Outcome.FAILED,
+        timeout=30,
+        what="the original's replay outcome",
+    )
+    assert DeadLetter.objects.get(pk=original.pk).status == DeadLetter.Status.REPLAYED
+    assert len(attempts(log)) == 2
+    assert DeadLetter.objects.count() == 2
 
 
 def record_failure(task_id: str) -> DeadLetter:
