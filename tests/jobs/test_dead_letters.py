@@ -9,10 +9,12 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from celery.signals import task_failure
+from django.db import connection, connections
 from django.utils import timezone
 
 from jobs import app
-from jobs.dead_letters import dead_letter_record, dead_letter_replay
+from jobs.dead_letters import _on_task_failure, dead_letter_record, dead_letter_replay
 from jobs.errors import PermanentError
 from jobs.models import DeadLetter
 from tests.processes import Worker, wait_until
@@ -212,3 +214,38 @@ def test_recording_the_same_failure_twice_writes_one_row_and_refreshes_its_last_
     assert (letter.reason, letter.queue) == (DeadLetter.Reason.PERMANENT_ERROR, "payments")
     assert letter.first_failed_at == an_hour_ago
     assert letter.last_failed_at >= before
+
+
+def drop_this_connection() -> None:
+    """The database ends this thread's session, as a restart or a failover would."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        [pid] = cursor.fetchone()
+    other = connections.create_connection("default")
+    try:
+        with other.cursor() as cursor:  # and waits (up to 10 s) until it has ended
+            cursor.execute("SELECT pg_terminate_backend(%s, 10000)", [pid])
+    finally:
+        other.close()
+
+
+def test_the_failure_receiver_survives_a_database_error_and_records_the_next_failure(caplog):
+    from shop.tasks.payments import charge_payment as task
+
+    lost, recorded = str(uuid.uuid4()), str(uuid.uuid4())
+
+    def fail(task_id: str) -> list[object]:
+        responses = task_failure.send(
+            sender=task, task_id=task_id, exception=PermanentError("declined"), args=[1]
+        )
+        return [response for receiver, response in responses if receiver is _on_task_failure]
+
+    # when: a task fails while the database has just dropped the connection
+    drop_this_connection()
+    assert fail(lost) == [None]  # the receiver raised nothing: the worker goes on
+
+    # then: the error is logged, the broken connection is closed, and the next failure
+    # is recorded on a new one
+    assert f"could not record {task.name}[{lost}]" in caplog.text
+    assert fail(recorded) == [None]
+    assert list(DeadLetter.objects.values_list("task_id", flat=True)) == [recorded]
