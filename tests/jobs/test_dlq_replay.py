@@ -109,6 +109,18 @@ def test_bulk_replay_goes_in_batches(broker, settings, monkeypatch):
 
 
 @pytest.mark.django_db(transaction=True)
+def test_replaying_a_row_that_no_longer_exists_refuses_it_and_writes_nothing_for_it(broker):
+    live, gone = make_letter(args=[1]), make_letter(args=[2])
+    DeadLetter.objects.filter(pk=gone.pk).delete()  # pruned or discarded meanwhile
+
+    result = dead_letters.dead_letter_replay(ids=[live.pk, gone.pk], actor="ops")
+
+    assert (result.done, result.refused, result.errors) == (1, 1, ())
+    assert [m.args for m in enqueued()] == [[1]]
+    assert list(DeadLetter.objects.values_list("pk", flat=True)) == [live.pk]
+
+
+@pytest.mark.django_db(transaction=True)
 def test_a_row_naming_a_task_that_is_not_registered_is_refused(broker):
     tampered = make_letter(task_name="os.system", args=["rm -rf /"])
 
@@ -287,3 +299,16 @@ def test_dlq_command_usage_errors_change_nothing(args, message):
         call_command("dlq", *args)
 
     assert DeadLetter.objects.get().status == DeadLetter.Status.DEAD
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("action", ["replay", "discard"])
+def test_dlq_command_refuses_ids_that_do_not_exist_and_handles_none(action):
+    letter = make_letter()
+    missing = letter.pk + 1
+
+    with pytest.raises(CommandError, match=f"no dead letter with id {missing};"):
+        call_command("dlq", action, str(letter.pk), str(missing))
+
+    assert DeadLetter.objects.get().status == DeadLetter.Status.DEAD
+    assert_nothing_enqueued()

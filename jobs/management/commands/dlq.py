@@ -116,6 +116,16 @@ class Command(BaseCommand):
             raise CommandError(
                 f"say which rows to {action}: ids, --task/--reason/--queue/--since, or --all"
             )
+        past = "replayed" if action == "replay" else "discarded"
+        if options["ids"]:
+            # An id that names no row is a typo or a row pruned meanwhile: refuse them all,
+            # as `show` does, rather than report "0 replayed, refused 0" for it.
+            found = set(
+                DeadLetter.objects.filter(pk__in=options["ids"]).values_list("pk", flat=True)
+            )
+            if missing := sorted(set(options["ids"]) - found):
+                listed = ", ".join(map(str, missing))
+                raise CommandError(f"no dead letter with id {listed}; nothing was {past}")
         ids = list(self._select(options).values_list("pk", flat=True))
         if options["dry_run"]:
             self.stdout.write(f"would {action} {len(ids)} dead letter(s) (dry run)")
@@ -123,7 +133,6 @@ class Command(BaseCommand):
         actor = f"cli:{getpass.getuser()}"
         service = dead_letter_replay if action == "replay" else dead_letter_discard
         result = service(ids=ids, actor=actor)
-        past = "replayed" if action == "replay" else "discarded"
         self.stdout.write(f"{past} {result.done} dead letter(s), refused {result.refused}")
         for error in result.errors:
             self.stderr.write(error)
