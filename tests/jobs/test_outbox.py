@@ -14,6 +14,7 @@ from django.db import OperationalError, connection, transaction
 from django.db.models import QuerySet
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
+from kombu import Connection
 from kombu.exceptions import EncodeError
 
 from jobs import app, outbox
@@ -186,7 +187,7 @@ def test_a_frozen_broker_costs_one_short_timeout_then_the_relay_takes_over(broke
 def test_a_row_refused_after_commit_is_backed_off_and_publishing_goes_on(broker, monkeypatch):
     real_send = outbox._send
 
-    def refuse_the_first(message: OutboxMessage, connection: object = None) -> None:
+    def refuse_the_first(message: OutboxMessage, connection: Connection | None = None) -> None:
         if message.args == [1]:
             raise EncodeError("this message cannot be serialized")  # the row's, not Redis's
         real_send(message, connection)
