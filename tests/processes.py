@@ -181,6 +181,13 @@ class RedisServer(_Server):
         finally:
             self.proc.send_signal(signal.SIGCONT)
 
+    def aof_written(self) -> bool:
+        """Whether everything Redis has accepted is written to its append-only file: what
+        survives a crash of the process (fsync matters only to a crash of the machine).
+        With `appendfsync everysec` Redis may hold writes back while an fsync runs."""
+        info = self.client().info("persistence")
+        return bool(info["aof_enabled"]) and info["aof_buffer_length"] == 0
+
     def queue_lengths(self) -> dict[str, int]:
         client = self.client()
         return {q: sum(client.llen(q + s) for s in _PRIORITY_SUFFIXES) for q in QUEUES}

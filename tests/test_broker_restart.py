@@ -31,7 +31,9 @@ def restartable_broker(redis_server: RedisServer, tmp_path) -> Iterator[RedisSer
 def run_orders_through_a_broker_crash(client, broker, count: int) -> list[int]:
     orders = [place_order(client) for _ in range(count)]
     assert broker.queue_lengths()["payments"] == count  # published, nobody consumes yet
-    time.sleep(1.5)  # past one appendfsync everysec
+    if broker.client().config_get("appendonly")["appendonly"] == "yes":
+        # crash once what was published is in the file (not after a guessed second)
+        wait_until(broker.aof_written, timeout=30, what="the AOF written")
     broker.crash()
     broker.start()
     return orders

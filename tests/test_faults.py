@@ -31,10 +31,6 @@ def starts(worker: Worker, task_name: str) -> int:
     return sum((r.get("event"), r.get("task_name")) == ("started", task_name) for r in records)
 
 
-def started(worker: Worker, task_name: str) -> bool:
-    return starts(worker, task_name) > 0
-
-
 @contextmanager
 def outbox_paused() -> Iterator[None]:
     """After-commit publishing off: rows stay unsent for the test to publish by hand."""
@@ -66,16 +62,21 @@ def test_a_whole_worker_killed_mid_charge_is_replaced_and_the_card_is_charged_on
     try:
         emails.wait_ready()
         payments.wait_ready()
-        gateway.control(latency_ms=1500)  # the charge is in flight for 1.5 s
+        gateway.control(latency_ms=3000)  # the gateway answers a charge 3 s after it came
+        charges = gateway.stats()["totals"]["charges"]
         order_id = place_order(client)
+        key = str(Payment.objects.get(order_id=order_id).idempotency_key)
         wait_until(
-            lambda: started(payments, "shop.tasks.payments.charge_payment"),
+            lambda: gateway.stats()["totals"]["charges"] > charges,
             timeout=20,
-            what="the charge",
+            what="the charge at the gateway",
         )
 
         # when: the whole payments worker dies mid-charge (an OOM kill of the container)
         payments.kill()
+        # (inside the window: the gateway has the request and has not answered it yet)
+        assert gateway.ledger(key) == []
+        gateway.control(latency_ms=0)
         assert broker.unacked() == 1  # the message is neither lost nor acked
         assert broker.restore_unacked() == 1  # the visibility timeout passes
         replacement = Worker("payments", worker_env, worker_logs).start()

@@ -110,12 +110,26 @@ def gateway_control(shop: Shop, **settings: object) -> None:
     httpx.post(f"{shop.gateway}/v1/control", json=settings, timeout=10).raise_for_status()
 
 
-def dead_letter_count(shop: Shop) -> int:
-    """Dead letters waiting for an operator, read from the stack's SQLite database."""
+def dead_letter_count(shop: Shop, reason: str = "") -> int:
+    """Dead letters waiting for an operator (of one reason, if given), read from the
+    stack's SQLite database."""
+    query = "SELECT count(*) FROM jobs_deadletter WHERE status = 'dead'"
+    query += " AND reason = ?" if reason else ""
     with closing(sqlite3.connect(shop.var / "shop.sqlite3", timeout=10)) as db:
-        return int(
-            db.execute("SELECT count(*) FROM jobs_deadletter WHERE status = 'dead'").fetchone()[0]
-        )
+        return int(db.execute(query, (reason,) if reason else ()).fetchone()[0])
+
+
+def create_dead_letters(shop: Shop, reason: str, count: int) -> None:
+    """Dead letters of the test's own (a receipt task's, with nothing to replay): a test
+    never relies on the ones another test left."""
+    shop.manage(
+        "shell",
+        "-c",
+        "import uuid; from jobs.models import DeadLetter; "
+        "DeadLetter.objects.bulk_create(DeadLetter(task_id=str(uuid.uuid4()), "
+        f"task_name='shop.tasks.emails.send_receipt', reason={reason!r}) "
+        f"for _ in range({count}))",
+    )
 
 
 def log_in(page, shop: Shop, user: str, password: str) -> None:
