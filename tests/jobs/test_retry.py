@@ -1,19 +1,23 @@
-"""The retry policy: the pure backoff function, the budget it promises (shown on a real
-worker against a gateway outage), and the system check that guards the visibility timeout."""
+"""The retry policy: the pure backoff function, the wait each retry is published with, the
+budget it promises (shown on a real worker against a gateway outage), and the system check
+that guards the visibility timeout."""
 
 import json
 import random
 import time
+from datetime import datetime
 
 import pytest
-from celery.exceptions import SoftTimeLimitExceeded
+from celery.exceptions import Retry, SoftTimeLimitExceeded
+from django.utils import timezone
 
 from jobs.base import ReliableTask
 from jobs.celery import app, visibility_timeout
 from jobs.checks import visibility_timeout_check
 from jobs.dead_letters import failure_reason
+from jobs.errors import TransientError
 from jobs.models import DeadLetter
-from jobs.retry import RetryPolicy, backoff
+from jobs.retry import RetryPolicy, backoff, ceiling
 from shop.models import Payment
 from shop.services.checkout import checkout_complete, checkout_parse
 from tests.processes import Worker, role_env, run_script, wait_until
@@ -204,3 +208,40 @@ def test_a_soft_time_limit_is_not_retried_and_dead_letters_as_a_time_limit(monke
     assert len(runs) == 1  # the same work would run out of time again: no retry
     assert isinstance(result.result, SoftTimeLimitExceeded)
     assert failure_reason(task, result.result, retries=0) == "time_limit"
+
+
+def run_as_delivered(task: ReliableTask, *, task_id: str = "t-1", retries: int = 0) -> object:
+    """Call `task` as a worker calls a delivered message: not eagerly, not directly, so the
+    base task's guard and retry policy apply (a retry is published to the broker)."""
+    type(task).bind(app)  # as the worker's app has its tasks
+    task.push_request(id=task_id, retries=retries, called_directly=False, args=[], kwargs={})
+    try:
+        return task()
+    finally:
+        task.pop_request()
+
+
+def test_each_retry_is_published_to_wait_within_its_growing_backoff_window(broker):
+    def run() -> None:
+        raise TransientError("the dependency is down")
+
+    task = own_task(run=staticmethod(run), max_retries=12, retry_backoff=2, retry_backoff_max=60)
+    client = broker.client()
+
+    for attempt in range(8):
+        top = ceiling(attempt, base=2, cap=60)  # 2, 4, 8, 16, 32, 60, 60, 60
+        before = timezone.now()
+        with pytest.raises(Retry) as retried:
+            run_as_delivered(task, retries=attempt)
+        after = timezone.now()
+
+        # then: the task asked for a wait in [ceiling / 2, ceiling], never none at all...
+        assert top / 2 <= retried.value.when <= top
+        # ...and the next attempt waits in the broker until then
+        [raw] = client.lrange("default", 0, -1)
+        client.delete("default")
+        headers = json.loads(raw)["headers"]
+        eta = datetime.fromisoformat(headers["eta"])
+        assert headers["retries"] == attempt + 1
+        assert (eta - before).total_seconds() >= top / 2
+        assert (eta - after).total_seconds() <= top
