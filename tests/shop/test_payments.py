@@ -109,6 +109,13 @@ def test_flaky_card_is_transient_until_the_gateway_charges(broker, gateway, prod
     assert len(gateway.ledger(str(payment.idempotency_key))) == 1
 
 
+def gateway_calls(gateway) -> tuple[int, int]:
+    """(requests, charge requests) the gateway has received so far: its own count, which
+    tells a lookup from a charge that the gateway merely replayed for the key."""
+    totals = gateway.stats()["totals"]
+    return totals["received"], totals["charges"]
+
+
 def answers_too_late(gateway, settings) -> None:
     """The gateway records each new charge, then answers after our 0.5 s read timeout."""
     settings.PAYMENT_GATEWAY_TIMEOUT = (1.0, 0.5)
@@ -132,8 +139,11 @@ def test_timeout_leaves_payment_unknown_and_the_retry_asks_before_charging(
     [charge] = gateway.ledger(str(payment.idempotency_key))
     # when: the retry runs with the gateway healthy again
     gateway.control(timeout_rate=0)
+    received, charges = gateway_calls(gateway)
     payment_charge(payment_id=payment.pk)
-    # then: it found the charge instead of making a second one
+    # then: it asked (one lookup by the key) and sent no charge request, not even one the
+    # gateway would have answered from its idempotency key
+    assert gateway_calls(gateway) == (received + 1, charges)
     payment.refresh_from_db()
     assert (payment.status, payment.gateway_charge_id) == (Payment.Status.CHARGED, charge["id"])
     assert len(gateway.ledger(str(payment.idempotency_key))) == 1
@@ -166,9 +176,11 @@ def test_soft_time_limit_mid_charge_leaves_payment_unknown_for_the_retry(
         payment_charge(payment_id=payment.pk)
     assert Payment.objects.get().status == Payment.Status.UNKNOWN
 
-    # the retry asks the gateway first (nothing under this key), then charges once
+    # the retry asks the gateway first (nothing by the key, nor by the order), then charges
     monkeypatch.undo()
+    received, charges = gateway_calls(gateway)
     payment_charge(payment_id=payment.pk)
+    assert gateway_calls(gateway) == (received + 3, charges + 1)
     assert Payment.objects.get().status == Payment.Status.CHARGED
     assert len(gateway.ledger(str(payment.idempotency_key))) == 1
 
@@ -190,9 +202,11 @@ def test_the_payment_is_unknown_before_the_request_leaves_so_a_crash_mid_call_as
     with pytest.raises(SystemExit):
         payment_charge(payment_id=payment.pk)
     monkeypatch.undo()
+    received, charges = gateway_calls(gateway)
     payment_charge(payment_id=payment.pk)  # the redelivery
 
     assert seen == ["unknown"]  # what a killed process leaves behind
+    assert gateway_calls(gateway) == (received + 1, charges)  # it asked, and charged nothing
     payment.refresh_from_db()
     [charge] = gateway.ledger(str(payment.idempotency_key))
     assert (payment.status, payment.gateway_charge_id) == ("charged", charge["id"])
