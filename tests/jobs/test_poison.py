@@ -1,16 +1,22 @@
-"""The poison guard on real worker processes: a message that kills its whole worker is
-redelivered by Redis after the visibility timeout, forever, unless something counts.
-No other worker consumes `default` while this module runs."""
+"""The poison guard: a message that kills its whole worker is redelivered by Redis after
+the visibility timeout, forever, unless something counts. On real worker processes (no
+other worker consumes `default` meanwhile); and, in this process, a guard that cannot
+count (Redis failing, a broker that is not Redis) lets the task run."""
+
+import logging
 
 import pytest
 
+from jobs import broker
+from jobs.celery import app
 from jobs.models import DeadLetter
 from tests.jobs.test_dead_letters import attempts, dead_letter, send
-from tests.processes import Worker, wait_until
+from tests.jobs.test_retry import own_task, run_as_delivered
+from tests.processes import RedisServer, Worker, free_port, wait_until
 
-pytestmark = [pytest.mark.stack, pytest.mark.django_db(transaction=True)]
 
-
+@pytest.mark.stack
+@pytest.mark.django_db(transaction=True)
 def test_a_message_that_kills_its_whole_worker_every_time_is_dead_lettered_as_poison(
     worker_env, worker_logs, redis_server, tmp_path
 ):
@@ -37,6 +43,8 @@ def test_a_message_that_kills_its_whole_worker_every_time_is_dead_lettered_as_po
         last.stop()
 
 
+@pytest.mark.stack
+@pytest.mark.django_db(transaction=True)
 def test_the_guard_keeps_nothing_in_redis_for_tasks_that_finished(
     worker_env, worker_logs, redis_server, tmp_path
 ):
@@ -68,3 +76,49 @@ def test_the_guard_keeps_nothing_in_redis_for_tasks_that_finished(
     # then: the guard's counts went with them
     assert len(set(flaky)) == 20
     assert list(redis_server.client().scan_iter("jobs:deliveries:*")) == []
+
+
+def broker_at(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """This process's broker is `url` (and its Redis client is made afresh for it). The
+    environment, as a deployment sets it: Celery reads CELERY_BROKER_URL before its conf."""
+    monkeypatch.setenv("CELERY_BROKER_URL", url)
+    assert app.conf.broker_url == url
+    monkeypatch.setattr(broker, "_clients", {})
+
+
+def test_a_broker_redis_that_fails_leaves_the_task_to_run_uncounted(monkeypatch, caplog):
+    runs: list[int] = []
+
+    def run() -> str:
+        runs.append(1)
+        return "done"
+
+    task = own_task(run=staticmethod(run))
+    broker_at(f"redis://127.0.0.1:{free_port()}/0", monkeypatch)  # nothing listens there
+
+    with caplog.at_level(logging.WARNING, logger="jobs.poison"):
+        result = run_as_delivered(task, task_id="t-1")
+
+    assert (result, runs) == ("done", [1])  # the guard never fails a task
+    assert "poison guard: could not count delivery of t-1" in caplog.text
+    assert "poison guard: could not forget delivery of t-1" in caplog.text
+
+
+def test_on_a_broker_that_is_not_redis_the_guard_counts_nothing_and_the_task_runs(
+    redis_server: RedisServer, monkeypatch, caplog
+):
+    counted: list[list[bytes]] = []
+
+    def run() -> str:
+        counted.append(list(redis_server.client().scan_iter("jobs:deliveries:*")))
+        return "done"
+
+    task = own_task(run=staticmethod(run))
+    # RabbitMQ bounds redeliveries itself (a quorum queue's delivery-limit)
+    broker_at("amqp://guest:guest@127.0.0.1:5672//", monkeypatch)
+
+    with caplog.at_level(logging.WARNING, logger="jobs.poison"):
+        result = run_as_delivered(task)
+
+    assert (result, counted) == ("done", [[]])
+    assert caplog.text == ""  # nothing failed: there is nothing to count in
