@@ -27,7 +27,13 @@ from shop.gateway.client import GATEWAY
 from shop.models import Order, Payment, Product, Receipt
 from shop.services.checkout import checkout_complete, checkout_parse
 from shop.services.payments import charge_description, order_number, payment_charge
-from shop.services.receipts import MAIL, _mail_server_failed, receipt_release, receipt_send
+from shop.services.receipts import (
+    CLAIM_LEASE,
+    MAIL,
+    _mail_server_failed,
+    receipt_release,
+    receipt_send,
+)
 from shop.tasks.emails import send_receipt
 from tests.processes import free_port, run_concurrently
 
@@ -412,6 +418,57 @@ def test_a_failed_send_gives_its_own_claim_back_and_an_expired_lease_is_anyones(
     receipt = Receipt.objects.get()
     assert (receipt.status, receipt.claimed_by, receipt.attempts) == ("sent", "task-C/0", 3)
     assert receipt.unconfirmed_sends == 2  # two expired claims taken over: unknown outcomes
+    assert mails_with(mail_dir, receipt.message_id) == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_another_delivery_takes_over_a_claim_whose_lease_expired_but_not_a_live_one(
+    broker, gateway, products, mail_dir
+):
+    order_id = receipt_claimed_by_task_a()
+
+    # when: another delivery comes while task A's lease is live
+    receipt_send(order_id=order_id, claimant="task-B")
+    # then: it leaves the receipt to task A
+    receipt = Receipt.objects.get()
+    assert (receipt.status, receipt.claimed_by, receipt.attempts) == ("sending", "task-A/0", 0)
+    assert mails_with(mail_dir, receipt.message_id) == 0
+
+    # when: the lease has run out (task A's worker died holding the claim)
+    Receipt.objects.update(claimed_at=timezone.now() - CLAIM_LEASE - timedelta(seconds=1))
+    receipt_send(order_id=order_id, claimant="task-B")
+
+    # then: task B took the claim over and sent it; whether task A's mail went is unknown
+    receipt.refresh_from_db()
+    assert (receipt.status, receipt.claimed_by, receipt.attempts) == ("sent", "task-B/0", 1)
+    assert receipt.unconfirmed_sends == 1
+    assert mails_with(mail_dir, receipt.message_id) == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_failed_send_puts_the_receipt_back_to_pending_so_a_later_send_sends_it(
+    broker, gateway, products, mail_dir, settings
+):
+    payment = place_order()
+    payment_charge(payment_id=payment.pk)
+    settings.EMAIL_BACKEND = "tests.fault_email.RefusingBackend"
+
+    # when: the mail server refuses task A's send
+    with pytest.raises(TransientError, match="sending the receipt failed"):
+        receipt_send(order_id=payment.order_id, claimant="task-A")
+
+    # then: the claim is given back at once, not left to run out its lease
+    receipt = Receipt.objects.get()
+    assert (receipt.status, receipt.claimed_at, receipt.attempts) == ("pending", None, 1)
+
+    # when: the mail server is back and the task's retry comes, well within the lease
+    settings.EMAIL_BACKEND = "django.core.mail.backends.filebased.EmailBackend"
+    receipt_send(order_id=payment.order_id, claimant="task-A", attempt=1)
+
+    # then: sent once; the failed send said so, so it is no possible duplicate
+    receipt.refresh_from_db()
+    assert (receipt.status, receipt.claimed_by, receipt.attempts) == ("sent", "task-A/1", 2)
+    assert receipt.unconfirmed_sends == 0
     assert mails_with(mail_dir, receipt.message_id) == 1
 
 
