@@ -5,6 +5,7 @@ import os
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
+from typing import Protocol
 
 import pytest
 from django.db import connection
@@ -15,7 +16,7 @@ from tests.processes import QUEUES, Gateway, RedisServer, Worker
 
 # Fixtures that start Celery workers: a test taking one is a `stack` test whether or not
 # its module says so (`make test-fast` leaves them out).
-_STACK_FIXTURES = {"workers", "worker_env"}
+_STACK_FIXTURES = {"workers", "worker_env", "start_worker"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -133,6 +134,49 @@ def worker_env(
 @pytest.fixture(scope="session")
 def worker_logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("worker-logs")
+
+
+class StartWorker(Protocol):
+    def __call__(
+        self,
+        queue: str,
+        *,
+        env: dict[str, str] | None = None,
+        concurrency: int = 1,
+        include: str = "",
+        pool: str = "prefork",
+        ready: bool = True,
+    ) -> Worker: ...
+
+
+@pytest.fixture
+def start_worker(worker_env: dict[str, str], worker_logs: Path) -> Iterator[StartWorker]:
+    """Start a real worker for the test (`env` defaults to `worker_env`), by default
+    waiting until it answers a ping (it consumes its queue by then). Every worker it
+    started is stopped when the test ends, passed or failed, so none is left to eat the
+    next test's messages; one that will not stop warmly is killed."""
+    started: list[Worker] = []
+
+    def start(
+        queue: str,
+        *,
+        env: dict[str, str] | None = None,
+        concurrency: int = 1,
+        include: str = "",
+        pool: str = "prefork",
+        ready: bool = True,
+    ) -> Worker:
+        worker = Worker(
+            queue, env or worker_env, worker_logs, concurrency, include=include, pool=pool
+        )
+        started.append(worker.start())
+        if ready:
+            worker.wait_ready()
+        return worker
+
+    yield start
+    for worker in reversed(started):
+        worker.stop()
 
 
 @pytest.fixture(scope="module")

@@ -171,6 +171,16 @@ class RedisServer(_Server):
             self.proc.wait(timeout=10)
 
     @contextmanager
+    def down(self) -> Iterator[None]:
+        """The broker stopped for the block (connections refused), started again after it
+        whatever the block raised: an outage, and the recovery every test needs."""
+        self.stop()
+        try:
+            yield
+        finally:
+            self.start()
+
+    @contextmanager
     def frozen(self) -> Iterator[None]:
         """SIGSTOP, then SIGCONT: meanwhile the server accepts connections and reads
         nothing, answers nothing (a hung or partitioned broker, not a refused one)."""
