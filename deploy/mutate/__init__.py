@@ -179,6 +179,7 @@ def _env() -> dict[str, str]:
 # -- the map: which tests run each line ----------------------------------------------------
 
 Coverage = dict[str, dict[int, list[str]]]  # module -> line -> contexts
+SUBPROCESS_PREFIX = "file:"  # the context of a line run by a process a test started
 
 
 def build_map(tree: Path, workdir: Path, tests: list[str], modules: list[str]) -> Coverage:
@@ -206,6 +207,7 @@ def build_map(tree: Path, workdir: Path, tests: list[str], modules: list[str]) -
         contexts = data.contexts_by_lineno(str((tree / module).resolve()))
         lines[module] = {line: sorted(names) for line, names in contexts.items()}
     (workdir / "map.json").write_text(json.dumps(lines))
+    shutil.copy(out / "durations.json", workdir / "durations.json")
     print(f"mutate: map built in {time.monotonic() - started:.0f} s", flush=True)
     return lines
 
@@ -221,23 +223,36 @@ def load_map(workdir: Path) -> Coverage | None:
     }
 
 
-def select_tests(lines: dict[int, list[str]], first: int, last: int) -> list[str]:
-    """The pytest arguments for a mutant on lines `first`..`last`: the tests that ran
-    those lines in the test process (fast, precise) first, then the test files whose
-    processes ran them. A line run only on import is reached by every test that reaches
-    the module."""
-    from deploy.mutate.coverage_plugin import SUBPROCESS_PREFIX
+def load_durations(workdir: Path) -> dict[str, float]:
+    path = workdir / "durations.json"
+    return dict(json.loads(path.read_text())) if path.exists() else {}
 
+
+def select_tests(
+    lines: dict[int, list[str]], first: int, last: int, durations: dict[str, float] | None = None
+) -> list[str]:
+    """The pytest arguments for a mutant on lines `first`..`last`: the tests that ran
+    those lines in the test process (precise), fastest first, then the test files whose
+    processes ran them, quickest file first (`pytest -x` stops at the first failure, so
+    the order is the run's speed). A line run only on import is reached by every test
+    that reaches the module."""
+    durations = durations or {}
     contexts = {name for line in range(first, last + 1) for name in lines.get(line, ())}
     if contexts and contexts <= {""}:
         contexts = {name for names in lines.values() for name in names}
-    node_ids = sorted(name for name in contexts if name and not name.startswith(SUBPROCESS_PREFIX))
-    files = sorted(
+    node_ids = [name for name in contexts if name and not name.startswith(SUBPROCESS_PREFIX)]
+    files = [
         name.removeprefix(SUBPROCESS_PREFIX)
         for name in contexts
         if name.startswith(SUBPROCESS_PREFIX)
+    ]
+
+    def file_time(path: str) -> float:
+        return sum(t for node, t in durations.items() if node.startswith(path + "::"))
+
+    return sorted(node_ids, key=lambda n: (durations.get(n, 0.0), n)) + sorted(
+        files, key=lambda f: (file_time(f), f)
     )
-    return node_ids + files
 
 
 # -- the mutants: Cosmic Ray's session, one per module -------------------------------------
@@ -289,7 +304,12 @@ def _position(item: "WorkItem") -> tuple[int, int, str, int]:
 
 
 def run_mutants(
-    tree: Path, session: Path, lines: dict[int, list[str]], *, limit: int | None = None
+    tree: Path,
+    session: Path,
+    lines: dict[int, list[str]],
+    durations: dict[str, float],
+    *,
+    limit: int | None = None,
 ) -> None:
     """Write each pending mutant to the tree, run the tests that reach its lines, record
     what they said (Cosmic Ray's own `mutate_and_test`: it puts the original back)."""
@@ -305,7 +325,7 @@ def run_mutants(
         pending = sorted(db.pending_work_items, key=_position)[:limit]
         for number, item in enumerate(pending, 1):
             mutation = item.mutations[0]
-            tests = select_tests(lines, mutation.start_pos[0], mutation.end_pos[0])
+            tests = select_tests(lines, mutation.start_pos[0], mutation.end_pos[0], durations)
             started = time.monotonic()
             if tests:
                 command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider"]
@@ -460,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
         scores = []
         for module in modules:
             session = session_for(tree, workdir, module)
-            run_mutants(tree, session, lines[module], limit=args.limit)
+            run_mutants(tree, session, lines[module], load_durations(workdir), limit=args.limit)
             scores.append(score(tree, session, module))
     table, good = report(scores, equivalents(args.equivalent))
     print(table)

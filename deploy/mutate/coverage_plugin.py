@@ -7,16 +7,18 @@ workers, the web, the start scripts) is measured too, through coverage's own sta
 serves every test of its file, so its lines cannot be told apart by test.
 """
 
+import json
 import os
 from pathlib import Path
 
 import coverage
 import pytest
 
+from deploy.mutate import SUBPROCESS_PREFIX
+
 OUT = Path(os.environ.get("MUTATE_COVERAGE_DIR", "var/mutate/coverage")).resolve()
 # Only the modules being mutated are measured (the rest would only slow the run down).
 MODULES = [str(Path(name).resolve()) for name in os.environ.get("MUTATE_MODULES", "").split(",")]
-SUBPROCESS_PREFIX = "file:"  # the context of a line run by a process the test started
 
 # Started on import (`-p` imports plugins before the conftest files), so the lines the
 # modules run on import are measured too (with the empty context).
@@ -53,6 +55,15 @@ def pytest_runtest_protocol(item: pytest.Item) -> None:
     os.environ["COVERAGE_PROCESS_START"] = str(_rc_for(item.nodeid.split("::", 1)[0]))
 
 
+_durations: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """How long each test takes, set up and torn down: a mutant's tests run fastest first."""
+    _durations[report.nodeid] = _durations.get(report.nodeid, 0.0) + report.duration
+
+
 def pytest_unconfigure() -> None:
     _coverage.stop()
     _coverage.save()
+    (OUT / "durations.json").write_text(json.dumps(_durations))

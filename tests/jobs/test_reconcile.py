@@ -6,7 +6,7 @@ import io
 import logging
 
 import pytest
-from django.core.management import call_command
+from django.core.management import CommandError, call_command
 from django.utils import timezone
 
 from jobs.management.commands import reconcile as reconcile_command
@@ -68,11 +68,14 @@ def test_a_check_that_raises_is_recorded_and_the_checks_after_it_still_run(caplo
     assert logged.exc_info is not None  # not a dependency down: the traceback is kept
 
 
-def test_the_command_prints_a_check_that_could_not_run_beside_the_others(monkeypatch):
+def test_the_command_prints_a_check_that_could_not_run_beside_the_others_and_fails(
+    monkeypatch,
+):
     monkeypatch.setattr(reconcile_command, "reconciler", reconciler_with_a_broken_check([]))
     out = io.StringIO()
 
-    call_command("reconcile", "--dry-run", stdout=out)
+    with pytest.raises(CommandError, match=r"^1 check\(s\) could not run: broken$"):
+        call_command("reconcile", "--dry-run", stdout=out)
 
     assert out.getvalue().splitlines() == [
         "before: found 1, repaired 0 (e.g. order 1)",
