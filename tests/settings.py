@@ -8,10 +8,8 @@ import os
 import tempfile
 
 os.environ.setdefault("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/shop")
-# Metrics of the test process and its worker subprocesses, summed as on one host: one
-# folder per test process (pytest-xdist's processes would inherit their parent's).
-if os.environ.get("PYTEST_XDIST_WORKER") or "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="metrics-")
+# Metrics of the test process and its worker subprocesses, summed as on one host.
+os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="metrics-"))
 # A circuit breaker stays open 2 s (not 30), then lets the whole rate through at once
 # (no ramp), unless a test asks otherwise; the workers inherit this environment.
 os.environ.setdefault("BREAKER_COOLDOWN", "2")
