@@ -14,9 +14,9 @@ from shop.gateway import client as gateway_client
 from shop.models import Product
 from tests.processes import QUEUES, Gateway, RedisServer, Worker
 
-# Fixtures that start Celery workers: a test taking one is a `stack` test whether or not
-# its module says so (`make test-fast` leaves them out).
-_STACK_FIXTURES = {"workers", "worker_env", "start_worker"}
+# Fixtures that start processes (workers, the gateway): a test taking one is a `stack`
+# test whether or not its module says so (`make test-fast` leaves them out).
+_STACK_FIXTURES = {"workers", "worker_env", "start_worker", "gateway", "gateway_process"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -1,5 +1,6 @@
 """A module for the mutation run's own check (tests/test_mutation.py): one function its
-test calls in the test process, one only a subprocess calls, one no test calls."""
+tests call in the test process, one only a subprocess calls, one whose only mutant is
+equivalent, one no test calls."""
 
 
 def doubled(amount: int | None) -> int:
@@ -8,6 +9,10 @@ def doubled(amount: int | None) -> int:
 
 def is_large(amount: int) -> bool:
     return amount > 10
+
+
+def unchanged(amount: int) -> int:
+    return amount - 0
 
 
 def never_called() -> bool:

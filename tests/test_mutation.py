@@ -1,16 +1,24 @@
 """`make mutate`'s machinery, checked fast: the operators it tries, the tests it picks for
-a line, and one real run over a small module whose mutants a test in the test process, a
-test in a subprocess, or nobody catches."""
+a line, how it reads pytest's verdict, and one real run over a small module whose mutants
+a test in the test process, a test's subprocess, or nobody catches."""
 
 import json
+import os
 import subprocess
 import sys
 
-from deploy.mutate import annotation_spans, in_spans, keeps, select_tests
-from tests.mutation_sample import doubled
+import pytest
+from cosmic_ray.plugins import operator_names
+from cosmic_ray.work_item import TestOutcome as Outcome
+
+from deploy.mutate import annotation_spans, in_spans, judge, keeps, select_tests
+from tests.mutation_sample import doubled, unchanged
 from tests.processes import REPO, run_module
 
 SAMPLE = "tests/mutation_sample.py"
+# Taken at import, before any test runs: as `worker_env` is, once per session. The map
+# must still credit what the subprocess runs to the test file that started it.
+EARLY_ENV = dict(os.environ)
 
 
 def test_sample_doubles():
@@ -18,22 +26,41 @@ def test_sample_doubles():
     assert doubled(None) == 0
 
 
+def test_sample_unchanged():
+    assert unchanged(3) == 3
+
+
 def test_sample_is_large_in_a_subprocess():
     code = "from tests.mutation_sample import is_large; assert is_large(11) and not is_large(10)"
-    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=60)
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, env=EARLY_ENV, check=True, timeout=60)
 
 
 def test_one_replacement_per_operator_site_and_the_comparison_boundaries_are_tried():
-    assert keeps("core/ReplaceBinaryOperator_Add_Sub")
-    assert not keeps("core/ReplaceBinaryOperator_Add_Mul")
-    assert keeps("core/ReplaceComparisonOperator_Gt_GtE")
-    assert keeps("core/ReplaceComparisonOperator_Gt_LtE")
-    assert not keeps("core/ReplaceComparisonOperator_Gt_Eq")
-    assert keeps("core/ReplaceUnaryOperator_Delete_Not")
-    assert not keeps("core/ReplaceUnaryOperator_USub_Invert")
-    assert keeps("core/NumberReplacer")
-    assert keeps("core/ReplaceBreakWithContinue")
-    assert not keeps("core/VariableInserter")
+    names = set(operator_names())
+    kept = {name for name in names if keeps(name)}
+
+    assert {
+        "core/ReplaceBinaryOperator_Add_Sub",
+        "core/ReplaceComparisonOperator_Gt_GtE",
+        "core/ReplaceComparisonOperator_Gt_LtE",
+        "core/ReplaceUnaryOperator_Delete_Not",
+        "core/ReplaceUnaryOperator_Delete_Invert",
+        "core/NumberReplacer",
+        "core/ReplaceBreakWithContinue",
+        "core/ExceptionReplacer",
+    } <= kept
+    assert (
+        not {
+            "core/ReplaceBinaryOperator_Add_Mul",
+            "core/ReplaceComparisonOperator_Gt_Eq",
+            "core/ReplaceUnaryOperator_USub_Invert",
+            "core/VariableInserter",
+        }
+        & kept
+    )
+    # one replacement per binary operator that has one
+    binary = {n for n in kept if n.startswith("core/ReplaceBinaryOperator_")}
+    assert len(binary) == len({n.split("_")[1] for n in binary})
 
 
 def test_a_mutant_inside_a_type_annotation_is_not_tried():
@@ -48,33 +75,70 @@ def test_a_mutant_inside_a_type_annotation_is_not_tried():
 
 def test_a_line_gets_its_own_tests_first_then_the_files_whose_processes_ran_it():
     lines = {
-        3: ["", "tests/a.py::test_one"],
+        3: ["tests/a.py::test_one"],
         5: ["file:tests/b.py", "tests/a.py::test_two"],
-        7: ["file:tests/b.py"],
-        9: [""],  # run on import only
+        7: ["file:tests/b.py", "file:tests/c.py|tests/c.py::test_task"],  # a worker's task
+        9: ["", "file:tests/b.py"],  # run on import (in the test process and a worker)
+    }
+    durations = {
+        "tests/a.py::test_one": 2.0,
+        "tests/a.py::test_two": 1.0,
+        "tests/c.py::test_task": 1.5,
     }
 
     assert select_tests(lines, 3, 3) == ["tests/a.py::test_one"]
-    assert select_tests(lines, 5, 7) == ["tests/a.py::test_two", "tests/b.py"]
-    assert select_tests(lines, 9, 9) == [
-        "tests/a.py::test_one",
+    assert select_tests(lines, 5, 7) == [
         "tests/a.py::test_two",
+        "tests/c.py::test_task",
+        "tests/b.py",
+    ]
+    assert select_tests(lines, 9, 9, durations) == [
+        "tests/a.py::test_two",  # fastest first
+        "tests/c.py::test_task",
+        "tests/a.py::test_one",
         "tests/b.py",
     ]
     assert select_tests(lines, 11, 11) == []  # no test: the mutant survives, said so
 
 
+@pytest.mark.parametrize(
+    ("status", "output", "outcome"),
+    [
+        (0, "1 passed", Outcome.SURVIVED),
+        (1, "FAILED tests/a.py::test_one - assert 1 == 2", Outcome.KILLED),
+        (2, "ERROR collecting ... /tree/tests/mutation_sample.py:7: TypeError", Outcome.KILLED),
+        (2, "ERROR collecting tests/a.py: ModuleNotFoundError: redis", Outcome.INCOMPETENT),
+        (4, "ERROR: not found: tests/a.py::test_gone", Outcome.INCOMPETENT),
+        (5, "no tests ran", Outcome.INCOMPETENT),
+    ],
+)
+def test_only_a_failing_test_or_the_mutated_module_breaking_kills_a_mutant(status, output, outcome):
+    assert judge(status, output, SAMPLE)[0] == outcome
+
+
+@pytest.mark.stack
 def test_a_mutation_run_kills_what_a_test_or_a_subprocess_catches_and_lists_the_rest(tmp_path):
-    explained = tmp_path / "equivalent.txt"
-    explained.write_text(f"{SAMPLE} | core/ReplaceTrueWithFalse | return True | untested here\n")
-    tests = [f"tests/test_mutation.py::{name}" for name in ("test_sample_doubles",)]
-    tests.append("tests/test_mutation.py::test_sample_is_large_in_a_subprocess")
+    original = (REPO / SAMPLE).read_text()
+    explained = tmp_path / "equivalent.toml"
+    explained.write_text(
+        "[[equivalent]]\n"
+        f'module = "{SAMPLE}"\n'
+        'operator = "core/ReplaceBinaryOperator_Sub_Add"\n'
+        'line = "return amount - 0"\n'
+        'mutated = "return amount + 0"\n'
+        'why = "x - 0 == x + 0"\n'
+    )
+    tests = [
+        f"tests/test_mutation.py::{name}"
+        for name in ("test_sample_doubles", "test_sample_unchanged")
+    ] + ["tests/test_mutation.py::test_sample_is_large_in_a_subprocess"]
+    workdir = tmp_path / "work"
 
     result = run_module(
         "deploy.mutate",
         SAMPLE,
         "--workdir",
-        str(tmp_path / "work"),
+        str(workdir),
         "--equivalent",
         str(explained),
         "--tests",
@@ -82,12 +146,18 @@ def test_a_mutation_run_kills_what_a_test_or_a_subprocess_catches_and_lists_the_
         timeout=600,
     )
 
-    assert result.returncode == 0, result.stdout + result.stderr
-    # doubled: `+` made `-`, `if amount` made `if not amount`, 0 made 1 or -1 (the
-    # annotation's `|` is not tried);
-    # is_large: `>` made `>=` or `<=`, 10 made 9 or 11 -- caught only because the
-    # subprocess imports the mutated file; never_called: True made False, survives.
+    # doubled: `+` made `-`, `if amount` negated, 0 made 1 or -1 (the annotation's `|` is
+    # not tried); is_large: `>` made `>=` or `<=`, 10 made 9 or 11 -- caught only because
+    # the subprocess imports the mutated file; unchanged: 0 made 1 or -1, and `-` made
+    # `+`, which survives (explained); never_called: True made False, survives, listed.
+    assert result.returncode == 1, result.stdout + result.stderr  # one left unexplained
     row = next(line for line in result.stdout.splitlines() if line.startswith(f"| `{SAMPLE}"))
-    assert row.split("|")[2:6] == [" 9 ", " 8 ", " 89% ", " 1 "], result.stdout
-    coverage = json.loads((tmp_path / "work" / "map.json").read_text())[SAMPLE]
-    assert coverage[str(10)] == ["file:tests/test_mutation.py"]  # is_large's body
+    assert row.split("|")[2:7] == [" 12 ", " 10 ", " 83% ", " 1 ", " 0 "], result.stdout
+    assert (
+        f"- {SAMPLE}:19 core/ReplaceTrueWithFalse: `return True` -> `return False` "
+        "(no test runs this line)"
+    ) in result.stdout
+    coverage = json.loads((workdir / "map.json").read_text())[SAMPLE]
+    assert coverage["11"] == ["file:tests/test_mutation.py"]  # is_large's body, by its file
+    assert (REPO / SAMPLE).read_text() == original  # the user's tree is never mutated
+    assert (workdir / "tree" / SAMPLE).read_text() == original  # each mutant was undone

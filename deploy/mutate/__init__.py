@@ -5,9 +5,11 @@ Cosmic Ray makes the mutants (its operators, its session database, its reports) 
 each one to disk, in a copy of the working tree: the worker processes a test starts import
 the mutated module as the test process does, which a tool that switches mutants inside the
 test process (mutmut 3) cannot give them. What this module adds is the choice of tests: a
-map, built once with coverage, of which tests run each line (in the test process: by test;
-in the processes a test starts: by test file), so a mutant runs only the tests that reach
-its line, and `-x` stops at the first that fails.
+map, built once with coverage, of which tests run each line (in the test process and in
+the tasks a worker runs for it: by test; elsewhere in the processes a test started: by
+test file), so a mutant runs only the tests that reach its line, fastest first, and `-x`
+stops at the first that fails. Only a test failure kills a mutant: pytest's usage errors,
+an empty selection or a crash outside the tests are errors of the run, reported as such.
 
     python -m deploy.mutate                       # every listed module
     python -m deploy.mutate jobs/outbox.py        # one
@@ -16,24 +18,28 @@ its line, and `-x` stops at the first that fails.
 
 import argparse
 import ast
+import difflib
 import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from cosmic_ray.work_item import WorkItem
+    from cosmic_ray.work_item import TestOutcome, WorkItem
 
 REPO = Path(__file__).resolve().parents[2]
 WORKDIR = REPO / "var" / "mutate"
-EQUIVALENT = Path(__file__).with_name("equivalent.txt")
+EQUIVALENT = Path(__file__).with_name("equivalent.toml")
+MARKER = ".make-mutate"  # a folder with this file is the tool's own, emptied when stale
 
 # The reliability core: the modules whose every mutant must be caught or explained.
 MODULES = (
@@ -56,7 +62,9 @@ MAP_EXCLUDES = (
     "tests/test_make_run.py",
 )
 GOAL = 0.85
-TIMEOUT = 900.0  # a mutant that hangs a test is caught by the tests' own deadlines first
+# A mutant's tests may take their usual time twice over, plus start-up, before it counts
+# as killed by timeout (a mutant that makes a test hang is caught, not waited for).
+TIMEOUT_BASE, TIMEOUT_FACTOR = 120.0, 2.0
 
 # One replacement per operator site is enough to ask "does a test notice this operator?";
 # Cosmic Ray offers every replacement (ten for each `+`), which multiplies the run, not
@@ -86,8 +94,8 @@ _KEPT_REPLACEMENTS: dict[str, dict[str, tuple[str, ...]]] = {
         "Is": ("IsNot",),
         "IsNot": ("Is",),
     },
-    # `not x` made `x`, `-x` made `x` (named ReplaceUnaryOperator_Delete_Not, ..._Delete_USub)
-    "ReplaceUnaryOperator": {"Delete": ("Not", "USub")},
+    # `not x`, `-x`, `~q` made `x` (named ReplaceUnaryOperator_Delete_Not, ..._Delete_USub)
+    "ReplaceUnaryOperator": {"Delete": ("Not", "USub", "Invert")},
 }
 _DROPPED_OPERATORS = {"core/VariableInserter", "core/VariableReplacer"}  # random, not a finding
 
@@ -140,23 +148,34 @@ def _project_files() -> list[str]:
     return [name for name in listed.split("\0") if name and (REPO / name).is_file()]
 
 
-def fingerprint(files: Iterable[str]) -> str:
-    """What a map and a session were made from: every Python file's content."""
-    digest = hashlib.sha256()
+def fingerprint(files: Iterable[str], tests: Iterable[str]) -> str:
+    """What a map and its sessions were made from: every file's content and the tests the
+    map ran (a start script or a template changes what a test sees as much as code)."""
+    digest = hashlib.sha256(json.dumps(sorted(tests)).encode())
     for name in sorted(files):
-        if name.endswith(".py"):
-            digest.update(name.encode() + b"\0" + (REPO / name).read_bytes())
+        digest.update(name.encode() + b"\0" + (REPO / name).read_bytes() + b"\0")
     return digest.hexdigest()[:16]
 
 
-def prepare(workdir: Path) -> Path:
+def claim(workdir: Path) -> None:
+    """Make `workdir` the tool's own: a new or empty folder, or one it made before (never
+    `--workdir .`: it empties the folder when the sources change)."""
+    if workdir.exists() and any(workdir.iterdir()) and not (workdir / MARKER).exists():
+        raise SystemExit(f"mutate: {workdir} is not empty and not a make mutate folder")
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / MARKER).touch()
+
+
+def prepare(workdir: Path, tests: list[str]) -> Path:
     """A copy of the working tree in `workdir/tree` (the user's own files are never
     mutated); a map or session made from other sources is thrown away."""
     files = _project_files()
-    stamp = fingerprint(files)
+    stamp = fingerprint(files, tests)
     stamp_file = workdir / "fingerprint"
     if not stamp_file.exists() or stamp_file.read_text() != stamp:
-        shutil.rmtree(workdir, ignore_errors=True)
+        for entry in workdir.iterdir():
+            if entry.name != MARKER:
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
     tree = workdir / "tree"
     for name in files:
         target = tree / name
@@ -169,11 +188,36 @@ def prepare(workdir: Path) -> Path:
 def _env() -> dict[str, str]:
     # The interpreter is this virtualenv's; its commands (celery, gunicorn) come first on
     # PATH. No bytecode: a mutant is written within the second of the original, and a
-    # .pyc keyed on the source's mtime could hide it.
+    # .pyc keyed on the source's mtime could hide it. No coverage: the map's settings
+    # must not leak into a mutant's run (or a run started from inside the map's).
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.pop("COVERAGE_PROCESS_START", None)
+    for name in ("COVERAGE_PROCESS_START", "COVERAGE_PROCESS_CONFIG", "MUTATE_COVERAGE_DIR"):
+        env.pop(name, None)
     return env
+
+
+def stop_leftovers(tree: Path) -> list[int]:
+    """SIGKILL every process still running in the tree (a worker, the gateway, a Redis a
+    test started, in a session of its own) once a mutant's tests are over: a test killed
+    at its timeout never tore its fixtures down, and a worker with the old mutant loaded
+    would take the next run's messages."""
+    own = {os.getpid(), os.getppid()}
+    killed = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) in own:
+            continue
+        try:
+            cwd = Path(os.readlink(entry / "cwd"))
+        except OSError:
+            continue  # gone, or not ours to read
+        if cwd == tree or tree in cwd.parents:
+            try:
+                os.kill(int(entry.name), signal.SIGKILL)
+                killed.append(int(entry.name))
+            except ProcessLookupError:
+                pass
+    return killed
 
 
 # -- the map: which tests run each line ----------------------------------------------------
@@ -192,11 +236,12 @@ def build_map(tree: Path, workdir: Path, tests: list[str], modules: list[str]) -
     out.mkdir(parents=True)
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
     command += ["-p", "deploy.mutate.coverage_plugin", *tests]
-    command += [f"--ignore={path}" for path in MAP_EXCLUDES if not tests or tests == ["tests"]]
+    command += [f"--ignore={path}" for path in MAP_EXCLUDES if tests == ["tests"]]
     print(f"mutate: mapping which tests run which line ({' '.join(tests)})", flush=True)
     started = time.monotonic()
     env = {**_env(), "MUTATE_COVERAGE_DIR": str(out), "MUTATE_MODULES": ",".join(modules)}
     result = subprocess.run(command, cwd=tree, env=env)
+    stop_leftovers(tree)
     if result.returncode != 0:
         raise SystemExit(f"mutate: the tests fail without any mutant (exit {result.returncode})")
     data = coverage.CoverageData(basename=str(out / ".coverage"))
@@ -232,20 +277,23 @@ def select_tests(
     lines: dict[int, list[str]], first: int, last: int, durations: dict[str, float] | None = None
 ) -> list[str]:
     """The pytest arguments for a mutant on lines `first`..`last`: the tests that ran
-    those lines in the test process (precise), fastest first, then the test files whose
-    processes ran them, quickest file first (`pytest -x` stops at the first failure, so
-    the order is the run's speed). A line run only on import is reached by every test
-    that reaches the module."""
+    those lines (in the test process, or in a task a worker ran for them), fastest
+    first, then the test files whose processes ran them otherwise, quickest file first
+    (`pytest -x` stops at the first failure: the order is the run's speed). A line run
+    on import (a constant, a decorator) may matter to any test that reaches the module."""
     durations = durations or {}
     contexts = {name for line in range(first, last + 1) for name in lines.get(line, ())}
-    if contexts and contexts <= {""}:
-        contexts = {name for names in lines.values() for name in names}
-    node_ids = [name for name in contexts if name and not name.startswith(SUBPROCESS_PREFIX)]
-    files = [
-        name.removeprefix(SUBPROCESS_PREFIX)
-        for name in contexts
-        if name.startswith(SUBPROCESS_PREFIX)
-    ]
+    if "" in contexts:
+        contexts |= {name for names in lines.values() for name in names}
+    node_ids, files = set(), set()
+    for context in contexts:
+        static, _, dynamic = context.partition("|")  # a worker's task: "file:...|node id"
+        if dynamic:
+            node_ids.add(dynamic)
+        elif static.startswith(SUBPROCESS_PREFIX):
+            files.add(static.removeprefix(SUBPROCESS_PREFIX))
+        elif static:
+            node_ids.add(static)
 
     def file_time(path: str) -> float:
         return sum(t for node, t in durations.items() if node.startswith(path + "::"))
@@ -253,6 +301,15 @@ def select_tests(
     return sorted(node_ids, key=lambda n: (durations.get(n, 0.0), n)) + sorted(
         files, key=lambda f: (file_time(f), f)
     )
+
+
+def timeout_for(tests: list[str], durations: dict[str, float]) -> float:
+    usual = sum(
+        t
+        for node, t in durations.items()
+        if any(node == test or node.startswith(test + "::") for test in tests)
+    )
+    return TIMEOUT_BASE + TIMEOUT_FACTOR * usual
 
 
 # -- the mutants: Cosmic Ray's session, one per module -------------------------------------
@@ -264,8 +321,9 @@ def _slug(module: str) -> str:
 
 def session_for(tree: Path, workdir: Path, module: str) -> Path:
     """The module's Cosmic Ray session: created with `cosmic-ray init` (every mutant its
-    operators find), then the mutants this run does not try marked skipped. An existing
-    session (same sources) is resumed where it stopped."""
+    operators find), then the mutants this run does not try marked skipped; under a
+    temporary name until both are done. An existing session (same sources) is resumed
+    where it stopped."""
     from cosmic_ray.work_db import WorkDB, use_db
     from cosmic_ray.work_item import WorkerOutcome, WorkResult
 
@@ -276,16 +334,18 @@ def session_for(tree: Path, workdir: Path, module: str) -> Path:
     config.write_text(
         "[cosmic-ray]\n"
         f'module-path = "{module}"\n'
-        f"timeout = {TIMEOUT}\n"
+        f"timeout = {TIMEOUT_BASE}\n"
         "excluded-modules = []\n"
         'test-command = "false"  # unused: each mutant gets the tests of its lines\n'
         "[cosmic-ray.distributor]\n"
         'name = "local"\n'
     )
+    partial = session.with_suffix(".partial")
+    partial.unlink(missing_ok=True)
     cosmic_ray = Path(sys.executable).with_name("cosmic-ray")
-    subprocess.run([str(cosmic_ray), "init", str(config), str(session)], cwd=tree, check=True)
+    subprocess.run([str(cosmic_ray), "init", str(config), str(partial)], cwd=tree, check=True)
     spans = annotation_spans((tree / module).read_text())
-    with use_db(str(session), WorkDB.Mode.open) as db:
+    with use_db(str(partial), WorkDB.Mode.open) as db:
         skipped = [
             item.job_id
             for item in db.work_items
@@ -295,6 +355,7 @@ def session_for(tree: Path, workdir: Path, module: str) -> Path:
         db.set_multiple_results(
             skipped, WorkResult(worker_outcome=WorkerOutcome.SKIPPED, output="not tried")
         )
+    partial.rename(session)
     return session
 
 
@@ -303,43 +364,110 @@ def _position(item: "WorkItem") -> tuple[int, int, str, int]:
     return (*mutation.start_pos, mutation.operator_name, mutation.occurrence)
 
 
+TIMED_OUT = "timed out"  # the output of a mutant killed by its timeout
+
+
+def run_tests(
+    tree: Path, module: str, tests: list[str], timeout: float
+) -> tuple["TestOutcome", str]:
+    """One pytest run of a mutant's tests, judged by pytest's exit status: tests failed
+    (1) kills it; a collection error (2) kills it only when the mutated module raised
+    (the mutant broke its import); a usage error, an internal error or no test
+    collected (3, 4, 5) is an error of this run, never a kill."""
+    from cosmic_ray.work_item import TestOutcome
+
+    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+    proc = subprocess.Popen(
+        command,
+        cwd=tree,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except BaseException as exc:  # the timeout, or Ctrl-C: nothing of this run lives on
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+        stop_leftovers(tree)
+        if isinstance(exc, subprocess.TimeoutExpired):
+            return TestOutcome.KILLED, TIMED_OUT
+        raise
+    stop_leftovers(tree)
+    return judge(proc.returncode, output.decode(errors="replace"), module)
+
+
+def judge(status: int, output: str, module: str) -> tuple["TestOutcome", str]:
+    """What a pytest exit status says of a mutant (see `run_tests`), and the output kept."""
+    from cosmic_ray.work_item import TestOutcome
+
+    tail = "\n".join(output.splitlines()[-60:])
+    if status == 0:
+        return TestOutcome.SURVIVED, tail
+    if status == 1 or (status == 2 and module in output):
+        return TestOutcome.KILLED, tail
+    return TestOutcome.INCOMPETENT, f"pytest exit {status}:\n{tail}"
+
+
 def run_mutants(
     tree: Path,
     session: Path,
+    module: str,
     lines: dict[int, list[str]],
     durations: dict[str, float],
     *,
     limit: int | None = None,
 ) -> None:
-    """Write each pending mutant to the tree, run the tests that reach its lines, record
-    what they said (Cosmic Ray's own `mutate_and_test`: it puts the original back)."""
-    import shlex
-
-    from cosmic_ray.mutating import mutate_and_test
+    """Write each pending mutant to the tree (Cosmic Ray's `use_mutation`, which puts the
+    original back whatever happens), run the tests that reach its lines, record what
+    they said in the session."""
+    from cosmic_ray.mutating import use_mutation
+    from cosmic_ray.plugins import get_operator
     from cosmic_ray.work_db import WorkDB, use_db
     from cosmic_ray.work_item import TestOutcome, WorkerOutcome, WorkResult
 
-    os.environ.update(_env())
     os.chdir(tree)  # the session names the module relative to the tree
     with use_db(str(session), WorkDB.Mode.open) as db:
         pending = sorted(db.pending_work_items, key=_position)[:limit]
         for number, item in enumerate(pending, 1):
-            mutation = item.mutations[0]
+            [mutation] = item.mutations
             tests = select_tests(lines, mutation.start_pos[0], mutation.end_pos[0], durations)
             started = time.monotonic()
-            if tests:
-                command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider"]
-                result = mutate_and_test(item.mutations, shlex.join(command + tests), TIMEOUT)
-            else:
-                result = WorkResult(
-                    worker_outcome=WorkerOutcome.NORMAL,
-                    test_outcome=TestOutcome.SURVIVED,
-                    output="no test runs this line",
-                )
+            operator = get_operator(mutation.operator_name)(**(mutation.operator_args or {}))
+            with use_mutation(mutation.module_path, operator, mutation.occurrence) as code:
+                original, mutated = code
+                if mutated is None:  # Cosmic Ray found nothing to change there
+                    result = WorkResult(worker_outcome=WorkerOutcome.NO_TEST)
+                else:
+                    diff = "".join(
+                        difflib.unified_diff(
+                            original.splitlines(keepends=True),
+                            mutated.splitlines(keepends=True),
+                            fromfile=module,
+                            tofile=module,
+                            n=0,
+                        )
+                    )
+                    if tests:
+                        timeout = timeout_for(tests, durations)
+                        outcome, output = run_tests(tree, module, tests, timeout)
+                    else:
+                        outcome, output = TestOutcome.SURVIVED, "no test runs this line"
+                    result = WorkResult(
+                        worker_outcome=WorkerOutcome.NORMAL,
+                        test_outcome=outcome,
+                        output=output,
+                        diff=diff,
+                    )
             db.set_result(item.job_id, result)
             print(
-                f"mutate: {mutation.module_path}:{mutation.start_pos[0]} "
-                f"{mutation.operator_name} #{mutation.occurrence}: {result.test_outcome} "
+                f"mutate: {module}:{mutation.start_pos[0]} {mutation.operator_name} "
+                f"#{mutation.occurrence}: {result.test_outcome or result.worker_outcome} "
                 f"({len(tests)} tests, {time.monotonic() - started:.0f} s) "
                 f"[{number}/{len(pending)}]",
                 flush=True,
@@ -355,17 +483,20 @@ class Survivor:
     line: int
     operator: str
     source: str  # the original line, stripped
-    change: str  # the mutated line, or why nothing ran
+    change: str  # the mutated line, stripped ("" when the mutant removed it)
+    why: str  # "no test runs this line", or the tests that passed
 
-    def key(self) -> tuple[str, str, str]:
-        return (self.module, self.operator, self.source)
+    def key(self) -> tuple[str, str, str, str]:
+        return (self.module, self.operator, self.source, self.change)
 
 
 @dataclass
 class Score:
     module: str
     killed: int = 0
+    timed_out: int = 0  # of the killed
     survivors: tuple[Survivor, ...] = ()
+    errors: tuple[str, ...] = ()
     pending: int = 0
     not_tried: int = 0
 
@@ -378,15 +509,14 @@ class Score:
         return self.killed / self.tried if self.tried else 0.0
 
 
-def equivalents(path: Path = EQUIVALENT) -> dict[tuple[str, str, str], str]:
-    """The survivors explained as equivalent (no test could tell them from the original):
-    `module | operator | original line | why`, one per line."""
-    explained = {}
-    for raw in path.read_text().splitlines() if path.exists() else ():
-        if raw.strip() and not raw.startswith("#"):
-            module, operator, source, why = (part.strip() for part in raw.split(" | ", 3))
-            explained[(module, operator, source)] = why
-    return explained
+def equivalents(path: Path = EQUIVALENT) -> dict[tuple[str, str, str, str], str]:
+    """The survivors explained as equivalent (no test could tell them from the original),
+    each an `[[equivalent]]` table: module, operator, line (the original, stripped),
+    mutated (the mutant's line, stripped), why."""
+    if not path.exists():
+        return {}
+    tables = tomllib.loads(path.read_text()).get("equivalent", [])
+    return {(t["module"], t["operator"], t["line"], t["mutated"]): t["why"] for t in tables}
 
 
 def score(tree: Path, session: Path, module: str) -> Score:
@@ -395,65 +525,79 @@ def score(tree: Path, session: Path, module: str) -> Score:
 
     source_lines = (tree / module).read_text().splitlines()
     result = Score(module)
-    survivors = []
+    survivors, errors = [], []
     with use_db(str(session), WorkDB.Mode.open) as db:
         result.pending = sum(1 for _ in db.pending_work_items)
         for item, outcome in db.completed_work_items:
             mutation = item.mutations[0]
+            line = mutation.start_pos[0]
             if outcome.worker_outcome in (WorkerOutcome.SKIPPED, WorkerOutcome.NO_TEST):
                 result.not_tried += 1
             elif outcome.test_outcome == TestOutcome.SURVIVED:
-                line = mutation.start_pos[0]
                 added = [
                     row[1:].strip()
                     for row in (outcome.diff or "").splitlines()
                     if row.startswith("+") and not row.startswith("+++")
                 ]
-                change = added[0] if added else (outcome.output or "")
+                why = (outcome.output or "").strip().splitlines()[-1:] or [""]
                 survivors.append(
                     Survivor(
-                        module, line, mutation.operator_name, source_lines[line - 1].strip(), change
+                        module,
+                        line,
+                        mutation.operator_name,
+                        source_lines[line - 1].strip(),
+                        added[0] if added else "",
+                        why[0],
                     )
                 )
             elif outcome.test_outcome == TestOutcome.KILLED:
                 result.killed += 1
-            else:  # Cosmic Ray could not apply it: neither caught nor missed
-                result.not_tried += 1
+                result.timed_out += outcome.output == TIMED_OUT
+            else:
+                first = (outcome.output or "").splitlines()[:1] or [""]
+                errors.append(f"{module}:{line} {mutation.operator_name}: {first[0]}")
     result.survivors = tuple(sorted(survivors, key=lambda s: (s.line, s.operator)))
+    result.errors = tuple(errors)
     return result
 
 
-def report(scores: list[Score], explained: dict[tuple[str, str, str], str]) -> tuple[str, bool]:
-    """The table (and every survivor no line of equivalent.txt explains); whether every
-    module met the goal with nothing unexplained."""
-    rows = ["| module | mutants tried | killed | score | survivors explained as equivalent |"]
-    rows.append("|---|---:|---:|---:|---:|")
+def report(
+    scores: list[Score], explained: dict[tuple[str, str, str, str], str], missing: list[str]
+) -> tuple[str, bool]:
+    """The table (and every survivor no entry of equivalent.toml explains, every error);
+    whether every module met the goal with nothing unexplained, pending or in error."""
+    rows = ["| module | mutants tried | killed | score | explained as equivalent | errors |"]
+    rows.append("|---|---:|---:|---:|---:|---:|")
     unexplained = []
-    good = True
+    good = not missing
     for s in scores:
         known = [v for v in s.survivors if v.key() in explained]
         unexplained += [v for v in s.survivors if v.key() not in explained]
         rows.append(
-            f"| `{s.module}` | {s.tried} | {s.killed} | {s.ratio:.0%} | {len(known)} |"
-            + (f" ({s.pending} pending)" if s.pending else "")
+            f"| `{s.module}` | {s.tried} | {s.killed} | {s.ratio:.0%} | {len(known)} "
+            f"| {len(s.errors)} |" + (f" ({s.pending} pending)" if s.pending else "")
         )
-        good = good and s.pending == 0 and s.tried > 0 and s.ratio >= GOAL
+        good = good and not s.pending and not s.errors and s.tried > 0 and s.ratio >= GOAL
+    rows += [f"| `{m}` | not run | | | | |" for m in missing]
     good = good and not unexplained
     lines = rows + (["", "Survivors not explained:"] if unexplained else [])
     lines += [
-        f"- {v.module}:{v.line} {v.operator}: `{v.source}` -> `{v.change}`" for v in unexplained
+        f"- {v.module}:{v.line} {v.operator}: `{v.source}` -> `{v.change}` ({v.why})"
+        for v in unexplained
+    ]
+    errors = [error for s in scores for error in s.errors]
+    lines += (["", "Errors (neither killed nor survived):"] if errors else []) + [
+        f"- {error}" for error in errors
     ]
     return "\n".join(lines), good
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m deploy.mutate", description=__doc__.split("\n\n")[0]
+        prog="python -m deploy.mutate", description=(__doc__ or "").split("\n\n")[0]
     )
     parser.add_argument("modules", nargs="*", metavar="MODULE", help=f"default: all {len(MODULES)}")
-    parser.add_argument(
-        "--tests", nargs="+", default=["tests"], help="the tests the map is built from"
-    )
+    parser.add_argument("--tests", nargs="+", default=["tests"], help="the tests the map runs")
     parser.add_argument("--workdir", type=Path, default=WORKDIR)
     parser.add_argument("--limit", type=int, help="try at most this many mutants per module")
     parser.add_argument("--report", action="store_true", help="print the last scores; run nothing")
@@ -462,26 +606,30 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     modules = args.modules or list(MODULES)
-    unknown = [m for m in modules if not (REPO / m).is_file()]
+    unknown = [m for m in modules if not (REPO / m).is_file() or not m.endswith(".py")]
     if unknown:
         parser.error(f"no such module: {', '.join(unknown)}")
+    if args.limit is not None and args.limit < 1:
+        parser.error("--limit must be at least 1")
     workdir = args.workdir.resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
+    claim(workdir)
     if args.report:
         tree = workdir / "tree"
-        sessions = [(m, workdir / f"{_slug(m)}.sqlite") for m in modules]
-        scores = [score(tree, s, m) for m, s in sessions if s.exists()]
+        sessions = {m: workdir / f"{_slug(m)}.sqlite" for m in modules}
+        scores = [score(tree, s, m) for m, s in sessions.items() if s.exists()]
+        missing = [m for m, s in sessions.items() if not s.exists()]
     else:
-        tree = prepare(workdir)
+        tree = prepare(workdir, args.tests)
         lines = load_map(workdir)
         if lines is None or any(m not in lines for m in modules):
             # one map for every listed module: the next module's run needs no new one
             lines = build_map(tree, workdir, args.tests, sorted({*modules, *MODULES}))
-        scores = []
+        scores, missing = [], []
         for module in modules:
             session = session_for(tree, workdir, module)
-            run_mutants(tree, session, lines[module], load_durations(workdir), limit=args.limit)
+            durations = load_durations(workdir)
+            run_mutants(tree, session, module, lines[module], durations, limit=args.limit)
             scores.append(score(tree, session, module))
-    table, good = report(scores, equivalents(args.equivalent))
+    table, good = report(scores, equivalents(args.equivalent), missing)
     print(table)
     return 0 if good else 1
