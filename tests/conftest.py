@@ -12,7 +12,7 @@ from django.db import connection
 
 from shop.gateway import client as gateway_client
 from shop.models import Product
-from tests.processes import QUEUES, Gateway, RedisServer, Worker
+from tests.helpers import QUEUES, Gateway, RedisServer, Worker
 
 # Fixtures that start processes (workers, the gateway): a test taking one is a `stack`
 # test whether or not its module says so (`make test-fast` leaves them out).

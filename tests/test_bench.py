@@ -10,7 +10,7 @@ import pytest
 
 from deploy.bench.cpu import CpuGroups, cores, manifest_cpu
 from deploy.stack import QUEUES
-from tests.processes import run_module
+from tests.helpers import run_module
 from tests.test_chaos import drop_database
 
 SCENARIOS = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11}

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from tests.processes import run_module
+from tests.helpers import run_module
 
 
 @pytest.mark.parametrize("args", [["--orders", "0"], ["--declined-share", "2"], ["--nope"]])

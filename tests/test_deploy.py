@@ -20,7 +20,7 @@ from django.conf import settings
 
 from jobs import app
 from jobs.celery import queue_of
-from tests.processes import QUEUES, REPO, wait_until
+from tests.helpers import QUEUES, REPO, wait_until
 from tests.test_settings import variables_in_example, variables_read_by_start_scripts
 
 

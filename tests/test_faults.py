@@ -19,7 +19,7 @@ from jobs.models import DeadLetter, OutboxMessage
 from shop.models import Payment, Receipt
 from shop.services.checkout import checkout_complete, checkout_parse
 from shop.services.payments import payment_charge
-from tests.processes import Worker, wait_until
+from tests.helpers import Worker, wait_until
 from tests.shop.test_end_to_end import mails_with, place_order, wait_for_receipt
 
 pytestmark = [pytest.mark.stack, pytest.mark.django_db(transaction=True)]

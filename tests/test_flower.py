@@ -6,7 +6,7 @@ import subprocess
 import httpx
 import pytest
 
-from tests.processes import BIN, REPO, free_port, role_env, wait_until
+from tests.helpers import BIN, REPO, free_port, role_env, wait_until
 
 pytestmark = pytest.mark.stack
 

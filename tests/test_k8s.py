@@ -10,7 +10,7 @@ import pytest
 import yaml
 from django.conf import settings
 
-from tests.processes import QUEUES, REPO
+from tests.helpers import QUEUES, REPO
 from tests.test_deploy import (
     GATEWAY_IMAGE,
     IMAGES,

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.processes import RedisServer, Worker, run_module, wait_until
+from tests.helpers import RedisServer, Worker, run_module, wait_until
 
 pytestmark = pytest.mark.stack
 

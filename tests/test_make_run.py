@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.processes import REPO, free_port, wait_until
+from tests.helpers import REPO, free_port, wait_until
 
 pytestmark = pytest.mark.stack
 

@@ -12,8 +12,8 @@ from cosmic_ray.plugins import operator_names
 from cosmic_ray.work_item import TestOutcome as Outcome
 
 from deploy.mutate import annotation_spans, in_spans, judge, keeps, select_tests
+from tests.helpers import REPO, run_module
 from tests.mutation_sample import doubled, unchanged
-from tests.processes import REPO, run_module
 
 SAMPLE = "tests/mutation_sample.py"
 # Taken at import, before any test runs: as `worker_env` is, once per session. The map

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from shop.models import Payment
-from tests.processes import REPO, Worker, role_env, run_script, wait_until
+from tests.helpers import REPO, Worker, role_env, run_script, wait_until
 from tests.shop.test_end_to_end import place_order
 
 pytestmark = [pytest.mark.stack, pytest.mark.django_db(transaction=True)]

@@ -17,7 +17,7 @@ import pytest
 from jobs.models import DeadLetter
 from shop.models import Order, Payment, Product
 from shop.services.checkout import checkout_complete, checkout_parse
-from tests.processes import Gateway, RedisServer, Worker, wait_until
+from tests.helpers import Gateway, RedisServer, Worker, wait_until
 
 pytestmark = [pytest.mark.stack, pytest.mark.django_db(transaction=True)]
 

@@ -6,7 +6,7 @@ import re
 from collections import Counter
 
 from deploy.chaos import FAULTS
-from tests.processes import REPO
+from tests.helpers import REPO
 
 README = REPO / "README.md"
 

@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 from deploy.gateway.server import GatewayConfig
-from tests.processes import REPO
+from tests.helpers import REPO
 
 
 def variables_read_by_settings() -> set[str]:

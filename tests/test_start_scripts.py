@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.processes import REPO, free_port, role_env, wait_until
+from tests.helpers import REPO, free_port, role_env, wait_until
 
 pytestmark = pytest.mark.stack
 

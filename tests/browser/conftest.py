@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.processes import REPO, free_port, wait_until
+from tests.helpers import REPO, free_port, wait_until
 from tests.test_make_run import answers, runner_env, start_make_run, stop_make_run
 
 CHROMIUM = Path("/usr/bin/chromium")

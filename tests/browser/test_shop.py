@@ -7,7 +7,7 @@ import pytest
 from playwright.sync_api import expect
 
 from tests.browser.conftest import dead_letter_count, gateway_control, screenshot
-from tests.processes import wait_until
+from tests.helpers import wait_until
 
 pytestmark = pytest.mark.stack
 COUNT_ORDERS = "from shop.models import Order; print(Order.objects.count())"

@@ -31,7 +31,7 @@ import pytest
 
 from deploy.gateway import server
 from deploy.gateway.server import GatewayConfig, Traffic
-from tests.processes import BIN, role_env, wait_until
+from tests.helpers import BIN, role_env, wait_until
 
 pytestmark = pytest.mark.stack
 

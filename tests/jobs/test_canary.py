@@ -7,8 +7,8 @@ import pytest
 
 from jobs import app
 from jobs.canary import canary_send
+from tests.helpers import Worker, wait_until
 from tests.jobs.test_metrics import scrape, value
-from tests.processes import Worker, wait_until
 
 pytestmark = [pytest.mark.stack, pytest.mark.django_db(transaction=True)]
 

@@ -10,7 +10,7 @@ from django.db import connection
 
 from jobs import app
 from jobs.models import DeadLetter
-from tests.processes import Worker, wait_until
+from tests.helpers import Worker, wait_until
 
 pytestmark = [pytest.mark.stack, pytest.mark.django_db(transaction=True)]
 

@@ -17,7 +17,7 @@ from jobs import app
 from jobs.dead_letters import _on_task_failure, dead_letter_record, dead_letter_replay
 from jobs.errors import PermanentError
 from jobs.models import DeadLetter
-from tests.processes import Worker, wait_until
+from tests.helpers import Worker, wait_until
 
 pytestmark = [pytest.mark.stack, pytest.mark.django_db(transaction=True)]
 

@@ -14,7 +14,7 @@ from django.utils import timezone
 from jobs import dead_letters
 from jobs.models import DeadLetter
 from jobs.testing import assert_enqueued, assert_nothing_enqueued, enqueued
-from tests.processes import run_concurrently
+from tests.helpers import run_concurrently
 
 CHANGELIST = "/admin/jobs/deadletter/"
 

@@ -22,7 +22,7 @@ from jobs.celery import beat_entries
 from jobs.checks import outbox_check
 from jobs.models import DeadLetter, OutboxMessage
 from jobs.tasks import relay_outbox as relay_outbox_task
-from tests.processes import run_concurrently, wait_until
+from tests.helpers import run_concurrently, wait_until
 
 TASK = "shop.tasks.payments.charge_payment"
 

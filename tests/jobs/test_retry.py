@@ -20,7 +20,7 @@ from jobs.models import DeadLetter
 from jobs.retry import RetryPolicy, backoff, ceiling
 from shop.models import Payment
 from shop.services.checkout import checkout_complete, checkout_parse
-from tests.processes import Worker, role_env, run_script, wait_until
+from tests.helpers import Worker, role_env, run_script, wait_until
 
 
 def test_backoff_ceiling_doubles_per_attempt_until_the_cap():

@@ -5,7 +5,7 @@ from celery.exceptions import QueueNotFound
 from django.conf import settings
 
 from jobs import app, outbox
-from tests.processes import QUEUES
+from tests.helpers import QUEUES
 
 TASK_QUEUES = [
     ("shop.tasks.payments.charge_payment", [1], "payments"),

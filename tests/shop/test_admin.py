@@ -14,7 +14,7 @@ from jobs.models import DeadLetter, OutboxMessage
 from shop.models import Order, Payment, Product, Receipt, StockAdjustment
 from shop.services.catalog import StockWouldGoNegative, product_stock_adjust
 from shop.services.checkout import checkout_complete, checkout_parse
-from tests.processes import run_concurrently
+from tests.helpers import run_concurrently
 
 pytestmark = pytest.mark.django_db
 

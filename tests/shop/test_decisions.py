@@ -23,7 +23,7 @@ from shop.models import Order, Payment, Product, Receipt
 from shop.services.checkout import checkout_complete, checkout_parse
 from shop.services.orders import Cancelled, order_cancel
 from shop.services.payments import payment_charge
-from tests.processes import run_concurrently
+from tests.helpers import run_concurrently
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

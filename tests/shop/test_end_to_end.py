@@ -16,7 +16,7 @@ from jobs import app
 from jobs.models import DeadLetter, OutboxMessage
 from jobs.testing import assert_enqueued
 from shop.models import Order, Payment, Product, Receipt, ReportRun
-from tests.processes import Worker, wait_until
+from tests.helpers import Worker, wait_until
 
 pytestmark = [pytest.mark.stack, pytest.mark.django_db(transaction=True)]
 

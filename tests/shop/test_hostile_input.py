@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from jobs.models import OutboxMessage
 from shop.models import Order, Payment, Product
-from tests.processes import REPO
+from tests.helpers import REPO
 
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=30),

@@ -35,7 +35,7 @@ from shop.services.receipts import (
     receipt_send,
 )
 from shop.tasks.emails import send_receipt
-from tests.processes import free_port, run_concurrently
+from tests.helpers import free_port, run_concurrently
 
 GOOD, DECLINED, FLAKY = "tok_visa", "tok_chargeDeclined", "tok_flaky"  # test tokens
 SEND_RECEIPT = "shop.tasks.emails.send_receipt"

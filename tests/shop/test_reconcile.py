@@ -364,7 +364,7 @@ def test_a_check_that_cannot_run_says_so_keeps_its_findings_and_the_others_still
     client, broker, gateway, products, settings
 ):
     from shop.gateway import client as gateway_client
-    from tests.processes import free_port
+    from tests.helpers import free_port
 
     httpx.post(  # a charge that names no order: the ledger check reports it
         f"{gateway.url}/v1/charges",

@@ -1,7 +1,9 @@
-"""Real processes for the tests: a private Redis, the payment gateway, Celery workers.
+"""The tests' helpers, in one module: test modules import them from here, never from one
+another or from a conftest (conftest files hold fixtures, used as fixtures).
 
-Everything runs on free ports and temporary folders; the machine's shared services are
-never stopped or flushed.
+Real processes for the tests (a private Redis, the payment gateway, Celery workers) run
+on free ports and temporary folders; the machine's shared services are never stopped or
+flushed.
 """
 
 import json
