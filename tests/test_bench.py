@@ -10,8 +10,7 @@ import pytest
 
 from deploy.bench.cpu import CpuGroups, cores, manifest_cpu
 from deploy.stack import QUEUES
-from tests.helpers import run_module
-from tests.test_chaos import drop_database
+from tests.helpers import drop_database, run_module
 
 SCENARIOS = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11}
 

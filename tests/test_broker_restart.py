@@ -10,8 +10,7 @@ import pytest
 from jobs.models import DeadLetter
 from jobs.reconcile import reconciler
 from shop.models import Order, Payment
-from tests.helpers import QUEUES, RedisServer, Worker, wait_until
-from tests.shop.test_end_to_end import place_order, wait_for_receipt
+from tests.helpers import QUEUES, RedisServer, Worker, place_order, wait_for_receipt, wait_until
 
 pytestmark = [pytest.mark.stack, pytest.mark.django_db(transaction=True)]
 

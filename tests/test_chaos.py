@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from tests.helpers import run_module
+from tests.helpers import drop_database, run_module
 
 
 @pytest.mark.parametrize("args", [["--orders", "0"], ["--declined-share", "2"], ["--nope"]])
@@ -47,14 +47,6 @@ def test_a_small_lab_run_keeps_every_invariant():
     assert re.search(r"ok +gateway calls during each outage .+\)  +\d+(, \d+)*\n", verdicts[0])
     assert "BAD" not in result.stdout
     assert "chaos: every invariant holds" in result.stdout
-
-
-def drop_database(url: str) -> None:
-    import psycopg
-
-    server, name = url.rsplit("/", 1)
-    with psycopg.connect(f"{server}/postgres", autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def test_the_published_twice_witness_counts_only_first_publishes():

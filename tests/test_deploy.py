@@ -4,35 +4,37 @@ code exports."""
 
 import json
 import os
-import posixpath
 import re
 import shutil
 import subprocess
 import sys
-from fnmatch import fnmatch
-from functools import cache
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
 from django.conf import settings
 
-from jobs import app
-from jobs.celery import queue_of
-from tests.helpers import QUEUES, REPO, wait_until
-from tests.test_settings import variables_in_example, variables_read_by_start_scripts
+from tests.helpers import (
+    BIN,
+    GATEWAY_IMAGE,
+    IMAGES,
+    QUEUES,
+    REPO,
+    SHOP_IMAGE,
+    context_files,
+    dockerfile_stages,
+    image_files,
+    longest_time_limit,
+    statements,
+    variables_in_example,
+    variables_read_by_start_scripts,
+    wait_until,
+)
 
 
 @pytest.fixture(scope="module")
 def services() -> dict[str, dict]:
     return yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]
-
-
-BIN = REPO / "deploy" / "bin"
-# The images deploy/Dockerfile builds -> the stage (target) that builds each.
-SHOP_IMAGE, GATEWAY_IMAGE = "reliable-shop", "reliable-shop-gateway"
-IMAGES = {SHOP_IMAGE: "shop", GATEWAY_IMAGE: "gateway"}
 
 
 def command(service: dict) -> str:
@@ -67,77 +69,6 @@ def seconds(duration: str) -> int:
 def scripts() -> dict[str, str]:
     """The start scripts (executable); deploy/bin also holds a file they source."""
     return {p.name: p.read_text() for p in sorted(BIN.iterdir()) if p.stat().st_mode & 0o111}
-
-
-def statements(script: str) -> list[str]:
-    """The script's commands, comments dropped and continued lines joined."""
-    joined = script.replace("\\\n", " ")
-    return [line.strip() for line in joined.splitlines() if line and not line.startswith("#")]
-
-
-def dockerfile_stages() -> dict[str, list[str]]:
-    """deploy/Dockerfile's stages, in order: name -> its instructions after FROM."""
-    stages: dict[str, list[str]] = {}
-    for line in statements((REPO / "deploy" / "Dockerfile").read_text()):
-        if line.startswith("FROM "):
-            stages[line.split(" AS ")[1]] = []
-        else:
-            stages[list(stages)[-1]].append(line)
-    return stages
-
-
-@cache
-def context_files() -> frozenset[str]:
-    """The build context: the repository's files, less what .dockerignore leaves out."""
-    lines = (REPO / ".dockerignore").read_text().splitlines()
-    patterns = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
-
-    def ignored(path: str) -> bool:
-        parts = path.split("/")
-        return any(
-            any(fnmatch(part, p.removeprefix("**/")) for part in parts)
-            if p.startswith("**/")
-            else fnmatch(parts[0], p)
-            for p in patterns
-        )
-
-    files = set()
-    for folder, dirs, names in os.walk(REPO):
-        here = "" if folder == str(REPO) else Path(folder).relative_to(REPO).as_posix()
-        dirs[:] = [d for d in dirs if not ignored(posixpath.join(here, d))]
-        files |= {posixpath.join(here, n) for n in names if not ignored(posixpath.join(here, n))}
-    return frozenset(files)
-
-
-def under(file: str, path: str) -> bool:
-    return path == "." or file == path or file.startswith(path.rstrip("/") + "/")
-
-
-@cache
-def image_files(stage: str) -> frozenset[str]:
-    """The repository files that the image a stage builds holds under /app: those it copies
-    from the build context or from another stage, less those it deletes (rm -rf)."""
-    files: set[str] = set()
-    for line in dockerfile_stages()[stage]:
-        instruction, *words = line.split()
-        if instruction == "WORKDIR":
-            assert words == ["/app"], line  # the paths below are relative to it
-        elif instruction == "COPY":
-            options = dict(w[2:].split("=", 1) for w in words if w.startswith("--"))
-            *sources, target = [w for w in words if not w.startswith("--")]
-            pool = image_files(options["from"]) if "from" in options else context_files()
-            for source in sources:
-                path = posixpath.normpath(source.removeprefix("/app") or ".").lstrip("/")
-                # every file lands where it was: the same path under /app
-                dest = posixpath.normpath(target).lstrip("/")
-                assert dest in (path, posixpath.dirname(path) or "."), line
-                files |= {f for f in pool if under(f, path)}
-        elif instruction == "RUN":
-            for step in " ".join(words).split("&&"):
-                if step.split()[:2] == ["rm", "-rf"]:
-                    gone = step.split()[2:]
-                    files = {f for f in files if not any(under(f, g) for g in gone)}
-    return frozenset(files)
 
 
 def compose_errors(document: dict) -> str:
@@ -208,23 +139,6 @@ def test_start_scripts_read_only_variables_of_the_example_env_file():
 def test_exactly_one_beat(services):
     assert [role(s) for s in app_services(services).values()].count("beat") == 1
     assert "celery -A jobs beat" in scripts()["beat"]
-
-
-def longest_time_limit(queue: str) -> float:
-    """The longest hard time limit of the tasks that can land on `queue`: those routed
-    there, and those beat sends there by name (the canaries)."""
-    app.loader.import_default_modules()
-    schedule: dict[str, dict[str, Any]] = app.conf.beat_schedule
-    scheduled = {
-        entry["task"]
-        for entry in schedule.values()
-        if entry.get("options", {}).get("queue") == queue
-    }
-    return max(
-        task.time_limit or app.conf.task_time_limit
-        for name, task in app.tasks.items()
-        if queue_of(name) == queue or name in scheduled
-    )
 
 
 def test_each_worker_grace_period_outlasts_its_queues_longest_task_and_soft_shutdown(services):

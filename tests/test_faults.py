@@ -19,8 +19,7 @@ from jobs.models import DeadLetter, OutboxMessage
 from shop.models import Payment, Receipt
 from shop.services.checkout import checkout_complete, checkout_parse
 from shop.services.payments import payment_charge
-from tests.helpers import Worker, wait_until
-from tests.shop.test_end_to_end import mails_with, place_order, wait_for_receipt
+from tests.helpers import Worker, mails_with, place_order, wait_for_receipt, wait_until
 
 pytestmark = [pytest.mark.stack, pytest.mark.django_db(transaction=True)]
 

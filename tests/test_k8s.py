@@ -10,19 +10,19 @@ import pytest
 import yaml
 from django.conf import settings
 
-from tests.helpers import QUEUES, REPO
-from tests.test_deploy import (
+from tests.helpers import (
     GATEWAY_IMAGE,
     IMAGES,
+    QUEUES,
+    REPO,
     SHOP_IMAGE,
     dockerfile_stages,
     image_files,
     longest_time_limit,
+    variables_in_example,
 )
-from tests.test_settings import variables_in_example
 
 K8S = REPO / "deploy" / "k8s"
-BIN = REPO / "deploy" / "bin"
 CUSTOM_KINDS = {"ScaledObject"}  # KEDA's: no schema in kubernetes-validate
 SECRET_KEYS = {"SECRET_KEY", "DATABASE_URL", "FLOWER_BASIC_AUTH", "FLOWER_COOKIE_SECRET"}
 

@@ -1,66 +1,23 @@
 """`make run`'s stack on the embedded default (SQLite) serves the shop and completes an
 order; without Redis it starts a private one, or stops with a message saying what to do."""
 
-import os
-import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.helpers import REPO, free_port, wait_until
+from tests.helpers import (
+    REPO,
+    answers,
+    free_port,
+    runner_env,
+    start_make_run,
+    stop_make_run,
+    wait_until,
+)
 
 pytestmark = pytest.mark.stack
-
-
-def runner_env(tmp_path: Path, broker_port: int) -> dict[str, str]:
-    # the embedded default: no DATABASE_URL, and the real settings module, not the tests'
-    env = {
-        k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "DJANGO_SETTINGS_MODULE"}
-    }
-    gateway_port = free_port()
-    env.update(
-        SHOP_VAR_DIR=str(tmp_path / "var"),
-        WEB_PORT=str(free_port()),
-        FLOWER_PORT=str(free_port()),
-        GATEWAY_PORT=str(gateway_port),
-        PAYMENT_GATEWAY_URL=f"http://127.0.0.1:{gateway_port}",
-        CELERY_BROKER_URL=f"redis://127.0.0.1:{broker_port}/0",
-        CELERY_WORKER_SOFT_SHUTDOWN_TIMEOUT="1",
-    )
-    return env
-
-
-def start_make_run(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    """`make run`'s launcher in a session of its own (as a terminal would run it)."""
-    with log.open("wb") as out:
-        return subprocess.Popen(
-            [sys.executable, "deploy/run_local.py"],
-            cwd=REPO,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-
-def stop_make_run(proc: subprocess.Popen[bytes]) -> None:
-    """One Ctrl-C stops everything; raises if it did not within a minute."""
-    os.killpg(proc.pid, signal.SIGINT)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise
-
-
-def answers(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def test_make_run_on_sqlite_serves_the_shop_and_completes_an_order(tmp_path):

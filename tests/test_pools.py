@@ -7,8 +7,7 @@ import json
 import pytest
 
 from shop.models import Payment
-from tests.helpers import REPO, Worker, role_env, run_script, wait_until
-from tests.shop.test_end_to_end import place_order
+from tests.helpers import REPO, Worker, place_order, role_env, run_script, wait_until
 
 pytestmark = [pytest.mark.stack, pytest.mark.django_db(transaction=True)]
 

@@ -5,22 +5,12 @@ import subprocess
 import sys
 
 from deploy.gateway.server import GatewayConfig
-from tests.helpers import REPO
+from tests.helpers import REPO, variables_in_example, variables_read_by_start_scripts
 
 
 def variables_read_by_settings() -> set[str]:
     source = (REPO / "shop" / "settings.py").read_text()
     return set(re.findall(r"\benv(?:_bool|_int|_float)?\(\s*\"([A-Z_]+)\"", source))
-
-
-def variables_read_by_start_scripts() -> set[str]:
-    text = "\n".join(path.read_text() for path in (REPO / "deploy" / "bin").iterdir())
-    return set(re.findall(r"\$\{?([A-Z][A-Z0-9_]+)", text))
-
-
-def variables_in_example() -> set[str]:
-    lines = (REPO / ".env.example").read_text().splitlines()
-    return {m.group(1) for line in lines if (m := re.match(r"#?\s*([A-Z][A-Z0-9_]+)=", line))}
 
 
 def test_every_variable_the_settings_read_is_in_the_example_env_file_and_vice_versa():

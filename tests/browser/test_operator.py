@@ -7,8 +7,14 @@ import re
 import pytest
 from playwright.sync_api import expect
 
-from tests.browser.conftest import create_dead_letters, dead_letter_count, log_in, screenshot
-from tests.browser.test_shop import field, place_order_the_gateway_cannot_charge
+from tests.helpers import (
+    create_dead_letters,
+    dead_letter_count,
+    field,
+    log_in,
+    place_order_the_gateway_cannot_charge,
+    screenshot,
+)
 
 pytestmark = pytest.mark.stack
 

@@ -6,36 +6,18 @@ import re
 import pytest
 from playwright.sync_api import expect
 
-from tests.browser.conftest import dead_letter_count, gateway_control, screenshot
-from tests.helpers import wait_until
+from tests.helpers import (
+    add_to_cart,
+    check_out,
+    field,
+    fill_checkout,
+    gateway_control,
+    place_order_the_gateway_cannot_charge,
+    screenshot,
+)
 
 pytestmark = pytest.mark.stack
 COUNT_ORDERS = "from shop.models import Order; print(Order.objects.count())"
-
-
-def field(page, name: str):
-    """One live field of the order page's status box."""
-    return page.locator(f"#order-status [data-field={name}]")
-
-
-def add_to_cart(page, product: str, quantity: int = 1) -> None:
-    card = page.locator("li.product", has_text=product)
-    card.get_by_label("Quantity").fill(str(quantity))
-    card.get_by_role("button", name="Add to cart").click()
-
-
-def fill_checkout(page, card: str) -> None:
-    if not page.url.endswith("/cart/"):
-        page.get_by_role("link", name=re.compile("^Cart")).click()
-    page.get_by_role("link", name="Check out").click()
-    page.get_by_label("Email for the receipt").fill("ada@example.com")
-    page.get_by_label("Card number").fill(card)
-    page.get_by_role("button", name=re.compile("Place order")).click()
-
-
-def check_out(page, card: str) -> None:
-    fill_checkout(page, card)
-    page.wait_for_url(re.compile(r"/orders/[0-9a-f-]{36}/$"))
 
 
 def test_every_field_a_shopper_fills_has_a_label(shop, page):
@@ -88,32 +70,6 @@ def test_a_shopper_checks_out_and_watches_the_order_get_paid_and_receipted(shop,
     expect(field(page, "status")).to_have_text("Paid")
     assert len(shop.mails()) == mails_before + 1
     assert "ada@example.com" in shop.mails()[-1].read_text()
-
-
-def place_order_the_gateway_cannot_charge(shop, page) -> str:
-    """Check out while the gateway is down until the charge is a dead letter (its
-    retries exhausted); the order page's address."""
-    dead_before = dead_letter_count(shop)
-
-    def outage_once_tokenized(route) -> None:
-        # The card is a token by now: the gateway fails after the order is placed.
-        if route.request.method == "POST":
-            gateway_control(shop, outage=True)
-        route.continue_()
-
-    page.route(f"{shop.site}/checkout/", outage_once_tokenized)
-    try:
-        page.goto(f"{shop.site}/")
-        add_to_cart(page, "Enamel camp mug")
-        check_out(page, "4242 4242 4242 4242")
-        page.unroute(f"{shop.site}/checkout/")
-        expect(field(page, "payment")).to_have_text("Payment pending")
-        wait_until(
-            lambda: dead_letter_count(shop) > dead_before, timeout=90, what="the dead letter"
-        )
-    finally:
-        gateway_control(shop, outage=False)
-    return str(page.url)
 
 
 def test_a_charge_that_cannot_go_through_leaves_a_clear_pending_state(shop, page):

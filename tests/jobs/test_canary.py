@@ -7,8 +7,7 @@ import pytest
 
 from jobs import app
 from jobs.canary import canary_send
-from tests.helpers import Worker, wait_until
-from tests.jobs.test_metrics import scrape, value
+from tests.helpers import Worker, scrape, value, wait_until
 
 pytestmark = [pytest.mark.stack, pytest.mark.django_db(transaction=True)]
 

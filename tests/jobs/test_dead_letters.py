@@ -13,11 +13,10 @@ from celery.signals import task_failure
 from django.db import connection, connections
 from django.utils import timezone
 
-from jobs import app
 from jobs.dead_letters import _on_task_failure, dead_letter_record, dead_letter_replay
 from jobs.errors import PermanentError
 from jobs.models import DeadLetter
-from tests.helpers import Worker, wait_until
+from tests.helpers import Worker, attempts, dead_letter, send, wait_until
 
 pytestmark = [pytest.mark.stack, pytest.mark.django_db(transaction=True)]
 
@@ -32,22 +31,6 @@ def fault_worker(worker_env: dict[str, str], worker_logs: Path) -> Iterator[Work
         yield worker
     finally:
         worker.stop()
-
-
-def send(name: str, *args: object, headers: dict[str, str] | None = None) -> str:
-    return str(app.send_task(f"tests.fault_tasks.{name}", args=list(args), headers=headers).id)
-
-
-def dead_letter(task_id: str, timeout: float = 30) -> DeadLetter:
-    return wait_until(
-        lambda: DeadLetter.objects.filter(task_id=task_id).first(),
-        timeout=timeout,
-        what=f"the dead letter of {task_id}",
-    )
-
-
-def attempts(path: Path) -> list[float]:
-    return [float(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 def test_a_deferred_call_spends_no_retry(fault_worker, tmp_path):

@@ -6,27 +6,13 @@ import uuid
 
 import pytest
 from kombu import Connection
-from prometheus_client.parser import text_string_to_metric_families
 
 from jobs import outbox
 from jobs.dependencies import Dependency
 from jobs.models import DeadLetter, OutboxMessage
+from tests.helpers import scrape, value
 
 CHARGE = "shop.tasks.payments.charge_payment"
-
-
-def scrape(client) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    response = client.get("/metrics")
-    assert response.status_code == 200
-    samples = {}
-    for family in text_string_to_metric_families(response.content.decode()):
-        for sample in family.samples:
-            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return samples
-
-
-def value(samples, name: str, **labels: str) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
 @pytest.mark.django_db(transaction=True)

@@ -10,9 +10,17 @@ import pytest
 from jobs import broker
 from jobs.celery import app
 from jobs.models import DeadLetter
-from tests.helpers import RedisServer, Worker, free_port, wait_until
-from tests.jobs.test_dead_letters import attempts, dead_letter, send
-from tests.jobs.test_retry import own_task, run_as_delivered
+from tests.helpers import (
+    RedisServer,
+    Worker,
+    attempts,
+    dead_letter,
+    free_port,
+    own_task,
+    run_as_delivered,
+    send,
+    wait_until,
+)
 
 
 @pytest.mark.stack

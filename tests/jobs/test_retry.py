@@ -11,7 +11,6 @@ import pytest
 from celery.exceptions import Retry, SoftTimeLimitExceeded
 from django.utils import timezone
 
-from jobs.base import ReliableTask
 from jobs.celery import app, visibility_timeout
 from jobs.checks import visibility_timeout_check
 from jobs.dead_letters import failure_reason
@@ -20,7 +19,7 @@ from jobs.models import DeadLetter
 from jobs.retry import RetryPolicy, backoff, ceiling
 from shop.models import Payment
 from shop.services.checkout import checkout_complete, checkout_parse
-from tests.helpers import Worker, role_env, run_script, wait_until
+from tests.helpers import Worker, own_task, role_env, run_as_delivered, run_script, wait_until
 
 
 def test_backoff_ceiling_doubles_per_attempt_until_the_cap():
@@ -167,11 +166,6 @@ def test_the_site_and_a_worker_refuse_to_start_with_a_short_visibility_timeout(
     assert "RETRY_BACKOFF_CAP" in result.stderr
 
 
-def own_task(**options: object) -> ReliableTask:
-    """A task class as `@shared_task(base=ReliableTask, **options)` builds it."""
-    return type("OwnTask", (ReliableTask,), {"name": "tests.own_task", **options})()
-
-
 def test_a_tasks_own_retry_options_win_over_the_defaults(settings):
     settings.JOBS_RETRY_MAX_RETRIES = 7  # read when used, not at import time
 
@@ -208,17 +202,6 @@ def test_a_soft_time_limit_is_not_retried_and_dead_letters_as_a_time_limit(monke
     assert len(runs) == 1  # the same work would run out of time again: no retry
     assert isinstance(result.result, SoftTimeLimitExceeded)
     assert failure_reason(task, result.result, retries=0) == "time_limit"
-
-
-def run_as_delivered(task: ReliableTask, *, task_id: str = "t-1", retries: int = 0) -> object:
-    """Call `task` as a worker calls a delivered message: not eagerly, not directly, so the
-    base task's guard and retry policy apply (a retry is published to the broker)."""
-    type(task).bind(app)  # as the worker's app has its tasks
-    task.push_request(id=task_id, retries=retries, called_directly=False, args=[], kwargs={})
-    try:
-        return task()
-    finally:
-        task.pop_request()
 
 
 def test_each_retry_is_published_to_wait_within_its_growing_backoff_window(broker):

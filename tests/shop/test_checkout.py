@@ -12,29 +12,10 @@ from django.db import transaction
 
 from jobs import outbox
 from jobs.models import OutboxMessage
-from jobs.testing import assert_enqueued, assert_nothing_enqueued, enqueued
+from jobs.testing import assert_enqueued, enqueued
 from shop.models import Order, Payment, Product
 from shop.services.checkout import checkout_complete, checkout_parse
-
-TOKEN = "tok_visa"  # the gateway's test token for a card that charges
-
-
-def order_body(**overrides: object) -> dict[str, object]:
-    body: dict[str, object] = {
-        "email": "ada@example.com",
-        "card_token": TOKEN,
-        "items": [{"sku": "MUG", "quantity": 2}, {"sku": "TEE", "quantity": 1}],
-    }
-    body.update(overrides)
-    return body
-
-
-def assert_nothing_written(broker, stock_before: dict[str, int]) -> None:
-    assert Order.objects.count() == 0
-    assert Payment.objects.count() == 0
-    assert_nothing_enqueued()
-    assert dict(Product.objects.values_list("sku", "stock")) == stock_before
-    assert broker.queue_lengths()["payments"] == 0
+from tests.helpers import TOKEN, assert_nothing_written, order_body
 
 
 @pytest.mark.django_db(transaction=True)

@@ -16,35 +16,19 @@ from jobs import app
 from jobs.models import DeadLetter, OutboxMessage
 from jobs.testing import assert_enqueued
 from shop.models import Order, Payment, Product, Receipt, ReportRun
-from tests.helpers import Worker, wait_until
+from tests.helpers import (
+    ORDER,
+    Worker,
+    mails_with,
+    place_order,
+    status_url,
+    wait_for_receipt,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.stack, pytest.mark.django_db(transaction=True)]
 
-ORDER = {
-    "email": "ada@example.com",
-    "card_token": "tok_visa",
-    "items": [{"sku": "MUG", "quantity": 1}],
-}
 DECLINED, FLAKY = "tok_chargeDeclined", "tok_flaky"  # the gateway's test tokens
-
-
-def place_order(client, card: str = "tok_visa") -> int:  # card: a gateway test token
-    body = {**ORDER, "card_token": card}
-    response = client.post("/api/orders/", body, content_type="application/json")
-    assert response.status_code == 201, response.content
-    return Order.objects.get(reference=response.json()["id"]).pk
-
-
-def status_url(order_id: int) -> str:
-    return f"/api/orders/{Order.objects.get(pk=order_id).reference}/"
-
-
-def wait_for_receipt(client, order_id: int, timeout: float = 45) -> dict:
-    def settled() -> dict | None:
-        body = client.get(status_url(order_id)).json()
-        return body if body["receipt"]["status"] == "sent" else None
-
-    return wait_until(settled, timeout=timeout, interval=0.2, what=f"receipt of order {order_id}")
 
 
 def finished(workers: dict[str, Worker], task_id: str, timeout: float = 30) -> Worker:
@@ -54,10 +38,6 @@ def finished(workers: dict[str, Worker], task_id: str, timeout: float = 30) -> W
         timeout=timeout,
         what=f"task {task_id}",
     )
-
-
-def mails_with(mail_dir: Path, message_id: str) -> int:
-    return sum(message_id in path.read_text() for path in mail_dir.iterdir())
 
 
 def test_an_order_is_charged_once_and_receipted_by_the_queue_workers(
@@ -320,7 +300,7 @@ def test_the_request_id_follows_the_charge_through_its_retries_into_logs_and_dea
 
 def test_metrics_follow_a_real_worker_run(client, workers, gateway, mail_dir, products):
     from jobs import metrics
-    from tests.jobs.test_metrics import scrape, value
+    from tests.helpers import scrape, value
 
     charge, receipt = "shop.tasks.payments.charge_payment", "shop.tasks.emails.send_receipt"
     on_payments = {"task": charge, "queue": "payments"}

@@ -10,8 +10,7 @@ from django.test import Client
 
 from jobs.testing import enqueued
 from shop.models import Order, Payment, Product
-from tests.helpers import run_concurrently
-from tests.shop.test_checkout import assert_nothing_written, order_body
+from tests.helpers import assert_nothing_written, order_body, run_concurrently
 
 
 def form_token(page: str) -> str:

@@ -23,7 +23,7 @@ from shop.models import Order, Payment, Receipt
 from shop.reconcile import ledger_mismatch, paid_without_receipt, payment_stuck
 from shop.services.payments import charge_description
 from shop.services.receipts import CLAIM_LEASE, receipt_send
-from tests.jobs.test_metrics import scrape, value
+from tests.helpers import scrape, value
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
