@@ -1,18 +1,18 @@
 """Fixtures shared by the suite: a private Redis for every test, and on request the
-payment gateway and one real Celery worker per queue."""
+payment gateway, one real Celery worker per queue, or the workers a test starts itself
+(`start_worker`). Helpers that are not fixtures live in tests/helpers.py."""
 
 import os
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
-from typing import Protocol
 
 import pytest
 from django.db import connection
 
 from shop.gateway import client as gateway_client
 from shop.models import Product
-from tests.helpers import QUEUES, Gateway, RedisServer, Worker
+from tests.helpers import QUEUES, Gateway, RedisServer, Worker, WorkerStarter
 
 # Fixtures that start processes (workers, the gateway): a test taking one is a `stack`
 # test whether or not its module says so (`make test-fast` leaves them out).
@@ -136,61 +136,25 @@ def worker_logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("worker-logs")
 
 
-class StartWorker(Protocol):
-    def __call__(
-        self,
-        queue: str,
-        *,
-        env: dict[str, str] | None = None,
-        concurrency: int = 1,
-        include: str = "",
-        pool: str = "prefork",
-        ready: bool = True,
-    ) -> Worker: ...
-
-
 @pytest.fixture
-def start_worker(worker_env: dict[str, str], worker_logs: Path) -> Iterator[StartWorker]:
-    """Start a real worker for the test (`env` defaults to `worker_env`), by default
-    waiting until it answers a ping (it consumes its queue by then). Every worker it
-    started is stopped when the test ends, passed or failed, so none is left to eat the
-    next test's messages; one that will not stop warmly is killed."""
-    started: list[Worker] = []
-
-    def start(
-        queue: str,
-        *,
-        env: dict[str, str] | None = None,
-        concurrency: int = 1,
-        include: str = "",
-        pool: str = "prefork",
-        ready: bool = True,
-    ) -> Worker:
-        worker = Worker(
-            queue, env or worker_env, worker_logs, concurrency, include=include, pool=pool
-        )
-        started.append(worker.start())
-        if ready:
-            worker.wait_ready()
-        return worker
-
-    yield start
-    for worker in reversed(started):
-        worker.stop()
+def start_worker(worker_env: dict[str, str], worker_logs: Path) -> Iterator[WorkerStarter]:
+    """`start_worker(queue, env=..., concurrency=..., include=..., pool=..., ready=...,
+    log_dir=...)`: a real worker for this test (on `worker_env` and `worker_logs` unless
+    told), by default once it consumes its queue. Every worker it started is stopped when
+    the test ends, passed or failed (tests.helpers.WorkerStarter)."""
+    with WorkerStarter(worker_env, worker_logs) as start:
+        yield start
 
 
 @pytest.fixture(scope="module")
 def workers(worker_env: dict[str, str], worker_logs: Path) -> Iterator[dict[str, Worker]]:
     """One real worker per queue, as `make run` starts them (module-scoped: modules
     without this fixture see queues that nobody consumes)."""
-    started = {queue: Worker(queue, worker_env, worker_logs).start() for queue in QUEUES}
-    try:
+    with WorkerStarter(worker_env, worker_logs) as start:
+        started = {queue: start(queue, ready=False) for queue in QUEUES}
         for worker in started.values():
             worker.wait_ready()
         yield started
-    finally:
-        for worker in started.values():
-            worker.stop()
 
 
 @pytest.fixture

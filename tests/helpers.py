@@ -394,6 +394,56 @@ class Worker:
         return any(record.get("task_id") == task_id for record in self.events("succeeded"))
 
 
+class WorkerStarter:
+    """Starts real workers for a test (the `start_worker` fixture) or a module of tests (a
+    module-scoped fixture, `with WorkerStarter(...) as start:`), and stops every one it
+    started when the test or the `with` block ends, passed or failed: a worker left
+    running would eat the next test's messages. One that will not stop warmly is killed;
+    one the test stopped or killed itself is left as it is."""
+
+    def __init__(self, env: dict[str, str], log_dir: Path) -> None:
+        self.env = env
+        self.log_dir = log_dir
+        self.started: list[Worker] = []
+
+    def __call__(
+        self,
+        queue: str,
+        *,
+        env: dict[str, str] | None = None,
+        concurrency: int = 1,
+        include: str = "",
+        pool: str = "prefork",
+        ready: bool = True,
+        log_dir: Path | None = None,
+    ) -> Worker:
+        """A worker on `queue` (`env` and `log_dir` default to the starter's), by default
+        once it answers a ping: it consumes its queue by then. With `ready=False` the
+        caller waits (`wait_ready`), or starts several first and waits for each."""
+        worker = Worker(
+            queue,
+            self.env if env is None else env,
+            self.log_dir if log_dir is None else log_dir,
+            concurrency,
+            include=include,
+            pool=pool,
+        )
+        self.started.append(worker.start())
+        if ready:
+            worker.wait_ready()
+        return worker
+
+    def stop_all(self) -> None:
+        for worker in reversed(self.started):
+            worker.stop()
+
+    def __enter__(self) -> "WorkerStarter":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop_all()
+
+
 # --- Tasks of the jobs layer, as a worker runs them -----------------------------------------
 
 

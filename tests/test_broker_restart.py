@@ -3,14 +3,20 @@ persistence the queued messages are gone, and the reconciler gets the orders don
 
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 
 import pytest
 
 from jobs.models import DeadLetter
 from jobs.reconcile import reconciler
 from shop.models import Order, Payment
-from tests.helpers import QUEUES, RedisServer, Worker, place_order, wait_for_receipt, wait_until
+from tests.helpers import (
+    QUEUES,
+    RedisServer,
+    WorkerStarter,
+    place_order,
+    wait_for_receipt,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.stack, pytest.mark.django_db(transaction=True)]
 
@@ -38,17 +44,11 @@ def run_orders_through_a_broker_crash(client, broker, count: int) -> list[int]:
     return orders
 
 
-@contextmanager
-def workers_running(env, logs, queues: list[str] | None = None) -> Iterator[None]:
+def start_workers(start_worker: WorkerStarter, queues: list[str] | None = None) -> None:
+    """One worker per queue (all but reports by default), started together."""
     queues = queues or [queue for queue in QUEUES if queue != "reports"]
-    workers = [Worker(queue, env, logs).start() for queue in queues]
-    try:
-        for worker in workers:
-            worker.wait_ready()
-        yield
-    finally:
-        for worker in workers:
-            worker.stop()
+    for worker in [start_worker(queue, ready=False) for queue in queues]:
+        worker.wait_ready()
 
 
 def assert_each_order_paid_and_charged_once(client, gateway, orders: list[int]) -> None:
@@ -59,7 +59,7 @@ def assert_each_order_paid_and_charged_once(client, gateway, orders: list[int]) 
 
 
 def test_with_aof_a_broker_crash_loses_nothing(
-    client, restartable_broker, gateway, worker_env, worker_logs, mail_dir, products
+    client, restartable_broker, start_worker, gateway, mail_dir, products
 ):
     restartable_broker.extra = ("--appendonly", "yes", "--appendfsync", "everysec")
     restartable_broker.start()
@@ -67,12 +67,12 @@ def test_with_aof_a_broker_crash_loses_nothing(
     orders = run_orders_through_a_broker_crash(client, restartable_broker, 3)
 
     assert restartable_broker.queue_lengths()["payments"] == 3  # replayed from the AOF
-    with workers_running(worker_env, worker_logs):
-        assert_each_order_paid_and_charged_once(client, gateway, orders)
+    start_workers(start_worker)
+    assert_each_order_paid_and_charged_once(client, gateway, orders)
 
 
 def test_without_persistence_the_reconciler_recovers_what_the_broker_lost(
-    client, restartable_broker, gateway, worker_env, worker_logs, mail_dir, products, settings
+    client, restartable_broker, start_worker, gateway, mail_dir, products, settings
 ):
     restartable_broker.start()  # no AOF, no snapshots: a cache, not a broker
 
@@ -80,17 +80,18 @@ def test_without_persistence_the_reconciler_recovers_what_the_broker_lost(
 
     # the messages are gone, and the outbox rows say "sent": the relay cannot know
     assert restartable_broker.queue_lengths()["payments"] == 0
-    with workers_running(worker_env, worker_logs):
-        assert set(Order.objects.values_list("status", flat=True)) == {"pending"}
-        # the reconciler looks at outcomes: payments still pending are charged again
-        settings.RECONCILE_AFTER_MINUTES = 0
-        reconciler.run(repair=True)
-        assert_each_order_paid_and_charged_once(client, gateway, orders)
+    start_workers(start_worker)
+    assert set(Order.objects.values_list("status", flat=True)) == {"pending"}
+    # the reconciler looks at outcomes: payments still pending are charged again
+    settings.RECONCILE_AFTER_MINUTES = 0
+    reconciler.run(repair=True)
+    assert_each_order_paid_and_charged_once(client, gateway, orders)
+    start_worker.stop_all()
     assert not DeadLetter.objects.exists()
 
 
 def test_tasks_in_flight_at_a_broker_restart_wait_in_unacked_until_recovered(
-    client, restartable_broker, gateway, worker_env, worker_logs, mail_dir, products, settings
+    client, restartable_broker, start_worker, gateway, mail_dir, products, settings
 ):
     """Celery 5.7 terminates a late-ack task whose connection was lost (its ack could not
     reach the new connection) and tries to restore the delivery while the broker is
@@ -99,28 +100,24 @@ def test_tasks_in_flight_at_a_broker_restart_wait_in_unacked_until_recovered(
     restartable_broker.extra = ("--appendonly", "yes", "--appendfsync", "always")
     restartable_broker.start()
     gateway.control(latency_ms=1500)  # charges in flight (unacked) when Redis goes
-    worker = Worker("payments", worker_env, worker_logs, concurrency=2).start()
-    try:
-        worker.wait_ready()
-        orders = [place_order(client) for _ in range(2)]
-        wait_until(lambda: restartable_broker.unacked() == 2, timeout=10, what="2 in flight")
-        restartable_broker.stop()
-        time.sleep(0.5)
-        restartable_broker.start()
-        gateway.control(latency_ms=0)
+    worker = start_worker("payments", concurrency=2)
+    orders = [place_order(client) for _ in range(2)]
+    wait_until(lambda: restartable_broker.unacked() == 2, timeout=10, what="2 in flight")
+    restartable_broker.stop()
+    time.sleep(0.5)
+    restartable_broker.start()
+    gateway.control(latency_ms=0)
 
-        wait_until(
-            lambda: "cannot be acknowledged after a connection loss" in worker.log.read_text(),
-            timeout=15,
-            what="the in-flight tasks terminated",
-        )
-        assert restartable_broker.unacked() == 2  # not restored: the broker was down
-        assert set(Order.objects.values_list("status", flat=True)) == {"pending"}
-        if worker.proc is not None and worker.proc.poll() is not None:
-            worker.start()  # what a supervisor does (see the README: Celery 5.7 may exit)
-        with workers_running(worker_env, worker_logs, queues=["emails", "default"]):
-            settings.RECONCILE_AFTER_MINUTES = 0
-            reconciler.run(repair=True)
-            assert_each_order_paid_and_charged_once(client, gateway, orders)
-    finally:
-        worker.stop()
+    wait_until(
+        lambda: "cannot be acknowledged after a connection loss" in worker.log.read_text(),
+        timeout=15,
+        what="the in-flight tasks terminated",
+    )
+    assert restartable_broker.unacked() == 2  # not restored: the broker was down
+    assert set(Order.objects.values_list("status", flat=True)) == {"pending"}
+    if worker.proc is not None and worker.proc.poll() is not None:
+        worker.start()  # what a supervisor does (see the README: Celery 5.7 may exit)
+    start_workers(start_worker, queues=["emails", "default"])
+    settings.RECONCILE_AFTER_MINUTES = 0
+    reconciler.run(repair=True)
+    assert_each_order_paid_and_charged_once(client, gateway, orders)

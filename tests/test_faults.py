@@ -54,39 +54,34 @@ def place_charged_order() -> Payment:
 
 
 def test_a_whole_worker_killed_mid_charge_is_replaced_and_the_card_is_charged_once(
-    client, broker, gateway, worker_env, worker_logs, mail_dir, products
+    client, broker, gateway, start_worker, mail_dir, products
 ):
-    emails = Worker("emails", worker_env, worker_logs).start()
-    payments = Worker("payments", worker_env, worker_logs).start()
-    try:
-        emails.wait_ready()
-        payments.wait_ready()
-        gateway.control(latency_ms=3000)  # the gateway answers a charge 3 s after it came
-        charges = gateway.stats()["totals"]["charges"]
-        order_id = place_order(client)
-        key = str(Payment.objects.get(order_id=order_id).idempotency_key)
-        wait_until(
-            lambda: gateway.stats()["totals"]["charges"] > charges,
-            timeout=20,
-            what="the charge at the gateway",
-        )
+    emails = start_worker("emails", ready=False)
+    payments = start_worker("payments", ready=False)
+    emails.wait_ready()
+    payments.wait_ready()
+    gateway.control(latency_ms=3000)  # the gateway answers a charge 3 s after it came
+    charges = gateway.stats()["totals"]["charges"]
+    order_id = place_order(client)
+    key = str(Payment.objects.get(order_id=order_id).idempotency_key)
+    wait_until(
+        lambda: gateway.stats()["totals"]["charges"] > charges,
+        timeout=20,
+        what="the charge at the gateway",
+    )
 
-        # when: the whole payments worker dies mid-charge (an OOM kill of the container)
-        payments.kill()
-        # (inside the window: the gateway has the request and has not answered it yet)
-        assert gateway.ledger(key) == []
-        gateway.control(latency_ms=0)
-        assert broker.unacked() == 1  # the message is neither lost nor acked
-        assert broker.restore_unacked() == 1  # the visibility timeout passes
-        replacement = Worker("payments", worker_env, worker_logs).start()
-        try:
-            # then: the new worker charges with the same idempotency key: once
-            body = wait_for_receipt(client, order_id, timeout=60)
-        finally:
-            replacement.stop()
-    finally:
-        payments.kill()
-        emails.stop()
+    # when: the whole payments worker dies mid-charge (an OOM kill of the container)
+    payments.kill()
+    # (inside the window: the gateway has the request and has not answered it yet)
+    assert gateway.ledger(key) == []
+    gateway.control(latency_ms=0)
+    assert broker.unacked() == 1  # the message is neither lost nor acked
+    assert broker.restore_unacked() == 1  # the visibility timeout passes
+    start_worker("payments", ready=False)  # the replacement
+
+    # then: the new worker charges with the same idempotency key: once
+    body = wait_for_receipt(client, order_id, timeout=60)
+    start_worker.stop_all()
 
     assert body["payment"]["status"] == "charged"
     payment = Payment.objects.get(order_id=order_id)
@@ -96,24 +91,21 @@ def test_a_whole_worker_killed_mid_charge_is_replaced_and_the_card_is_charged_on
 
 
 def test_a_child_killed_between_sending_and_marking_leaves_one_receipt_and_one_message_id(
-    client, broker, gateway, worker_env, worker_logs, mail_dir, products, tmp_path
+    client, broker, gateway, start_worker, worker_env, mail_dir, products, tmp_path
 ):
     env = worker_env | {
         "EMAIL_BACKEND": "tests.fault_email.KillAfterFirstSendBackend",
         "FAULT_MARKER": str(tmp_path / "killed"),
     }
-    emails = Worker("emails", env, worker_logs).start()
-    payments = Worker("payments", worker_env, worker_logs).start()
-    try:
-        emails.wait_ready()
-        payments.wait_ready()
+    emails = start_worker("emails", env=env, ready=False)
+    payments = start_worker("payments", ready=False)
+    emails.wait_ready()
+    payments.wait_ready()
 
-        order_id = place_order(client)
+    order_id = place_order(client)
 
-        wait_for_receipt(client, order_id, timeout=60)
-    finally:
-        emails.stop()
-        payments.stop()
+    wait_for_receipt(client, order_id, timeout=60)
+    start_worker.stop_all()
 
     assert (tmp_path / "killed").exists()  # the crash did happen, after a send
     receipt = Receipt.objects.get(order_id=order_id)
@@ -125,29 +117,26 @@ def test_a_child_killed_between_sending_and_marking_leaves_one_receipt_and_one_m
 
 
 def test_two_live_copies_of_one_receipt_message_send_one_mail(
-    broker, gateway, worker_env, worker_logs, mail_dir, products
+    broker, gateway, start_worker, worker_env, mail_dir, products
 ):
     # given: a paid order whose send_receipt row is published twice (the relay and the
     # after-commit publisher both sent it), and a mail server that takes 2 s to answer
     env = worker_env | {"EMAIL_BACKEND": "tests.fault_email.SlowBackend", "FAULT_MAIL_DELAY": "2"}
-    emails = Worker("emails", env, worker_logs, concurrency=2).start()
-    try:
-        emails.wait_ready()
-        with outbox_paused():
-            payment = place_charged_order()
-        row = OutboxMessage.objects.get(task_name="shop.tasks.emails.send_receipt")
-        outbox._send(row)
-        outbox._send(row)
+    emails = start_worker("emails", env=env, concurrency=2)
+    with outbox_paused():
+        payment = place_charged_order()
+    row = OutboxMessage.objects.get(task_name="shop.tasks.emails.send_receipt")
+    outbox._send(row)
+    outbox._send(row)
 
-        # when: both copies run at once, one in each pool child
-        wait_until(
-            lambda: Receipt.objects.filter(order_id=payment.order_id, status="sent").exists(),
-            timeout=30,
-            what="the receipt",
-        )
-        wait_until(lambda: broker.unacked() == 0, timeout=30, what="both copies acked")
-    finally:
-        emails.stop()
+    # when: both copies run at once, one in each pool child
+    wait_until(
+        lambda: Receipt.objects.filter(order_id=payment.order_id, status="sent").exists(),
+        timeout=30,
+        what="the receipt",
+    )
+    wait_until(lambda: broker.unacked() == 0, timeout=30, what="both copies acked")
+    emails.stop()
 
     # then: one mail; the second copy saw the live claim and left it
     receipt = Receipt.objects.get(order_id=payment.order_id)
@@ -157,12 +146,9 @@ def test_two_live_copies_of_one_receipt_message_send_one_mail(
     assert not DeadLetter.objects.exists()
 
 
-def test_warm_shutdown_finishes_the_running_task_and_acks_it(
-    broker, worker_env, worker_logs, tmp_path
-):
+def test_warm_shutdown_finishes_the_running_task_and_acks_it(broker, start_worker, tmp_path):
     log = tmp_path / "slow"
-    worker = Worker("default", worker_env, worker_logs, include="tests.fault_tasks").start()
-    worker.wait_ready()
+    worker = start_worker("default", include="tests.fault_tasks")
     task_id = app.send_task("tests.fault_tasks.slow", args=[str(log), 2.0]).id
     wait_until(lambda: Path(log).exists(), timeout=20, what="the task to start")
 
@@ -183,25 +169,19 @@ def attempts_started(log: Path) -> list[str]:
 
 
 def test_what_the_visibility_check_prevents_a_countdown_past_the_timeout_runs_twice(
-    broker, worker_env, worker_logs, tmp_path
+    broker, start_worker, tmp_path
 ):
     """jobs.E001 refuses retry delays and time limits near the visibility timeout. Here
     is why: a worker holds a countdown task unacked until its ETA; once the visibility
     timeout passes first, Redis hands the same message to a worker again."""
     log = tmp_path / "slow"
-    worker = Worker(
-        "default", worker_env, worker_logs, concurrency=2, include="tests.fault_tasks"
-    ).start()
-    try:
-        worker.wait_ready()
-        app.send_task("tests.fault_tasks.slow", args=[str(log), 1.0], countdown=3)
-        wait_until(lambda: broker.unacked() == 1, timeout=10, what="the ETA task to be held")
+    start_worker("default", concurrency=2, include="tests.fault_tasks")
+    app.send_task("tests.fault_tasks.slow", args=[str(log), 1.0], countdown=3)
+    wait_until(lambda: broker.unacked() == 1, timeout=10, what="the ETA task to be held")
 
-        # when: the visibility timeout (shorter than the countdown) passes
-        assert broker.restore_unacked() == 1
+    # when: the visibility timeout (shorter than the countdown) passes
+    assert broker.restore_unacked() == 1
 
-        # then: the same task runs twice, in parallel, at its ETA
-        wait_until(lambda: log.exists() and log.read_text().count("finished") == 2, timeout=20)
-    finally:
-        worker.stop()
+    # then: the same task runs twice, in parallel, at its ETA
+    wait_until(lambda: log.exists() and log.read_text().count("finished") == 2, timeout=20)
     assert len(attempts_started(log)) == 2

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import RedisServer, Worker, run_module, wait_until
+from tests.helpers import RedisServer, run_module, wait_until
 
 pytestmark = pytest.mark.stack
 
@@ -53,45 +53,42 @@ def step(env: dict[str, str], name: str) -> Any:
     return json.loads(result.stdout.splitlines()[-1])
 
 
-def test_jobs_lifted_into_another_project_works_end_to_end(lift_env, tmp_path: Path):
-    worker = Worker("lift", lift_env, tmp_path).start()
-    try:
-        worker.wait_ready()
+def test_jobs_lifted_into_another_project_works_end_to_end(lift_env, start_worker, tmp_path: Path):
+    worker = start_worker("lift", env=lift_env, log_dir=tmp_path)
 
-        # enqueued through the outbox: one task succeeds, one keeps failing
-        step(lift_env, "enqueue")
-        dead = wait_until(
-            lambda: (s := step(lift_env, "state"))["dead_letters"] and s,
-            timeout=60,
-            what="the failing task's dead letter",
-        )
-        assert dead["outbox_unsent"] == 0  # published after commit, no relay needed
-        assert dead["greetings"]["ada"] == {"greeted": True, "attempts": 0}
-        assert dead["greetings"]["bob"] == {"greeted": False, "attempts": 3}  # 1 + 2 retries
-        [letter] = dead["dead_letters"]
-        assert (letter["task"], letter["reason"], letter["status"]) == (
-            "lift.greet_when_ready",
-            "retries_exhausted",
-            "dead",
-        )
+    # enqueued through the outbox: one task succeeds, one keeps failing
+    step(lift_env, "enqueue")
+    dead = wait_until(
+        lambda: (s := step(lift_env, "state"))["dead_letters"] and s,
+        timeout=60,
+        what="the failing task's dead letter",
+    )
+    assert dead["outbox_unsent"] == 0  # published after commit, no relay needed
+    assert dead["greetings"]["ada"] == {"greeted": True, "attempts": 0}
+    assert dead["greetings"]["bob"] == {"greeted": False, "attempts": 3}  # 1 + 2 retries
+    [letter] = dead["dead_letters"]
+    assert (letter["task"], letter["reason"], letter["status"]) == (
+        "lift.greet_when_ready",
+        "retries_exhausted",
+        "dead",
+    )
 
-        # an operator fixes the cause and replays it from the admin
-        replay = step(lift_env, "replay")
-        assert replay["status"] == 200
-        assert replay["replayed_message"]
-        assert (replay["index"], replay["operations_linked"], replay["operations"]) == (
-            200,
-            True,
-            200,
-        )
-        done = wait_until(
-            lambda: (s := step(lift_env, "state"))["greetings"]["bob"]["greeted"] and s,
-            timeout=60,
-            what="the replayed task",
-        )
-        assert [d["status"] for d in done["dead_letters"]] == ["replayed"]
-    finally:
-        worker.stop()
+    # an operator fixes the cause and replays it from the admin
+    replay = step(lift_env, "replay")
+    assert replay["status"] == 200
+    assert replay["replayed_message"]
+    assert (replay["index"], replay["operations_linked"], replay["operations"]) == (
+        200,
+        True,
+        200,
+    )
+    done = wait_until(
+        lambda: (s := step(lift_env, "state"))["greetings"]["bob"]["greeted"] and s,
+        timeout=60,
+        what="the replayed task",
+    )
+    assert [d["status"] for d in done["dead_letters"]] == ["replayed"]
+    worker.stop()
 
     probes = step(lift_env, "probes")
     assert (probes["readyz"], probes["healthz"], probes["metrics"]) == (200, 200, 200)

@@ -18,7 +18,7 @@ def events(worker: Worker, name: str, task_name: str) -> int:
 
 
 def test_a_hung_gateway_call_on_the_threads_pool_ends_at_the_runs_deadline_and_is_retried(
-    client, broker, gateway, worker_env, worker_logs, products
+    client, broker, gateway, start_worker, worker_env, products
 ):
     # given: a gateway that records each charge and answers a minute late, a client
     # timeout longer than that, and a charge message whose own soft limit is 2 s (the
@@ -30,9 +30,8 @@ def test_a_hung_gateway_call_on_the_threads_pool_ends_at_the_runs_deadline_and_i
     payment = Payment.objects.get(order_id=order_id)
     gateway.control(timeout_rate=1.0, timeout_seconds=60)
     env = worker_env | {"PAYMENT_GATEWAY_READ_TIMEOUT": "120"}
-    payments = Worker("payments", env, worker_logs, concurrency=4, pool="threads").start()
+    payments = start_worker("payments", env=env, concurrency=4, pool="threads")
     try:
-        payments.wait_ready()
         app.send_task(
             "shop.tasks.payments.charge_payment",
             args=[payment.pk],
@@ -49,8 +48,8 @@ def test_a_hung_gateway_call_on_the_threads_pool_ends_at_the_runs_deadline_and_i
             what="the payment charged after one retry",
         )
     finally:
-        payments.stop()
-        gateway.reset()
+        gateway.reset()  # the session's gateway: no later test meets its minute-late answers
+    payments.stop()
     charge = "shop.tasks.payments.charge_payment"
     assert events(payments, "retried", charge) == 1
     assert len(gateway.ledger(payment.idempotency_key)) == 1

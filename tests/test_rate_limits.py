@@ -17,7 +17,7 @@ import pytest
 from jobs.models import DeadLetter
 from shop.models import Order, Payment, Product
 from shop.services.checkout import checkout_complete, checkout_parse
-from tests.helpers import Gateway, RedisServer, Worker, wait_until
+from tests.helpers import Gateway, RedisServer, Worker, WorkerStarter, wait_until
 
 pytestmark = [pytest.mark.stack, pytest.mark.django_db(transaction=True)]
 
@@ -46,17 +46,14 @@ def payments_workers(
         "RETRY_BACKOFF_BASE": "2",
         "RETRY_BACKOFF_CAP": "300",
     }
-    workers = [
-        Worker("payments", env, worker_logs, concurrency=THREADS, pool="threads").start()
-        for _ in range(WORKERS)
-    ]
-    try:
+    with WorkerStarter(env, worker_logs) as start:
+        workers = [
+            start("payments", concurrency=THREADS, pool="threads", ready=False)
+            for _ in range(WORKERS)
+        ]
         for worker in workers:
             worker.wait_ready()
         yield workers
-    finally:
-        for worker in workers:
-            worker.stop()
 
 
 @pytest.fixture

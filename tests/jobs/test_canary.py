@@ -7,7 +7,7 @@ import pytest
 
 from jobs import app
 from jobs.canary import canary_send
-from tests.helpers import Worker, scrape, value, wait_until
+from tests.helpers import scrape, value, wait_until
 
 pytestmark = [pytest.mark.stack, pytest.mark.django_db(transaction=True)]
 
@@ -17,10 +17,9 @@ def canary_age(client, queue: str) -> float:
 
 
 def test_a_stopped_emails_worker_shows_as_a_stale_canary_and_an_aging_queue(
-    client, broker, worker_env, worker_logs
+    client, broker, start_worker
 ):
-    worker = Worker("emails", worker_env, worker_logs).start()
-    worker.wait_ready()
+    worker = start_worker("emails")
     canary_send()
     wait_until(lambda: canary_age(client, "emails") < 5, timeout=20, what="the first canary")
 
@@ -38,15 +37,12 @@ def test_a_stopped_emails_worker_shows_as_a_stale_canary_and_an_aging_queue(
     assert value(stale, "jobs_canary_age_seconds", queue="reports") == float("inf")
 
     # when: a worker takes the queue again
-    again = Worker("emails", worker_env, worker_logs).start()
-    try:
-        again.wait_ready()
-        # then: the waiting canary runs, the queue drains
-        wait_until(lambda: canary_age(client, "emails") < 5, timeout=30, what="recovery")
-        wait_until(
-            lambda: value(scrape(client), "jobs_queue_depth", queue="emails") == 0,
-            timeout=30,
-            what="the queue to drain",
-        )
-    finally:
-        again.stop()
+    start_worker("emails")
+
+    # then: the waiting canary runs, the queue drains
+    wait_until(lambda: canary_age(client, "emails") < 5, timeout=30, what="recovery")
+    wait_until(
+        lambda: value(scrape(client), "jobs_queue_depth", queue="emails") == 0,
+        timeout=30,
+        what="the queue to drain",
+    )

@@ -10,7 +10,7 @@ from django.db import connection
 
 from jobs import app
 from jobs.models import DeadLetter
-from tests.helpers import Worker, wait_until
+from tests.helpers import wait_until
 
 pytestmark = [pytest.mark.stack, pytest.mark.django_db(transaction=True)]
 
@@ -29,49 +29,37 @@ def sessions(log: Path, count: int) -> list[int]:
     return runs(log)
 
 
-def sessions_on_a_worker(env: dict[str, str], logs: Path, log: Path, count: int) -> list[int]:
-    worker = Worker("default", env, logs, include="tests.fault_tasks").start()
-    try:
-        worker.wait_ready()
-        return sessions(log, count)
-    finally:
-        worker.stop()
-
-
-def test_a_worker_serves_its_tasks_from_one_database_connection(
-    broker, worker_env, worker_logs, tmp_path
-):
-    pids = sessions_on_a_worker(worker_env, worker_logs, tmp_path / "pids", 5)
+def test_a_worker_serves_its_tasks_from_one_database_connection(broker, start_worker, tmp_path):
+    start_worker("default", include="tests.fault_tasks")
+    pids = sessions(tmp_path / "pids", 5)
 
     assert len(set(pids)) == 1, pids  # Celery's fixup alone would open five
 
 
 def test_a_connection_older_than_conn_max_age_is_not_reused(
-    broker, worker_env, worker_logs, tmp_path
+    broker, start_worker, worker_env, tmp_path
 ):
     env = {**worker_env, "CONN_MAX_AGE": "0"}  # Django's rule: a connection per unit of work
-    pids = sessions_on_a_worker(env, worker_logs, tmp_path / "pids", 3)
+    start_worker("default", env=env, include="tests.fault_tasks")
+    pids = sessions(tmp_path / "pids", 3)
 
     assert len(set(pids)) == 3, pids
 
 
 def test_a_connection_the_server_closed_is_replaced_before_the_next_task(
-    broker, worker_env, worker_logs, tmp_path
+    broker, start_worker, tmp_path
 ):
     log = tmp_path / "pids"
-    worker = Worker("default", worker_env, worker_logs, include="tests.fault_tasks").start()
-    try:
-        worker.wait_ready()
-        [first] = sessions(log, 1)
+    worker = start_worker("default", include="tests.fault_tasks")
+    [first] = sessions(log, 1)
 
-        # when: the server ends the worker's idle session (a restart, a failover, a timeout)
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT pg_terminate_backend(%s)", [first])
+    # when: the server ends the worker's idle session (a restart, a failover, a timeout)
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_terminate_backend(%s)", [first])
 
-        # then: the next task runs on a new connection, first time, no retry
-        second = sessions(log, 1)[1]
-    finally:
-        worker.stop()
+    # then: the next task runs on a new connection, first time, no retry
+    second = sessions(log, 1)[1]
+    worker.stop()  # its log complete
 
     assert second != first
     assert "retried" not in worker.log_text()

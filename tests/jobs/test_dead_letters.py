@@ -16,7 +16,7 @@ from django.utils import timezone
 from jobs.dead_letters import _on_task_failure, dead_letter_record, dead_letter_replay
 from jobs.errors import PermanentError
 from jobs.models import DeadLetter
-from tests.helpers import Worker, attempts, dead_letter, send, wait_until
+from tests.helpers import Worker, WorkerStarter, attempts, dead_letter, send, wait_until
 
 pytestmark = [pytest.mark.stack, pytest.mark.django_db(transaction=True)]
 
@@ -25,12 +25,9 @@ MAX_RETRIES = 3  # RETRY_MAX_RETRIES in the worker environment
 
 @pytest.fixture(scope="module")
 def fault_worker(worker_env: dict[str, str], worker_logs: Path) -> Iterator[Worker]:
-    worker = Worker("default", worker_env, worker_logs, include="tests.fault_tasks").start()
-    try:
-        worker.wait_ready()
-        yield worker
-    finally:
-        worker.stop()
+    """One worker for the module's tests (`start_worker` starts one per test)."""
+    with WorkerStarter(worker_env, worker_logs) as start:
+        yield start("default", include="tests.fault_tasks")
 
 
 def test_a_deferred_call_spends_no_retry(fault_worker, tmp_path):

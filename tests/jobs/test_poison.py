@@ -12,7 +12,6 @@ from jobs.celery import app
 from jobs.models import DeadLetter
 from tests.helpers import (
     RedisServer,
-    Worker,
     attempts,
     dead_letter,
     free_port,
@@ -26,7 +25,7 @@ from tests.helpers import (
 @pytest.mark.stack
 @pytest.mark.django_db(transaction=True)
 def test_a_message_that_kills_its_whole_worker_every_time_is_dead_lettered_as_poison(
-    worker_env, worker_logs, redis_server, tmp_path
+    start_worker, worker_env, redis_server, tmp_path
 ):
     log = tmp_path / "attempts"
     env = worker_env | {"POISON_MAX_DELIVERIES": "2"}
@@ -34,27 +33,25 @@ def test_a_message_that_kills_its_whole_worker_every_time_is_dead_lettered_as_po
 
     # when: every worker that takes the message dies with it (as in an OOM kill)
     for delivery in (1, 2):
-        worker = Worker("default", env, worker_logs, include="tests.fault_tasks").start()
+        worker = start_worker("default", env=env, include="tests.fault_tasks", ready=False)
         wait_until(lambda: len(attempts(log)) == delivery, timeout=60, what="the task")  # noqa: B023
         worker.kill()
         assert redis_server.restore_unacked() == 1  # what the visibility timeout would do
-    last = Worker("default", env, worker_logs, include="tests.fault_tasks").start()
-    try:
-        letter = dead_letter(task_id, timeout=60)
-        # then: the third delivery did not run it; the loop ended with a dead letter
-        assert letter.reason == DeadLetter.Reason.POISON
-        assert letter.exception_class == "jobs.errors.PoisonMessage"
-        assert len(attempts(log)) == 2
-        wait_until(lambda: redis_server.unacked() == 0, timeout=10, what="the ack")
-        assert redis_server.queue_lengths()["default"] == 0
-    finally:
-        last.stop()
+    start_worker("default", env=env, include="tests.fault_tasks", ready=False)
+    letter = dead_letter(task_id, timeout=60)
+
+    # then: the third delivery did not run it; the loop ended with a dead letter
+    assert letter.reason == DeadLetter.Reason.POISON
+    assert letter.exception_class == "jobs.errors.PoisonMessage"
+    assert len(attempts(log)) == 2
+    wait_until(lambda: redis_server.unacked() == 0, timeout=10, what="the ack")
+    assert redis_server.queue_lengths()["default"] == 0
 
 
 @pytest.mark.stack
 @pytest.mark.django_db(transaction=True)
 def test_the_guard_keeps_nothing_in_redis_for_tasks_that_finished(
-    worker_env, worker_logs, redis_server, tmp_path
+    start_worker, redis_server, tmp_path
 ):
     from jobs import app
 
@@ -63,23 +60,21 @@ def test_the_guard_keeps_nothing_in_redis_for_tasks_that_finished(
         for _ in range(2000):
             app.send_task("tests.fault_tasks.noop", producer=producer)
     flaky = [send("fail_until", str(tmp_path / f"flaky-{n}"), 1) for n in range(20)]
-    worker = Worker("default", worker_env, worker_logs, concurrency=2, include="tests.fault_tasks")
-    try:
-        # when: they all ran
-        worker.start().wait_ready()
-        wait_until(
-            lambda: redis_server.queue_lengths()["default"] == 0 and redis_server.unacked() == 0,
-            timeout=120,
-            what="the queue drained",
-        )
-        wait_until(
-            lambda: all(len(attempts(tmp_path / f"flaky-{n}")) == 2 for n in range(20)),
-            timeout=30,
-            what="every flaky task retried once",
-        )
-        wait_until(lambda: redis_server.unacked() == 0, timeout=30, what="the retries acked")
-    finally:
-        worker.stop()
+
+    # when: they all ran
+    worker = start_worker("default", concurrency=2, include="tests.fault_tasks")
+    wait_until(
+        lambda: redis_server.queue_lengths()["default"] == 0 and redis_server.unacked() == 0,
+        timeout=120,
+        what="the queue drained",
+    )
+    wait_until(
+        lambda: all(len(attempts(tmp_path / f"flaky-{n}")) == 2 for n in range(20)),
+        timeout=30,
+        what="every flaky task retried once",
+    )
+    wait_until(lambda: redis_server.unacked() == 0, timeout=30, what="the retries acked")
+    worker.stop()  # before looking: no worker left to count or forget a delivery
 
     # then: the guard's counts went with them
     assert len(set(flaky)) == 20

@@ -48,7 +48,7 @@ def test_the_shipped_budget_rides_out_ten_minutes_and_stays_under_half_an_hour(s
 
 @pytest.mark.django_db(transaction=True)
 def test_a_worker_on_the_shipped_policy_rides_out_an_outage_longer_than_the_old_budget(
-    broker, gateway, products, worker_env, worker_logs, settings
+    broker, gateway, products, start_worker, worker_env, settings
 ):
     # The shipped policy and a 10-minute outage, both scaled down 100 times: 6 s of outage.
     # (The policy before this one, 5 retries capped at 60 s, gave up after 62 s at most:
@@ -61,33 +61,30 @@ def test_a_worker_on_the_shipped_policy_rides_out_an_outage_longer_than_the_old_
     }
     outage = 600 / scale
     gateway.control(outage=True)
-    payments = Worker("payments", env, worker_logs).start()
-    try:
-        payments.wait_ready()
-        request = checkout_parse(
-            {
-                "email": "a@b.co",
-                "card_token": "tok_visa",
-                "items": [{"sku": "MUG", "quantity": 1}],
-            }
-        )
-        payment = checkout_complete(request=request).order.payment
-        wait_until(
-            lambda: gateway_attempts(payments) >= 3,
-            timeout=20,
-            what="the charge retrying",
-        )
-        time.sleep(outage)  # the outage goes on; nothing may be dead-lettered meanwhile
-        assert not DeadLetter.objects.exists()
-        gateway.control(outage=False)
+    payments = start_worker("payments", env=env)
+    request = checkout_parse(
+        {
+            "email": "a@b.co",
+            "card_token": "tok_visa",
+            "items": [{"sku": "MUG", "quantity": 1}],
+        }
+    )
+    payment = checkout_complete(request=request).order.payment
+    wait_until(
+        lambda: gateway_attempts(payments) >= 3,
+        timeout=20,
+        what="the charge retrying",
+    )
+    time.sleep(outage)  # the outage goes on; nothing may be dead-lettered meanwhile
+    assert not DeadLetter.objects.exists()
+    gateway.control(outage=False)
 
-        wait_until(
-            lambda: Payment.objects.get(pk=payment.pk).status == "charged",
-            timeout=30,
-            what="the charge after the outage",
-        )
-    finally:
-        payments.stop()
+    wait_until(
+        lambda: Payment.objects.get(pk=payment.pk).status == "charged",
+        timeout=30,
+        what="the charge after the outage",
+    )
+    payments.stop()
 
     assert not DeadLetter.objects.exists()
     assert len(gateway.ledger(str(payment.idempotency_key))) == 1
