@@ -103,9 +103,8 @@ def test_tasks_in_flight_at_a_broker_restart_wait_in_unacked_until_recovered(
     worker = start_worker("payments", concurrency=2)
     orders = [place_order(client) for _ in range(2)]
     wait_until(lambda: restartable_broker.unacked() == 2, timeout=10, what="2 in flight")
-    restartable_broker.stop()
-    time.sleep(0.5)
-    restartable_broker.start()
+    with restartable_broker.down():
+        time.sleep(0.5)
     gateway.control(latency_ms=0)
 
     wait_until(

@@ -31,11 +31,8 @@ def test_readyz_is_200_when_database_broker_and_migrations_are_ready(client, bro
 
 @pytest.mark.django_db
 def test_readyz_is_503_with_the_broker_down_and_200_when_it_is_back(client, broker):
-    broker.stop()
-    try:
+    with broker.down():
         down = client.get("/readyz")
-    finally:
-        broker.start()
     back = client.get("/readyz")
 
     assert down.status_code == 503
@@ -58,11 +55,8 @@ def test_probes_answer_whatever_the_host_and_pages_still_check_it(client, broker
 
 @pytest.mark.django_db
 def test_readyz_names_the_failed_broker_check_but_never_echoes_its_error(client, broker, caplog):
-    broker.stop()
-    try:
+    with broker.down():
         down = client.get("/readyz")
-    finally:
-        broker.start()
 
     assert down.status_code == 503
     assert down.json()["checks"]["broker"] == {

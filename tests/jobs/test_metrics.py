@@ -51,13 +51,10 @@ def test_unacked_deliveries_are_counted_per_queue_with_their_age(client, broker)
 @pytest.mark.django_db(transaction=True)
 def test_dead_letters_and_outbox_backlog_are_reported(client, broker):
     DeadLetter.objects.create(task_id=str(uuid.uuid4()), task_name=CHARGE, reason="poison")
-    broker.stop()
-    try:
+    with broker.down():
         outbox.enqueue(CHARGE, args=[1])  # stays unsent: the broker is down
 
         down = scrape(client)
-    finally:
-        broker.start()
 
     assert value(down, "jobs_dead_letters", reason="poison", status="dead") == 1
     assert value(down, "jobs_outbox_unsent") == 1

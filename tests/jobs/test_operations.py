@@ -48,11 +48,8 @@ def test_operations_page_shows_queues_dead_letters_outbox_and_findings(client, b
 
 def test_operations_page_says_what_it_could_not_read_with_the_broker_down(client, broker):
     client.force_login(User.objects.create_user("ops", password="pw", is_staff=True))
-    broker.stop()
-    try:
+    with broker.down():
         response = client.get("/admin/operations/")
-    finally:
-        broker.start()
 
     assert response.status_code == 200
     assert b"Could not read: queues, unacked, consumers, canaries, dependencies" in response.content

@@ -4,6 +4,7 @@ publish did not happen, never double-published by two relays."""
 import json
 import time
 from collections import Counter
+from contextlib import ExitStack
 from datetime import timedelta
 
 import pytest
@@ -103,8 +104,7 @@ def test_marks_that_fail_are_kept_for_the_next_round(broker, monkeypatch, settin
 
 @pytest.mark.django_db(transaction=True)
 def test_broker_down_keeps_the_row_and_the_relay_publishes_it_later(broker):
-    broker.stop()
-    try:
+    with broker.down():
         # when: the broker is down at commit time
         message = outbox.enqueue(TASK, args=[7])  # autocommit: publishes at once
         message.refresh_from_db()
@@ -113,8 +113,6 @@ def test_broker_down_keeps_the_row_and_the_relay_publishes_it_later(broker):
         assert message.attempts == 1
         assert "Error" in message.last_error
         assert outbox.relay_unsent(older_than=0) == 0  # still down: nothing relayed
-    finally:
-        broker.start()
 
     assert outbox.relay_unsent(older_than=0) == 1
 
@@ -128,19 +126,18 @@ def test_the_relay_stops_its_batch_at_the_first_row_the_broker_does_not_take(bro
     rows = old_unsent_rows(5)
     real_send = outbox._send
     sent: list[int] = []
+    outage = ExitStack()  # the broker goes down mid-batch; started again after the batch
 
     def broker_dies_after_two(message: OutboxMessage, connection: object = None) -> None:
         if len(sent) == 2 and broker.proc is not None and broker.proc.poll() is None:
-            broker.stop()
+            outage.enter_context(broker.down())
         real_send(message)
         sent.append(message.pk)
 
     monkeypatch.setattr(outbox, "_send", broker_dies_after_two)
-    try:
+    with outage:
         assert outbox.relay_unsent(older_than=0) == 2
-    finally:
-        monkeypatch.undo()
-        broker.start()
+    monkeypatch.undo()
 
     # then: the third row is the only one tried against the dead broker, once; the rows
     # behind it were not tried at all (they wait for the next run, and count no failure)
@@ -378,12 +375,9 @@ def test_a_row_that_keeps_failing_backs_off_then_becomes_a_dead_letter(
 def test_a_broker_outage_does_not_count_towards_dead_lettering_a_row(broker, settings):
     settings.JOBS_OUTBOX_MAX_FAILURES = 2
     [row] = old_unsent_rows(1)
-    broker.stop()
-    try:
+    with broker.down():
         for _ in range(5):
             assert outbox.relay_unsent(older_than=0) == 0
-    finally:
-        broker.start()
 
     row.refresh_from_db()
     assert (row.attempts, row.failures, row.dead_lettered_at) == (5, 0, None)
