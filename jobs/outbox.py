@@ -237,6 +237,12 @@ class _Marks:
                     self._waiting.setdefault(alias, []).extend(ids)
         return marked
 
+    def discard(self) -> None:
+        """Forget the waiting rows unmarked (a test whose database is rolled back: the ids
+        name nothing any more, and at exit the database may be gone)."""
+        with self._lock:
+            self._waiting = {}
+
     def _mark_forever(self) -> None:
         while True:
             try:
