@@ -134,17 +134,11 @@ def test_a_mutation_run_kills_what_a_test_or_a_subprocess_catches_and_lists_the_
     ] + ["tests/test_mutation.py::test_sample_is_large_in_a_subprocess"]
     workdir = tmp_path / "work"
 
-    result = run_module(
-        "deploy.mutate",
-        SAMPLE,
-        "--workdir",
-        str(workdir),
-        "--equivalent",
-        str(explained),
-        "--tests",
-        *tests,
-        timeout=600,
-    )
+    def mutate(*tests: str):
+        args = ["--workdir", str(workdir), "--equivalent", str(explained), "--tests", *tests]
+        return run_module("deploy.mutate", SAMPLE, *args, timeout=600)
+
+    result = mutate(*tests)
 
     # doubled: `+` made `-`, `if amount` negated, 0 made 1 or -1 (the annotation's `|` is
     # not tried); is_large: `>` made `>=` or `<=`, 10 made 9 or 11 -- caught only because
@@ -161,3 +155,12 @@ def test_a_mutation_run_kills_what_a_test_or_a_subprocess_catches_and_lists_the_
     assert coverage["11"] == ["file:tests/test_mutation.py"]  # is_large's body, by its file
     assert (REPO / SAMPLE).read_text() == original  # the user's tree is never mutated
     assert (workdir / "tree" / SAMPLE).read_text() == original  # each mutant was undone
+
+    # when: the tests change (here: one fewer), the module does not
+    again = mutate(*(test for test in tests if not test.endswith("unchanged")))
+
+    # then: what was killed stays killed; only the two survivors are tried again
+    tried = [line for line in again.stdout.splitlines() if line.startswith("mutate: tests/")]
+    assert len(tried) == 2, again.stdout
+    row = next(line for line in again.stdout.splitlines() if line.startswith(f"| `{SAMPLE}"))
+    assert row.split("|")[2:7] == [" 12 ", " 10 ", " 83% ", " 1 ", " 0 "], again.stdout

@@ -166,21 +166,43 @@ def claim(workdir: Path) -> None:
     (workdir / MARKER).touch()
 
 
-def prepare(workdir: Path, tests: list[str]) -> Path:
+def _digests(files: Iterable[str]) -> dict[str, str]:
+    return {
+        name: hashlib.sha256((REPO / name).read_bytes()).hexdigest()[:16]
+        for name in files
+        if name.endswith(".py")
+    }
+
+
+def prepare(workdir: Path, tests: list[str], *, fresh: bool = False) -> Path:
     """A copy of the working tree in `workdir/tree` (the user's own files are never
-    mutated); a map or session made from other sources is thrown away."""
+    mutated). When anything changed since the last run, the map is thrown away; the
+    session of a module whose own source did not change is kept as `.previous`, so its
+    killed mutants stay killed and only the others run again (a new test written to kill
+    a survivor costs one module's survivors, not every module's run). `fresh`: nothing
+    is kept."""
     files = _project_files()
     stamp = fingerprint(files, tests)
-    stamp_file = workdir / "fingerprint"
-    if not stamp_file.exists() or stamp_file.read_text() != stamp:
+    stamp_file, digests_file = workdir / "fingerprint", workdir / "sources.json"
+    if fresh or not stamp_file.exists() or stamp_file.read_text() != stamp:
+        before = {} if fresh or not digests_file.exists() else json.loads(digests_file.read_text())
+        now = _digests(files)
+        kept = {f"{_slug(m)}.sqlite" for m, digest in before.items() if now.get(m) == digest}
         for entry in workdir.iterdir():
-            if entry.name != MARKER:
+            if entry.name == MARKER:
+                continue
+            if entry.suffix in (".sqlite", ".previous") and (
+                entry.with_suffix(".sqlite").name in kept
+            ):
+                entry.rename(entry.with_suffix(".previous"))
+            else:
                 shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
     tree = workdir / "tree"
     for name in files:
         target = tree / name
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / name, target)
+    digests_file.write_text(json.dumps(_digests(files)))
     stamp_file.write_text(stamp)
     return tree
 
@@ -325,7 +347,7 @@ def session_for(tree: Path, workdir: Path, module: str) -> Path:
     temporary name until both are done. An existing session (same sources) is resumed
     where it stopped."""
     from cosmic_ray.work_db import WorkDB, use_db
-    from cosmic_ray.work_item import WorkerOutcome, WorkResult
+    from cosmic_ray.work_item import TestOutcome, WorkerOutcome, WorkResult
 
     session = workdir / f"{_slug(module)}.sqlite"
     if session.exists():
@@ -355,8 +377,40 @@ def session_for(tree: Path, workdir: Path, module: str) -> Path:
         db.set_multiple_results(
             skipped, WorkResult(worker_outcome=WorkerOutcome.SKIPPED, output="not tried")
         )
+        previous = session.with_suffix(".previous")
+        if previous.exists():  # the module is unchanged: what was killed stays killed
+            for item in _killed_before(previous, list(db.pending_work_items)):
+                db.set_result(
+                    item.job_id,
+                    WorkResult(
+                        worker_outcome=WorkerOutcome.NORMAL,
+                        test_outcome=TestOutcome.KILLED,
+                        output=KILLED_BEFORE,
+                    ),
+                )
+            previous.unlink()
     partial.rename(session)
     return session
+
+
+KILLED_BEFORE = "killed in an earlier run (the module has not changed since)"
+
+
+def _killed_before(previous: Path, pending: list["WorkItem"]) -> list["WorkItem"]:
+    from cosmic_ray.work_db import WorkDB, use_db
+    from cosmic_ray.work_item import TestOutcome
+
+    def key(item: "WorkItem") -> tuple[str, int, tuple[int, int]]:
+        mutation = item.mutations[0]
+        return (mutation.operator_name, mutation.occurrence, tuple(mutation.start_pos))
+
+    with use_db(str(previous), WorkDB.Mode.open) as old:
+        killed = {
+            key(item)
+            for item, result in old.completed_work_items
+            if result.test_outcome == TestOutcome.KILLED
+        }
+    return [item for item in pending if key(item) in killed]
 
 
 def _position(item: "WorkItem") -> tuple[int, int, str, int]:
@@ -604,6 +658,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--equivalent", type=Path, default=EQUIVALENT, help="the survivors explained as equivalent"
     )
+    parser.add_argument(
+        "--fresh", action="store_true", help="try every mutant again, even those killed before"
+    )
     args = parser.parse_args(argv)
     modules = args.modules or list(MODULES)
     unknown = [m for m in modules if not (REPO / m).is_file() or not m.endswith(".py")]
@@ -619,7 +676,7 @@ def main(argv: list[str] | None = None) -> int:
         scores = [score(tree, s, m) for m, s in sessions.items() if s.exists()]
         missing = [m for m, s in sessions.items() if not s.exists()]
     else:
-        tree = prepare(workdir, args.tests)
+        tree = prepare(workdir, args.tests, fresh=args.fresh)
         lines = load_map(workdir)
         if lines is None or any(m not in lines for m in modules):
             # one map for every listed module: the next module's run needs no new one
