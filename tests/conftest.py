@@ -80,6 +80,7 @@ def gateway(
     settings.PAYMENT_GATEWAY_URL = gateway_process.url  # type: ignore[attr-defined]
     gateway_client._clients.clear()
     yield gateway_process
+    gateway_process.reset()  # also after a test that failed before putting its faults back
     redis_server.forget_dependencies()
 
 

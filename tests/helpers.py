@@ -20,7 +20,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import closing, contextmanager
+from contextlib import closing, contextmanager, suppress
 from dataclasses import dataclass
 from fnmatch import fnmatch
 from functools import cache
@@ -181,6 +181,8 @@ class RedisServer(_Server):
         wait_until(self._answers, timeout=10, what=f"redis-server on {self.port}")
 
     def _answers(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise AssertionError(f"redis-server on {self.port} exited ({self.proc.returncode})")
         try:
             return bool(self.client().ping())
         except redis.ConnectionError:
@@ -298,7 +300,14 @@ class Gateway(_Server):
         return dict(response.json())
 
     def reset(self) -> None:
-        self.control(latency_ms=0, failure_rate=0, timeout_rate=0, outage=False, rate_limit=None)
+        """Every fault setting back to the gateway's default (latency, failures, outage,
+        rate limit, how long a key is remembered, ...): none carries over to a later test."""
+        from dataclasses import fields
+
+        from deploy.gateway.server import GatewayConfig
+
+        defaults = GatewayConfig()
+        self.control(**{field.name: getattr(defaults, field.name) for field in fields(defaults)})
 
     def stats(self, since: int | None = None) -> dict[str, Any]:
         """What the gateway received, accepted and refused per clock second (its own
@@ -371,6 +380,8 @@ class Worker:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(timeout=10)
+        with suppress(ProcessLookupError):  # what of its group outlived it (an orphan child)
+            os.killpg(self.proc.pid, signal.SIGKILL)
         return self.proc.returncode
 
     def kill(self) -> None:
@@ -434,8 +445,15 @@ class WorkerStarter:
         return worker
 
     def stop_all(self) -> None:
+        """Stop every worker started, even when stopping one of them fails (then raise)."""
+        errors = []
         for worker in reversed(self.started):
-            worker.stop()
+            try:
+                worker.stop()
+            except Exception as exc:
+                errors.append(exc)
+        if errors:
+            raise errors[0]
 
     def __enter__(self) -> "WorkerStarter":
         return self

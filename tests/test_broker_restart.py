@@ -99,7 +99,7 @@ def test_tasks_in_flight_at_a_broker_restart_wait_in_unacked_until_recovered(
     reconciler, which looks at outcomes, gets the order done first; charged once."""
     restartable_broker.extra = ("--appendonly", "yes", "--appendfsync", "always")
     restartable_broker.start()
-    gateway.control(latency_ms=1500)  # charges in flight (unacked) when Redis goes
+    gateway.control(latency_ms=5000)  # charges in flight (unacked) when Redis goes
     worker = start_worker("payments", concurrency=2)
     orders = [place_order(client) for _ in range(2)]
     wait_until(lambda: restartable_broker.unacked() == 2, timeout=10, what="2 in flight")
@@ -114,8 +114,10 @@ def test_tasks_in_flight_at_a_broker_restart_wait_in_unacked_until_recovered(
     )
     assert restartable_broker.unacked() == 2  # not restored: the broker was down
     assert set(Order.objects.values_list("status", flat=True)) == {"pending"}
-    if worker.proc is not None and worker.proc.poll() is not None:
-        worker.start()  # what a supervisor does (see the README: Celery 5.7 may exit)
+    # A new payments worker, as a supervisor would start (see the README: Celery 5.7 may
+    # exit here, or any moment now; stopping and replacing it leaves nothing to chance).
+    worker.stop()
+    start_worker("payments")
     start_workers(start_worker, queues=["emails", "default"])
     settings.RECONCILE_AFTER_MINUTES = 0
     reconciler.run(repair=True)

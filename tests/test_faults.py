@@ -60,7 +60,7 @@ def test_a_whole_worker_killed_mid_charge_is_replaced_and_the_card_is_charged_on
     payments = start_worker("payments", ready=False)
     emails.wait_ready()
     payments.wait_ready()
-    gateway.control(latency_ms=3000)  # the gateway answers a charge 3 s after it came
+    gateway.control(latency_ms=8000)  # the gateway answers a charge 8 s after it came
     charges = gateway.stats()["totals"]["charges"]
     order_id = place_order(client)
     key = str(Payment.objects.get(order_id=order_id).idempotency_key)

@@ -70,3 +70,10 @@ def page(browser):  # a fresh context: its own cookies, so its own cart
     context = browser.new_context(viewport={"width": 1280, "height": 800})
     yield context.new_page()
     context.close()
+
+
+@pytest.fixture
+def other_page(browser):  # someone else at the same time (the shopper beside the operator)
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    yield context.new_page()
+    context.close()  # its page stops polling the stack

@@ -619,20 +619,27 @@ def test_concurrent_requests_with_one_key_charge_exactly_once(
 def test_different_keys_are_served_in_parallel(
     gateway_server: GatewayProcess, client: httpx.Client
 ) -> None:
-    control(client, latency_ms=3000)
+    control(client, latency_ms=5000)
     keys = [new_key() for _ in range(10)]
     statuses: list[int] = []
     before = client.get("/v1/stats").json()["totals"]["charges"]
+    # Each thread's client is built first (loading certificates takes a while), so the
+    # ten requests leave together.
+    clients = [httpx.Client(base_url=gateway_server.url, timeout=60) for _ in keys]
+    go = threading.Barrier(len(keys))
 
-    def worker(key: str) -> None:
-        with httpx.Client(base_url=gateway_server.url, timeout=30) as own:
+    def worker(key: str, own: httpx.Client) -> None:
+        go.wait()
+        with own:
             statuses.append(charge(own, key).status_code)
 
-    threads = [threading.Thread(target=worker, args=(key,)) for key in keys]
+    threads = [
+        threading.Thread(target=worker, args=pair) for pair in zip(keys, clients, strict=True)
+    ]
     for thread in threads:
         thread.start()
     # All ten reach the gateway (counted on arrival, before the latency) while none has
-    # had its answer: served side by side. One at a time, the tenth would arrive only
+    # had its answer: served side by side. One at a time, the tenth would be read only
     # after nine answers.
     wait_until(
         lambda: client.get("/v1/stats").json()["totals"]["charges"] - before == 10,

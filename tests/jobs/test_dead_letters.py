@@ -18,7 +18,7 @@ from jobs.errors import PermanentError
 from jobs.models import DeadLetter
 from tests.helpers import Worker, WorkerStarter, attempts, dead_letter, send, wait_until
 
-pytestmark = [pytest.mark.stack, pytest.mark.django_db(transaction=True)]
+pytestmark = pytest.mark.django_db(transaction=True)  # stack: the tests taking a worker
 
 MAX_RETRIES = 3  # RETRY_MAX_RETRIES in the worker environment
 
