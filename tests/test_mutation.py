@@ -6,12 +6,21 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 
 import pytest
 from cosmic_ray.plugins import operator_names
 from cosmic_ray.work_item import TestOutcome as Outcome
 
-from deploy.mutate import annotation_spans, in_spans, judge, keeps, select_tests
+from deploy.mutate import (
+    annotation_spans,
+    in_spans,
+    judge,
+    keeps,
+    killers_in,
+    prioritize,
+    select_tests,
+)
 from tests.helpers import REPO, run_module
 from tests.mutation_sample import doubled, unchanged
 
@@ -99,6 +108,26 @@ def test_a_line_gets_its_own_tests_first_then_the_files_whose_processes_ran_it()
         "tests/b.py",
     ]
     assert select_tests(lines, 11, 11) == []  # no test: the mutant survives, said so
+
+
+def test_the_tests_that_killed_a_modules_mutants_go_first_then_its_own_test_file():
+    output = "...\nFAILED tests/jobs/test_poison.py::test_guard - assert 0 == 1\n1 failed in 3s"
+    killers = Counter(killers_in(output))
+    tests = ["tests/a.py::test_fast", "tests/jobs/test_poison.py::test_other", "tests/b.py"]
+
+    assert killers_in(output) == [
+        "tests/jobs/test_poison.py::test_guard",
+        "tests/jobs/test_poison.py",
+    ]
+    assert prioritize(tests, Counter(), "jobs/poison.py") == [
+        "tests/jobs/test_poison.py::test_other",  # the module's own test file
+        "tests/a.py::test_fast",
+        "tests/b.py",
+    ]
+    assert prioritize(["tests/b.py", "tests/jobs/test_poison.py"], killers, "jobs/x.py") == [
+        "tests/jobs/test_poison.py",  # a file that killed before
+        "tests/b.py",
+    ]
 
 
 @pytest.mark.parametrize(

@@ -22,12 +22,14 @@ import difflib
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
 import tomllib
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,11 +151,16 @@ def _project_files() -> list[str]:
     return [name for name in listed.split("\0") if name and (REPO / name).is_file()]
 
 
+# This driver's own code is not part of what the tests see: changing how it orders or
+# judges keeps the map and the sessions (`--fresh` when a change should not).
+_DRIVER = {"deploy/mutate/__init__.py", "deploy/mutate/equivalent.toml"}
+
+
 def fingerprint(files: Iterable[str], tests: Iterable[str]) -> str:
     """What a map and its sessions were made from: every file's content and the tests the
     map ran (a start script or a template changes what a test sees as much as code)."""
     digest = hashlib.sha256(json.dumps(sorted(tests)).encode())
-    for name in sorted(files):
+    for name in sorted(set(files) - _DRIVER):
         digest.update(name.encode() + b"\0" + (REPO / name).read_bytes() + b"\0")
     return digest.hexdigest()[:16]
 
@@ -326,6 +333,30 @@ def select_tests(
     )
 
 
+_FAILED = re.compile(r"^(?:FAILED|ERROR) (\S+)", re.MULTILINE)
+
+
+def killers_in(output: str) -> list[str]:
+    """The tests a killed mutant's run names as failed (and their files)."""
+    nodes = [match.group(1) for match in _FAILED.finditer(output)]
+    return nodes + sorted({node.split("::", 1)[0] for node in nodes})
+
+
+def prioritize(tests: list[str], killers: Counter[str], module: str) -> list[str]:
+    """The tests that killed this module's mutants so far first (most kills first), then
+    those of its own test file (tests/jobs/test_poison.py for jobs/poison.py), then the
+    rest in their order: a mutant that disables a protection passes every test that
+    merely runs the line, and only the test of that protection, often slow, fails."""
+    stem = Path(module).stem
+
+    def rank(indexed: tuple[int, str]) -> tuple[int, int, int]:
+        index, test = indexed
+        own = stem in Path(test.split("::", 1)[0]).stem
+        return (-killers[test], 0 if own else 1, index)
+
+    return [test for _, test in sorted(enumerate(tests), key=rank)]
+
+
 def timeout_for(tests: list[str], durations: dict[str, float]) -> float:
     usual = sum(
         t
@@ -488,10 +519,15 @@ def run_mutants(
 
     os.chdir(tree)  # the session names the module relative to the tree
     with use_db(str(session), WorkDB.Mode.open) as db:
+        killers: Counter[str] = Counter()
+        for _, done in db.completed_work_items:
+            if done.test_outcome == TestOutcome.KILLED:
+                killers.update(killers_in(done.output or ""))
         pending = sorted(db.pending_work_items, key=_position)[:limit]
         for number, item in enumerate(pending, 1):
             [mutation] = item.mutations
             tests = select_tests(lines, mutation.start_pos[0], mutation.end_pos[0], durations)
+            tests = prioritize(tests, killers, module)
             started = time.monotonic()
             operator = get_operator(mutation.operator_name)(**(mutation.operator_args or {}))
             with use_mutation(mutation.module_path, operator, mutation.occurrence) as code:
@@ -520,6 +556,8 @@ def run_mutants(
                         diff=diff,
                     )
             db.set_result(item.job_id, result)
+            if result.test_outcome == TestOutcome.KILLED:
+                killers.update(killers_in(result.output or ""))
             print(
                 f"mutate: {module}:{mutation.start_pos[0]} {mutation.operator_name} "
                 f"#{mutation.occurrence}: {result.test_outcome or result.worker_outcome} "
