@@ -127,3 +127,20 @@ def test_on_a_broker_that_is_not_redis_the_guard_counts_nothing_and_the_task_run
     assert (result, counted) == ("done", [0])
     # nothing failed: there is nothing to count in
     assert [record for record in caplog.records if record.name == "jobs.poison"] == []
+
+
+def test_a_delivery_is_counted_for_as_long_as_its_redeliveries_can_come_back(redis_server):
+    """The count must outlive the visibility timeout times the deliveries allowed, or a
+    message that kills its worker every time would start again from zero, for ever."""
+    from jobs.celery import visibility_timeout
+    from jobs.conf import jobs_settings
+    from jobs.poison import delivery_count
+
+    key = "jobs:deliveries:t-ttl:0"
+    redis_server.client().delete(key)
+
+    assert [delivery_count("t-ttl", 0) for _ in range(2)] == [1, 2]
+
+    expected = visibility_timeout() * (jobs_settings.POISON_MAX_DELIVERIES + 1)
+    assert expected - 5 <= redis_server.client().ttl(key) <= expected
+    redis_server.client().delete(key)
