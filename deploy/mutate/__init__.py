@@ -530,9 +530,7 @@ def run_mutants(
         for number, item in enumerate(pending, 1):
             [mutation] = item.mutations
             tests = select_tests(lines, mutation.start_pos[0], mutation.end_pos[0], durations)
-            tests = prioritize(
-                [t for t in tests if not t.startswith(MAP_EXCLUDES)], killers, module
-            )
+            tests = prioritize(tests, killers, module)
             started = time.monotonic()
             operator = get_operator(mutation.operator_name)(**(mutation.operator_args or {}))
             with use_mutation(mutation.module_path, operator, mutation.occurrence) as code:
