@@ -590,11 +590,9 @@ class Survivor:
 class Score:
     module: str
     killed: int = 0
-    timed_out: int = 0  # of the killed
     survivors: tuple[Survivor, ...] = ()
     errors: tuple[str, ...] = ()
     pending: int = 0
-    not_tried: int = 0
 
     @property
     def tried(self) -> int:
@@ -628,8 +626,8 @@ def score(tree: Path, session: Path, module: str) -> Score:
             mutation = item.mutations[0]
             line = mutation.start_pos[0]
             if outcome.worker_outcome in (WorkerOutcome.SKIPPED, WorkerOutcome.NO_TEST):
-                result.not_tried += 1
-            elif outcome.test_outcome == TestOutcome.SURVIVED:
+                continue  # not tried: filtered out, or nothing for Cosmic Ray to change
+            if outcome.test_outcome == TestOutcome.SURVIVED:
                 added = [
                     row[1:].strip()
                     for row in (outcome.diff or "").splitlines()
@@ -648,7 +646,6 @@ def score(tree: Path, session: Path, module: str) -> Score:
                 )
             elif outcome.test_outcome == TestOutcome.KILLED:
                 result.killed += 1
-                result.timed_out += outcome.output == TIMED_OUT
             else:
                 first = (outcome.output or "").splitlines()[:1] or [""]
                 errors.append(f"{module}:{line} {mutation.operator_name}: {first[0]}")
