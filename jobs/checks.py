@@ -106,6 +106,23 @@ def outbox_check(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
 
 
 @register("jobs")
+def poison_check(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    """The poison guard fails a task delivered more than POISON_MAX_DELIVERIES times
+    (jobs/poison.py): below 1 it would fail every task at its first delivery."""
+    allowed = jobs_settings.POISON_MAX_DELIVERIES
+    if isinstance(allowed, int) and not isinstance(allowed, bool) and allowed >= 1:
+        return []
+    return [
+        Error(
+            f"JOBS_POISON_MAX_DELIVERIES is {allowed!r}: every task would be dead-lettered "
+            "as poison before it runs.",
+            hint="Set it to a whole number of deliveries, at least 1 (the default is 5).",
+            id="jobs.E006",
+        )
+    ]
+
+
+@register("jobs")
 def dependencies_check(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
     """Each JOBS_DEPENDENCIES entry names known settings with usable values: a typo would
     otherwise surface only at the first call, in a worker, as a task failing."""
@@ -232,7 +249,12 @@ def refuse_a_pool_that_cannot_bound_its_tasks(sender: Any, **_: Any) -> None:
 @beat_init.connect
 def refuse_to_start_with_a_redelivery_loop(**_: Any) -> None:
     """Celery's Django fixup runs the system checks but starts the worker anyway."""
-    checks = [*visibility_timeout_check(), *outbox_check(), *dependencies_check()]
+    checks = [
+        *visibility_timeout_check(),
+        *outbox_check(),
+        *poison_check(),
+        *dependencies_check(),
+    ]
     errors = [e for e in checks if e.is_serious()]
     if errors:
         for error in errors:

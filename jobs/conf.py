@@ -64,7 +64,8 @@ class Defaults:
     RETRY_OUTAGE_BUDGET: float = 600.0
     # Replayed and discarded dead letters are pruned after this; `dead` ones never are.
     DEAD_LETTER_RETENTION_DAYS: int = 30
-    # A message delivered more often than this without finishing is dead-lettered as poison.
+    # A message delivered more often than this without finishing is dead-lettered as poison
+    # (at least 1: jobs.E006 refuses less).
     POISON_MAX_DELIVERIES: int = 5
     # A bulk replay publishes this many rows per transaction, pausing between batches.
     REPLAY_BATCH_SIZE: int = 100

@@ -9,6 +9,7 @@ import pytest
 
 from jobs import broker
 from jobs.celery import app
+from jobs.checks import poison_check, refuse_to_start_with_a_redelivery_loop
 from jobs.models import DeadLetter
 from tests.helpers import (
     RedisServer,
@@ -144,3 +145,29 @@ def test_a_delivery_is_counted_for_as_long_as_its_redeliveries_can_come_back(red
     expected = visibility_timeout() * (jobs_settings.POISON_MAX_DELIVERIES + 1)
     assert expected - 5 <= redis_server.client().ttl(key) <= expected
     redis_server.client().delete(key)
+
+
+@pytest.mark.parametrize("allowed", [5, 1], ids=["shipped", "one"])
+def test_the_check_passes_a_delivery_limit_of_one_or_more(settings, allowed):
+    settings.JOBS_POISON_MAX_DELIVERIES = allowed
+
+    assert poison_check() == []
+
+
+@pytest.mark.parametrize("allowed", [0, -1, "5", None, True], ids=repr)
+def test_the_check_refuses_a_delivery_limit_that_would_dead_letter_every_task(settings, allowed):
+    settings.JOBS_POISON_MAX_DELIVERIES = allowed
+
+    [error] = poison_check()
+
+    assert error.id == "jobs.E006"
+    assert repr(allowed) in error.msg
+
+
+def test_workers_and_beat_refuse_to_start_with_a_delivery_limit_below_one(settings, capsys):
+    settings.JOBS_POISON_MAX_DELIVERIES = 0
+
+    with pytest.raises(SystemExit):
+        refuse_to_start_with_a_redelivery_loop()
+
+    assert "jobs.E006" in capsys.readouterr().err
