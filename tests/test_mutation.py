@@ -4,6 +4,7 @@ a test in the test process, a test's subprocess, or nobody catches."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -12,7 +13,9 @@ import pytest
 from cosmic_ray.plugins import operator_names
 from cosmic_ray.work_item import TestOutcome as Outcome
 
+import deploy.mutate
 from deploy.mutate import (
+    TIMED_OUT,
     annotation_spans,
     in_spans,
     judge,
@@ -20,6 +23,7 @@ from deploy.mutate import (
     killers_in,
     prioritize,
     select_tests,
+    try_mutant,
 )
 from tests.helpers import REPO, run_module
 from tests.mutation_sample import doubled, unchanged
@@ -145,6 +149,52 @@ def test_only_a_failing_test_or_the_mutated_module_breaking_kills_a_mutant(statu
     assert judge(status, output, SAMPLE)[0] == outcome
 
 
+FAILED_ONE = "FAILED tests/a.py::test_one - assert 1 == 2\n1 failed"
+
+
+@pytest.mark.parametrize(
+    ("verdicts", "outcome", "runs"),
+    [
+        ([(Outcome.KILLED, FAILED_ONE), (Outcome.KILLED, FAILED_ONE)], Outcome.KILLED, 2),
+        ([(Outcome.SURVIVED, "3 passed")], Outcome.SURVIVED, 1),
+        ([(Outcome.KILLED, TIMED_OUT)], Outcome.KILLED, 1),  # a hang is not run again
+        (
+            [
+                (Outcome.KILLED, FAILED_ONE),
+                (Outcome.SURVIVED, "1 passed"),  # alone, it passed: not confirmed
+                (Outcome.SURVIVED, "3 passed"),  # the whole selection, once more
+            ],
+            Outcome.SURVIVED,
+            3,
+        ),
+        (
+            [(Outcome.KILLED, FAILED_ONE), (Outcome.SURVIVED, "1 passed")] * 2,
+            Outcome.INCOMPETENT,
+            4,
+        ),
+    ],
+    ids=["confirmed", "survived", "hung", "flaky-then-survived", "never-confirmed"],
+)
+def test_a_kill_counts_only_when_the_failing_test_fails_again_alone(
+    monkeypatch, tmp_path, verdicts, outcome, runs
+):
+    calls = []
+
+    def run_tests(tree, module, tests, timeout):
+        calls.append(tests)
+        return verdicts[len(calls) - 1]
+
+    monkeypatch.setattr(deploy.mutate, "run_tests", run_tests)
+
+    result, output = try_mutant(tmp_path, SAMPLE, ["tests/a.py", "tests/b.py"], 60.0)
+
+    assert result == outcome
+    assert len(calls) == runs
+    assert calls[1:2] in ([], [["tests/a.py::test_one"]], [["tests/a.py", "tests/b.py"]])
+    if outcome == Outcome.KILLED and runs == 2:
+        assert output.endswith("confirmed: tests/a.py::test_one failed again, alone")
+
+
 @pytest.mark.stack
 def test_a_mutation_run_kills_what_a_test_or_a_subprocess_catches_and_lists_the_rest(tmp_path):
     original = (REPO / SAMPLE).read_text()
@@ -163,11 +213,11 @@ def test_a_mutation_run_kills_what_a_test_or_a_subprocess_catches_and_lists_the_
     ] + ["tests/test_mutation.py::test_sample_is_large_in_a_subprocess"]
     workdir = tmp_path / "work"
 
-    def mutate(*tests: str):
-        args = ["--workdir", str(workdir), "--equivalent", str(explained), "--tests", *tests]
-        return run_module("deploy.mutate", SAMPLE, *args, timeout=600)
+    def mutate(*tests: str, jobs: int = 1):
+        args = ["--workdir", str(workdir), "--equivalent", str(explained), "--jobs", str(jobs)]
+        return run_module("deploy.mutate", SAMPLE, *args, "--tests", *tests, timeout=600)
 
-    result = mutate(*tests)
+    result = mutate(*tests, jobs=2)  # two mutants at once, each in a tree of its own
 
     # doubled: `+` made `-`, `if amount` negated, 0 made 1 or -1 (the annotation's `|` is
     # not tried); is_large: `>` made `>=` or `<=`, 10 made 9 or 11 -- caught only because
@@ -183,7 +233,10 @@ def test_a_mutation_run_kills_what_a_test_or_a_subprocess_catches_and_lists_the_
     coverage = json.loads((workdir / "map.json").read_text())[SAMPLE]
     assert coverage["11"] == ["file:tests/test_mutation.py"]  # is_large's body, by its file
     assert (REPO / SAMPLE).read_text() == original  # the user's tree is never mutated
-    assert (workdir / "tree" / SAMPLE).read_text() == original  # each mutant was undone
+    for tree in ("tree", "tree-2"):
+        assert (workdir / tree / SAMPLE).read_text() == original  # each mutant was undone
+    trees = re.findall(r" s, (tree(?:-2)?)\) \[", result.stdout)
+    assert sorted(set(trees)) == ["tree", "tree-2"], result.stdout  # both used
 
     # when: the tests change (here: one fewer), the module does not
     again = mutate(*(test for test in tests if not test.endswith("unchanged")))

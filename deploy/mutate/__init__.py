@@ -27,10 +27,12 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import tomllib
 from collections import Counter
 from collections.abc import Iterable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -71,6 +73,8 @@ GOAL = 0.85
 # A mutant's tests may take their usual time twice over, plus start-up, before it counts
 # as killed by timeout (a mutant that makes a test hang is caught, not waited for).
 TIMEOUT_BASE, TIMEOUT_FACTOR = 120.0, 2.0
+# Mutants tried at once, each in a tree of its own.
+JOBS = 1
 
 # One replacement per operator site is enough to ask "does a test notice this operator?";
 # Cosmic Ray offers every replacement (ten for each `+`), which multiplies the run, not
@@ -185,13 +189,14 @@ def _digests(files: Iterable[str]) -> dict[str, str]:
     }
 
 
-def prepare(workdir: Path, tests: list[str], *, fresh: bool = False) -> Path:
+def prepare(workdir: Path, tests: list[str], *, fresh: bool = False, copies: int = 1) -> list[Path]:
     """A copy of the working tree in `workdir/tree` (the user's own files are never
     mutated). When anything changed since the last run, the map is thrown away; the
     session of a module whose own source did not change is kept as `.previous`, so its
     killed mutants stay killed and only the others run again (a new test written to kill
     a survivor costs one module's survivors, not every module's run). `fresh`: nothing
-    is kept."""
+    is kept. `copies`: that many trees (`tree`, `tree-2`, ...), one per mutant tried at
+    once."""
     files = _project_files()
     stamp = fingerprint(files, tests)
     stamp_file, digests_file = workdir / "fingerprint", workdir / "sources.json"
@@ -208,14 +213,15 @@ def prepare(workdir: Path, tests: list[str], *, fresh: bool = False) -> Path:
                 entry.rename(entry.with_suffix(".previous"))
             else:
                 shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-    tree = workdir / "tree"
-    for name in files:
-        target = tree / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / name, target)
+    trees = [workdir / "tree"] + [workdir / f"tree-{n}" for n in range(2, copies + 1)]
+    for tree in trees:
+        for name in files:
+            target = tree / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, target)
     digests_file.write_text(json.dumps(_digests(files)))
     stamp_file.write_text(stamp)
-    return tree
+    return trees
 
 
 def _env() -> dict[str, str]:
@@ -454,6 +460,7 @@ def _position(item: "WorkItem") -> tuple[int, int, str, int]:
 
 
 TIMED_OUT = "timed out"  # the output of a mutant killed by its timeout
+_stopping = threading.Event()  # Ctrl-C: every running pytest is stopped, its mutant undone
 
 
 def run_tests(
@@ -474,9 +481,15 @@ def run_tests(
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    try:
-        output, _ = proc.communicate(timeout=timeout)
-    except BaseException as exc:  # the timeout, or Ctrl-C: nothing of this run lives on
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            output, _ = proc.communicate(timeout=max(0.0, min(1.0, deadline - time.monotonic())))
+            break
+        except subprocess.TimeoutExpired:
+            if _stopping.is_set() or time.monotonic() >= deadline:
+                break
+    if proc.returncode is None:  # the timeout, or Ctrl-C: nothing of this run lives on
         os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.communicate(timeout=15)
@@ -484,9 +497,9 @@ def run_tests(
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
         stop_leftovers(tree)
-        if isinstance(exc, subprocess.TimeoutExpired):
-            return TestOutcome.KILLED, TIMED_OUT
-        raise
+        if _stopping.is_set():
+            raise KeyboardInterrupt
+        return TestOutcome.KILLED, TIMED_OUT
     stop_leftovers(tree)
     return judge(proc.returncode, output.decode(errors="replace"), module)
 
@@ -503,8 +516,34 @@ def judge(status: int, output: str, module: str) -> tuple["TestOutcome", str]:
     return TestOutcome.INCOMPETENT, f"pytest exit {status}:\n{tail}"
 
 
+CONFIRMED = "confirmed: {} failed again, alone"
+
+
+def try_mutant(
+    tree: Path, module: str, tests: list[str], timeout: float
+) -> tuple["TestOutcome", str]:
+    """Run a mutant's tests (already written to `tree`); a kill by a failing test counts
+    once that test, run again alone, fails again: a test that fails now and then on a
+    busy machine (every test passed once without any mutant, in the map's run) must not
+    pass for a kill. Unconfirmed, the whole selection runs once more, and its verdict
+    stands (an unconfirmed kill then is an error of the run)."""
+    from cosmic_ray.work_item import TestOutcome
+
+    for attempt in (1, 2):
+        outcome, output = run_tests(tree, module, tests, timeout)
+        failed = [node for node in killers_in(output) if "::" in node][:1]
+        if outcome != TestOutcome.KILLED or output == TIMED_OUT or not failed:
+            return outcome, output  # survived, an error, a hang or a broken import
+        again, _ = run_tests(tree, module, failed, timeout)
+        if again == TestOutcome.KILLED:
+            return outcome, f"{output}\n{CONFIRMED.format(failed[0])}"
+        if attempt == 2:
+            return TestOutcome.INCOMPETENT, f"unconfirmed: {failed[0]} failed, then passed"
+    raise AssertionError("unreachable")
+
+
 def run_mutants(
-    tree: Path,
+    trees: list[Path],
     session: Path,
     module: str,
     lines: dict[int, list[str]],
@@ -512,62 +551,88 @@ def run_mutants(
     *,
     limit: int | None = None,
 ) -> None:
-    """Write each pending mutant to the tree (Cosmic Ray's `use_mutation`, which puts the
-    original back whatever happens), run the tests that reach its lines, record what
-    they said in the session."""
+    """Write each pending mutant to a tree of its own (Cosmic Ray's `use_mutation`, which
+    puts the original back whatever happens), run the tests that reach its lines,
+    record what they said in the session; as many mutants at once as there are trees
+    (each pytest run has its own database, Redis, gateway and workers: the tests mostly
+    wait on them, so two at once on two cores take little more than one)."""
     from cosmic_ray.mutating import use_mutation
     from cosmic_ray.plugins import get_operator
     from cosmic_ray.work_db import WorkDB, use_db
     from cosmic_ray.work_item import TestOutcome, WorkerOutcome, WorkResult
 
-    os.chdir(tree)  # the session names the module relative to the tree
+    def attempt(tree: Path, item: "WorkItem", tests: list[str]) -> WorkResult:
+        [mutation] = item.mutations
+        operator = get_operator(mutation.operator_name)(**(mutation.operator_args or {}))
+        path = tree / mutation.module_path  # the session names it relative to the tree
+        with use_mutation(path, operator, mutation.occurrence) as code:
+            original, mutated = code
+            if mutated is None:  # Cosmic Ray found nothing to change there
+                return WorkResult(worker_outcome=WorkerOutcome.NO_TEST)
+            diff = "".join(
+                difflib.unified_diff(
+                    original.splitlines(keepends=True),
+                    mutated.splitlines(keepends=True),
+                    fromfile=module,
+                    tofile=module,
+                    n=0,
+                )
+            )
+            if tests:
+                outcome, output = try_mutant(tree, module, tests, timeout_for(tests, durations))
+            else:
+                outcome, output = TestOutcome.SURVIVED, "no test runs this line"
+            return WorkResult(
+                worker_outcome=WorkerOutcome.NORMAL, test_outcome=outcome, output=output, diff=diff
+            )
+
     with use_db(str(session), WorkDB.Mode.open) as db:
         killers: Counter[str] = Counter()
         for _, done in db.completed_work_items:
             if done.test_outcome == TestOutcome.KILLED:
                 killers.update(killers_in(done.output or ""))
-        pending = sorted(db.pending_work_items, key=_position)[:limit]
-        for number, item in enumerate(pending, 1):
-            [mutation] = item.mutations
-            tests = select_tests(lines, mutation.start_pos[0], mutation.end_pos[0], durations)
-            tests = prioritize(tests, killers, module)
-            started = time.monotonic()
-            operator = get_operator(mutation.operator_name)(**(mutation.operator_args or {}))
-            with use_mutation(mutation.module_path, operator, mutation.occurrence) as code:
-                original, mutated = code
-                if mutated is None:  # Cosmic Ray found nothing to change there
-                    result = WorkResult(worker_outcome=WorkerOutcome.NO_TEST)
-                else:
-                    diff = "".join(
-                        difflib.unified_diff(
-                            original.splitlines(keepends=True),
-                            mutated.splitlines(keepends=True),
-                            fromfile=module,
-                            tofile=module,
-                            n=0,
+        pending = iter(enumerate(sorted(db.pending_work_items, key=_position)[:limit], 1))
+        total = min(db.num_work_items - db.num_results, limit or db.num_work_items)
+        free = list(reversed(trees))
+        running: dict[Future[WorkResult], tuple[Path, WorkItem, int, int, float]] = {}
+        with ThreadPoolExecutor(max_workers=len(trees)) as pool:
+            try:
+                while True:
+                    while free and (next_item := next(pending, None)) is not None:
+                        number, item = next_item
+                        [mutation] = item.mutations
+                        tests = select_tests(
+                            lines, mutation.start_pos[0], mutation.end_pos[0], durations
                         )
-                    )
-                    if tests:
-                        timeout = timeout_for(tests, durations)
-                        outcome, output = run_tests(tree, module, tests, timeout)
-                    else:
-                        outcome, output = TestOutcome.SURVIVED, "no test runs this line"
-                    result = WorkResult(
-                        worker_outcome=WorkerOutcome.NORMAL,
-                        test_outcome=outcome,
-                        output=output,
-                        diff=diff,
-                    )
-            db.set_result(item.job_id, result)
-            if result.test_outcome == TestOutcome.KILLED:
-                killers.update(killers_in(result.output or ""))
-            print(
-                f"mutate: {module}:{mutation.start_pos[0]} {mutation.operator_name} "
-                f"#{mutation.occurrence}: {result.test_outcome or result.worker_outcome} "
-                f"({len(tests)} tests, {time.monotonic() - started:.0f} s) "
-                f"[{number}/{len(pending)}]",
-                flush=True,
-            )
+                        tests = prioritize(tests, killers, module)
+                        tree = free.pop()
+                        future = pool.submit(attempt, tree, item, tests)
+                        running[future] = (tree, item, number, len(tests), time.monotonic())
+                    if not running:
+                        break
+                    done, _ = wait(running, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        tree, item, number, selected, started = running.pop(future)
+                        free.append(tree)
+                        result = future.result()
+                        db.set_result(item.job_id, result)
+                        if result.test_outcome == TestOutcome.KILLED:
+                            killers.update(killers_in(result.output or ""))
+                        mutation = item.mutations[0]
+                        print(
+                            f"mutate: {module}:{mutation.start_pos[0]} "
+                            f"{mutation.operator_name} #{mutation.occurrence}: "
+                            f"{result.test_outcome or result.worker_outcome} "
+                            f"({selected} tests, {time.monotonic() - started:.0f} s, "
+                            f"{tree.name}) "
+                            f"[{number}/{total}]",
+                            flush=True,
+                        )
+            except BaseException:  # Ctrl-C: stop every run, undo every mutant, then stop
+                _stopping.set()
+                for future in running:
+                    future.exception()  # waits for its mutant to be undone
+                raise
 
 
 # -- the score -----------------------------------------------------------------------------
@@ -693,6 +758,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tests", nargs="+", default=["tests"], help="the tests the map runs")
     parser.add_argument("--workdir", type=Path, default=WORKDIR)
     parser.add_argument("--limit", type=int, help="try at most this many mutants per module")
+    parser.add_argument(
+        "--jobs", type=int, default=JOBS, help=f"mutants tried at once (default {JOBS})"
+    )
     parser.add_argument("--report", action="store_true", help="print the last scores; run nothing")
     parser.add_argument(
         "--equivalent", type=Path, default=EQUIVALENT, help="the survivors explained as equivalent"
@@ -707,6 +775,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"no such module: {', '.join(unknown)}")
     if args.limit is not None and args.limit < 1:
         parser.error("--limit must be at least 1")
+    if args.jobs < 1:
+        parser.error("--jobs must be at least 1")
     workdir = args.workdir.resolve()
     claim(workdir)
     if args.report:
@@ -715,7 +785,8 @@ def main(argv: list[str] | None = None) -> int:
         scores = [score(tree, s, m) for m, s in sessions.items() if s.exists()]
         missing = [m for m, s in sessions.items() if not s.exists()]
     else:
-        tree = prepare(workdir, args.tests, fresh=args.fresh)
+        trees = prepare(workdir, args.tests, fresh=args.fresh, copies=args.jobs)
+        tree = trees[0]
         lines = load_map(workdir)
         if lines is None or any(m not in lines for m in modules):
             # one map for every listed module: the next module's run needs no new one
@@ -724,7 +795,7 @@ def main(argv: list[str] | None = None) -> int:
         for module in modules:
             session = session_for(tree, workdir, module)
             durations = load_durations(workdir)
-            run_mutants(tree, session, module, lines[module], durations, limit=args.limit)
+            run_mutants(trees, session, module, lines[module], durations, limit=args.limit)
             scores.append(score(tree, session, module))
     table, good = report(scores, equivalents(args.equivalent), missing)
     print(table)
