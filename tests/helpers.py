@@ -393,11 +393,17 @@ class Worker:
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
-    def events(self, event: str) -> list[dict[str, Any]]:
-        """The job events of this kind in the worker's log (LOG_FORMAT=json, jobs/logs.py)."""
+    def events(self, event: str, task_name: str | None = None) -> list[dict[str, Any]]:
+        """The job events of this kind in the worker's log (LOG_FORMAT=json, jobs/logs.py),
+        of one task only when `task_name` is given."""
         lines = self.log_text().splitlines()
         records = (json.loads(line) for line in lines if line[:1] == "{")
-        return [record for record in records if record.get("event") == event]
+        return [
+            record
+            for record in records
+            if record.get("event") == event
+            and (task_name is None or record.get("task_name") == task_name)
+        ]
 
     def succeeded(self, task_id: str) -> bool:
         """Whether the worker logged `task_id` as succeeded: the witness, since results are

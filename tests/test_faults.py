@@ -6,7 +6,6 @@ zero timeout from the test process (RedisServer.restore_unacked): exactly what a
 worker's periodic sweep does once the real timeout has passed.
 """
 
-import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,15 +18,9 @@ from jobs.models import DeadLetter, OutboxMessage
 from shop.models import Payment, Receipt
 from shop.services.checkout import checkout_complete, checkout_parse
 from shop.services.payments import payment_charge
-from tests.helpers import Worker, mails_with, place_order, wait_for_receipt, wait_until
+from tests.helpers import mails_with, place_order, wait_for_receipt, wait_until
 
 pytestmark = [pytest.mark.stack, pytest.mark.django_db(transaction=True)]
-
-
-def starts(worker: Worker, task_name: str) -> int:
-    """How often the worker logged the task's `started` event (its first line ran)."""
-    records = [json.loads(line) for line in worker.log_text().splitlines() if line[:1] == "{"]
-    return sum((r.get("event"), r.get("task_name")) == ("started", task_name) for r in records)
 
 
 @contextmanager
@@ -142,7 +135,7 @@ def test_two_live_copies_of_one_receipt_message_send_one_mail(
     receipt = Receipt.objects.get(order_id=payment.order_id)
     assert mails_with(mail_dir, receipt.message_id) == 1
     assert receipt.attempts == 1
-    assert starts(emails, "shop.tasks.emails.send_receipt") == 2
+    assert len(emails.events("started", "shop.tasks.emails.send_receipt")) == 2  # first line ran
     assert not DeadLetter.objects.exists()
 
 

@@ -2,19 +2,12 @@
 each call is capped by the run's deadline (jobs.deadline); a worker whose pool cannot
 bound the tasks of its queues refuses to start (jobs.E003)."""
 
-import json
-
 import pytest
 
 from shop.models import Payment
-from tests.helpers import REPO, Worker, place_order, role_env, run_script, wait_until
+from tests.helpers import REPO, place_order, role_env, run_script, wait_until
 
 pytestmark = [pytest.mark.stack, pytest.mark.django_db(transaction=True)]
-
-
-def events(worker: Worker, name: str, task_name: str) -> int:
-    records = [json.loads(line) for line in worker.log_text().splitlines() if line[:1] == "{"]
-    return sum((r.get("event"), r.get("task_name")) == (name, task_name) for r in records)
 
 
 def test_a_hung_gateway_call_on_the_threads_pool_ends_at_the_runs_deadline_and_is_retried(
@@ -51,7 +44,7 @@ def test_a_hung_gateway_call_on_the_threads_pool_ends_at_the_runs_deadline_and_i
         gateway.reset()  # the session's gateway: no later test meets its minute-late answers
     payments.stop()
     charge = "shop.tasks.payments.charge_payment"
-    assert events(payments, "retried", charge) == 1
+    assert len(payments.events("retried", charge)) == 1
     assert len(gateway.ledger(payment.idempotency_key)) == 1
 
 
