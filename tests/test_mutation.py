@@ -222,16 +222,19 @@ def test_a_mutation_run_kills_what_a_test_or_a_subprocess_catches_and_lists_the_
     # doubled: `+` made `-`, `if amount` negated, 0 made 1 or -1 (the annotation's `|` is
     # not tried); is_large: `>` made `>=` or `<=`, 10 made 9 or 11 -- caught only because
     # the subprocess imports the mutated file; unchanged: 0 made 1 or -1, and `-` made
-    # `+`, which survives (explained); never_called: True made False, survives, listed.
+    # `+`, which survives (explained); never_called: True made False, survives, listed;
+    # loaded: Cosmic Ray's exception operator fails on both names (not made, listed).
     assert result.returncode == 1, result.stdout + result.stderr  # one left unexplained
     row = next(line for line in result.stdout.splitlines() if line.startswith(f"| `{SAMPLE}"))
     assert row.split("|")[2:7] == [" 12 ", " 10 ", " 83% ", " 1 ", " 0 "], result.stdout
     assert (
-        f"- {SAMPLE}:19 core/ReplaceTrueWithFalse: `return True` -> `return False` "
+        f"- {SAMPLE}:22 core/ReplaceTrueWithFalse: `return True` -> `return False` "
         "(no test runs this line)"
     ) in result.stdout
+    assert "Not made (Cosmic Ray's operator failed on the line; not counted):" in result.stdout
+    assert result.stdout.count(f"- {SAMPLE}:29 core/ExceptionReplacer: AttributeError") == 2
     coverage = json.loads((workdir / "map.json").read_text())[SAMPLE]
-    assert coverage["11"] == ["file:tests/test_mutation.py"]  # is_large's body, by its file
+    assert coverage["14"] == ["file:tests/test_mutation.py"]  # is_large's body, by its file
     assert (REPO / SAMPLE).read_text() == original  # the user's tree is never mutated
     for tree in ("tree", "tree-2"):
         assert (workdir / tree / SAMPLE).read_text() == original  # each mutant was undone
@@ -242,7 +245,7 @@ def test_a_mutation_run_kills_what_a_test_or_a_subprocess_catches_and_lists_the_
     again = mutate(*(test for test in tests if not test.endswith("unchanged")))
 
     # then: what was killed stays killed; only the two survivors are tried again
-    tried = [line for line in again.stdout.splitlines() if line.startswith("mutate: tests/")]
+    tried = [line for line in again.stdout.splitlines() if "TestOutcome." in line]
     assert len(tried) == 2, again.stdout
     row = next(line for line in again.stdout.splitlines() if line.startswith(f"| `{SAMPLE}"))
     assert row.split("|")[2:7] == [" 12 ", " 10 ", " 83% ", " 1 ", " 0 "], again.stdout

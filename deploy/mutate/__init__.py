@@ -33,6 +33,7 @@ import tomllib
 from collections import Counter
 from collections.abc import Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -73,8 +74,9 @@ GOAL = 0.85
 # A mutant's tests may take their usual time twice over, plus start-up, before it counts
 # as killed by timeout (a mutant that makes a test hang is caught, not waited for).
 TIMEOUT_BASE, TIMEOUT_FACTOR = 120.0, 2.0
-# Mutants tried at once, each in a tree of its own.
-JOBS = 1
+# Mutants tried at once, each in a tree of its own: a mutant's tests mostly wait (on
+# workers, the gateway, the broker), and two runs at once keep two cores about busy.
+JOBS = 2
 
 # One replacement per operator site is enough to ask "does a test notice this operator?";
 # Cosmic Ray offers every replacement (ten for each `+`), which multiplies the run, not
@@ -565,8 +567,13 @@ def run_mutants(
         [mutation] = item.mutations
         operator = get_operator(mutation.operator_name)(**(mutation.operator_args or {}))
         path = tree / mutation.module_path  # the session names it relative to the tree
-        with use_mutation(path, operator, mutation.occurrence) as code:
-            original, mutated = code
+        with ExitStack() as undo:
+            try:
+                original, mutated = undo.enter_context(
+                    use_mutation(path, operator, mutation.occurrence)
+                )
+            except Exception as exc:  # the operator fails on this node: a bug of its own
+                return WorkResult(worker_outcome=WorkerOutcome.EXCEPTION, output=f"{exc!r}")
             if mutated is None:  # Cosmic Ray found nothing to change there
                 return WorkResult(worker_outcome=WorkerOutcome.NO_TEST)
             diff = "".join(
@@ -658,6 +665,7 @@ class Score:
     survivors: tuple[Survivor, ...] = ()
     errors: tuple[str, ...] = ()
     pending: int = 0
+    unmade: tuple[str, ...] = ()  # mutants Cosmic Ray failed to make (not counted)
 
     @property
     def tried(self) -> int:
@@ -684,7 +692,7 @@ def score(tree: Path, session: Path, module: str) -> Score:
 
     source_lines = (tree / module).read_text().splitlines()
     result = Score(module)
-    survivors, errors = [], []
+    survivors, errors, unmade = [], [], []
     with use_db(str(session), WorkDB.Mode.open) as db:
         result.pending = sum(1 for _ in db.pending_work_items)
         for item, outcome in db.completed_work_items:
@@ -692,6 +700,9 @@ def score(tree: Path, session: Path, module: str) -> Score:
             line = mutation.start_pos[0]
             if outcome.worker_outcome in (WorkerOutcome.SKIPPED, WorkerOutcome.NO_TEST):
                 continue  # not tried: filtered out, or nothing for Cosmic Ray to change
+            if outcome.worker_outcome == WorkerOutcome.EXCEPTION:
+                unmade.append(f"{module}:{line} {mutation.operator_name}: {outcome.output}")
+                continue
             if outcome.test_outcome == TestOutcome.SURVIVED:
                 added = [
                     row[1:].strip()
@@ -716,6 +727,7 @@ def score(tree: Path, session: Path, module: str) -> Score:
                 errors.append(f"{module}:{line} {mutation.operator_name}: {first[0]}")
     result.survivors = tuple(sorted(survivors, key=lambda s: (s.line, s.operator)))
     result.errors = tuple(errors)
+    result.unmade = tuple(unmade)
     return result
 
 
@@ -747,6 +759,10 @@ def report(
     lines += (["", "Errors (neither killed nor survived):"] if errors else []) + [
         f"- {error}" for error in errors
     ]
+    unmade = [mutant for s in scores for mutant in s.unmade]
+    lines += (
+        ["", "Not made (Cosmic Ray's operator failed on the line; not counted):"] if unmade else []
+    ) + [f"- {mutant}" for mutant in unmade]
     return "\n".join(lines), good
 
 
