@@ -151,9 +151,14 @@ def start_worker(worker_env: dict[str, str], worker_logs: Path) -> Iterator[Work
 
 
 @pytest.fixture(scope="module")
-def workers(worker_env: dict[str, str], worker_logs: Path) -> Iterator[dict[str, Worker]]:
+def workers(
+    worker_env: dict[str, str], worker_logs: Path, redis_server: RedisServer
+) -> Iterator[dict[str, Worker]]:
     """One real worker per queue, as `make run` starts them (module-scoped: modules
-    without this fixture see queues that nobody consumes)."""
+    without this fixture see queues that nobody consumes). They start on empty queues:
+    what earlier modules' tests published and nobody consumed names rows their rolled
+    back databases no longer hold (a charge for a missing payment is a dead letter)."""
+    redis_server.purge_queues()
     with WorkerStarter(worker_env, worker_logs) as start:
         started = {queue: start(queue, ready=False) for queue in QUEUES}
         for worker in started.values():

@@ -540,7 +540,10 @@ def try_mutant(
         if again == TestOutcome.KILLED:
             return outcome, f"{output}\n{CONFIRMED.format(failed[0])}"
         if attempt == 2:
-            return TestOutcome.INCOMPETENT, f"unconfirmed: {failed[0]} failed, then passed"
+            return (
+                TestOutcome.INCOMPETENT,
+                f"unconfirmed: {failed[0]} failed, then passed\n{output}",
+            )
     raise AssertionError("unreachable")
 
 
