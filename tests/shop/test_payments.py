@@ -26,7 +26,14 @@ from shop.gateway import client as gateway_client
 from shop.gateway.client import GATEWAY
 from shop.models import Order, Payment, Product, Receipt
 from shop.services.checkout import checkout_complete, checkout_parse
-from shop.services.payments import charge_description, order_number, payment_charge
+from shop.services import payments
+from shop.services.payments import (
+    charge_description,
+    order_number,
+    payment_charge,
+    payment_mark_charged,
+    payment_mark_declined,
+)
 from shop.services.receipts import (
     CLAIM_LEASE,
     MAIL,
@@ -99,6 +106,55 @@ def test_declined_card_fails_the_order_releases_stock_and_is_not_an_error(
     assert Product.objects.get(sku="MUG").stock == 10  # reserved stock released
     assert not Receipt.objects.exists()
     assert [c["status"] for c in gateway.ledger(str(payment.idempotency_key))] == ["declined"]
+
+
+@pytest.mark.django_db
+def test_a_payment_ends_once_and_the_run_that_ended_it_is_the_one_told_so(products):
+    payment = place_order()
+
+    assert payment_mark_charged(payment_id=payment.pk, charge_id="ch_first") is True
+    assert payment_mark_charged(payment_id=payment.pk, charge_id="ch_second") is False
+    assert payment_mark_declined(payment_id=payment.pk, message="too late") is False
+
+    payment.refresh_from_db()
+    assert (payment.status, payment.gateway_charge_id) == (Payment.Status.CHARGED, "ch_first")
+    assert payment.failure_message == ""
+    assert Receipt.objects.filter(order=payment.order).count() == 1
+    assert_enqueued(SEND_RECEIPT, args=[payment.order_id])
+
+
+@pytest.mark.django_db
+def test_a_long_decline_message_is_kept_to_the_columns_300_characters(products):
+    payment = place_order()
+    message = "declined: " + "x" * 400
+
+    assert payment_mark_declined(payment_id=payment.pk, message=message) is True
+
+    payment.refresh_from_db()
+    assert payment.failure_message == message[:300]
+
+
+@pytest.mark.django_db
+def test_a_payment_settled_between_the_check_and_the_claim_is_left_to_its_settler(
+    products, monkeypatch
+):
+    payment = place_order()
+
+    def settled_meanwhile(order: Order) -> str:
+        # another attempt charges it after this one read it `pending`, before the claim
+        Payment.objects.filter(pk=payment.pk).update(status=Payment.Status.CHARGED)
+        return charge_description(order)
+
+    def no_call(**_: Any) -> None:
+        raise AssertionError("the gateway was called for a settled payment")
+
+    monkeypatch.setattr(payments, "charge_description", settled_meanwhile)
+    monkeypatch.setattr(payments.gateway, "charge_lookup", no_call)
+    monkeypatch.setattr(payments.gateway, "charge_create", no_call)
+
+    payment_charge(payment_id=payment.pk)
+
+    assert Payment.objects.get(pk=payment.pk).status == Payment.Status.CHARGED
 
 
 @pytest.mark.django_db(transaction=True)
