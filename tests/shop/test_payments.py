@@ -25,8 +25,8 @@ from jobs.testing import assert_enqueued
 from shop.gateway import client as gateway_client
 from shop.gateway.client import GATEWAY
 from shop.models import Order, Payment, Product, Receipt
-from shop.services.checkout import checkout_complete, checkout_parse
 from shop.services import payments
+from shop.services.checkout import checkout_complete, checkout_parse
 from shop.services.payments import (
     charge_description,
     order_number,
