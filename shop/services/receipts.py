@@ -132,11 +132,13 @@ def receipt_deliver(*, receipt: Receipt) -> None:
     # Each socket operation of the SMTP exchange waits at most what the run has left.
     timeout = deadline.capped(settings.EMAIL_TIMEOUT)
     message = EmailMessage(
-        connection=get_connection(timeout=timeout),
+        # A send that fails raises (its claim is given back, the task retries). Said
+        # here: EmailMessage.send(fail_silently=...) is ignored for a connection given.
+        connection=get_connection(timeout=timeout, fail_silently=False),
         subject=f"Your receipt for order #{order.pk}",
         body=body,
         from_email=settings.DEFAULT_FROM_EMAIL,
         to=[order.email],
         headers={"Message-ID": receipt.message_id},
     )
-    message.send(fail_silently=False)
+    message.send()

@@ -502,6 +502,22 @@ def test_another_delivery_takes_over_a_claim_whose_lease_expired_but_not_a_live_
 
 
 @pytest.mark.django_db(transaction=True)
+def test_a_claim_stays_live_for_its_60_s_lease_longer_than_the_tasks_hard_time_limit(
+    broker, gateway, products, mail_dir
+):
+    assert send_receipt.time_limit < 60  # a claim this old: its holder's run has ended
+    order_id = receipt_claimed_by_task_a()
+
+    Receipt.objects.update(claimed_at=timezone.now() - timedelta(seconds=59.5))
+    receipt_send(order_id=order_id, claimant="task-B")
+    assert Receipt.objects.get().claimed_by == "task-A/0"  # live: left to task A
+
+    Receipt.objects.update(claimed_at=timezone.now() - timedelta(seconds=60.5))
+    receipt_send(order_id=order_id, claimant="task-B")
+    assert Receipt.objects.get().claimed_by == "task-B/0"  # expired: taken over
+
+
+@pytest.mark.django_db(transaction=True)
 def test_a_failed_send_puts_the_receipt_back_to_pending_so_a_later_send_sends_it(
     broker, gateway, products, mail_dir, settings
 ):
@@ -655,6 +671,9 @@ def test_only_failures_of_the_mail_server_count_towards_its_breaker():
     assert _mail_server_failed(smtplib.SMTPServerDisconnected("gone"))
     assert _mail_server_failed(smtplib.SMTPResponseException(421, b"try again later"))
     assert not _mail_server_failed(smtplib.SMTPResponseException(550, b"no such user"))
+    # every 4xx reply, and nothing else, is the server's "try again later"
+    for code, transient in ((399, False), (400, True), (499, True), (500, False)):
+        assert _mail_server_failed(smtplib.SMTPResponseException(code, b"")) == transient, code
     assert not _mail_server_failed(smtplib.SMTPRecipientsRefused({"a@b.co": (550, b"no")}))
     assert not _mail_server_failed(ValueError("a template error"))
 
