@@ -14,7 +14,12 @@ from jobs import outbox
 from jobs.models import OutboxMessage
 from jobs.testing import assert_enqueued, enqueued
 from shop.models import Order, Payment, Product
-from shop.services.checkout import checkout_complete, checkout_parse
+from shop.services.checkout import (
+    CheckoutError,
+    checkout_complete,
+    checkout_parse,
+    idempotency_key_parse,
+)
 from tests.helpers import TOKEN, assert_nothing_written, order_body
 
 
@@ -109,6 +114,62 @@ BAD_BODIES = [
     ("a card number and a token", order_body(card="4242 4242"), "never takes card numbers"),
     ("body not an object", ["MUG"], "JSON object"),
 ]
+
+
+def email_of_length(length: int) -> str:
+    """A valid address `length` characters long (labels of at most 63)."""
+    start = f"{'a' * 64}@{'b' * 63}.{'c' * 63}."
+    email = start + "d" * (length - len(start))
+    assert len(email) == length
+    return email
+
+
+def lines(count: int, quantity: int = 1) -> list[dict[str, object]]:
+    return [{"sku": f"SKU-{n}", "quantity": quantity} for n in range(count)]
+
+
+# Each limit the API promises, at its maximum and one beyond (the boundary is the contract).
+LIMITS = [
+    ("20 lines", order_body(items=lines(20)), order_body(items=lines(21)), "items"),
+    ("quantity 1 to 99", order_body(items=lines(1, 99)), order_body(items=lines(1, 100)), "items"),
+    ("quantity at least 1", order_body(items=lines(1, 1)), order_body(items=lines(1, 0)), "items"),
+    (
+        "quantities of one sku add up",
+        order_body(items=lines(1, 49) + lines(1, 50)),
+        order_body(items=lines(1, 49) + lines(1, 51)),
+        "items",
+    ),
+    (
+        "email of 254 characters",
+        order_body(email=email_of_length(254)),
+        order_body(email=email_of_length(255)),
+        "email",
+    ),
+    (
+        "card token of 60 characters after tok_",
+        order_body(card_token="tok_" + "x" * 60),
+        order_body(card_token="tok_" + "x" * 61),
+        "card_token",
+    ),
+]
+
+
+@pytest.mark.parametrize(("case", "largest", "beyond", "field"), LIMITS, ids=[c[0] for c in LIMITS])
+def test_each_limit_admits_its_largest_value_and_refuses_one_more(case, largest, beyond, field):
+    checkout_parse(largest)
+
+    with pytest.raises(CheckoutError) as refused:
+        checkout_parse(beyond)
+
+    assert list(refused.value.errors) == [field]
+
+
+def test_an_idempotency_key_is_1_to_255_printable_characters():
+    assert idempotency_key_parse("k" * 255) == "k" * 255
+    assert idempotency_key_parse("!~") == "!~"
+    for bad in ("", "k" * 256, "has space", "tab\t"):
+        with pytest.raises(CheckoutError):
+            idempotency_key_parse(bad)
 
 
 @pytest.mark.parametrize(("case", "body", "message"), BAD_BODIES, ids=[c[0] for c in BAD_BODIES])
