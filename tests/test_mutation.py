@@ -114,6 +114,25 @@ def test_a_line_gets_its_own_tests_first_then_the_files_whose_processes_ran_it()
     assert select_tests(lines, 11, 11) == []  # no test: the mutant survives, said so
 
 
+def test_a_failed_test_is_named_whole_even_with_spaces_in_its_parameters():
+    output = (
+        "FAILED tests/a.py::test_limits[zero quantity] - assert 1 == 2\n"
+        "FAILED tests/a.py::test_plain - AssertionError: x - y\n"
+        "ERROR tests/b.py::test_setup[a-b]\n"
+        "ERROR tests/c.py - TypeError: boom\n"
+    )
+
+    assert killers_in(output) == [
+        "tests/a.py::test_limits[zero quantity]",
+        "tests/a.py::test_plain",
+        "tests/b.py::test_setup[a-b]",
+        "tests/c.py",
+        "tests/a.py",
+        "tests/b.py",
+        "tests/c.py",
+    ]
+
+
 def test_the_tests_that_killed_a_modules_mutants_go_first_then_its_own_test_file():
     output = "...\nFAILED tests/jobs/test_poison.py::test_guard - assert 0 == 1\n1 failed in 3s"
     killers = Counter(killers_in(output))
@@ -172,8 +191,13 @@ FAILED_ONE = "FAILED tests/a.py::test_one - assert 1 == 2\n1 failed"
             Outcome.INCOMPETENT,
             4,
         ),
+        (
+            [(Outcome.KILLED, FAILED_ONE), (Outcome.INCOMPETENT, "pytest exit 4: not found")],
+            Outcome.INCOMPETENT,
+            2,
+        ),
     ],
-    ids=["confirmed", "survived", "hung", "flaky-then-survived", "never-confirmed"],
+    ids=["confirmed", "survived", "hung", "flaky-then-survived", "never-confirmed", "not-found"],
 )
 def test_a_kill_counts_only_when_the_failing_test_fails_again_alone(
     monkeypatch, tmp_path, verdicts, outcome, runs

@@ -344,7 +344,9 @@ def select_tests(
     )
 
 
-_FAILED = re.compile(r"^(?:FAILED|ERROR) (\S+)", re.MULTILINE)
+# pytest's short summary: "FAILED tests/a.py::test_x[zero quantity] - AssertionError: ..."
+# (a parametrized id may hold spaces; the reason follows " - ").
+_FAILED = re.compile(r"^(?:FAILED|ERROR) ([^\s\[]+(?:\[.*?\])?)(?: - |$)", re.MULTILINE)
 
 
 def killers_in(output: str) -> list[str]:
@@ -536,9 +538,11 @@ def try_mutant(
         failed = [node for node in killers_in(output) if "::" in node][:1]
         if outcome != TestOutcome.KILLED or output == TIMED_OUT or not failed:
             return outcome, output  # survived, an error, a hang or a broken import
-        again, _ = run_tests(tree, module, failed, timeout)
+        again, alone = run_tests(tree, module, failed, timeout)
         if again == TestOutcome.KILLED:
             return outcome, f"{output}\n{CONFIRMED.format(failed[0])}"
+        if again == TestOutcome.INCOMPETENT:  # pytest could not run it by its node id
+            return again, f"{failed[0]} could not run alone: {alone}"
         if attempt == 2:
             return (
                 TestOutcome.INCOMPETENT,
