@@ -62,7 +62,7 @@ def dead_letter_record(
 ) -> DeadLetter:
     """Write (or touch) the dead letter of `task_id`. Safe to call any number of times."""
     request = task.request
-    retries = int(getattr(request, "retries", 0) or 0)
+    retries = int(request.retries or 0)
     now = timezone.now()
     letter, created = DeadLetter.objects.get_or_create(
         task_id=task_id,

@@ -23,6 +23,7 @@ from deploy.mutate import (
     killers_in,
     prioritize,
     select_tests,
+    signature_spans,
     try_mutant,
 )
 from tests.helpers import REPO, run_module
@@ -84,6 +85,17 @@ def test_a_mutant_inside_a_type_annotation_is_not_tried():
     assert in_spans((1, 30), spans)  # y: str | None
     assert in_spans((1, 51), spans)  # -> int | None
     assert not in_spans((2, 13), spans)  # x | 1: the code
+
+
+def test_a_mutant_of_a_parameter_lists_stars_is_not_tried_but_one_in_a_default_is():
+    source = "def f(a, *, b=2 * 3, **kw):\n    return lambda *xs: a * 2\n"
+    spans = signature_spans(source)
+
+    assert in_spans((1, 9), spans)  # the bare *
+    assert not in_spans((1, 16), spans)  # 2 * 3: a default value, code
+    assert in_spans((1, 21), spans)  # **kw
+    assert in_spans((2, 18), spans)  # lambda *xs
+    assert not in_spans((2, 26), spans)  # a * 2: the body
 
 
 def test_a_line_gets_its_own_tests_first_then_the_files_whose_processes_ran_it():

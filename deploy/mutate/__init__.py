@@ -140,6 +140,28 @@ def annotation_spans(source: str) -> list[tuple[tuple[int, int], tuple[int, int]
     return spans
 
 
+def signature_spans(source: str) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """Where the functions' parameter lists are, but for their default values: Cosmic Ray
+    takes the bare `*` of `def f(a, *, b)` (and of `*args`, `**kwargs`) for an operator,
+    and its "mutant" only changes how a caller may pass the arguments."""
+    spans = []
+    for node in ast.walk(ast.parse(source)):
+        body: ast.stmt | ast.expr
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            body = node.body[0]
+        elif isinstance(node, ast.Lambda):
+            body = node.body
+        else:
+            continue
+        start = (node.lineno, node.col_offset)
+        defaults = [d for d in (*node.args.defaults, *node.args.kw_defaults) if d is not None]
+        for default in sorted(defaults, key=lambda d: (d.lineno, d.col_offset)):
+            spans.append((start, (default.lineno, default.col_offset)))
+            start = (default.end_lineno or default.lineno, default.end_col_offset or 0)
+        spans.append((start, (body.lineno, body.col_offset)))
+    return spans
+
+
 def in_spans(
     position: tuple[int, int], spans: Iterable[tuple[tuple[int, int], tuple[int, int]]]
 ) -> bool:
@@ -411,7 +433,8 @@ def session_for(tree: Path, workdir: Path, module: str) -> Path:
     partial.unlink(missing_ok=True)
     cosmic_ray = Path(sys.executable).with_name("cosmic-ray")
     subprocess.run([str(cosmic_ray), "init", str(config), str(partial)], cwd=tree, check=True)
-    spans = annotation_spans((tree / module).read_text())
+    source = (tree / module).read_text()
+    spans = annotation_spans(source) + signature_spans(source)
     with use_db(str(partial), WorkDB.Mode.open) as db:
         skipped = [
             item.job_id
