@@ -701,10 +701,6 @@ class Score:
     def tried(self) -> int:
         return self.killed + len(self.survivors)
 
-    @property
-    def ratio(self) -> float:
-        return self.killed / self.tried if self.tried else 0.0
-
 
 def equivalents(path: Path = EQUIVALENT) -> dict[tuple[str, str, str, str], str]:
     """The survivors explained as equivalent (no test could tell them from the original),
@@ -773,12 +769,16 @@ def report(
     for s in scores:
         known = [v for v in s.survivors if v.key() in explained]
         unexplained += [v for v in s.survivors if v.key() not in explained]
+        # The mutation score: killed of the mutants that can be killed at all.
+        killable = s.tried - len(known)
+        ratio = s.killed / killable if killable else 1.0
         rows.append(
-            f"| `{s.module}` | {s.tried} | {s.killed} | {s.ratio:.0%} | {len(known)} "
+            f"| `{s.module}` | {s.tried} | {s.killed} | {ratio:.0%} | {len(known)} "
             f"| {len(s.errors)} |" + (f" ({s.pending} pending)" if s.pending else "")
         )
-        good = good and not s.pending and not s.errors and s.tried > 0 and s.ratio >= GOAL
+        good = good and not s.pending and not s.errors and s.tried > 0 and ratio >= GOAL
     rows += [f"| `{m}` | not run | | | | |" for m in missing]
+    rows += ["", "score: killed / (tried - explained as equivalent)"]
     good = good and not unexplained
     lines = rows + (["", "Survivors not explained:"] if unexplained else [])
     lines += [
