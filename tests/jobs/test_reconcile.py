@@ -9,6 +9,7 @@ import pytest
 from django.core.management import CommandError, call_command
 from django.utils import timezone
 
+from jobs.errors import TransientError
 from jobs.management.commands import reconcile as reconcile_command
 from jobs.models import ReconciliationFinding
 from jobs.reconcile import Reconciler, Result
@@ -82,3 +83,39 @@ def test_the_command_prints_a_check_that_could_not_run_beside_the_others_and_fai
         "broken: found 0, repaired 0 ERROR RuntimeError: boom",
         "after: found 2, repaired 0 (e.g. order 2, order 3)",
     ]
+
+
+def test_a_dependency_down_is_logged_without_a_traceback_and_a_long_error_is_cut(caplog):
+    reconciler = Reconciler()
+
+    @reconciler.register("gateway_down", "Asks a dependency that is down")
+    def gateway_down(*, repair: bool) -> Result:
+        raise TransientError("gateway unreachable " + "x" * 3000)
+
+    with caplog.at_level(logging.WARNING, logger="jobs.reconcile"):
+        reconciler.run()
+
+    [logged] = [r for r in caplog.records if "gateway_down" in r.getMessage()]
+    assert not logged.exc_info  # expected: an outage is no bug
+    error = ReconciliationFinding.objects.get().error
+    assert error.startswith("TransientError: gateway unreachable x")
+    assert len(error) == 2000
+
+
+def test_a_finding_keeps_20_samples_and_only_a_check_that_found_something_warns(caplog):
+    reconciler = Reconciler()
+
+    @reconciler.register("many", "Finds 25")
+    def many(*, repair: bool) -> Result:
+        return Result(found=25, samples=[f"order {n}" for n in range(25)])
+
+    @reconciler.register("none", "Finds nothing")
+    def none(*, repair: bool) -> Result:
+        return Result(found=0)
+
+    with caplog.at_level(logging.WARNING, logger="jobs.reconcile"):
+        reconciler.run()
+
+    samples = ReconciliationFinding.objects.get(check_name="many").samples
+    assert samples == [f"order {n}" for n in range(20)]
+    assert [r.getMessage() for r in caplog.records] == ["reconcile: many found 25, repaired 0"]
