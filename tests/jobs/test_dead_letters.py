@@ -13,9 +13,14 @@ from celery.signals import task_failure
 from django.db import connection, connections
 from django.utils import timezone
 
-from jobs.dead_letters import _on_task_failure, dead_letter_record, dead_letter_replay
+from jobs.dead_letters import (
+    _on_task_failure,
+    dead_letter_record,
+    dead_letter_replay,
+    dead_letter_unpublishable,
+)
 from jobs.errors import PermanentError
-from jobs.models import DeadLetter
+from jobs.models import DeadLetter, OutboxMessage
 from tests.helpers import Worker, WorkerStarter, attempts, dead_letter, send, wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)  # stack: the tests taking a worker
@@ -196,6 +201,41 @@ def test_recording_the_same_failure_twice_writes_one_row_and_refreshes_its_last_
     assert (letter.reason, letter.queue) == (DeadLetter.Reason.PERMANENT_ERROR, "payments")
     assert letter.first_failed_at == an_hour_ago
     assert letter.last_failed_at >= before
+
+
+def test_a_dead_letter_keeps_5000_characters_of_the_message_and_50000_of_the_traceback():
+    from shop.tasks.payments import charge_payment as task
+
+    letter = dead_letter_record(
+        task=task,
+        task_id=str(uuid.uuid4()),
+        exception=PermanentError("m" * 6000),
+        args=[1],
+        kwargs={},
+        traceback="t" * 60_000,
+    )
+
+    letter.refresh_from_db()
+    assert (len(letter.exception_message), len(letter.traceback)) == (5000, 50_000)
+    assert letter.exception_class == "jobs.errors.PermanentError"
+    assert letter.attempts == 1  # the first run failed: retries 0
+
+
+def test_an_unpublishable_row_becomes_a_dead_letter_with_its_headers_and_failures():
+    message = OutboxMessage.objects.create(
+        task_name="shop.tasks.payments.charge_payment",
+        args=[7],
+        kwargs={},
+        headers={"x_correlation_id": "c-1", "replay_of": "t-0"},
+        failures=4,
+    )
+
+    letter = dead_letter_unpublishable(message=message, error="e" * 6000)
+
+    letter.refresh_from_db()
+    assert (letter.task_id, letter.reason) == (str(message.task_id), "unpublishable")
+    assert (letter.attempts, len(letter.exception_message)) == (5, 5000)
+    assert (letter.correlation_id, letter.replay_of) == ("c-1", "t-0")
 
 
 def drop_this_connection() -> None:
