@@ -17,6 +17,7 @@ import deploy.mutate
 from deploy.mutate import (
     TIMED_OUT,
     annotation_spans,
+    forget_bytecode,
     in_spans,
     judge,
     keeps,
@@ -98,6 +99,24 @@ def test_a_mutant_of_a_parameter_lists_stars_is_not_tried_but_one_in_a_default_i
     assert not in_spans((2, 26), spans)  # a * 2: the body
 
 
+def test_a_mutated_modules_bytecode_is_forgotten_and_no_other(tmp_path):
+    module, other = tmp_path / "outbox.py", tmp_path / "outbox_relay.py"
+    cache = tmp_path / "__pycache__"
+    cache.mkdir()
+    for name in (
+        "outbox.cpython-311.pyc",
+        "outbox.cpython-311.opt-1.pyc",
+        "outbox_relay.cpython-311.pyc",
+    ):
+        (cache / name).write_bytes(b"")
+
+    forget_bytecode(module)
+
+    assert sorted(path.name for path in cache.iterdir()) == ["outbox_relay.cpython-311.pyc"]
+    forget_bytecode(other)  # and a module never compiled: nothing to do
+    forget_bytecode(tmp_path / "nowhere" / "x.py")
+
+
 def test_a_line_gets_its_own_tests_first_then_the_files_whose_processes_ran_it():
     lines = {
         3: ["tests/a.py::test_one"],
@@ -145,7 +164,7 @@ def test_a_failed_test_is_named_whole_even_with_spaces_in_its_parameters():
     ]
 
 
-def test_the_tests_that_killed_a_modules_mutants_go_first_then_its_own_test_file():
+def test_the_tests_that_killed_a_modules_mutants_run_first_then_its_own_then_the_rest():
     output = "...\nFAILED tests/jobs/test_poison.py::test_guard - assert 0 == 1\n1 failed in 3s"
     killers = Counter(killers_in(output))
     tests = ["tests/a.py::test_fast", "tests/jobs/test_poison.py::test_other", "tests/b.py"]
@@ -154,14 +173,17 @@ def test_the_tests_that_killed_a_modules_mutants_go_first_then_its_own_test_file
         "tests/jobs/test_poison.py::test_guard",
         "tests/jobs/test_poison.py",
     ]
+    # each a pytest run of its own (pytest-django reorders the tests inside a run)
     assert prioritize(tests, Counter(), "jobs/poison.py") == [
-        "tests/jobs/test_poison.py::test_other",  # the module's own test file
-        "tests/a.py::test_fast",
-        "tests/b.py",
+        ["tests/jobs/test_poison.py::test_other"],  # the module's own test file
+        ["tests/a.py::test_fast", "tests/b.py"],
     ]
     assert prioritize(["tests/b.py", "tests/jobs/test_poison.py"], killers, "jobs/x.py") == [
-        "tests/jobs/test_poison.py",  # a file that killed before
-        "tests/b.py",
+        ["tests/jobs/test_poison.py"],  # a file that killed before
+        ["tests/b.py"],
+    ]
+    assert prioritize(["tests/a.py", "tests/b.py"], killers, "jobs/x.py") == [
+        ["tests/a.py", "tests/b.py"]
     ]
 
 
@@ -181,6 +203,25 @@ def test_only_a_failing_test_or_the_mutated_module_breaking_kills_a_mutant(statu
 
 
 FAILED_ONE = "FAILED tests/a.py::test_one - assert 1 == 2\n1 failed"
+
+
+def test_the_next_run_of_a_mutants_tests_starts_only_when_the_one_before_passed(
+    monkeypatch, tmp_path
+):
+    calls = []
+
+    def run_tests(tree, module, tests, timeout):
+        calls.append(tests)
+        fails = any(test.startswith("tests/a.py") for test in tests)
+        return (Outcome.KILLED, FAILED_ONE) if fails else (Outcome.SURVIVED, "")
+
+    monkeypatch.setattr(deploy.mutate, "run_tests", run_tests)
+
+    assert try_mutant(tmp_path, SAMPLE, [["tests/b.py"], ["tests/c.py"]], {})[0] == Outcome.SURVIVED
+    assert calls == [["tests/b.py"], ["tests/c.py"]]
+    calls.clear()
+    assert try_mutant(tmp_path, SAMPLE, [["tests/a.py"], ["tests/c.py"]], {})[0] == Outcome.KILLED
+    assert calls == [["tests/a.py"], ["tests/a.py::test_one"]]  # the kill, then its confirmation
 
 
 @pytest.mark.parametrize(
@@ -222,7 +263,7 @@ def test_a_kill_counts_only_when_the_failing_test_fails_again_alone(
 
     monkeypatch.setattr(deploy.mutate, "run_tests", run_tests)
 
-    result, output = try_mutant(tmp_path, SAMPLE, ["tests/a.py", "tests/b.py"], 60.0)
+    result, output = try_mutant(tmp_path, SAMPLE, [["tests/a.py", "tests/b.py"]], {})
 
     assert result == outcome
     assert len(calls) == runs

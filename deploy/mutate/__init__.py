@@ -239,6 +239,8 @@ def prepare(workdir: Path, tests: list[str], *, fresh: bool = False, copies: int
                 shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
     trees = [workdir / "tree"] + [workdir / f"tree-{n}" for n in range(2, copies + 1)]
     for tree in trees:
+        for cache in tree.rglob("__pycache__"):  # compiled from other sources (see above)
+            shutil.rmtree(cache, ignore_errors=True)
         for name in files:
             target = tree / name
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -258,6 +260,15 @@ def _env() -> dict[str, str]:
     for name in ("COVERAGE_PROCESS_START", "COVERAGE_PROCESS_CONFIG", "MUTATE_COVERAGE_DIR"):
         env.pop(name, None)
     return env
+
+
+def forget_bytecode(module: Path) -> None:
+    """Delete the module's compiled bytecode: a process a test starts with an environment
+    of its own may write some (PYTHONDONTWRITEBYTECODE gone), and a .pyc is trusted on
+    the source's mtime, to the second, and size: a mutant of the same size written back
+    within the second (`20` made `21`) would run as the code compiled before it."""
+    for compiled in (module.parent / "__pycache__").glob(f"{module.stem}.*.pyc"):
+        compiled.unlink(missing_ok=True)
 
 
 def stop_leftovers(tree: Path) -> list[int]:
@@ -377,19 +388,28 @@ def killers_in(output: str) -> list[str]:
     return nodes + sorted({node.split("::", 1)[0] for node in nodes})
 
 
-def prioritize(tests: list[str], killers: Counter[str], module: str) -> list[str]:
-    """The tests that killed this module's mutants so far first (most kills first), then
-    those of its own test file (tests/jobs/test_poison.py for jobs/poison.py), then the
-    rest in their order: a mutant that disables a protection passes every test that
-    merely runs the line, and only the test of that protection, often slow, fails."""
+def prioritize(tests: list[str], killers: Counter[str], module: str) -> list[list[str]]:
+    """The mutant's tests as pytest runs, one after the other until one fails: first the
+    tests that killed this module's mutants so far (most kills first) and those of its
+    own test file (tests/jobs/test_poison.py for jobs/poison.py), then the rest in their
+    order. A mutant that disables a protection passes every test that merely runs the
+    line, and only the test of that protection, often slow, fails. Two runs, not one
+    ordered list: pytest-django reorders each run's tests (database tests first, the
+    transactional ones after them, the rest last), and a quick test of the protection
+    would wait behind every transactional test of the selection."""
     stem = Path(module).stem
+
+    def own(test: str) -> bool:
+        return stem in Path(test.split("::", 1)[0]).stem
 
     def rank(indexed: tuple[int, str]) -> tuple[int, int, int]:
         index, test = indexed
-        own = stem in Path(test.split("::", 1)[0]).stem
-        return (-killers[test], 0 if own else 1, index)
+        return (-killers[test], 0 if own(test) else 1, index)
 
-    return [test for _, test in sorted(enumerate(tests), key=rank)]
+    ordered = [test for _, test in sorted(enumerate(tests), key=rank)]
+    first = [test for test in ordered if killers[test] or own(test)]
+    rest = [test for test in ordered if test not in first]
+    return [stage for stage in (first, rest) if stage]
 
 
 def timeout_for(tests: list[str], durations: dict[str, float]) -> float:
@@ -547,21 +567,28 @@ CONFIRMED = "confirmed: {} failed again, alone"
 
 
 def try_mutant(
-    tree: Path, module: str, tests: list[str], timeout: float
+    tree: Path, module: str, stages: list[list[str]], durations: dict[str, float]
 ) -> tuple["TestOutcome", str]:
-    """Run a mutant's tests (already written to `tree`); a kill by a failing test counts
-    once that test, run again alone, fails again: a test that fails now and then on a
-    busy machine (every test passed once without any mutant, in the map's run) must not
-    pass for a kill. Unconfirmed, the whole selection runs once more, and its verdict
-    stands (an unconfirmed kill then is an error of the run)."""
+    """Run a mutant's tests (already written to `tree`), stage after stage (`prioritize`)
+    until one fails; a kill by a failing test counts once that test, run again alone,
+    fails again: a test that fails now and then on a busy machine (every test passed
+    once without any mutant, in the map's run) must not pass for a kill. Unconfirmed,
+    the whole selection runs once more, and its verdict stands (an unconfirmed kill then
+    is an error of the run)."""
     from cosmic_ray.work_item import TestOutcome
 
+    def run(tests: list[str]) -> tuple[TestOutcome, str]:
+        return run_tests(tree, module, tests, timeout_for(tests, durations))
+
     for attempt in (1, 2):
-        outcome, output = run_tests(tree, module, tests, timeout)
+        for tests in stages:
+            outcome, output = run(tests)
+            if outcome != TestOutcome.SURVIVED:
+                break
         failed = [node for node in killers_in(output) if "::" in node][:1]
         if outcome != TestOutcome.KILLED or output == TIMED_OUT or not failed:
             return outcome, output  # survived, an error, a hang or a broken import
-        again, alone = run_tests(tree, module, failed, timeout)
+        again, alone = run(failed)
         if again == TestOutcome.KILLED:
             return outcome, f"{output}\n{CONFIRMED.format(failed[0])}"
         if again == TestOutcome.INCOMPETENT:  # pytest could not run it by its node id
@@ -593,17 +620,19 @@ def run_mutants(
     from cosmic_ray.work_db import WorkDB, use_db
     from cosmic_ray.work_item import TestOutcome, WorkerOutcome, WorkResult
 
-    def attempt(tree: Path, item: "WorkItem", tests: list[str]) -> WorkResult:
+    def attempt(tree: Path, item: "WorkItem", stages: list[list[str]]) -> WorkResult:
         [mutation] = item.mutations
         operator = get_operator(mutation.operator_name)(**(mutation.operator_args or {}))
         path = tree / mutation.module_path  # the session names it relative to the tree
         with ExitStack() as undo:
+            undo.callback(forget_bytecode, path)  # after the original is back, too
             try:
                 original, mutated = undo.enter_context(
                     use_mutation(path, operator, mutation.occurrence)
                 )
             except Exception as exc:  # the operator fails on this node: a bug of its own
                 return WorkResult(worker_outcome=WorkerOutcome.EXCEPTION, output=f"{exc!r}")
+            forget_bytecode(path)
             if mutated is None:  # Cosmic Ray found nothing to change there
                 return WorkResult(worker_outcome=WorkerOutcome.NO_TEST)
             diff = "".join(
@@ -615,8 +644,8 @@ def run_mutants(
                     n=0,
                 )
             )
-            if tests:
-                outcome, output = try_mutant(tree, module, tests, timeout_for(tests, durations))
+            if stages:
+                outcome, output = try_mutant(tree, module, stages, durations)
             else:
                 outcome, output = TestOutcome.SURVIVED, "no test runs this line"
             return WorkResult(
@@ -641,9 +670,9 @@ def run_mutants(
                         tests = select_tests(
                             lines, mutation.start_pos[0], mutation.end_pos[0], durations
                         )
-                        tests = prioritize(tests, killers, module)
+                        stages = prioritize(tests, killers, module)
                         tree = free.pop()
-                        future = pool.submit(attempt, tree, item, tests)
+                        future = pool.submit(attempt, tree, item, stages)
                         running[future] = (tree, item, number, len(tests), time.monotonic())
                     if not running:
                         break
