@@ -119,3 +119,17 @@ def test_a_finding_keeps_20_samples_and_only_a_check_that_found_something_warns(
     samples = ReconciliationFinding.objects.get(check_name="many").samples
     assert samples == [f"order {n}" for n in range(20)]
     assert [r.getMessage() for r in caplog.records] == ["reconcile: many found 25, repaired 0"]
+
+
+def test_a_run_repairs_unless_told_not_to():
+    reconciler, asked = Reconciler(), []
+
+    @reconciler.register("records", "Records whether it may repair")
+    def records(*, repair: bool) -> Result:
+        asked.append(repair)
+        return Result(found=0)
+
+    reconciler.run()
+    reconciler.run(repair=False)
+
+    assert asked == [True, False]
