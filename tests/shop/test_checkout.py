@@ -164,6 +164,22 @@ def test_each_limit_admits_its_largest_value_and_refuses_one_more(case, largest,
     assert list(refused.value.errors) == [field]
 
 
+def test_each_bad_item_is_named_by_its_place_in_the_list():
+    body = order_body(
+        items=[{"sku": "MUG", "quantity": 1}, {"sku": "no such code!"}, {"sku": "TEE"}]
+    )
+
+    with pytest.raises(CheckoutError) as refused:
+        checkout_parse(body)
+
+    assert refused.value.errors == {
+        "items": [
+            "Item 2: sku must be a product code.",
+            "Item 3: quantity must be a whole number.",
+        ]
+    }
+
+
 def test_an_idempotency_key_is_1_to_255_printable_characters():
     assert idempotency_key_parse("k" * 255) == "k" * 255
     assert idempotency_key_parse("!~") == "!~"

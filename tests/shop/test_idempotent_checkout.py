@@ -71,12 +71,21 @@ def test_concurrent_retries_with_one_key_place_one_order(broker, products):
     assert_one_order_placed()
 
 
+# One difference is enough: the email, the card, or the lines.
+DIFFERENT_ORDERS = {
+    "email": order_body(email="someone.else@example.com"),
+    "card": order_body(card_token="tok_chargeDeclined"),
+    "lines": order_body(items=[{"sku": "MUG", "quantity": 3}, {"sku": "TEE", "quantity": 1}]),
+}
+
+
+@pytest.mark.parametrize("different", DIFFERENT_ORDERS)
 @pytest.mark.django_db(transaction=True)
-def test_a_key_reused_for_a_different_order_is_a_409(client, broker, products):
+def test_a_key_reused_for_a_different_order_is_a_409(client, broker, products, different):
     post_order(client, "key-1")
     stock_after_first = dict(Product.objects.values_list("sku", "stock"))
 
-    response = post_order(client, "key-1", order_body(email="someone.else@example.com"))
+    response = post_order(client, "key-1", DIFFERENT_ORDERS[different])
 
     assert response.status_code == 409
     assert response.json() == {
