@@ -308,6 +308,8 @@ def test_a_mutation_run_kills_what_a_test_or_a_subprocess_catches_and_lists_the_
         f"- {SAMPLE}:22 core/ReplaceTrueWithFalse: `return True` -> `return False` "
         "(no test runs this line)"
     ) in result.stdout
+    equivalent = f"{SAMPLE}:18 core/ReplaceBinaryOperator_Sub_Add #0: TestOutcome.SURVIVED, "
+    assert equivalent + "listed as equivalent: not run" in result.stdout
     assert "Not made (Cosmic Ray's operator failed on the line; not counted):" in result.stdout
     assert result.stdout.count(f"- {SAMPLE}:29 core/ExceptionReplacer: AttributeError") == 2
     coverage = json.loads((workdir / "map.json").read_text())[SAMPLE]

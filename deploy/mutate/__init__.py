@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from cosmic_ray.work_item import TestOutcome, WorkItem
+    from cosmic_ray.work_item import MutationSpec, TestOutcome, WorkItem
 
 REPO = Path(__file__).resolve().parents[2]
 WORKDIR = REPO / "var" / "mutate"
@@ -564,6 +564,17 @@ def judge(status: int, output: str, module: str) -> tuple["TestOutcome", str]:
 
 
 CONFIRMED = "confirmed: {} failed again, alone"
+EQUIVALENT_NOT_RUN = "listed as equivalent: not run"
+
+
+def _changed_line(diff: str, original: str, mutation: "MutationSpec") -> tuple[str, str]:
+    """The mutated line before and after, stripped (as equivalent.toml keys them)."""
+    added = [
+        row[1:].strip()
+        for row in diff.splitlines()
+        if row.startswith("+") and not row.startswith("+++")
+    ]
+    return original.splitlines()[mutation.start_pos[0] - 1].strip(), added[0] if added else ""
 
 
 def try_mutant(
@@ -609,6 +620,7 @@ def run_mutants(
     durations: dict[str, float],
     *,
     limit: int | None = None,
+    explained: frozenset[tuple[str, str, str, str]] = frozenset(),
 ) -> None:
     """Write each pending mutant to a tree of its own (Cosmic Ray's `use_mutation`, which
     puts the original back whatever happens), run the tests that reach its lines,
@@ -644,7 +656,10 @@ def run_mutants(
                     n=0,
                 )
             )
-            if stages:
+            key = (module, mutation.operator_name, *_changed_line(diff, original, mutation))
+            if key in explained:  # no test can kill it (equivalent.toml says why)
+                outcome, output = TestOutcome.SURVIVED, EQUIVALENT_NOT_RUN
+            elif stages:
                 outcome, output = try_mutant(tree, module, stages, durations)
             else:
                 outcome, output = TestOutcome.SURVIVED, "no test runs this line"
@@ -685,10 +700,12 @@ def run_mutants(
                         if result.test_outcome == TestOutcome.KILLED:
                             killers.update(killers_in(result.output or ""))
                         mutation = item.mutations[0]
+                        listed = result.output == EQUIVALENT_NOT_RUN
                         print(
                             f"mutate: {module}:{mutation.start_pos[0]} "
                             f"{mutation.operator_name} #{mutation.occurrence}: "
-                            f"{result.test_outcome or result.worker_outcome} "
+                            f"{result.test_outcome or result.worker_outcome}"
+                            f"{', ' + EQUIVALENT_NOT_RUN if listed else ''} "
                             f"({selected} tests, {time.monotonic() - started:.0f} s, "
                             f"{tree.name}) "
                             f"[{number}/{total}]",
@@ -745,7 +762,7 @@ def score(tree: Path, session: Path, module: str) -> Score:
     from cosmic_ray.work_db import WorkDB, use_db
     from cosmic_ray.work_item import TestOutcome, WorkerOutcome
 
-    source_lines = (tree / module).read_text().splitlines()
+    source_text = (tree / module).read_text()
     result = Score(module)
     survivors, errors, unmade = [], [], []
     with use_db(str(session), WorkDB.Mode.open) as db:
@@ -759,21 +776,10 @@ def score(tree: Path, session: Path, module: str) -> Score:
                 unmade.append(f"{module}:{line} {mutation.operator_name}: {outcome.output}")
                 continue
             if outcome.test_outcome == TestOutcome.SURVIVED:
-                added = [
-                    row[1:].strip()
-                    for row in (outcome.diff or "").splitlines()
-                    if row.startswith("+") and not row.startswith("+++")
-                ]
+                source, change = _changed_line(outcome.diff or "", source_text, mutation)
                 why = (outcome.output or "").strip().splitlines()[-1:] or [""]
                 survivors.append(
-                    Survivor(
-                        module,
-                        line,
-                        mutation.operator_name,
-                        source_lines[line - 1].strip(),
-                        added[0] if added else "",
-                        why[0],
-                    )
+                    Survivor(module, line, mutation.operator_name, source, change, why[0])
                 )
             elif outcome.test_outcome == TestOutcome.KILLED:
                 result.killed += 1
@@ -870,7 +876,15 @@ def main(argv: list[str] | None = None) -> int:
         for module in modules:
             session = session_for(tree, workdir, module)
             durations = load_durations(workdir)
-            run_mutants(trees, session, module, lines[module], durations, limit=args.limit)
+            run_mutants(
+                trees,
+                session,
+                module,
+                lines[module],
+                durations,
+                limit=args.limit,
+                explained=frozenset(equivalents(args.equivalent)),
+            )
             scores.append(score(tree, session, module))
     table, good = report(scores, equivalents(args.equivalent), missing)
     print(table)
