@@ -12,6 +12,7 @@ import pytest
 from celery.signals import task_failure
 from django.db import connection, connections
 from django.utils import timezone
+from prometheus_client import REGISTRY
 
 from jobs.dead_letters import (
     _on_task_failure,
@@ -230,8 +231,20 @@ def test_an_unpublishable_row_becomes_a_dead_letter_with_its_headers_and_failure
         failures=4,
     )
 
-    letter = dead_letter_unpublishable(message=message, error="e" * 6000)
+    labels = {"task": message.task_name, "queue": "", "reason": "unpublishable"}
 
+    def total() -> float:
+        return REGISTRY.get_sample_value("jobs_dead_letters_total", labels) or 0
+
+    before = total()
+
+    def counted() -> float:
+        return total() - before
+
+    letter = dead_letter_unpublishable(message=message, error="e" * 6000)
+    assert counted() == 1
+    again = dead_letter_unpublishable(message=message, error="e")  # a relay run after a crash
+    assert (again.pk, counted()) == (letter.pk, 1)  # one row, counted once
     letter.refresh_from_db()
     assert (letter.task_id, letter.reason) == (str(message.task_id), "unpublishable")
     assert (letter.attempts, len(letter.exception_message)) == (5, 5000)
