@@ -2,6 +2,7 @@
 guarded by permissions, in batches; from the admin and from `manage.py dlq`."""
 
 import json
+import logging
 import uuid
 from datetime import timedelta
 from types import SimpleNamespace
@@ -12,6 +13,7 @@ from django.core.management import CommandError, call_command
 from django.utils import timezone
 
 from jobs import dead_letters
+from jobs.errors import TransientError
 from jobs.models import DeadLetter
 from jobs.testing import assert_enqueued, assert_nothing_enqueued, enqueued
 from tests.helpers import run_concurrently
@@ -133,8 +135,21 @@ def test_a_row_naming_a_task_that_is_not_registered_is_refused(broker):
 
 
 @pytest.mark.django_db(transaction=True)
+def test_a_refused_row_does_not_stop_the_rows_after_it(broker):
+    tampered = make_letter(task_name="os.system", args=["rm -rf /"])
+    handled = make_letter(status=DeadLetter.Status.DISCARDED)
+    fine = make_letter()
+
+    result = dead_letters.dead_letter_replay(ids=[tampered.pk, handled.pk, fine.pk], actor="ops")
+
+    assert (result.done, result.refused) == (1, 2)
+    assert DeadLetter.objects.get(pk=fine.pk).status == DeadLetter.Status.REPLAYED
+    assert [m.task_name for m in enqueued()] == [fine.task_name]
+
+
+@pytest.mark.django_db(transaction=True)
 def test_a_row_whose_queue_is_gone_is_refused_with_a_reason_and_the_others_replay(
-    broker, monkeypatch
+    broker, monkeypatch, caplog
 ):
     from celery.app.routes import Router, prepare
 
@@ -147,9 +162,12 @@ def test_a_row_whose_queue_is_gone_is_refused_with_a_reason_and_the_others_repla
         app.amqp, "router", Router(prepare(routes), app.amqp.queues, create_missing=False, app=app)
     )
 
-    result = dead_letters.dead_letter_replay(ids=[stuck.pk, fine.pk], actor="ops")
+    with caplog.at_level(logging.INFO, logger="jobs.dead_letters"):
+        result = dead_letters.dead_letter_replay(ids=[stuck.pk, fine.pk], actor="ops")
 
+    assert stuck.pk < fine.pk  # replayed in id order: the row after the stuck one goes on
     assert result.done == 1
+    assert "dead letters: ops replayed 1, refused 1" in caplog.messages
     assert result.errors == (
         f"Dead letter {stuck.pk} was not replayed: its task routes to a queue that is not "
         "declared.",
@@ -161,7 +179,7 @@ def test_a_row_whose_queue_is_gone_is_refused_with_a_reason_and_the_others_repla
 
 @pytest.mark.django_db
 def test_discard_marks_dead_rows_only():
-    dead, replayed = make_letter(), make_letter(status=DeadLetter.Status.REPLAYED)
+    replayed, dead = make_letter(status=DeadLetter.Status.REPLAYED), make_letter()
 
     result = dead_letters.dead_letter_discard(ids=[dead.pk, replayed.pk], actor="ops")
 
@@ -169,6 +187,50 @@ def test_discard_marks_dead_rows_only():
     dead.refresh_from_db()
     assert (dead.status, dead.handled_by) == (DeadLetter.Status.DISCARDED, "ops")
     assert DeadLetter.objects.get(pk=replayed.pk).status == DeadLetter.Status.REPLAYED
+
+
+@pytest.mark.django_db
+def test_a_discard_whose_consequence_fails_or_loses_the_row_leaves_the_rows_after_it(
+    monkeypatch, caplog
+):
+    asks = make_letter(task_name="tests.discard.unsure")
+    failing = make_letter(task_name="tests.discard.fails")
+    raced = make_letter(task_name="tests.discard.races")
+    fine = make_letter(task_name="tests.discard.plain")
+
+    def unsure(row: DeadLetter, actor: str) -> None:
+        raise TransientError("the gateway did not answer")
+
+    def fails(row: DeadLetter, actor: str) -> None:
+        raise RuntimeError("a bug in the consequence")
+
+    def races(row: DeadLetter, actor: str) -> None:
+        # another operator replays the row while its consequence runs
+        DeadLetter.objects.filter(pk=row.pk).update(status=DeadLetter.Status.REPLAYED)
+
+    handlers = {"tests.discard.unsure": unsure, "tests.discard.fails": fails}
+    handlers["tests.discard.races"] = races
+    monkeypatch.setattr(dead_letters, "_discard_handlers", handlers)
+
+    with caplog.at_level(logging.INFO, logger="jobs.dead_letters"):
+        result = dead_letters.dead_letter_discard(
+            ids=[asks.pk, failing.pk, raced.pk, fine.pk], actor="ops"
+        )
+
+    assert (result.done, result.refused) == (1, 1)
+    assert result.errors == (
+        f"Dead letter {asks.pk} was not discarded: TransientError; it is still dead, try "
+        "again (that is safe to repeat).",
+        f"Dead letter {failing.pk} was not discarded: an error was logged.",
+    )
+    statuses = dict(DeadLetter.objects.values_list("pk", "status"))
+    assert statuses == {
+        asks.pk: "dead",
+        failing.pk: "dead",
+        raced.pk: "replayed",
+        fine.pk: "discarded",
+    }
+    assert "dead letters: ops discarded 1, refused 3" in caplog.messages
 
 
 @pytest.mark.django_db
