@@ -35,6 +35,8 @@ logger = logging.getLogger(__name__)
 # the reconcile task's soft time limit, so the other checks keep running on a slow gateway.
 DEADLINE_RUN_BUDGET = 20.0
 DEADLINE_ACTOR = "payment deadline"  # who cancelled, in the logs and the dead letters' audit
+# Jobs asked about per query when looking for their dead letters: bounds one query's size.
+OWNED_PER_QUERY = 1000
 
 
 def _cutoff() -> datetime:
@@ -47,13 +49,13 @@ def _operator_owned(task_name: str, args: list[int]) -> set[int]:
     ours to re-run. One query for all of them: a query per job read the task's dead
     letters once per job found (make bench, scenario 10)."""
     owned: set[int] = set()
-    for start in range(0, len(args), 1000):
+    for start in range(0, len(args), OWNED_PER_QUERY):
         letters = DeadLetter.objects.filter(
             task_name=task_name,
             status__in=[DeadLetter.Status.DEAD, DeadLetter.Status.DISCARDED],
-            args__in=[[arg] for arg in args[start : start + 1000]],
+            args__in=[[arg] for arg in args[start : start + OWNED_PER_QUERY]],
         ).values_list("args", flat=True)
-        owned.update(letter[0] for letter in letters)
+        owned.update(arg for [arg] in letters)  # each job has one argument: its row id
     return owned
 
 
