@@ -183,8 +183,8 @@ def unpaid_past_deadline(*, repair: bool) -> Result:
     happened makes the order paid), and closes the charge's dead letters."""
     deadline = timezone.now() - timedelta(seconds=settings.ORDER_PAYMENT_DEADLINE)
     replayed = {
-        args[0]
-        for args in DeadLetter.objects.filter(
+        payment_id
+        for [payment_id] in DeadLetter.objects.filter(
             task_name=charge_payment_task.name,
             status=DeadLetter.Status.REPLAYED,
             handled_at__gte=deadline,

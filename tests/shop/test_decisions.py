@@ -342,6 +342,44 @@ def test_the_deadline_leaves_what_its_time_budget_cannot_reach_to_the_next_run(
     assert set(Order.objects.values_list("status", flat=True)) == {"pending"}
 
 
+def test_each_overdue_order_is_tried_whatever_the_ones_before_it_did(
+    broker, products, settings, monkeypatch, caplog
+):
+    settings.ORDER_PAYMENT_DEADLINE = 24 * 3600
+    for _ in range(5):
+        age(place_order(1), DAYS_AGO)
+    # in the order they are tried: the gateway does not answer, a bug, cancelled twice,
+    # and one already settled meanwhile
+    outcomes: list[object] = [
+        gateway_client.GatewayUnavailable("503"),
+        RuntimeError("a bug"),
+        Cancelled.CANCELLED,
+        Cancelled.CANCELLED,
+        Cancelled.ALREADY_FINAL,
+    ]
+    tried = []
+
+    def cancel(*, order_id: int, **_: object) -> Cancelled:
+        tried.append(order_id)
+        outcome = outcomes[len(tried) - 1]
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome  # type: ignore[return-value]
+
+    monkeypatch.setattr(shop_reconcile, "order_cancel", cancel)
+
+    findings = {f.check_name: f for f in reconciler.run(repair=True)}
+
+    deadline = findings["unpaid_past_deadline"]
+    assert len(tried) == 5  # none held up by the ones before it
+    assert (deadline.found, deadline.repaired, deadline.error) == (5, 2, "")  # not the settled
+    unanswered = [s for s in deadline.samples if "the gateway did not answer" in s]
+    assert unanswered == [
+        f"order {o}: not cancelled yet, the gateway did not answer" for o in tried[:2]
+    ]
+    assert f"reconcile: order {tried[1]} could not be cancelled" in caplog.messages
+
+
 def test_a_deadline_run_out_of_time_says_so_instead_of_going_on(
     broker, gateway, products, settings, monkeypatch
 ):
