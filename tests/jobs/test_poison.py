@@ -173,3 +173,15 @@ def test_workers_and_beat_refuse_to_start_with_a_delivery_limit_below_one(settin
         refuse_to_start_with_a_redelivery_loop()
 
     assert "jobs.E006" in capsys.readouterr().err
+
+
+def test_a_task_called_directly_is_no_delivery_and_is_never_counted(monkeypatch):
+    from tests.fault_tasks import noop
+
+    def counted(*args: object) -> int:
+        raise AssertionError("a direct call was counted as a delivery")
+
+    monkeypatch.setattr("jobs.base.delivery_count", counted)
+    monkeypatch.setattr("jobs.base.delivery_finished", counted)
+
+    assert noop() is None  # ran, in this process, with no message to count
