@@ -387,3 +387,89 @@ def test_a_deferral_carries_only_the_slots_its_run_has_not_used(broker, monkeypa
     [copy] = published
     # Carried on, the spent slot would let the next run go at once, past the 429's pause.
     assert json.loads(copy.options["headers"][dependencies.SLOTS_HEADER]) == {"other": 2.0}
+
+
+def deferred_copy(
+    monkeypatch: pytest.MonkeyPatch, delay: float, headers: dict[str, object], fails: bool = False
+) -> tuple[object, object]:
+    """What defer() publishes for a run of defer_until with these message headers, and
+    the Retry it returns (or what it raised)."""
+    from celery.canvas import Signature
+
+    from tests.fault_tasks import defer_until
+
+    published: list[Signature] = []
+
+    def publish(sig: Signature, *args: object, **kwargs: object) -> None:
+        if fails:
+            raise ConnectionError("the broker went away")
+        published.append(sig)
+
+    monkeypatch.setattr(Signature, "apply_async", publish)
+    defer_until.push_request(
+        id="t-1", retries=2, args=["p", 1], kwargs={}, headers=headers, delivery_info={}
+    )
+    try:
+        outcome: object = defer_until.defer(Deferred("svc", "throttled", delay))
+    except Exception as exc:
+        outcome = exc
+    finally:
+        defer_until.pop_request()
+    return (published[0] if published else None), outcome
+
+
+@pytest.mark.parametrize(("delay", "countdown"), [(0.2, 1.0), (5.0, 5.0)])
+def test_a_deferred_run_comes_back_after_its_delay_and_at_least_a_second_later(
+    broker, monkeypatch, delay, countdown
+):
+    copy, retry = deferred_copy(monkeypatch, delay, {})
+
+    assert retry.when == countdown  # type: ignore[attr-defined]
+    assert copy.options["countdown"] == countdown  # type: ignore[attr-defined]
+
+
+def test_a_deferred_copy_keeps_the_messages_headers_its_attempt_and_counts_its_deferrals(
+    broker, monkeypatch
+):
+    headers = {"x_correlation_id": "req-9", dependencies.DEFERRALS_HEADER: 2}
+
+    copy, _ = deferred_copy(monkeypatch, 1.0, headers)
+
+    sent = copy.options["headers"]  # type: ignore[attr-defined]
+    assert sent["x_correlation_id"] == "req-9"
+    assert sent[dependencies.DEFERRALS_HEADER] == 3
+    assert copy.options["retries"] == 2  # type: ignore[attr-defined]  # no retry spent
+
+
+def test_a_deferral_the_broker_cannot_take_rejects_the_message_without_requeueing_it(
+    broker, monkeypatch
+):
+    from celery.exceptions import Reject
+
+    copy, raised = deferred_copy(monkeypatch, 1.0, {}, fails=True)
+
+    assert copy is None
+    assert isinstance(raised, Reject)
+    assert raised.requeue is False  # the reconciler finds the order; no redelivery loop
+
+
+def test_a_task_called_directly_gets_its_deferral_raised_not_scheduled(tmp_path):
+    from tests.fault_tasks import defer_until
+
+    with pytest.raises(Deferred):  # no broker to come back through
+        defer_until(str(tmp_path / "attempts"), 1)
+
+
+@pytest.mark.parametrize(
+    ("timelimit", "budget"),
+    [((None, None), 25), ((None, 2.0), 2.0), ((5.0, None), 5.0), ((40.0, 35.0), 35.0)],
+    ids=["the-tasks-soft-limit", "the-messages-soft-limit", "the-messages-hard-limit", "own"],
+)
+def test_a_runs_budget_is_its_soft_limit_the_messages_own_limits_first(timelimit, budget):
+    from shop.tasks.emails import send_receipt  # soft_time_limit=25, time_limit=30
+
+    send_receipt.push_request(timelimit=timelimit)
+    try:
+        assert send_receipt.run_budget() == budget
+    finally:
+        send_receipt.pop_request()
