@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -473,3 +474,36 @@ def test_a_runs_budget_is_its_soft_limit_the_messages_own_limits_first(timelimit
         assert send_receipt.run_budget() == budget
     finally:
         send_receipt.pop_request()
+
+
+@pytest.mark.parametrize(
+    ("request_", "read"),
+    [
+        ({dependencies.SLOTS_HEADER: '{"svc": 1}', dependencies.DEFERRALS_HEADER: 2}, 2),
+        (
+            {
+                "headers": {
+                    dependencies.SLOTS_HEADER: '{"svc": 1}',
+                    dependencies.DEFERRALS_HEADER: 3,
+                }
+            },
+            3,
+        ),
+    ],
+    ids=["as-the-requests-own", "in-its-headers"],
+)
+def test_a_runs_booked_slots_and_deferrals_are_read_wherever_celery_put_them(request_, read):
+    from jobs.base import _deferral_headers
+
+    assert _deferral_headers(SimpleNamespace(**request_)) == ({"svc": 1.0}, read)
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [{"headers": None}, {"headers": {dependencies.SLOTS_HEADER: "not json"}}, {}],
+    ids=["none", "garbage", "no-headers-at-all"],
+)
+def test_a_run_without_usable_deferral_headers_starts_afresh(request_):
+    from jobs.base import _deferral_headers
+
+    assert _deferral_headers(SimpleNamespace(**request_)) == ({}, 0)
