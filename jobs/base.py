@@ -101,7 +101,7 @@ class ReliableTask(DjangoTask):
         task_id, retries = request.id, request.retries
         deliveries = delivery_count(task_id, retries)
         try:
-            if deliveries > jobs_settings.POISON_MAX_DELIVERIES:
+            if deliveries is not None and deliveries > jobs_settings.POISON_MAX_DELIVERIES:
                 raise PoisonMessage(
                     f"delivered {deliveries} times without finishing: it kills its worker"
                 )

@@ -28,11 +28,11 @@ def _key(task_id: str, retries: int) -> str:
     return f"jobs:deliveries:{task_id}:{retries}"
 
 
-def delivery_count(task_id: str, retries: int) -> int:
-    """Count this delivery and return how many there have been (0: could not count)."""
+def delivery_count(task_id: str, retries: int) -> int | None:
+    """Count this delivery and return how many there have been (None: could not count)."""
     client = redis_client()
     if client is None:
-        return 0  # not Redis: RabbitMQ bounds redeliveries itself (quorum delivery-limit)
+        return None  # not Redis: RabbitMQ bounds redeliveries itself (quorum delivery-limit)
     key = _key(task_id, retries)
     # Long enough to see the next redeliveries, which come a visibility timeout apart.
     ttl = int(visibility_timeout() * (jobs_settings.POISON_MAX_DELIVERIES + 1))
@@ -44,7 +44,7 @@ def delivery_count(task_id: str, retries: int) -> int:
     except redis.RedisError as exc:
         # The guard must never fail a task; without a count the task just runs.
         logger.warning("poison guard: could not count delivery of %s: %r", task_id, exc)
-        return 0
+        return None
     return int(count)
 
 

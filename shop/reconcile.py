@@ -197,7 +197,7 @@ def unpaid_past_deadline(*, repair: bool) -> Result:
         ).values_list("pk", "payment__pk")
         if payment_id not in replayed
     ]
-    repaired, unanswered, left = 0, [], 0
+    repaired, unanswered, failed, left = 0, [], [], 0
     stop_at = time.monotonic() + DEADLINE_RUN_BUDGET
     for order_id, payment_id in overdue if repair else ():
         if time.monotonic() > stop_at:  # a slow gateway: the rest wait for the next run
@@ -215,14 +215,15 @@ def unpaid_past_deadline(*, repair: bool) -> Result:
         except Exception:
             # One order's problem must not stop the deadline of all the others.
             logger.exception("reconcile: order %s could not be cancelled", order_id)
-            unanswered.append(order_id)
+            failed.append(order_id)  # tried again by the next run, and logged each time
             continue
         order_dead_letters_close(payment_id=payment_id, actor=DEADLINE_ACTOR)
         repaired += outcome != Cancelled.ALREADY_FINAL
-    if unanswered and len(unanswered) == len(overdue):
+    if overdue and len(unanswered) + len(failed) == len(overdue):
         raise TransientError(f"no overdue order could be cancelled ({len(overdue)} waiting)")
     samples = [f"order {o}" for o, _ in overdue]
     samples += [f"order {o}: not cancelled yet, the gateway did not answer" for o in unanswered]
+    samples += [f"order {o}: not cancelled yet, an error was logged" for o in failed]
     if left:
         samples.append(f"{left} more left for the next run (time budget)")
     return Result(found=len(overdue), repaired=repaired, samples=samples)

@@ -18,6 +18,7 @@ an empty selection or a crash outside the tests are errors of the run, reported 
 
 import argparse
 import ast
+import dataclasses
 import difflib
 import hashlib
 import json
@@ -519,6 +520,8 @@ def run_tests(
     collected (3, 4, 5) is an error of this run, never a kill."""
     from cosmic_ray.work_item import TestOutcome
 
+    if _stopping.is_set():  # Ctrl-C came between two runs of this mutant: start no other
+        raise KeyboardInterrupt
     command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
     proc = subprocess.Popen(
         command,
@@ -748,14 +751,18 @@ class Score:
         return self.killed + len(self.survivors)
 
 
-def equivalents(path: Path = EQUIVALENT) -> dict[tuple[str, str, str, str], str]:
+def equivalents(path: Path = EQUIVALENT) -> dict[tuple[str, str, str, str], int]:
     """The survivors explained as equivalent (no test could tell them from the original),
     each an `[[equivalent]]` table: module, operator, line (the original, stripped),
-    mutated (the mutant's line, stripped), why."""
+    mutated (the mutant's line, stripped), why, and `sites` (how many lines of the
+    module it explains, 1 unless it says): the key for each, and its sites."""
     if not path.exists():
         return {}
     tables = tomllib.loads(path.read_text()).get("equivalent", [])
-    return {(t["module"], t["operator"], t["line"], t["mutated"]): t["why"] for t in tables}
+    return {
+        (t["module"], t["operator"], t["line"], t["mutated"]): int(t.get("sites", 1))
+        for t in tables
+    }
 
 
 def score(tree: Path, session: Path, module: str) -> Score:
@@ -793,7 +800,7 @@ def score(tree: Path, session: Path, module: str) -> Score:
 
 
 def report(
-    scores: list[Score], explained: dict[tuple[str, str, str, str], str], missing: list[str]
+    scores: list[Score], explained: dict[tuple[str, str, str, str], int], missing: list[str]
 ) -> tuple[str, bool]:
     """The table (and every survivor no entry of equivalent.toml explains, every error);
     whether every module met the goal with nothing unexplained, pending or in error."""
@@ -802,18 +809,33 @@ def report(
     unexplained = []
     good = not missing
     for s in scores:
-        known = [v for v in s.survivors if v.key() in explained]
-        unexplained += [v for v in s.survivors if v.key() not in explained]
-        # The mutation score: killed of the mutants that can be killed at all.
-        killable = s.tried - len(known)
-        ratio = s.killed / killable if killable else 1.0
+        # An entry explains as many survivors as it names sites: a new line that happens
+        # to read the same (another `return 0`) is not explained by it unseen.
+        matches = Counter(v.key() for v in s.survivors if v.key() in explained)
+        fits = {key for key, found in matches.items() if found <= explained[key]}
+        known = [v for v in s.survivors if v.key() in fits]
+        unexplained += [
+            v
+            if v.key() not in matches
+            else dataclasses.replace(
+                v,
+                why=f"equivalent.toml explains {explained[v.key()]} such line(s), "
+                f"{matches[v.key()]} survived",
+            )
+            for v in s.survivors
+            if v.key() not in fits
+        ]
+        # Killed of all tried: an equivalent mutant counts against the score, so that
+        # explaining survivors away can never reach the goal (every survivor must be
+        # explained as well).
+        ratio = s.killed / s.tried if s.tried else 0.0
         rows.append(
             f"| `{s.module}` | {s.tried} | {s.killed} | {ratio:.0%} | {len(known)} "
             f"| {len(s.errors)} |" + (f" ({s.pending} pending)" if s.pending else "")
         )
         good = good and not s.pending and not s.errors and s.tried > 0 and ratio >= GOAL
     rows += [f"| `{m}` | not run | | | | |" for m in missing]
-    rows += ["", "score: killed / (tried - explained as equivalent)"]
+    rows += ["", f"score: killed / tried; the goal: {GOAL:.0%} in each, every survivor explained"]
     good = good and not unexplained
     lines = rows + (["", "Survivors not explained:"] if unexplained else [])
     lines += [

@@ -25,7 +25,7 @@ from jobs.testing import assert_enqueued
 from shop.gateway import client as gateway_client
 from shop.gateway.client import GATEWAY
 from shop.models import Order, Payment, Product, Receipt
-from shop.services import payments
+from shop.services import payments, receipts
 from shop.services.checkout import checkout_complete, checkout_parse
 from shop.services.payments import (
     charge_description,
@@ -503,16 +503,18 @@ def test_another_delivery_takes_over_a_claim_whose_lease_expired_but_not_a_live_
 
 @pytest.mark.django_db(transaction=True)
 def test_a_claim_stays_live_for_its_60_s_lease_longer_than_the_tasks_hard_time_limit(
-    broker, gateway, products, mail_dir
+    broker, gateway, products, mail_dir, monkeypatch
 ):
     assert send_receipt.time_limit < 60  # a claim this old: its holder's run has ended
     order_id = receipt_claimed_by_task_a()
+    now = timezone.now()  # the clock the sends read, held still: no margin to outrun
+    monkeypatch.setattr(receipts.timezone, "now", lambda: now)
 
-    Receipt.objects.update(claimed_at=timezone.now() - timedelta(seconds=59.5))
+    Receipt.objects.update(claimed_at=now - timedelta(seconds=59.5))
     receipt_send(order_id=order_id, claimant="task-B")
     assert Receipt.objects.get().claimed_by == "task-A/0"  # live: left to task A
 
-    Receipt.objects.update(claimed_at=timezone.now() - timedelta(seconds=60.5))
+    Receipt.objects.update(claimed_at=now - timedelta(seconds=60.5))
     receipt_send(order_id=order_id, claimant="task-B")
     assert Receipt.objects.get().claimed_by == "task-B/0"  # expired: taken over
 
