@@ -191,7 +191,7 @@ def dead_letter_replay(*, ids: Iterable[int], actor: str) -> Handled:
         if number:
             time.sleep(jobs_settings.REPLAY_BATCH_PAUSE)
         with transaction.atomic():
-            # In id order: two replays of overlapping selections lock rows in one order.
+            # In id order, as the batches are cut (the model orders newest first).
             rows = list(DeadLetter.objects.select_for_update().filter(pk__in=batch).order_by("pk"))
             refused += len(batch) - len(rows)
             for row in rows:
