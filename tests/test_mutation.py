@@ -189,6 +189,14 @@ def test_the_tests_that_killed_a_modules_mutants_run_first_then_its_own_then_the
     assert prioritize(["tests/a.py", "tests/b.py"], killers, "jobs/x.py") == [
         ["tests/a.py", "tests/b.py"]
     ]
+    # a module's own file is the one of its package, whatever the name shares
+    same_names = ["tests/jobs/test_reconcile.py", "tests/shop/test_reconcile.py"]
+    assert prioritize(same_names, Counter(), "shop/reconcile.py") == [
+        same_names[1:],
+        same_names[:1],
+    ]
+    near = ["tests/shop/test_payments_api.py", "tests/shop/test_payments.py"]
+    assert prioritize(near, Counter(), "shop/services/payments.py") == [near[1:], near[:1]]
 
 
 @pytest.mark.parametrize(

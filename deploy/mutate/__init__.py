@@ -392,16 +392,18 @@ def killers_in(output: str) -> list[str]:
 def prioritize(tests: list[str], killers: Counter[str], module: str) -> list[list[str]]:
     """The mutant's tests as pytest runs, one after the other until one fails: first the
     tests that killed this module's mutants so far (most kills first) and those of its
-    own test file (tests/jobs/test_poison.py for jobs/poison.py), then the rest in their
-    order. A mutant that disables a protection passes every test that merely runs the
-    line, and only the test of that protection, often slow, fails. Two runs, not one
-    ordered list: pytest-django reorders each run's tests (database tests first, the
-    transactional ones after them, the rest last), and a quick test of the protection
-    would wait behind every transactional test of the selection."""
-    stem = Path(module).stem
+    own test file (tests/jobs/test_poison.py for jobs/poison.py, tests/shop/test_payments.py
+    for shop/services/payments.py), then the rest in their order. A mutant that disables a
+    protection passes every test that merely runs the line, and only the test of that
+    protection, often slow, fails. Two runs, not one ordered list: pytest-django reorders
+    each run's tests (database tests first, the transactional ones after them, the rest
+    last), and a quick test of the protection would wait behind every transactional test
+    of the selection."""
+    own_name, package = f"test_{Path(module).stem}.py", Path(module).parts[:1]
 
     def own(test: str) -> bool:
-        return stem in Path(test.split("::", 1)[0]).stem
+        path = Path(test.split("::", 1)[0])
+        return path.name == own_name and path.parts[1:2] == package
 
     def rank(indexed: tuple[int, str]) -> tuple[int, int, int]:
         index, test = indexed
