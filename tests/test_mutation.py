@@ -241,7 +241,8 @@ def test_the_next_run_of_a_mutants_tests_starts_only_when_the_one_before_passed(
     [
         ([(Outcome.KILLED, FAILED_ONE), (Outcome.KILLED, FAILED_ONE)], Outcome.KILLED, "SA"),
         ([(Outcome.SURVIVED, "3 passed")], Outcome.SURVIVED, "S"),
-        ([(Outcome.KILLED, TIMED_OUT)], Outcome.KILLED, "S"),  # a hang is not run again
+        ([(Outcome.KILLED, TIMED_OUT)] * 2, Outcome.KILLED, "SS"),  # a hang hangs twice
+        ([(Outcome.KILLED, TIMED_OUT), (Outcome.SURVIVED, "3 passed")], Outcome.SURVIVED, "SS"),
         (
             [
                 (Outcome.KILLED, FAILED_ONE),
@@ -262,7 +263,15 @@ def test_the_next_run_of_a_mutants_tests_starts_only_when_the_one_before_passed(
             "SA",
         ),
     ],
-    ids=["confirmed", "survived", "hung", "flaky-then-survived", "never-confirmed", "not-found"],
+    ids=[
+        "confirmed",
+        "survived",
+        "hung",
+        "slow-then-passed",
+        "flaky-then-survived",
+        "never-confirmed",
+        "not-found",
+    ],
 )
 def test_a_kill_counts_only_when_the_failing_test_fails_again_alone(
     monkeypatch, tmp_path, verdicts, outcome, runs

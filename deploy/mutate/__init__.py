@@ -590,7 +590,8 @@ def try_mutant(
     fails again: a test that fails now and then on a busy machine (every test passed
     once without any mutant, in the map's run) must not pass for a kill. Unconfirmed,
     the whole selection runs once more, and its verdict stands (an unconfirmed kill then
-    is an error of the run)."""
+    is an error of the run). A run that outlived its timeout is run once more too: a
+    hang kills when it hangs twice (a busy machine can make a run overstay once)."""
     from cosmic_ray.work_item import TestOutcome
 
     def run(tests: list[str]) -> tuple[TestOutcome, str]:
@@ -601,6 +602,8 @@ def try_mutant(
             outcome, output = run(tests)
             if outcome != TestOutcome.SURVIVED:
                 break
+        if output == TIMED_OUT and attempt == 1:
+            continue
         failed = [node for node in killers_in(output) if "::" in node][:1]
         if outcome != TestOutcome.KILLED or output == TIMED_OUT or not failed:
             return outcome, output  # survived, an error, a hang or a broken import
