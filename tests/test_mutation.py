@@ -9,6 +9,7 @@ import subprocess
 import sys
 from collections import Counter
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from cosmic_ray.plugins import operator_names
@@ -31,7 +32,7 @@ from deploy.mutate import (
     signature_spans,
     try_mutant,
 )
-from tests.helpers import REPO, run_module
+from tests.helpers import REPO, run_module, wait_until
 from tests.mutation_sample import doubled, unchanged
 
 SAMPLE = "tests/mutation_sample.py"
@@ -234,6 +235,37 @@ def test_the_next_run_of_a_mutants_tests_starts_only_when_the_one_before_passed(
     calls.clear()
     assert try_mutant(tmp_path, SAMPLE, [["tests/a.py"], ["tests/c.py"]], {})[0] == Outcome.KILLED
     assert calls == [["tests/a.py"], ["tests/a.py::test_one"]]  # the kill, then its confirmation
+
+
+def test_a_process_a_test_leaves_running_in_its_temporary_directory_is_stopped(
+    tmp_path, monkeypatch
+):
+    # as a test's Redis: started in the test's tmp_path, in a session of its own
+    monkeypatch.delenv("DJANGO_SETTINGS_MODULE")  # a tree of one test file, no project
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "test_leaves.py").write_text(
+        "import pathlib, subprocess\n"
+        "def test_leaves(tmp_path):\n"
+        "    proc = subprocess.Popen(['sleep', '300'], cwd=tmp_path, start_new_session=True)\n"
+        "    (pathlib.Path.cwd() / 'pid').write_text(str(proc.pid))\n"
+    )
+
+    outcome, output = deploy.mutate.run_tests(tree, SAMPLE, ["test_leaves.py"], timeout=120)
+
+    assert outcome == Outcome.SURVIVED, output
+    pid = int((tree / "pid").read_text())
+    wait_until(lambda: not _running(pid), timeout=10, what="the test's process to stop")
+
+
+def _running(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return (
+        stat.rsplit(")", 1)[1].split()[0] != "Z"
+    )  # a zombie has stopped; its parent has not reaped it yet
 
 
 @pytest.mark.parametrize(

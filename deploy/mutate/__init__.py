@@ -240,6 +240,7 @@ def prepare(workdir: Path, tests: list[str], *, fresh: bool = False, copies: int
                 shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
     trees = [workdir / "tree"] + [workdir / f"tree-{n}" for n in range(2, copies + 1)]
     for tree in trees:
+        stop_leftovers(tree)
         for cache in tree.rglob("__pycache__"):  # compiled from other sources (see above)
             shutil.rmtree(cache, ignore_errors=True)
         for name in files:
@@ -272,11 +273,20 @@ def forget_bytecode(module: Path) -> None:
         compiled.unlink(missing_ok=True)
 
 
+def pytest_command(tree: Path) -> list[str]:
+    """pytest in `tree`, its temporary files in the tree too (`--basetemp`, emptied by
+    each run): a Redis a test starts runs in its data directory there, so
+    `stop_leftovers` finds it like every other process the run left behind."""
+    basetemp = f"--basetemp={tree / '.pytest-tmp'}"
+    return [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", basetemp]
+
+
 def stop_leftovers(tree: Path) -> list[int]:
     """SIGKILL every process still running in the tree (a worker, the gateway, a Redis a
-    test started, in a session of its own) once a mutant's tests are over: a test killed
-    at its timeout never tore its fixtures down, and a worker with the old mutant loaded
-    would take the next run's messages."""
+    test started, in a session of its own) once a mutant's tests are over, and when a
+    run starts (a run killed mid-mutant left its processes there): a test killed at its
+    timeout never tore its fixtures down, and a worker with the old mutant loaded would
+    take the next run's messages."""
     own = {os.getpid(), os.getppid()}
     killed = []
     for entry in Path("/proc").iterdir():
@@ -309,8 +319,7 @@ def build_map(tree: Path, workdir: Path, tests: list[str], modules: list[str]) -
     out = workdir / "coverage"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
-    command += ["-p", "deploy.mutate.coverage_plugin", *tests]
+    command = [*pytest_command(tree), "-p", "deploy.mutate.coverage_plugin", *tests]
     command += [f"--ignore={path}" for path in MAP_EXCLUDES if tests == ["tests"]]
     print(f"mutate: mapping which tests run which line ({' '.join(tests)})", flush=True)
     started = time.monotonic()
@@ -524,7 +533,7 @@ def run_tests(
 
     if _stopping.is_set():  # Ctrl-C came between two runs of this mutant: start no other
         raise KeyboardInterrupt
-    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+    command = [*pytest_command(tree), "-x", *tests]
     proc = subprocess.Popen(
         command,
         cwd=tree,
