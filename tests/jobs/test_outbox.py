@@ -2,6 +2,7 @@
 publish did not happen, never double-published by two relays."""
 
 import json
+import threading
 import time
 from collections import Counter
 from contextlib import ExitStack
@@ -178,6 +179,46 @@ def test_a_frozen_broker_costs_one_short_timeout_then_the_relay_takes_over(broke
     third.refresh_from_db()
     assert third.sent_at is not None
     assert str(third.task_id) in published_task_ids(broker)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_dropped_broker_connection_costs_no_publish(broker):
+    outbox.enqueue(TASK, args=[1])  # autocommit: this process's publisher connects
+    # when: the broker drops every client's connection (a restart, a proxy's idle timeout)
+    assert broker.client().client_kill_filter(_type="normal", skipme=True) >= 1
+
+    second = outbox.enqueue(TASK, args=[2])
+
+    # then: the publish found its connection gone, connected again and went through
+    second.refresh_from_db()
+    assert (second.attempts, second.last_error) == (0, "")  # no failure recorded
+    assert not outbox.publishing_paused()
+    assert str(second.task_id) in published_task_ids(broker)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_broker_that_does_not_answer_is_tried_twice_by_the_request_no_more(
+    broker, settings, monkeypatch
+):
+    settings.JOBS_OUTBOX_PUBLISH_TIMEOUT = 0.3
+    monkeypatch.setattr(outbox, "_local", threading.local())  # a publisher not yet connected
+    client = broker.client()
+    connections_before = client.info("stats")["total_connections_received"]
+
+    with broker.frozen():  # the kernel queues the connections; Redis counts them after
+        row = outbox.enqueue(TASK, args=[1])
+    # Redis takes every queued connection in one go (one accept loop, between commands)
+    wait_until(
+        lambda: client.info("stats")["total_connections_received"] > connections_before,
+        timeout=10,
+        what="Redis to take the queued connections",
+    )
+
+    # then: one try and one reconnect (each costing the request its timeout), then the
+    # row is left to the relay
+    assert client.info("stats")["total_connections_received"] - connections_before == 2
+    row.refresh_from_db()
+    assert (row.sent_at, row.attempts) == (None, 1)
 
 
 @pytest.mark.django_db(transaction=True)
