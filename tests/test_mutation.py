@@ -21,6 +21,7 @@ from deploy.mutate import (
     Score,
     Survivor,
     annotation_spans,
+    cannot_make,
     forget_bytecode,
     in_spans,
     judge,
@@ -324,6 +325,14 @@ def test_a_kill_counts_only_when_the_failing_test_fails_again_alone(
     assert calls == [selection if run == "S" else alone for run in runs]
     if outcome == Outcome.KILLED and runs == "SA":
         assert output.endswith("confirmed: tests/a.py::test_one failed again, alone")
+
+
+def test_only_cosmic_rays_known_failure_is_a_mutant_not_made_anything_else_stops_the_run():
+    known = AttributeError("'PythonNode' object has no attribute 'value'")
+
+    assert cannot_make("core/ExceptionReplacer", known)
+    assert not cannot_make("core/NumberReplacer", known)
+    assert not cannot_make("core/ExceptionReplacer", OSError("disk full"))
 
 
 def test_an_equivalent_entry_explains_no_more_lines_than_it_names():
