@@ -4,7 +4,7 @@
 publisher to run right after COMMIT. A rollback discards both. If the broker is down, or
 the process dies between COMMIT and publish, the row stays unsent and `relay_unsent()`
 (run by beat every few seconds, or `manage.py outbox_relay`) publishes it later. A
-broker that does not answer costs the request a short timeout once; then this process
+broker that does not answer costs the request a few short timeouts once; then this process
 leaves its rows to the relay for a while (a circuit breaker).
 A published row is marked sent off the request path, with other rows in one UPDATE a
 moment later (`_Marks`), so a checkout commits once.
@@ -45,8 +45,10 @@ BROKER_DOWN = (OperationalError, ConnectionError, TimeoutError, OSError)
 
 logger = logging.getLogger(__name__)
 
-# Try the broker twice at most (one reconnect after a dropped connection), then leave
-# the row to the relay: checkout must not wait for Redis.
+# One retry, at once: a connection that cannot be made is tried once more, and a publish
+# whose connection stopped answering once more on a new one; then the row is left to the
+# relay: checkout must not wait for Redis. A frozen broker costs the request three
+# timeouts at most (the publish, then two attempts to connect), once (see below).
 _PUBLISH_RETRY_POLICY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.1}
 
 # The after-commit publish runs in the request, so the broker gets a short leash there.

@@ -49,7 +49,7 @@ def _publishing_resumed() -> Iterator[None]:
     from jobs import outbox
 
     yield
-    if outbox.publishing_paused():
+    if outbox._paused_until:
         outbox.resume_publishing()
     if outbox._marks._waiting:
         outbox._marks.discard()

@@ -2,9 +2,12 @@
 a line, how it reads pytest's verdict, and one real run over a small module whose mutants
 a test in the test process, a test's subprocess, or nobody catches."""
 
+import contextlib
 import json
 import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
 from collections import Counter
@@ -256,7 +259,24 @@ def test_a_process_a_test_leaves_running_in_its_temporary_directory_is_stopped(
 
     assert outcome == Outcome.SURVIVED, output
     pid = int((tree / "pid").read_text())
-    wait_until(lambda: not _running(pid), timeout=10, what="the test's process to stop")
+    try:
+        wait_until(lambda: not _running(pid), timeout=10, what="the test's process to stop")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_a_process_left_in_a_tree_deleted_since_is_stopped_too(tmp_path):
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    proc = subprocess.Popen(["sleep", "300"], cwd=tree, start_new_session=True)
+    try:
+        shutil.rmtree(tree)  # as the next run does to a stale tree: the cwd reads "(deleted)"
+
+        assert deploy.mutate.stop_leftovers(tree) == [proc.pid]
+        assert proc.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        proc.kill()
 
 
 def _running(pid: int) -> bool:
@@ -276,6 +296,32 @@ def _running(pid: int) -> bool:
         ([(Outcome.SURVIVED, "3 passed")], Outcome.SURVIVED, "S"),
         ([(Outcome.KILLED, TIMED_OUT)] * 2, Outcome.KILLED, "SS"),  # a hang hangs twice
         ([(Outcome.KILLED, TIMED_OUT), (Outcome.SURVIVED, "3 passed")], Outcome.SURVIVED, "SS"),
+        (
+            [
+                (Outcome.KILLED, TIMED_OUT),
+                (Outcome.KILLED, FAILED_ONE),
+                (Outcome.KILLED, FAILED_ONE),
+            ],
+            Outcome.KILLED,
+            "SSA",
+        ),
+        (
+            [
+                (Outcome.KILLED, FAILED_ONE),
+                (Outcome.SURVIVED, "1 passed"),  # alone, it passed: not confirmed
+                (Outcome.KILLED, TIMED_OUT),  # the selection once more overstays once
+                (Outcome.SURVIVED, "3 passed"),
+            ],
+            Outcome.SURVIVED,
+            "SASS",
+        ),
+        (
+            [(Outcome.KILLED, FAILED_ONE)]
+            + [(Outcome.KILLED, TIMED_OUT)] * 2  # hung alone
+            + [(Outcome.KILLED, FAILED_ONE)] * 2,
+            Outcome.KILLED,
+            "SAASA",
+        ),
         (
             [
                 (Outcome.KILLED, FAILED_ONE),
@@ -301,6 +347,9 @@ def _running(pid: int) -> bool:
         "survived",
         "hung",
         "slow-then-passed",
+        "slow-then-failed",
+        "flaky-then-slow-then-passed",
+        "hung-alone-is-no-confirmation",
         "flaky-then-survived",
         "never-confirmed",
         "not-found",

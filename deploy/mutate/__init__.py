@@ -225,6 +225,8 @@ def prepare(workdir: Path, tests: list[str], *, fresh: bool = False, copies: int
     files = _project_files()
     stamp = fingerprint(files, tests)
     stamp_file, digests_file = workdir / "fingerprint", workdir / "sources.json"
+    for tree in workdir.glob("tree*"):  # before any tree is deleted (see stop_leftovers)
+        stop_leftovers(tree)
     if fresh or not stamp_file.exists() or stamp_file.read_text() != stamp:
         before = {} if fresh or not digests_file.exists() else json.loads(digests_file.read_text())
         now = _digests(files)
@@ -240,7 +242,6 @@ def prepare(workdir: Path, tests: list[str], *, fresh: bool = False, copies: int
                 shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
     trees = [workdir / "tree"] + [workdir / f"tree-{n}" for n in range(2, copies + 1)]
     for tree in trees:
-        stop_leftovers(tree)
         for cache in tree.rglob("__pycache__"):  # compiled from other sources (see above)
             shutil.rmtree(cache, ignore_errors=True)
         for name in files:
@@ -293,7 +294,8 @@ def stop_leftovers(tree: Path) -> list[int]:
         if not entry.name.isdigit() or int(entry.name) in own:
             continue
         try:
-            cwd = Path(os.readlink(entry / "cwd"))
+            # A deleted folder reads "<path> (deleted)": the tree may have been removed
+            cwd = Path(os.readlink(entry / "cwd").removesuffix(" (deleted)"))
         except OSError:
             continue  # gone, or not ours to read
         if cwd == tree or tree in cwd.parents:
@@ -612,20 +614,21 @@ def try_mutant(
     from cosmic_ray.work_item import TestOutcome
 
     def run(tests: list[str]) -> tuple[TestOutcome, str]:
-        return run_tests(tree, module, tests, timeout_for(tests, durations))
+        outcome, output = run_tests(tree, module, tests, timeout_for(tests, durations))
+        if output == TIMED_OUT:  # a hang hangs again; a run a busy machine slowed does not
+            outcome, output = run_tests(tree, module, tests, timeout_for(tests, durations))
+        return outcome, output
 
     for attempt in (1, 2):
         for tests in stages:
             outcome, output = run(tests)
             if outcome != TestOutcome.SURVIVED:
                 break
-        if output == TIMED_OUT and attempt == 1:
-            continue
         failed = [node for node in killers_in(output) if "::" in node][:1]
         if outcome != TestOutcome.KILLED or output == TIMED_OUT or not failed:
             return outcome, output  # survived, an error, a hang or a broken import
         again, alone = run(failed)
-        if again == TestOutcome.KILLED:
+        if again == TestOutcome.KILLED and alone != TIMED_OUT:  # it failed, not hung
             return outcome, f"{output}\n{CONFIRMED.format(failed[0])}"
         if again == TestOutcome.INCOMPETENT:  # pytest could not run it by its node id
             return again, f"{failed[0]} could not run alone: {alone}"
