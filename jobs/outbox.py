@@ -19,7 +19,6 @@ import threading
 import time
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
-from functools import partial
 from typing import Any, cast
 
 from celery import Task
@@ -107,7 +106,13 @@ def enqueue(
     message = OutboxMessage.objects.using(using).create(
         task_name=name, args=args, kwargs=kwargs, headers=headers
     )
-    transaction.on_commit(partial(_publish_committed, message, using), using=using, robust=True)
+
+    # A function, not a functools.partial: Django logs a robust callback that failed by
+    # its __qualname__, which a partial lacks (the logging itself would raise).
+    def publish() -> None:
+        _publish_committed(message, using)
+
+    transaction.on_commit(publish, using=using, robust=True)
     job_event("enqueued", task_id=str(message.task_id), task_name=name, queue=queue)
     return message
 

@@ -431,6 +431,67 @@ def test_a_row_that_keeps_failing_backs_off_then_becomes_a_dead_letter(
 
 
 @pytest.mark.django_db(transaction=True)
+def test_a_failing_row_waits_the_grace_period_doubled_per_failure_up_to_ten_minutes(
+    broker, monkeypatch, settings
+):
+    settings.JOBS_OUTBOX_MAX_FAILURES = 20
+    settings.JOBS_OUTBOX_RELAY_GRACE = 10
+    [stuck] = old_unsent_rows(1)
+    retire_payments_route(monkeypatch, stuck)
+
+    waits = []
+    for _ in range(8):
+        OutboxMessage.objects.filter(pk=stuck.pk).update(retry_after=timezone.now())  # due
+        before = timezone.now()
+        outbox.relay_unsent(older_than=0)
+        after = timezone.now()
+        stuck.refresh_from_db()
+        assert stuck.retry_after is not None
+        wait = (stuck.retry_after - before).total_seconds()
+        assert wait - (after - before).total_seconds() <= round(wait) <= wait
+        waits.append(round(wait))
+
+    assert waits == [10, 20, 40, 80, 160, 320, 600, 600]
+
+
+@pytest.mark.parametrize(
+    ("error", "path"),
+    [(ConnectionError, "the broker down"), (ValueError, "this row's own failure")],
+    ids=["broker-down", "backed-off"],
+)
+@pytest.mark.django_db(transaction=True)
+def test_a_failures_message_is_kept_cut_to_2000_characters(broker, monkeypatch, error, path):
+    def send(message: OutboxMessage, connection: object = None) -> None:
+        raise error("x" * 5000)
+
+    monkeypatch.setattr(outbox, "_send", send)
+    [row] = old_unsent_rows(1)
+
+    outbox.relay_unsent(older_than=0)
+
+    row.refresh_from_db()
+    assert row.last_error == repr(error("x" * 5000))[:2000]
+    assert len(row.last_error) == 2000
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_after_commit_publisher_that_fails_never_fails_the_request_that_committed(
+    broker, monkeypatch, caplog
+):
+    def broken(message: OutboxMessage, using: str | None) -> None:
+        raise RuntimeError("a bug in the publisher")
+
+    monkeypatch.setattr(outbox, "_publish_committed", broken)
+
+    with transaction.atomic():  # the request's transaction: it commits, nothing raises
+        row = outbox.enqueue(TASK, args=[1])
+
+    assert "a bug in the publisher" in caplog.text  # Django logs what on_commit raised
+    assert OutboxMessage.objects.get(pk=row.pk).sent_at is None  # the relay's to send
+    assert outbox.relay_unsent(older_than=0) == 1
+
+
+@pytest.mark.django_db(transaction=True)
 def test_a_broker_outage_does_not_count_towards_dead_lettering_a_row(broker, settings):
     settings.JOBS_OUTBOX_MAX_FAILURES = 2
     [row] = old_unsent_rows(1)
