@@ -614,9 +614,10 @@ def try_mutant(
     from cosmic_ray.work_item import TestOutcome
 
     def run(tests: list[str]) -> tuple[TestOutcome, str]:
-        outcome, output = run_tests(tree, module, tests, timeout_for(tests, durations))
+        timeout = timeout_for(tests, durations)
+        outcome, output = run_tests(tree, module, tests, timeout)
         if output == TIMED_OUT:  # a hang hangs again; a run a busy machine slowed does not
-            outcome, output = run_tests(tree, module, tests, timeout_for(tests, durations))
+            outcome, output = run_tests(tree, module, tests, timeout)
         return outcome, output
 
     for attempt in (1, 2):
