@@ -260,14 +260,16 @@ class Lab(Stack):
         compose's healthcheck would: a worker whose main loop is wedged (seen here: blocked
         reading a broker connection after the broker's faults) consumes nothing and never
         exits, so restarting only what exits is not enough [§9]."""
-        from jobs import app
+        from jobs.celery import app, control_connection
 
         misses: Counter[str] = Counter()
         while not stop.wait(LIVENESS_PERIOD):
             for name in [n for n in list(self.procs) if n.startswith("worker-")]:
                 queue = name.removeprefix("worker-")
                 try:
-                    answered = app.control.ping(destination=[self.node(queue)], timeout=5)
+                    with control_connection() as connection:  # not a pooled one [§10]
+                        node = [self.node(queue)]
+                        answered = app.control.ping(node, timeout=5, connection=connection)
                 except Exception:  # noqa: S112 - the broker is down, not the worker: ask again later
                     continue
                 misses[name] = 0 if answered else misses[name] + 1

@@ -9,6 +9,7 @@ from typing import Any
 from celery import Celery
 from celery.app.utils import Settings
 from django.conf import settings as django_settings
+from kombu import Connection
 
 from jobs.conf import CELERY_DEFAULTS, jobs_settings
 
@@ -70,3 +71,15 @@ def queue_of(task_name: str) -> str:
 def visibility_timeout() -> float:
     """Seconds a delivered, unacked message waits before Redis hands it out again [§2]."""
     return float(app.conf.broker_transport_options.get("visibility_timeout", 3600))
+
+
+def control_connection() -> Connection:
+    """A broker connection of its own for one remote-control call (ping, inspect, a
+    broadcast with replies), to use in a `with` block and pass as `connection=`.
+
+    Not one of the app's pooled connections: once the broker has restarted, a pooled
+    connection left idle past its health-check interval stops reading the workers'
+    replies, which wait in Redis unread; every call then finds no worker, until the
+    process restarts [§10]. Connecting costs a millisecond; these calls are rare.
+    """
+    return app.connection_for_write()

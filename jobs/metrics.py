@@ -35,7 +35,7 @@ from prometheus_client.registry import Collector
 
 from jobs.broker import redis_client
 from jobs.canary import canary_ages
-from jobs.celery import app
+from jobs.celery import app, control_connection
 
 LABELS = ("task", "queue")
 ENQUEUED = Counter("jobs_tasks_enqueued_total", "Tasks whose outbox row committed.", LABELS)
@@ -135,7 +135,9 @@ def _consumers(queues: Iterable[str]) -> Iterator[Metric]:
     global _consumers_cache
     checked, per_queue = _consumers_cache
     if time.monotonic() - checked > _CONSUMERS_TTL:
-        replies = app.control.inspect(timeout=0.5).active_queues() or {}
+        with control_connection() as connection:  # not a pooled one [§10]
+            inspect = app.control.inspect(timeout=0.5, connection=connection)
+            replies = inspect.active_queues() or {}
         per_queue = defaultdict(int)
         for worker_queues in replies.values():
             for declared in worker_queues:

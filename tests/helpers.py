@@ -33,7 +33,7 @@ from django.conf import settings
 from prometheus_client.parser import text_string_to_metric_families
 
 from jobs.base import ReliableTask
-from jobs.celery import app, queue_of
+from jobs.celery import app, control_connection, queue_of
 from jobs.models import DeadLetter
 from jobs.testing import assert_nothing_enqueued
 from shop.models import Order, Payment, Product
@@ -363,9 +363,11 @@ class Worker:
             if self.proc is not None and self.proc.poll() is not None:
                 raise AssertionError(f"worker {self.name} exited:\n{_log_tail(self.log)}")
             try:
-                return bool(app.control.ping(destination=[self.name], timeout=0.5))
-            except (redis.ConnectionError, OSError):  # our pooled connection died with Redis
+                with control_connection() as connection:  # not a pooled one (jobs/NOTES.md §10)
+                    replies = app.control.ping([self.name], timeout=0.5, connection=connection)
+            except (redis.ConnectionError, OSError):  # Redis is down or restarting
                 return False
+            return bool(replies)
 
         wait_until(ready, timeout=timeout, interval=0.2, what=f"worker {self.name}")
 

@@ -41,11 +41,17 @@ def _stop_replicas(bench: Bench) -> None:
 
 
 def _consumers(bench: Bench, command: str, nodes: list[str]) -> None:
-    from jobs.celery import app
+    from jobs.celery import app, control_connection
 
-    replies = app.control.broadcast(
-        command, arguments={"queue": "payments"}, destination=nodes, reply=True, timeout=5
-    )
+    with control_connection() as connection:  # not a pooled one (jobs/NOTES.md §10)
+        replies = app.control.broadcast(
+            command,
+            arguments={"queue": "payments"},
+            destination=nodes,
+            reply=True,
+            timeout=5,
+            connection=connection,
+        )
     if len(replies) != len(nodes):
         raise SystemExit(f"bench: only {len(replies)} of {len(nodes)} answered {command}")
 

@@ -90,18 +90,25 @@ class Bench(Stack):
     # --- consumers and queues ------------------------------------------------------------
 
     def ping(self, nodes: list[str]) -> list[Any]:
-        from jobs.celery import app
+        from jobs.celery import app, control_connection
 
-        return list(app.control.ping(destination=nodes, timeout=1.0))
+        with control_connection() as connection:  # not a pooled one (jobs/NOTES.md §10)
+            return list(app.control.ping(nodes, timeout=1.0, connection=connection))
 
     def _control(self, command: str, queues: Iterable[str], naive: bool) -> None:
-        from jobs.celery import app
+        from jobs.celery import app, control_connection
 
         for queue in queues:
             node = self.node(f"naive-{queue}" if naive else queue)
-            replies = app.control.broadcast(
-                command, arguments={"queue": queue}, destination=[node], reply=True, timeout=5
-            )
+            with control_connection() as connection:  # not a pooled one (jobs/NOTES.md §10)
+                replies = app.control.broadcast(
+                    command,
+                    arguments={"queue": queue},
+                    destination=[node],
+                    reply=True,
+                    timeout=5,
+                    connection=connection,
+                )
             if not replies:
                 raise SystemExit(f"bench: {node} did not answer {command}")
 

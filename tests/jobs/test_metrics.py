@@ -1,13 +1,14 @@
 """/metrics reads the broker and the database at scrape time: queue depth and oldest age
-on every priority list, unacked deliveries, dead letters, outbox backlog."""
+on every priority list, unacked deliveries, consumers, dead letters, outbox backlog."""
 
 import time
 import uuid
+from collections.abc import Iterator
 
 import pytest
 from kombu import Connection
 
-from jobs import outbox
+from jobs import app, metrics, outbox
 from jobs.dependencies import Dependency
 from jobs.models import DeadLetter, OutboxMessage
 from tests.helpers import scrape, value
@@ -46,6 +47,39 @@ def test_unacked_deliveries_are_counted_per_queue_with_their_age(client, broker)
     assert value(samples, "jobs_unacked", queue="payments") == 1
     assert value(samples, "jobs_queue_depth", queue="payments") == 0
     assert value(samples, "jobs_unacked_oldest_age_seconds", queue="payments") >= 0.2
+
+
+@pytest.fixture
+def short_health_checks() -> Iterator[float]:
+    """This process's broker connections check their health every second, not every 25:
+    what a web process sees after 25 idle seconds, a test sees after a few."""
+    before = app.conf.broker_transport_options
+    app.conf.broker_transport_options = {**before, "health_check_interval": 1}
+    app._pool = None  # the next connection from the pool is one with these options
+    yield 1.0
+    app.conf.broker_transport_options = before
+    app._pool = None
+
+
+@pytest.mark.django_db(transaction=True)
+def test_consumers_are_still_counted_after_the_broker_restarted(
+    client, broker, start_worker, short_health_checks
+):
+    worker = start_worker("payments")
+    metrics._consumers_cache = (0.0, {})
+    assert value(scrape(client), "jobs_queue_consumers", queue="payments") == 1
+
+    # when: the broker restarts (an upgrade, a failover), the worker reconnects, and this
+    # process's connections sit idle past their health-check interval
+    with broker.down():
+        pass
+    worker.wait_ready()
+    time.sleep(2 * short_health_checks)
+
+    # then: the worker's answer is read (a pooled connection once left it unread in Redis
+    # for good, and every queue read "no consumers" until the web process restarted)
+    metrics._consumers_cache = (0.0, {})
+    assert value(scrape(client), "jobs_queue_consumers", queue="payments") == 1
 
 
 @pytest.mark.django_db(transaction=True)
