@@ -2,12 +2,14 @@
 publish did not happen, never double-published by two relays."""
 
 import json
+import os
 import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import ExitStack
 from datetime import timedelta
+from types import SimpleNamespace
 
 import pytest
 from celery.app.routes import Router, prepare
@@ -112,6 +114,33 @@ def test_marks_that_fail_are_kept_for_the_next_round(broker, monkeypatch, settin
 
     assert outbox.flush_marks() == 1
     assert OutboxMessage.objects.get(pk=message.pk).sent_at is not None
+
+
+def test_at_most_max_waiting_rows_wait_in_memory_to_be_marked():
+    marks = outbox._Marks()
+    marks._pid = os.getpid()  # as if this process's thread ran: none starts, nothing is marked
+    rows = [SimpleNamespace(pk=n) for n in range(marks.MAX_WAITING + 1)]
+
+    for row in rows:
+        marks.add(row, "default")  # type: ignore[arg-type]
+
+    # then: the row past the bound is not kept (the database gone for long must not grow
+    # the process without end); it stays unsent, and the relay publishes it again
+    assert marks._waiting == {"default": list(range(marks.MAX_WAITING))}
+
+
+def test_an_idle_marking_thread_waits_a_second_before_it_lets_its_connection_go(monkeypatch):
+    closed: list[float] = []
+    monkeypatch.setattr(outbox.connections, "close_all", lambda: closed.append(time.monotonic()))
+    marks = outbox._Marks()
+
+    started = time.monotonic()
+    marks._mark_round()  # no row is due
+
+    # then: it waited for rows, a second, then closed its connection (not a thread that
+    # spins, closing and opening connections without a pause)
+    assert len(closed) == 1
+    assert closed[0] - started >= 0.9
 
 
 @pytest.mark.django_db(transaction=True)
