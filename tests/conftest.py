@@ -58,11 +58,16 @@ def _publishing_resumed() -> Iterator[None]:
 @pytest.fixture
 def broker(redis_server: RedisServer) -> Iterator[RedisServer]:
     """The private Redis with empty queues (and every circuit breaker closed, before and
-    after: a breaker a test opened must not meet a later test that takes no fixture)."""
+    after: a breaker a test opened must not meet a later test that takes no fixture), and
+    no count of consumers cached by /metrics from another test's workers."""
+    from jobs import metrics
+
     redis_server.purge_queues()
     redis_server.forget_dependencies()
+    metrics._consumers_cache = (0.0, {})
     yield redis_server
     redis_server.forget_dependencies()
+    metrics._consumers_cache = (0.0, {})
 
 
 @pytest.fixture(scope="session")

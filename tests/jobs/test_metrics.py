@@ -66,7 +66,6 @@ def test_consumers_are_still_counted_after_the_broker_restarted(
     client, broker, start_worker, short_health_checks
 ):
     worker = start_worker("payments")
-    metrics._consumers_cache = (0.0, {})
     assert value(scrape(client), "jobs_queue_consumers", queue="payments") == 1
 
     # when: the broker restarts (an upgrade, a failover), the worker reconnects, and this
