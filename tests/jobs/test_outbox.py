@@ -26,6 +26,7 @@ from jobs import app, outbox
 from jobs.celery import beat_entries
 from jobs.checks import outbox_check
 from jobs.models import DeadLetter, OutboxMessage
+from jobs.tasks import prune_outbox as prune_outbox_task
 from jobs.tasks import relay_outbox as relay_outbox_task
 from tests.helpers import run_concurrently, wait_until
 
@@ -547,20 +548,30 @@ def test_enqueue_rejects_arguments_that_are_not_json():
 
 
 @pytest.mark.django_db
-def test_prune_deletes_only_sent_rows_past_retention():
-    old_sent, recent_sent, old_unsent = OutboxMessage.objects.bulk_create(
-        OutboxMessage(task_name=TASK) for _ in range(3)
+@pytest.mark.parametrize("retention", ["argument", "setting"])
+def test_prune_deletes_sent_and_dead_lettered_rows_past_retention(settings, retention):
+    sent, recent, dead, unsent = OutboxMessage.objects.bulk_create(
+        OutboxMessage(task_name=TASK) for _ in range(4)
     )
     now = timezone.now()
-    OutboxMessage.objects.filter(pk=old_sent.pk).update(sent_at=now - timedelta(days=8))
-    OutboxMessage.objects.filter(pk=recent_sent.pk).update(sent_at=now - timedelta(days=1))
-    OutboxMessage.objects.filter(pk=old_unsent.pk).update(created_at=now - timedelta(days=30))
+    OutboxMessage.objects.filter(pk=sent.pk).update(sent_at=now - timedelta(days=3))
+    OutboxMessage.objects.filter(pk=recent.pk).update(sent_at=now - timedelta(days=1))
+    OutboxMessage.objects.filter(pk=dead.pk).update(dead_lettered_at=now - timedelta(days=3))
+    OutboxMessage.objects.filter(pk=unsent.pk).update(created_at=now - timedelta(days=30))
 
-    assert outbox.prune_sent(older_than_days=7, chunk=1) == 1
-    assert set(OutboxMessage.objects.values_list("pk", flat=True)) == {
-        recent_sent.pk,
-        old_unsent.pk,
-    }
+    # when: pruned with two days' retention (not the default seven), in chunks of one row,
+    # or by the scheduled task with the retention set
+    if retention == "argument":
+        deleted = outbox.prune_sent(older_than_days=2, chunk=1)
+    else:
+        settings.JOBS_OUTBOX_RETENTION_DAYS = 2
+        assert beat_entries(app.conf)["prune-outbox"]["task"] == prune_outbox_task.name
+        deleted = prune_outbox_task.apply().get()
+
+    # then: the rows done with (sent, or handed to the dead letters) past it are gone; an
+    # unsent row stays whatever its age (the relay still owes it a publish)
+    assert deleted == 2
+    assert set(OutboxMessage.objects.values_list("pk", flat=True)) == {recent.pk, unsent.pk}
 
 
 @pytest.mark.django_db(transaction=True)
