@@ -215,7 +215,9 @@ def test_a_frozen_broker_costs_one_short_timeout_then_the_relay_takes_over(broke
     assert (second.sent_at, second.attempts, second.last_error) == (None, 0, "")
     assert paused
     assert outbox.relay_unsent(older_than=0) == 2
-    assert sorted(published_task_ids(broker)) == sorted([str(first.task_id), str(second.task_id)])
+    # (the publish that timed out may still have reached Redis, which read it once it ran
+    # again: then the first task is there twice, under one task id; at least once)
+    assert set(published_task_ids(broker)) == {str(first.task_id), str(second.task_id)}
 
     # and after the pause, publishing after commit is tried again, and works
     wait_until(lambda: not outbox.publishing_paused(), timeout=5)
