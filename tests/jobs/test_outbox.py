@@ -130,6 +130,59 @@ def test_at_most_max_waiting_rows_wait_in_memory_to_be_marked():
     assert marks._waiting == {"default": list(range(marks.MAX_WAITING))}
 
 
+def test_the_first_process_of_a_container_marks_its_rows_too(monkeypatch):
+    started: list[str] = []
+    monkeypatch.setattr(outbox.os, "getpid", lambda: 1)  # `exec celery ...` as a container's init
+    monkeypatch.setattr(
+        outbox.threading,
+        "Thread",
+        lambda name, **_: SimpleNamespace(start=lambda: started.append(name)),
+    )
+    marks = outbox._Marks()
+
+    marks.add(SimpleNamespace(pk=7), "default")  # type: ignore[arg-type]
+
+    # then: process 1 starts its marking thread like any other (no "no process yet" value
+    # that a real pid can equal)
+    assert started == ["outbox-marks"]
+    assert marks._waiting == {"default": [7]}
+
+
+def test_the_marking_thread_outlives_a_round_that_failed(monkeypatch, settings):
+    settings.JOBS_OUTBOX_MARK_INTERVAL = 0.01
+    rounds: list[int] = []
+
+    class Stop(BaseException):  # ends the thread's loop for the test; not an Exception
+        pass
+
+    def a_round() -> None:
+        rounds.append(len(rounds) + 1)
+        if len(rounds) == 1:
+            raise OperationalError("the database went away")
+        raise Stop
+
+    marks = outbox._Marks()
+    monkeypatch.setattr(marks, "_mark_round", a_round)
+
+    with pytest.raises(Stop):
+        marks._mark_forever()
+
+    # then: the failed round was logged and the next one ran (a dead thread would never
+    # mark a row again, and every published row would be published twice by the relay)
+    assert rounds == [1, 2]
+
+
+def test_marking_at_exit_that_fails_is_logged_and_the_exit_goes_on(monkeypatch, caplog):
+    def database_gone() -> int:
+        raise OperationalError("the database went away")
+
+    monkeypatch.setattr(outbox._marks, "flush", database_gone)
+
+    outbox._flush_on_exit()  # as atexit and a pool child's shutdown call it
+
+    assert "marking rows sent on exit failed" in caplog.text
+
+
 def test_an_idle_marking_thread_waits_a_second_before_it_lets_its_connection_go(monkeypatch):
     closed: list[tuple[int, float]] = []  # by this thread (the process's own may run too)
     monkeypatch.setattr(
