@@ -383,6 +383,40 @@ def test_two_relays_at_once_never_publish_a_row_twice(broker):
 
 
 @pytest.mark.django_db(transaction=True)
+def test_a_relay_skips_the_row_another_relay_holds_and_publishes_the_rest(broker):
+    held, *rest = old_unsent_rows(3)
+    holding, release = threading.Event(), threading.Event()
+
+    def another_relay() -> None:  # holds the oldest row's lock, as a relay mid-publish does
+        try:
+            with transaction.atomic():
+                OutboxMessage.objects.select_for_update().get(pk=held.pk)
+                holding.set()
+                release.wait(timeout=60)
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=another_relay)
+    thread.start()
+    assert holding.wait(timeout=30)
+    try:
+        with connection.cursor() as cursor:  # a relay that waited for the lock fails, not hangs
+            cursor.execute("SET lock_timeout = '10s'")
+        sent = outbox.relay_unsent(older_than=0)
+    finally:
+        release.set()
+        thread.join(timeout=60)
+        with connection.cursor() as cursor:
+            cursor.execute("RESET lock_timeout")
+
+    # then: it took the rows behind the held one at once, and left that one to its holder
+    assert sent == 2
+    assert sorted(published_task_ids(broker)) == sorted(str(row.task_id) for row in rest)
+    held.refresh_from_db()
+    assert held.sent_at is None
+
+
+@pytest.mark.django_db(transaction=True)
 def test_relay_all_drains_more_than_one_batch(broker, settings):
     settings.JOBS_OUTBOX_BATCH_SIZE = 7
     old_unsent_rows(20)
