@@ -417,6 +417,16 @@ def test_a_relay_skips_the_row_another_relay_holds_and_publishes_the_rest(broker
 
 
 @pytest.mark.django_db(transaction=True)
+def test_a_relay_run_publishes_at_most_its_batch_the_rest_wait_for_the_next(broker):
+    rows = old_unsent_rows(5)
+
+    assert outbox.relay_unsent(older_than=0, batch_size=3) == 3
+
+    assert sorted(published_task_ids(broker)) == sorted(str(row.task_id) for row in rows[:3])
+    assert OutboxMessage.objects.filter(sent_at__isnull=True).count() == 2
+
+
+@pytest.mark.django_db(transaction=True)
 def test_relay_all_drains_more_than_one_batch(broker, settings):
     settings.JOBS_OUTBOX_BATCH_SIZE = 7
     old_unsent_rows(20)
@@ -504,8 +514,10 @@ def test_a_relay_killed_mid_batch_keeps_the_rows_it_published_marked(broker, mon
 def test_the_relay_stops_at_its_time_limit_and_commits_what_it_sent(broker, monkeypatch):
     rows = old_unsent_rows(5)
     real_send = outbox._send
+    tried: list[int] = []
 
     def slow_broker(message: OutboxMessage, connection: object = None) -> None:
+        tried.append(message.pk)
         if message.pk == rows[2].pk:
             raise SoftTimeLimitExceeded()  # the task's soft limit, mid-publish
         real_send(message)
@@ -514,6 +526,7 @@ def test_the_relay_stops_at_its_time_limit_and_commits_what_it_sent(broker, monk
 
     assert outbox.relay_unsent(older_than=0) == 2  # stopped, not "one bad message"
 
+    assert tried == [row.pk for row in rows[:3]]  # nothing tried after the limit
     assert OutboxMessage.objects.filter(sent_at__isnull=False).count() == 2
     assert OutboxMessage.objects.get(pk=rows[2].pk).failures == 0
 
