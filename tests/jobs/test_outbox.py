@@ -2,6 +2,7 @@
 publish did not happen, never double-published by two relays."""
 
 import json
+import logging
 import os
 import threading
 import time
@@ -417,13 +418,16 @@ def test_a_relay_skips_the_row_another_relay_holds_and_publishes_the_rest(broker
 
 
 @pytest.mark.django_db(transaction=True)
-def test_a_relay_run_publishes_at_most_its_batch_the_rest_wait_for_the_next(broker):
+def test_a_relay_run_publishes_at_most_its_batch_the_rest_wait_for_the_next(broker, caplog):
+    caplog.set_level(logging.INFO, logger="jobs.outbox")
     rows = old_unsent_rows(5)
 
     assert outbox.relay_unsent(older_than=0, batch_size=3) == 3
 
     assert sorted(published_task_ids(broker)) == sorted(str(row.task_id) for row in rows[:3])
     assert OutboxMessage.objects.filter(sent_at__isnull=True).count() == 2
+    relay_log = [r.getMessage() for r in caplog.records if r.name == "jobs.outbox"]
+    assert relay_log == ["outbox: relayed 3 unsent message(s)"]  # what an operator reads
 
 
 @pytest.mark.django_db(transaction=True)
