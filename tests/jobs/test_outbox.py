@@ -184,6 +184,31 @@ def test_marking_at_exit_that_fails_is_logged_and_the_exit_goes_on(monkeypatch, 
     assert "marking rows sent on exit failed" in caplog.text
 
 
+@pytest.mark.django_db(transaction=True)
+def test_a_marking_round_after_the_database_dropped_its_connection_marks_on_a_new_one(
+    broker, settings
+):
+    import psycopg
+
+    settings.JOBS_OUTBOX_MARK_INTERVAL = 0.01
+    [row] = old_unsent_rows(1)
+    marks = outbox._Marks()
+    marks._pid = os.getpid()  # this test runs the rounds, in this thread
+    marks.add(row, "default")
+    with connection.cursor() as cursor:
+        backend = cursor.connection.info.backend_pid
+    db = connection.settings_dict
+    with psycopg.connect(host=db["HOST"], user=db["USER"], dbname="postgres") as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", [backend])  # a restart, a failover
+    assert marks.flush() == 0  # this connection is gone; the row waits for the next round
+
+    marks._mark_round()
+
+    # then: the round let the broken connection go, as a request does, and marked the row
+    row.refresh_from_db()
+    assert row.sent_at is not None
+
+
 def test_an_idle_marking_thread_waits_a_second_before_it_lets_its_connection_go(monkeypatch):
     closed: list[tuple[int, float]] = []  # by this thread (the process's own may run too)
     monkeypatch.setattr(
