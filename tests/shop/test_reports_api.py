@@ -7,17 +7,19 @@ task's hard time limit."""
 import os
 import threading
 from datetime import datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
 from django.contrib.auth.models import User
 from django.db import IntegrityError, connection, transaction
+from django.test.utils import CaptureQueriesContext
 from django.test import Client
 from django.utils import timezone
 
 from jobs.errors import PermanentError
 from jobs.testing import assert_enqueued, assert_nothing_enqueued, enqueued
-from shop.models import ReportRun
+from shop.models import Order, OrderLine, ReportRun
 from shop.services import reports
 from shop.services.reports import ABANDON_AFTER, sales_report_run
 from shop.tasks.reports import build_sales_report
@@ -78,6 +80,54 @@ def test_a_second_request_while_one_is_queued_is_409_and_names_the_first(staff):
     assert "already" in errors["report"][0]
     assert len(enqueued()) == 1
     assert ReportRun.objects.count() == 1
+
+
+def test_the_report_sums_the_paid_lines_page_by_page(products, monkeypatch):
+    """Units and revenue per product over every paid order, read a page at a time: no query
+    asks the database for more than a page of lines (one query over the whole history
+    would have PostgreSQL compute and hold all of it at the report's start), and none
+    joins (a join's plan depends on statistics a freshly loaded table does not have)."""
+    monkeypatch.setattr(reports, "CHUNK", 2)
+    for status in [Order.Status.PAID] * 3 + [Order.Status.PENDING, Order.Status.FAILED]:
+        order = Order.objects.create(email="a@example.com", total=Decimal("65.00"), status=status)
+        OrderLine.objects.create(order=order, product=products["MUG"], quantity=2, unit_price=12.5)
+        OrderLine.objects.create(order=order, product=products["TEE"], quantity=2, unit_price=20)
+
+    with CaptureQueriesContext(connection) as queries:
+        path = reports.sales_report_build()
+
+    assert path.read_text().splitlines() == [
+        "sku,name,units,revenue",
+        "MUG,Mug,6,75.00",
+        "TEE,Tee,6,120.00",
+    ]
+    line_pages = [q["sql"] for q in queries if 'FROM "shop_orderline"' in q["sql"]][1:]
+    assert len(line_pages) == 5  # 10 lines in pages of 2 (after the highest id)
+    assert all(q.endswith("LIMIT 2") and "JOIN" not in q for q in line_pages), line_pages
+
+
+def test_a_report_stops_at_the_lines_that_existed_when_it_started(products, monkeypatch):
+    """A shop keeps taking orders while its report runs: the report reads up to its start
+    and ends, instead of chasing every order paid since."""
+    monkeypatch.setattr(reports, "CHUNK", 1)
+
+    def paid_order() -> None:
+        order = Order.objects.create(email="a@example.com", total=25, status=Order.Status.PAID)
+        OrderLine.objects.create(order=order, product=products["MUG"], quantity=2, unit_price=12.5)
+
+    paid_order()
+    pages = []
+
+    def a_new_order_per_page(seconds: float) -> None:
+        pages.append(seconds)
+        assert len(pages) < 10, "the report is still reading orders placed after it started"
+        paid_order()
+
+    monkeypatch.setattr(reports.time, "sleep", a_new_order_per_page)
+    path = reports.sales_report_build()
+
+    assert path.read_text().splitlines()[1:] == ["MUG,Mug,2,25.00"]
+    assert len(pages) == 1
 
 
 def test_a_running_report_blocks_too_and_a_finished_one_does_not(staff):
