@@ -39,7 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0.5,
         help="share of the capacity measured in the same run placed open loop (2, 5)",
     )
-    parser.add_argument("--samples", type=int, default=1000, help="charge waits per run (5)")
+    parser.add_argument("--samples", type=int, default=2000, help="charge waits per run (5)")
     parser.add_argument("--gateway-latency-ms", type=int, default=300, help="scenarios 2, 8")
     parser.add_argument(
         "--gateway-jitter-ms", type=int, default=50, help="plus uniform 0..this (8)"

@@ -307,10 +307,14 @@ def isolation(bench: Bench, args: argparse.Namespace) -> Result:
     that is what keeps a bulk pool from slowing the urgent ones. The rate is a share of
     the pipeline's capacity, measured first in the same run, so a slower machine gets a
     lighter load instead of a queue that only grows; each variant places enough orders
-    for a p99 of `--samples` waits."""
+    for a p99 of `--samples` waits. The goal is checked on the waits of every repetition
+    pooled: a one-second stall of the whole machine (it happens to either variant) delays
+    some 40 waits, which decides the p99 of one repetition's 2,000 but not of 6,000."""
     from jobs.celery import app
 
-    result = Result(5, "Payment queue wait: reports queued vs none", [Goal("p99_ratio", "<=", 1.5)])
+    goal = Goal("pooled_p99_ratio", "<=", 1.5)
+    result = Result(5, "Payment queue wait: reports queued vs none", [goal])
+    pooled: dict[str, list[float]] = {"quiet": [], "busy": []}
     _drain_orders(bench, min(args.orders, 50))  # warm-up: the first drain is slower
     capacity = min(args.orders, 300) / _drain_orders(bench, min(args.orders, 300))
     bench.resume(*NAIVE)  # the drain leaves the consumers paused
@@ -324,6 +328,7 @@ def isolation(bench: Bench, args: argparse.Namespace) -> Result:
                     for _ in range(args.reports):
                         app.send_task("shop.tasks.reports.build_sales_report", producer=producer)
             waits = _paced_charge_waits(bench, rate, seconds)
+            pooled[variant] += waits
             figures[f"{variant}_reports_queued"] = float(bench.depth("reports"))
             figures[f"{variant}_samples"] = float(len(waits))
             for q in (50, 95, 99):
@@ -334,7 +339,12 @@ def isolation(bench: Bench, args: argparse.Namespace) -> Result:
         figures["p95_ratio"] = figures["busy_p95_ms"] / figures["quiet_p95_ms"]
         figures["p99_ratio"] = figures["busy_p99_ms"] / figures["quiet_p99_ms"]
         result.reps.append(figures)
+    for q in (95, 99):
+        ratio = percentile(pooled["busy"], q) / percentile(pooled["quiet"], q)
+        for figures in result.reps:
+            figures[f"pooled_p{q}_ratio"] = ratio
     result.notes.append(
+        f"pooled: {len(pooled['quiet'])} quiet and {len(pooled['busy'])} busy waits; "
         f"{args.load:g} x the drain capacity measured first ({capacity:.0f} orders/s): "
         f"{rate:.1f} orders/s for {seconds:.0f} s per run; {bench.cpu.describe()}"
     )
@@ -526,8 +536,12 @@ def bounds(bench: Bench, args: argparse.Namespace) -> Result:
     result = Result(
         9,
         "Checkout: outbox vs delay_on_commit vs hand-written SQL",
-        [Goal("on_commit_throughput_ratio", ">=", 0.9), Goal("on_commit_p99_ratio", ">=", 0.9)],
+        [
+            Goal("on_commit_throughput_ratio", ">=", 0.9),
+            Goal("on_commit_pooled_p99_ratio", ">=", 0.9),
+        ],
     )
+    pooled: dict[str, list[float]] = {"outbox": [], "on_commit": []}  # every rep's answers
     requests = {
         "outbox": bench.request("/api/orders/"),
         "on_commit": bench.request("/bench/orders-on-commit/"),
@@ -549,10 +563,11 @@ def bounds(bench: Bench, args: argparse.Namespace) -> Result:
         for variant, run in runs.items():
             figures[f"{variant}_side_by_side_per_s"] = run.per_second()
         rate = sum(run.per_second() for run in runs.values()) / 2
-        runs = paced_mixed(  # three times as long: a p99 of 1,000 answers, not of 300
+        runs = paced_mixed(  # three times as long: a p99 of more answers
             "127.0.0.1", bench.web_port, pair, rate=rate, seconds=3 * args.seconds
         )
         for variant, run in runs.items():
+            pooled[variant] += run.latencies
             figures[f"{variant}_half_load_p50_ms"] = run.percentile(50)
             figures[f"{variant}_half_load_p99_ms"] = run.percentile(99)
             figures[f"{variant}_half_load_errors"] = float(run.errors)
@@ -570,6 +585,11 @@ def bounds(bench: Bench, args: argparse.Namespace) -> Result:
         )
         result.reps.append(figures)
         bench.purge("payments")
+    # The goal on every repetition's answers pooled: a stall of the whole machine decides
+    # the p99 of one repetition's few hundred answers (scenario 5 says more).
+    ratio = percentile(pooled["on_commit"], 99) / percentile(pooled["outbox"], 99)
+    for figures in result.reps:
+        figures["on_commit_pooled_p99_ratio"] = ratio
     bench.resume("payments")
     bench.client.delete(QUERIES_KEY, TASKS_KEY)
     _drain_orders(bench, min(args.orders, 100))
