@@ -26,7 +26,7 @@ from shop.models import Order, OrderLine, Product, ReportRun
 
 logger = logging.getLogger(__name__)
 
-CHUNK = 500
+CHUNK = 250  # paid orders a page (about 500 lines)
 # By name: shop.tasks.reports imports this module (and its time limits).
 REPORT_TASK = "shop.tasks.reports.build_sales_report"
 SOFT_TIME_LIMIT = 540
@@ -177,12 +177,14 @@ def _abandoned_fail(*, now: datetime) -> int:
 
 
 def sales_report_build() -> Path:
-    """Write units and revenue per product over all paid orders to a CSV; return its path."""
+    """Write units and revenue per product over the orders paid when the report read them
+    (up to the last order placed before it started: `_paid_order_pages`) to a CSV; return
+    its path."""
     units: dict[int, int] = defaultdict(int)
     revenue: dict[int, Decimal] = defaultdict(Decimal)
-    for page in _paid_line_pages():
-        time.sleep(settings.REPORT_CHUNK_DELAY)  # stands in for heavy per-chunk work
-        for line in page:
+    for page in _paid_order_pages():
+        time.sleep(settings.REPORT_CHUNK_DELAY)  # stands in for heavy per-page work
+        for line in OrderLine.objects.filter(order_id__in=page):
             units[line.product_id] += line.quantity
             revenue[line.product_id] += line.subtotal
     products = Product.objects.in_bulk(list(units))
@@ -198,30 +200,30 @@ def sales_report_build() -> Path:
     return path
 
 
-def _paid_line_pages() -> Iterator[list[OrderLine]]:
-    """The paid orders' lines, CHUNK lines read at a time from where the last page stopped
-    (keyset paging on the primary key), up to the last line that existed when the report
-    started: a shop that keeps taking orders does not keep the report chasing them.
+def _paid_order_pages() -> Iterator[list[int]]:
+    """The ids of the paid orders, CHUNK at a time from where the last page stopped (keyset
+    paging on the primary key), up to the last order placed before the report started: a
+    shop that keeps taking orders does not keep the report chasing them. The caller reads
+    each page's lines by their order ids, so an order is counted whole or not at all.
 
     One query over the whole history (`.iterator()`, a server-side cursor) would have
-    PostgreSQL compute and hold every row at the report's start: a burst of database CPU
-    that grows with the table, outside the reports worker's CPU limit (`make bench`,
-    scenario 5). Each page here is two primary-key lookups on one table each, so its cost
-    stays the same as the tables grow, whatever the planner's statistics say (a join
-    filtered on the order's status, planned before autovacuum analyzed a freshly loaded
-    table, read every order for each page: 0.9 s a page at 500,000 orders). The price of
-    paging: an order paid while the report runs is counted or not depending on whether
-    its page was read yet."""
-    last = OrderLine.objects.aggregate(last=Max("pk"))["last"] or 0
+    PostgreSQL compute and hold every row at the report's start: at 500,000 orders, 1.8 s
+    of a database core before the first row, outside the reports worker's CPU limit
+    (deploy/RESULTS.md, scenario 5). Each page here is one query on one table by its
+    primary key, and its lines one more by their order's index: the cost of a page stays
+    the same as the tables grow, whatever the planner's statistics say (a join, planned
+    before autovacuum analyzed a freshly loaded table, read every order for each page).
+    Not a snapshot: an order paid while the report runs is counted if it was paid when its
+    page was read."""
+    last = Order.objects.aggregate(last=Max("pk"))["last"] or 0
     after = 0
     while after < last:
-        lines = list(OrderLine.objects.filter(pk__gt=after, pk__lte=last).order_by("pk")[:CHUNK])
-        if not lines:
-            return
-        after = lines[-1].pk
-        paid = set(
-            Order.objects.filter(
-                pk__in={line.order_id for line in lines}, status=Order.Status.PAID
-            ).values_list("pk", flat=True)
+        page = list(
+            Order.objects.filter(pk__gt=after, pk__lte=last, status=Order.Status.PAID)
+            .order_by("pk")
+            .values_list("pk", flat=True)[:CHUNK]
         )
-        yield [line for line in lines if line.order_id in paid]
+        if not page:
+            return
+        yield page
+        after = page[-1]

@@ -7,7 +7,6 @@ task's hard time limit."""
 import os
 import threading
 from datetime import datetime, timedelta
-from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ from django.utils import timezone
 
 from jobs.errors import PermanentError
 from jobs.testing import assert_enqueued, assert_nothing_enqueued, enqueued
-from shop.models import Order, OrderLine, ReportRun
+from shop.models import Order, OrderLine, Product, ReportRun
 from shop.services import reports
 from shop.services.reports import ABANDON_AFTER, sales_report_run
 from shop.tasks.reports import build_sales_report
@@ -82,52 +81,83 @@ def test_a_second_request_while_one_is_queued_is_409_and_names_the_first(staff):
     assert ReportRun.objects.count() == 1
 
 
-def test_the_report_sums_the_paid_lines_page_by_page(products, monkeypatch):
-    """Units and revenue per product over every paid order, read a page at a time: no query
-    asks the database for more than a page of lines (one query over the whole history
-    would have PostgreSQL compute and hold all of it at the report's start), and none
-    joins (a join's plan depends on statistics a freshly loaded table does not have)."""
-    monkeypatch.setattr(reports, "CHUNK", 2)
-    for status in [Order.Status.PAID] * 3 + [Order.Status.PENDING, Order.Status.FAILED]:
-        order = Order.objects.create(email="a@example.com", total=Decimal("65.00"), status=status)
-        OrderLine.objects.create(order=order, product=products["MUG"], quantity=2, unit_price=12.5)
-        OrderLine.objects.create(order=order, product=products["TEE"], quantity=2, unit_price=20)
+def _order(products, status, *items):
+    order = Order.objects.create(email="a@example.com", total=0, status=status)
+    for sku, quantity in items:
+        product = products[sku]
+        OrderLine.objects.create(
+            order=order, product=product, quantity=quantity, unit_price=product.price
+        )
+    return order
+
+
+def test_the_report_sums_the_paid_orders_page_by_page(products, monkeypatch):
+    """Units and revenue per product over the paid orders, in sku order, read a page at a
+    time: no query joins (its plan would depend on statistics a freshly loaded table does
+    not have) and none asks for more than a page of orders (one query over the whole
+    history has PostgreSQL compute and hold all of it at the report's start)."""
+    monkeypatch.setattr(reports, "CHUNK", 3)
+    products["BAG"] = Product.objects.create(sku="BAG", name="Wool bag", price=30, stock=10)
+    products["CAP"] = Product.objects.create(sku="CAP", name="Cap", price=9, stock=10)
+    paid, pending, failed = Order.Status.PAID, Order.Status.PENDING, Order.Status.FAILED
+    for status in [paid, pending, paid, failed, paid, paid, paid]:
+        unpaid_only = [("CAP", 1)] if status != paid else []
+        _order(products, status, ("MUG", 1), ("TEE", 2), *unpaid_only)
+    _order(products, paid, ("BAG", 1))
 
     with CaptureQueriesContext(connection) as queries:
         path = reports.sales_report_build()
 
     assert path.read_text().splitlines() == [
         "sku,name,units,revenue",
-        "MUG,Mug,6,75.00",
-        "TEE,Tee,6,120.00",
+        "BAG,Wool bag,1,30.00",
+        "MUG,Mug,5,62.50",
+        "TEE,Tee,10,200.00",
     ]
-    line_pages = [q["sql"] for q in queries if 'FROM "shop_orderline"' in q["sql"]][1:]
-    assert len(line_pages) == 5  # 10 lines in pages of 2 (after the highest id)
-    assert all(q.endswith("LIMIT 2") and "JOIN" not in q for q in line_pages), line_pages
+    sql = [q["sql"] for q in queries]
+    assert not [q for q in sql if "JOIN" in q]
+    pages = [q for q in sql if 'FROM "shop_order"' in q and "ORDER BY" in q]
+    assert len(pages) == 2  # 6 paid orders, 3 a page
+    assert all(q.endswith("LIMIT 3") for q in pages), pages
 
 
-def test_a_report_stops_at_the_lines_that_existed_when_it_started(products, monkeypatch):
+def test_a_report_stops_at_the_orders_placed_before_it_started(products, monkeypatch):
     """A shop keeps taking orders while its report runs: the report reads up to its start
     and ends, instead of chasing every order paid since."""
-    monkeypatch.setattr(reports, "CHUNK", 1)
-
-    def paid_order() -> None:
-        order = Order.objects.create(email="a@example.com", total=25, status=Order.Status.PAID)
-        OrderLine.objects.create(order=order, product=products["MUG"], quantity=2, unit_price=12.5)
-
-    paid_order()
+    monkeypatch.setattr(reports, "CHUNK", 2)
+    for _ in range(3):
+        _order(products, Order.Status.PAID, ("MUG", 2))
     pages = []
 
     def a_new_order_per_page(seconds: float) -> None:
         pages.append(seconds)
         assert len(pages) < 10, "the report is still reading orders placed after it started"
-        paid_order()
+        _order(products, Order.Status.PAID, ("MUG", 2))
 
     monkeypatch.setattr(reports.time, "sleep", a_new_order_per_page)
     path = reports.sales_report_build()
 
-    assert path.read_text().splitlines()[1:] == ["MUG,Mug,2,25.00"]
-    assert len(pages) == 1
+    assert path.read_text().splitlines()[1:] == ["MUG,Mug,6,75.00"]
+    assert len(pages) == 2
+
+
+def test_an_order_paid_while_the_report_runs_is_counted_whole_or_not_at_all(products, monkeypatch):
+    """Its lines are read together: an order paid between two reads is never counted in
+    part (its later lines only)."""
+    monkeypatch.setattr(reports, "CHUNK", 1)
+    _order(products, Order.Status.PAID, ("MUG", 1))
+    late = _order(products, Order.Status.PENDING, ("MUG", 1), ("TEE", 1))
+    reads = []
+
+    def paid_on_the_second_read(seconds: float) -> None:
+        reads.append(seconds)
+        if len(reads) == 2:
+            Order.objects.filter(pk=late.pk).update(status=Order.Status.PAID)
+
+    monkeypatch.setattr(reports.time, "sleep", paid_on_the_second_read)
+    rows = reports.sales_report_build().read_text().splitlines()[1:]
+
+    assert rows in (["MUG,Mug,1,12.50"], ["MUG,Mug,2,25.00", "TEE,Tee,1,20.00"])
 
 
 def test_a_running_report_blocks_too_and_a_finished_one_does_not(staff):
