@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 from deploy.bench.cpu import CpuGroups, cores, manifest_cpu
+from deploy.bench.report import summary, table, verdicts
+from deploy.bench.scenarios import Goal, Result
 from deploy.stack import QUEUES
 from tests.helpers import drop_database, run_module
 
@@ -39,6 +41,8 @@ def test_a_quick_bench_measures_every_scenario_and_writes_its_report(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((tmp_path / "bench.json").read_text())
     assert {s["number"] for s in report["scenarios"]} == SCENARIOS
+    raw = json.loads((tmp_path / "raw.json").read_text())  # kept after each scenario
+    assert {s["number"] for s in raw} == SCENARIOS
     for scenario in report["scenarios"]:
         assert scenario["repetitions"], scenario["title"]
         assert scenario["goals"] or scenario["number"] == 1, scenario["title"]  # 1: a figure
@@ -84,3 +88,18 @@ def test_a_process_placed_in_its_group_is_weighted_and_limited_as_its_deployment
         sleeper.wait()
         groups.close()
     assert not groups.root.exists()
+
+
+def test_a_figure_measured_with_one_repetition_only_is_summarized_and_checked():
+    """Scenario 11 measures its replay once, with the last repetition: a full run (three
+    repetitions) died on it in its report, after an hour of measuring."""
+    result = Result(11, "limits", [Goal("drain", ">=", 0.9), Goal("replay", "<=", 1.0)])
+    result.reps = [{"drain": 0.8}, {"drain": 1.0}, {"drain": 0.95, "replay": 1.06}]
+
+    stats = summary(result)
+
+    assert stats["drain"] == {"median": 0.95, "min": 0.8, "max": 1.0}
+    assert stats["replay"] == {"median": 1.06, "min": 1.06, "max": 1.06}
+    assert verdicts(result) == [("drain >= 0.9", 0.95, True), ("replay <= 1", 1.06, False)]
+    info = {"date": "today", "cpus": 2, "cpu": "x", "python": "3", "celery": "5", "django": "5"}
+    assert "goal replay <= 1" in table([result], {}, info)

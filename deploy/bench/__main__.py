@@ -108,6 +108,7 @@ def main() -> int:
             print(f"bench: {name}...", flush=True)
             outcome = SCENARIOS[name](bench, args)
             results.extend(outcome if isinstance(outcome, tuple) else [outcome])
+            report.keep_raw(results, args.out)  # an hour's figures outlive a later failure
             print(f"bench: {name} took {time.monotonic() - started:.0f} s", flush=True)
     finally:
         bench.stop()

@@ -36,15 +36,18 @@ def machine() -> dict[str, Any]:
 
 
 def summary(result: Result) -> dict[str, dict[str, float]]:
-    keys = list(result.reps[0]) if result.reps else []
-    return {
-        key: {
-            "median": statistics.median(rep[key] for rep in result.reps),
-            "min": min(rep[key] for rep in result.reps),
-            "max": max(rep[key] for rep in result.reps),
+    """Median, min and max of each figure over the repetitions that have it: some are
+    measured once, with the last repetition (scenario 9's query counts, 11's replay)."""
+    keys = list(dict.fromkeys(key for rep in result.reps for key in rep))
+    stats = {}
+    for key in keys:
+        values = [rep[key] for rep in result.reps if key in rep]
+        stats[key] = {
+            "median": statistics.median(values),
+            "min": min(values),
+            "max": max(values),
         }
-        for key in keys
-    }
+    return stats
 
 
 def verdicts(result: Result) -> list[tuple[str, float, bool]]:
@@ -83,6 +86,17 @@ def table(results: list[Result], peak_rss: dict[str, int], info: dict[str, Any])
     lines.append("peak RSS (MiB)")
     lines.extend(f"   {role:<39} {kib / 1024:>10.0f}" for role, kib in sorted(peak_rss.items()))
     return "\n".join(lines)
+
+
+def keep_raw(results: list[Result], out: Path) -> None:
+    """Each finished scenario's repetitions as measured, to `raw.json`: written after every
+    scenario, before anything summarizes them."""
+    out.mkdir(parents=True, exist_ok=True)
+    raw = [
+        {"number": r.number, "title": r.title, "repetitions": r.reps, "notes": r.notes}
+        for r in results
+    ]
+    (out / "raw.json").write_text(json.dumps(raw, indent=2, default=str))
 
 
 def write(
