@@ -5,6 +5,7 @@ processes, beat and replays; a run that died without a word stops blocking after
 task's hard time limit."""
 
 import os
+import re
 import threading
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -92,10 +93,11 @@ def _order(products, status, *items):
 
 
 def test_the_report_sums_the_paid_orders_page_by_page(products, monkeypatch):
-    """Units and revenue per product over the paid orders, in sku order, read a page at a
-    time: no query joins (its plan would depend on statistics a freshly loaded table does
-    not have) and none asks for more than a page of orders (one query over the whole
-    history has PostgreSQL compute and hold all of it at the report's start)."""
+    """Units and revenue per product over the paid orders, in sku order, read a window of
+    order ids at a time: no query joins, and none reads more than a window of ids (one
+    query over the whole history has PostgreSQL compute and hold all of it at the
+    report's start; "the next page of paid orders" read, without statistics, every order
+    after the page's start)."""
     monkeypatch.setattr(reports, "CHUNK", 3)
     products["BAG"] = Product.objects.create(sku="BAG", name="Wool bag", price=30, stock=10)
     products["CAP"] = Product.objects.create(sku="CAP", name="Cap", price=9, stock=10)
@@ -116,9 +118,33 @@ def test_the_report_sums_the_paid_orders_page_by_page(products, monkeypatch):
     ]
     sql = [q["sql"] for q in queries]
     assert not [q for q in sql if "JOIN" in q]
-    pages = [q for q in sql if 'FROM "shop_order"' in q and "ORDER BY" in q]
-    assert len(pages) == 2  # 6 paid orders, 3 a page
-    assert all(q.endswith("LIMIT 3") for q in pages), pages
+    windows = []
+    for query in (q for q in sql if 'FROM "shop_order' in q):
+        window = re.search(r"BETWEEN (\d+) AND (\d+)", query)
+        if window:
+            windows.append(int(window[2]) - int(window[1]) + 1)
+        else:  # the last order's id, or the next order's: an index's first entry
+            assert "MAX(" in query or query.endswith("LIMIT 1"), query
+    assert windows == [3, 3, 3, 3, 2, 2]  # 8 orders: their ids, then their lines
+
+
+def test_a_gap_in_the_order_ids_costs_no_empty_windows(products, monkeypatch):
+    """A window starts at the next order that exists: ids deleted (or skipped by the
+    sequence) in between are not read window by empty window."""
+    monkeypatch.setattr(reports, "CHUNK", 2)
+    _order(products, Order.Status.PAID, ("MUG", 1))
+    gone = [_order(products, Order.Status.PENDING, ("MUG", 1)).pk for _ in range(20)]
+    Order.objects.filter(pk__in=gone).delete()
+    _order(products, Order.Status.PAID, ("TEE", 1))
+
+    with CaptureQueriesContext(connection) as queries:
+        path = reports.sales_report_build()
+
+    assert path.read_text().splitlines()[1:] == ["MUG,Mug,1,12.50", "TEE,Tee,1,20.00"]
+    assert (
+        len([q for q in queries if 'FROM "shop_order" WHERE' in q["sql"] and "BETWEEN" in q["sql"]])
+        == 2
+    )
 
 
 def test_a_report_stops_at_the_orders_placed_before_it_started(products, monkeypatch):
