@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from deploy.bench.cpu import CpuGroups, cores, manifest_cpu
-from deploy.bench.report import summary, table, verdicts
+from deploy.bench.report import bars, summary, table, verdicts
 from deploy.bench.scenarios import Goal, Result
 from deploy.stack import QUEUES
 from tests.helpers import drop_database, run_module
@@ -88,6 +88,24 @@ def test_a_process_placed_in_its_group_is_weighted_and_limited_as_its_deployment
         sleeper.wait()
         groups.close()
     assert not groups.root.exists()
+
+
+def test_a_goal_on_pooled_samples_shows_the_range_of_its_figure_per_repetition():
+    """Scenario 5's goal is one ratio over every repetition's waits pooled, copied into
+    each repetition: its own min and max are that value, so the report shows the range of
+    the per-repetition ratio beside it, in the table and as the chart's whisker."""
+    goal = Goal("pooled_p99_ratio", "<=", 1.5, spread="p99_ratio")
+    result = Result(5, "isolation", [goal])
+    result.reps = [{"p99_ratio": ratio, "pooled_p99_ratio": 1.2} for ratio in (0.75, 1.0, 3.0)]
+    info = {"date": "today", "cpus": 2, "cpu": "x", "python": "3", "celery": "5", "django": "5"}
+
+    assert "p99_ratio per repetition 0.75-3.00" in table([result], {}, info)
+    [bar] = bars([result])
+    assert bar.label == "5. pooled_p99_ratio <= 1.5 (pooled)"
+    assert bar.score == pytest.approx(1.5 / 1.2)
+    assert bar.score - bar.below == pytest.approx(1.5 / 3.0)  # the worst repetition
+    assert bar.score + bar.above == pytest.approx(1.5 / 0.75)  # the best one
+    assert bar.met
 
 
 def test_a_figure_measured_with_one_repetition_only_is_summarized_and_checked():

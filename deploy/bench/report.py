@@ -6,6 +6,7 @@ import os
 import platform
 import re
 import statistics
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any
 
 from deploy.bench.scale import MEASURES
 from deploy.bench.scale import NUMBER as SCALE
-from deploy.bench.scenarios import Result
+from deploy.bench.scenarios import Goal, Result
 
 
 def machine() -> dict[str, Any]:
@@ -74,14 +75,21 @@ def table(results: list[Result], peak_rss: dict[str, int], info: dict[str, Any])
     ]
     for result in sorted(results, key=lambda r: r.number):
         lines.append(f"{result.number}. {result.title}")
-        for key, stats in summary(result).items():
+        stats = summary(result)
+        for key, figure in stats.items():
             lines.append(
-                f"   {key:<39} {_number(stats['median']):>10} {_number(stats['min']):>10} "
-                f"{_number(stats['max']):>10}"
+                f"   {key:<39} {_number(figure['median']):>10} {_number(figure['min']):>10} "
+                f"{_number(figure['max']):>10}"
             )
-        for goal, value, met in verdicts(result):
+        for goal, (name, value, met) in zip(result.goals, verdicts(result), strict=True):
             verdict = "met" if met else "NOT MET"
-            lines.append(f"   goal {goal:<34} {_number(value):>10} {verdict:>21}")
+            lines.append(f"   goal {name:<34} {_number(value):>10} {verdict:>21}")
+            if goal.spread in stats:
+                low, high = stats[goal.spread]["min"], stats[goal.spread]["max"]
+                lines.append(
+                    f"   (pooled over the repetitions; {goal.spread} per repetition "
+                    f"{_number(low)}-{_number(high)})"
+                )
         lines.extend(f"   ({note})" for note in result.notes)
     lines.append("peak RSS (MiB)")
     lines.extend(f"   {role:<39} {kib / 1024:>10.0f}" for role, kib in sorted(peak_rss.items()))
@@ -129,40 +137,69 @@ def write(
             scale_chart(result, out / "scale.png")
 
 
-def chart(results: list[Result], path: Path) -> None:
-    """One bar per goal: the measured median as a share of its bound (higher is better:
-    a bar past 1 meets the goal), min and max as the whisker."""
-    import matplotlib
+@dataclass
+class Bar:
+    """One goal in `bench.png`: its value as a share of the bound (higher is better: past
+    1 the goal is met) and how far the whisker reaches below and above it."""
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    label: str
+    score: float
+    below: float
+    above: float
+    met: bool
 
-    labels, scores, lows, highs, colours = [], [], [], [], []
+
+def bars(results: list[Result]) -> list[Bar]:
+    """A bar per goal: the median; the whisker min to max of the repetitions (a pooled
+    goal, one value per run: the range of its figure per repetition)."""
+    found = []
     for result in sorted(results, key=lambda r: r.number):
         stats = summary(result)
         for goal in result.goals:
             s = stats[goal.key]
 
-            def score(value: float, goal: Any = goal) -> float:
+            def score(value: float, goal: Goal = goal) -> float:
                 if goal.op == ">=":
                     return value / goal.bound
                 return goal.bound / value if value else (2.0 if goal.bound == 0 else 0.0)
 
             if goal.bound == 0:  # "no errors": 1 when met, 0 otherwise
-                median_score = low = high = 1.0 if s["median"] <= 0 else 0.0
+                median = low = high = 1.0 if s["median"] <= 0 else 0.0
             else:
-                values = sorted([score(s["min"]), score(s["max"])])
-                median_score, low, high = score(s["median"]), values[0], values[1]
-            labels.append(f"{result.number}. {goal}")
-            scores.append(median_score)
-            lows.append(max(0.0, median_score - low))
-            highs.append(max(0.0, high - median_score))
-            colours.append("#2e7d32" if goal.met(s["median"]) else "#c62828")
-    figure, axes = plt.subplots(figsize=(9, 0.45 * len(labels) + 1.2), dpi=100)
-    positions = range(len(labels))
-    axes.barh(positions, scores, xerr=[lows, highs], color=colours, capsize=3)
+                spread = stats.get(goal.spread, s)
+                low, high = sorted([score(spread["min"]), score(spread["max"])])
+                median = score(s["median"])
+            found.append(
+                Bar(
+                    f"{result.number}. {goal}" + (" (pooled)" if goal.spread else ""),
+                    median,
+                    max(0.0, median - low),
+                    max(0.0, high - median),
+                    goal.met(s["median"]),
+                )
+            )
+    return found
+
+
+def chart(results: list[Result], path: Path) -> None:
+    """`bars()` drawn: green where the goal is met, red where not."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    drawn = bars(results)
+    figure, axes = plt.subplots(figsize=(9, 0.45 * len(drawn) + 1.2), dpi=100)
+    positions = range(len(drawn))
+    axes.barh(
+        positions,
+        [bar.score for bar in drawn],
+        xerr=[[bar.below for bar in drawn], [bar.above for bar in drawn]],
+        color=["#2e7d32" if bar.met else "#c62828" for bar in drawn],
+        capsize=3,
+    )
     axes.axvline(1.0, color="black", linewidth=1)
-    axes.set_yticks(list(positions), labels, fontsize=8)
+    axes.set_yticks(list(positions), [bar.label for bar in drawn], fontsize=8)
     axes.invert_yaxis()
     axes.set_xlabel("measured / goal (1 = the goal exactly; right of the line: met)")
     axes.set_title("make bench: each goal, median of the repetitions (whiskers: min-max)")

@@ -30,6 +30,9 @@ class Goal:
     key: str
     op: str  # ">=" or "<="
     bound: float
+    # A goal on every repetition's samples pooled has one value for the run; `spread`
+    # names the same figure measured per repetition, whose range the report shows.
+    spread: str = ""
 
     def met(self, value: float) -> bool:
         return value >= self.bound if self.op == ">=" else value <= self.bound
@@ -313,7 +316,7 @@ def isolation(bench: Bench, args: argparse.Namespace) -> Result:
     stall no longer decides the verdict (several in one variant still would)."""
     from jobs.celery import app
 
-    goal = Goal("pooled_p99_ratio", "<=", 1.5)
+    goal = Goal("pooled_p99_ratio", "<=", 1.5, spread="p99_ratio")
     result = Result(5, "Payment queue wait: reports queued vs none", [goal])
     pooled: dict[str, list[float]] = {"quiet": [], "busy": []}
     _drain_orders(bench, min(args.orders, 50))  # warm-up: the first drain is slower
@@ -539,7 +542,7 @@ def bounds(bench: Bench, args: argparse.Namespace) -> Result:
         "Checkout: outbox vs delay_on_commit vs hand-written SQL",
         [
             Goal("on_commit_throughput_ratio", ">=", 0.9),
-            Goal("on_commit_pooled_p99_ratio", ">=", 0.9),
+            Goal("on_commit_pooled_p99_ratio", ">=", 0.9, spread="on_commit_p99_ratio"),
         ],
     )
     pooled: dict[str, list[float]] = {"outbox": [], "on_commit": []}  # every rep's answers
