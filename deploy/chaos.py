@@ -316,8 +316,10 @@ class Lab(Stack):
 
     def kill_web_after_commit(self) -> None:
         """Redis is frozen (SIGSTOP: connections hang, nothing is refused), so checkouts
-        commit and then wait in the publish; every web worker is SIGKILLed there. The
-        orders exist, their outbox rows are unsent, the clients saw errors and retry."""
+        commit and answer while each web process's publishing thread hangs in the publish
+        with the rows behind it in memory; every web worker is SIGKILLed there. The
+        orders exist, their outbox rows are unsent, and the clients whose requests were
+        cut off saw errors and retry."""
         redis = self.procs["redis"]
         os.kill(redis.pid, signal.SIGSTOP)
         try:

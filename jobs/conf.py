@@ -27,11 +27,10 @@ class Defaults:
     OUTBOX_RELAY_GRACE: float = 10.0
     OUTBOX_RELAY_INTERVAL: float = 10.0  # beat runs the relay this often
     OUTBOX_BATCH_SIZE: int = 500
-    # The after-commit publish (in the request) gives up on a broker that has not answered
-    # in this many seconds, and the process then leaves publishing to the relay for
-    # OUTBOX_PUBLISH_PAUSE seconds: a frozen Redis costs one checkout per web process about
-    # three times the timeout (the publish, then the reconnect's PINGs), the next ones
-    # nothing.
+    # The after-commit publish (a thread of each process) gives up on a broker that has not
+    # answered in this many seconds, and the process then leaves publishing to the relay
+    # for OUTBOX_PUBLISH_PAUSE seconds: a frozen Redis costs that thread about three times
+    # the timeout (the publish, then the reconnect's PINGs), and the requests nothing.
     OUTBOX_PUBLISH_TIMEOUT: float = 1.0
     OUTBOX_PUBLISH_PAUSE: float = 10.0
     # A row published after its commit is marked sent this many seconds later, with the

@@ -189,6 +189,9 @@ def dead_letter_replay(*, ids: Iterable[int], actor: str) -> Handled:
     batches = list(_chunks(sorted(set(ids)), jobs_settings.REPLAY_BATCH_SIZE))
     for number, batch in enumerate(batches):
         if number:
+            # The batch before is published (by this process's publishing thread) before
+            # the pause that paces the next one.
+            outbox.wait_published()
             time.sleep(jobs_settings.REPLAY_BATCH_PAUSE)
         with transaction.atomic():
             # In id order, as the batches are cut (the model orders newest first).

@@ -1,13 +1,14 @@
 """The transactional outbox: a task is published only if, and soon after, its data commits.
 
-`enqueue()` writes an OutboxMessage row in the caller's transaction and registers a
-publisher to run right after COMMIT. A rollback discards both. If the broker is down, or
-the process dies between COMMIT and publish, the row stays unsent and `relay_unsent()`
-(run by beat every few seconds, or `manage.py outbox_relay`) publishes it later. A
-broker that does not answer costs the request a few short timeouts once; then this process
-leaves its rows to the relay for a while (a circuit breaker).
-A published row is marked sent off the request path, with other rows in one UPDATE a
-moment later (`_Marks`), so a checkout commits once.
+`enqueue()` writes an OutboxMessage row in the caller's transaction; right after COMMIT
+the row is handed to this process's publishing thread (`_Outgoing`), which publishes it
+at once. A rollback discards both. If the broker is down, or the process dies between
+COMMIT and publish, the row stays unsent and `relay_unsent()` (run by beat every few
+seconds, or `manage.py outbox_relay`) publishes it later. The request never waits on the
+broker: a broker that does not answer costs the publishing thread a few short timeouts,
+then the process leaves its rows to the relay for a while (a circuit breaker).
+A published row is marked sent with other rows in one UPDATE a moment later (`_Marks`),
+so a checkout commits once.
 Delivery is therefore at least once: consumers must be idempotent, and they are.
 """
 
@@ -19,6 +20,7 @@ import threading
 import time
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
+from queue import Empty, Full, Queue
 from typing import Any, cast
 
 from celery import Task
@@ -46,18 +48,18 @@ logger = logging.getLogger(__name__)
 
 # One retry, at once: a connection that cannot be made is tried once more, and a publish
 # whose connection stopped answering once more on a new one; then the row is left to the
-# relay: checkout must not wait for Redis. A frozen broker costs the request three
-# timeouts at most (the publish, then two attempts to connect), once (see below).
+# relay. A frozen broker costs the publishing thread three timeouts at most (the publish,
+# then two attempts to connect), once (see below).
 _PUBLISH_RETRY_POLICY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.1}
 
-# The after-commit publish runs in the request, so the broker gets a short leash there.
-# A publish to a healthy Redis takes under a millisecond; one that has not answered in
-# JOBS_OUTBOX_PUBLISH_TIMEOUT is talking to a frozen or partitioned broker. With the
-# workers' socket timeout (15 s) and the retry, a checkout against a SIGSTOPped Redis
+# The after-commit publish gets a short leash. A publish to a healthy Redis takes under
+# a millisecond; one that has not answered in JOBS_OUTBOX_PUBLISH_TIMEOUT is talking to
+# a frozen or partitioned broker. (When the publish still ran in the request, with the
+# workers' socket timeout of 15 s and the retry, a checkout against a SIGSTOPped Redis
 # hung for 30 s until gunicorn killed it: the shopper got a 500 for an order that was
-# placed (make bench, scenario 7). And once a publish failed, this process leaves the
-# next rows to the relay for JOBS_OUTBOX_PUBLISH_PAUSE seconds (a circuit breaker),
-# instead of making every checkout wait out the timeout again.
+# placed; make bench, scenario 7.) Once a publish failed, this process leaves the next
+# rows to the relay for JOBS_OUTBOX_PUBLISH_PAUSE seconds (a circuit breaker), instead
+# of waiting out the timeout for every row again while its rows pile up.
 _local = threading.local()
 _paused_until = 0.0  # time.monotonic() before which after-commit publishes are skipped
 
@@ -110,7 +112,8 @@ def enqueue(
     # A function, not a functools.partial: Django logs a robust callback that failed by
     # its __qualname__, which a partial lacks (the logging itself would raise).
     def publish() -> None:
-        _publish_committed(message, using)
+        metrics.ENQUEUED.labels(name, queue).inc()
+        _outgoing.add(message, using)
 
     transaction.on_commit(publish, using=using, robust=True)
     job_event("enqueued", task_id=str(message.task_id), task_name=name, queue=queue)
@@ -274,12 +277,14 @@ _marks = _Marks()
 
 def _flush_on_exit(**_: Any) -> None:
     try:
+        # A frozen broker holds the publishing thread for three timeouts at most.
+        _outgoing.wait(3 * jobs_settings.OUTBOX_PUBLISH_TIMEOUT)
         _marks.flush()
     except Exception as exc:  # exiting anyway: the relay sends these rows again
         logger.warning("outbox: marking rows sent on exit failed: %r", exc)
 
 
-atexit.register(_flush_on_exit)  # a clean exit (gunicorn, a threads worker) marks its rows
+atexit.register(_flush_on_exit)  # a clean exit (gunicorn, a threads worker) publishes, marks
 worker_process_shutdown.connect(_flush_on_exit, weak=False)  # prefork pool children
 
 
@@ -289,10 +294,96 @@ def flush_marks() -> int:
     return _marks.flush()
 
 
+class _Outgoing:
+    """Rows this process committed, waiting for its publishing thread.
+
+    The publish after COMMIT ran in the request: against a frozen broker the first
+    checkout of every web process waited out its timeouts (about 3 s; make bench,
+    scenario 7), and against a healthy one every checkout still waited for the publish
+    (a Redis client built per publish, and Flower's task-sent event). Now the request
+    hands its rows over and answers, and one thread per process publishes them in the
+    order they committed. A process that dies first loses nothing: the rows it had not
+    published are unsent in the database, and the relay publishes them once they are
+    older than the grace period, as after a crash between COMMIT and the publish.
+    """
+
+    LIMIT = 10_000  # rows waiting in memory; beyond (a stuck publish) the relay sends them
+    IDLE = 1.0  # seconds without a row after which the thread closes its database connection
+
+    def __init__(self) -> None:
+        self._reset()
+        # A child forked while the parent's thread held the lock would wait for ever.
+        os.register_at_fork(after_in_child=self._reset)
+
+    def _reset(self) -> None:
+        self._lock = threading.Lock()
+        self._rows: Queue[tuple[OutboxMessage, str | None]] = Queue(self.LIMIT)
+        self._pid = 0  # the process whose thread publishes: a forked child starts its own
+        self._overflowing = False
+
+    def add(self, message: OutboxMessage, using: str | None) -> None:
+        with self._lock:
+            if self._pid != os.getpid():
+                self._pid = os.getpid()
+                threading.Thread(
+                    target=self._publish_forever, name="outbox-publish", daemon=True
+                ).start()
+        try:
+            self._rows.put_nowait((message, using))
+        except Full:
+            if not self._overflowing:
+                logger.warning(
+                    "outbox: %d rows wait to be published: the relay sends the next", self.LIMIT
+                )
+            self._overflowing = True
+            return
+        self._overflowing = False
+
+    def wait(self, timeout: float) -> bool:
+        """Wait until every row handed over was tried; False if some still wait."""
+        deadline = time.monotonic() + timeout
+        with self._rows.all_tasks_done:
+            while self._rows.unfinished_tasks:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._rows.all_tasks_done.wait(left)
+        return True
+
+    def _publish_forever(self) -> None:
+        while True:
+            try:
+                message, using = self._rows.get(timeout=self.IDLE)
+            except Empty:
+                connections.close_all()  # this thread's, if it recorded a failure
+                continue
+            # The request's correlation id, for the log lines of its row's publish.
+            token = correlation.activate((message.headers or {}).get(correlation.HEADER, ""))
+            try:
+                _publish_committed(message, using)
+            except Exception:  # never die: a dead thread would publish nothing again
+                logger.exception(
+                    "outbox: publishing %s after its commit failed; the relay will send it",
+                    message.task_id,
+                )
+            finally:
+                correlation.deactivate(token)
+                self._rows.task_done()
+
+
+_outgoing = _Outgoing()
+
+
+def wait_published(timeout: float = 10.0) -> bool:
+    """Wait until this process's publishing thread has tried every row committed so far
+    (tests; a process about to exit); False if some still wait after `timeout` s."""
+    return _outgoing.wait(timeout)
+
+
 def _publish_committed(message: OutboxMessage, using: str | None) -> None:
-    """The after-commit publisher. Never raises: the request that committed has succeeded."""
+    """Publish one committed row (the publishing thread). Never raises for the broker:
+    a row it does not take waits for the relay."""
     global _paused_until
-    metrics.ENQUEUED.labels(message.task_name, queue_of(message.task_name)).inc()
     if publishing_paused():
         return  # the broker failed us moments ago: the relay sends this row
     try:

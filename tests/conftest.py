@@ -41,7 +41,8 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 
 @pytest.fixture(autouse=True)
 def _publishing_resumed() -> Iterator[None]:
-    """A test that took the broker down leaves the outbox's breaker closed behind it, and
+    """A test that took the broker down leaves the outbox's breaker closed behind it, no
+    row waiting to be published (its publish would land in the next test's queues), and
     no row waiting to be marked sent (its database is rolled back; at the end of the run
     the marking at exit would find the test database dropped). Only what the test
     changed is reset: `make mutate`'s map credits the lines a fixture runs to its test,
@@ -49,6 +50,8 @@ def _publishing_resumed() -> Iterator[None]:
     from jobs import outbox
 
     yield
+    if outbox._outgoing._rows.unfinished_tasks:  # published during the next test otherwise
+        outbox.wait_published()
     if outbox._paused_until:
         outbox.resume_publishing()
     if outbox._marks._waiting:

@@ -32,6 +32,7 @@ import redis
 from django.conf import settings
 from prometheus_client.parser import text_string_to_metric_families
 
+from jobs import outbox
 from jobs.base import ReliableTask
 from jobs.celery import app, control_connection, queue_of
 from jobs.models import DeadLetter
@@ -223,6 +224,9 @@ class RedisServer(_Server):
         return bool(info["aof_enabled"]) and info["aof_buffer_length"] == 0
 
     def queue_lengths(self) -> dict[str, int]:
+        """Each queue's messages, once this process's outbox publishing thread has tried
+        every row committed so far (it publishes them a moment after their commit)."""
+        outbox.wait_published()
         client = self.client()
         return {q: sum(client.llen(q + s) for s in _PRIORITY_SUFFIXES) for q in QUEUES}
 

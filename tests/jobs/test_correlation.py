@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from jobs import correlation
+from jobs import correlation, outbox
 from jobs.logs import CorrelationFilter, JsonFormatter, job_event
 from jobs.models import OutboxMessage
 
@@ -26,6 +26,29 @@ def test_a_client_request_id_is_echoed_and_written_into_the_outbox_row(client, b
     assert response.status_code == 201
     assert response["X-Request-ID"] == "req-42"
     assert OutboxMessage.objects.get().headers == {"x_correlation_id": "req-42"}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_publish_after_commit_logs_under_the_requests_correlation_id(
+    client, broker, products, monkeypatch
+):
+    logged: list[str] = []
+    real_sent = outbox._sent
+
+    def sent(message: OutboxMessage) -> None:
+        logged.append(correlation.get())
+        real_sent(message)
+
+    monkeypatch.setattr(outbox, "_sent", sent)
+
+    client.post(
+        "/api/orders/", ORDER, content_type="application/json", headers={"X-Request-ID": "req-43"}
+    )
+    assert outbox.wait_published()
+
+    # then: the publishing thread's "published" line carries the request's id, though it
+    # ran after the request had answered, in a thread of its own
+    assert logged == ["req-43"]
 
 
 @pytest.mark.parametrize("sent", [None, "", "has spaces", "x" * 200, "<script>"])

@@ -24,6 +24,7 @@ def test_only_staff_see_the_operations_page(client):
 
 def test_operations_page_shows_queues_dead_letters_outbox_and_findings(client, broker):
     outbox.enqueue("shop.tasks.payments.charge_payment", args=[1])
+    assert outbox.wait_published()
     outbox.flush_marks()  # published: marked sent now, not half a second later
     DeadLetter.objects.create(task_id=str(uuid.uuid4()), task_name="t", reason="poison")
     client.force_login(User.objects.create_user("ops", password="pw", is_staff=True))

@@ -35,6 +35,7 @@ TASK = "shop.tasks.payments.charge_payment"
 
 
 def published_task_ids(broker) -> list[str]:
+    """The task ids in `payments`, as they are (the publishing thread is not waited for)."""
     raw = broker.client().lrange("payments", 0, -1)
     return [json.loads(message)["headers"]["id"] for message in raw]
 
@@ -49,8 +50,9 @@ def old_unsent_rows(count: int) -> list[OutboxMessage]:
 
 @pytest.fixture
 def own_publisher(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """This test's own after-commit publisher, not yet connected; closed after the test."""
-    local = threading.local()
+    """This test's own after-commit publisher, not yet connected; closed after the test.
+    (Not thread-local: the publishing thread connects it, the test closes it.)"""
+    local = SimpleNamespace()
     monkeypatch.setattr(outbox, "_local", local)
     yield
     if (connection := getattr(local, "connection", None)) is not None:
@@ -63,6 +65,7 @@ def test_enqueue_publishes_after_commit_with_the_rows_task_id(broker):
         message = outbox.enqueue(TASK, args=[7])
         assert published_task_ids(broker) == []
 
+    assert outbox.wait_published()  # by this process's publishing thread, at once
     assert published_task_ids(broker) == [str(message.task_id)]
     # marked sent a moment later (by the process's marking thread; here, now: a thread
     # of the test process may not see pytest-django's test database)
@@ -78,6 +81,7 @@ def test_the_committing_thread_writes_nothing_after_its_commit(broker, settings)
     with CaptureQueriesContext(connection) as queries:
         with transaction.atomic():
             message = outbox.enqueue(TASK, args=[7])
+        assert outbox.wait_published()
         assert published_task_ids(broker) == [str(message.task_id)]
 
     # then: one transaction (the row, with the caller's); no UPDATE after the publish:
@@ -92,6 +96,7 @@ def test_a_row_published_but_never_marked_is_published_again_with_its_task_id(br
     # given: the process dies between its publish and its mark
     monkeypatch.setattr(outbox._marks, "add", lambda message, using: None)
     message = outbox.enqueue(TASK, args=[7])
+    assert outbox.wait_published()
     assert published_task_ids(broker) == [str(message.task_id)]
 
     # then: the row is still unsent, and the relay publishes it again: the same task id
@@ -105,6 +110,7 @@ def test_a_row_published_but_never_marked_is_published_again_with_its_task_id(br
 def test_marks_that_fail_are_kept_for_the_next_round(broker, monkeypatch, settings):
     settings.JOBS_OUTBOX_MARK_INTERVAL = 2.5  # the marking thread stays out of the way
     message = outbox.enqueue(TASK, args=[7])
+    assert outbox.wait_published()
     real_update = QuerySet.update
 
     def database_down(self, **fields):
@@ -231,7 +237,8 @@ def test_an_idle_marking_thread_waits_a_second_before_it_lets_its_connection_go(
 def test_broker_down_keeps_the_row_and_the_relay_publishes_it_later(broker):
     with broker.down():
         # when: the broker is down at commit time
-        message = outbox.enqueue(TASK, args=[7])  # autocommit: publishes at once
+        message = outbox.enqueue(TASK, args=[7])  # autocommit: handed over at once
+        assert outbox.wait_published()
         message.refresh_from_db()
         # then: the caller saw no error and the row waits, with the reason recorded
         assert message.sent_at is None
@@ -278,17 +285,22 @@ def test_a_frozen_broker_costs_one_short_timeout_then_the_relay_takes_over(broke
     settings.JOBS_OUTBOX_PUBLISH_PAUSE = 0.5
     with broker.frozen():
         # when: the broker accepts connections but never answers
-        started = time.monotonic()
-        first = outbox.enqueue(TASK, args=[1])  # autocommit: the publish runs now
-        waited = time.monotonic() - started
+        first = outbox.enqueue(TASK, args=[1])  # autocommit: handed over now
+        # the request goes on while its row's publish hangs (it cannot have ended: the
+        # broker answers nothing), instead of waiting out the timeout itself
+        publishing = outbox._outgoing._rows.unfinished_tasks
         second = outbox.enqueue(TASK, args=[2])
+        started = time.monotonic()
+        assert outbox.wait_published(timeout=60)
+        waited = time.monotonic() - started
         paused = outbox.publishing_paused()
     first.refresh_from_db()
     second.refresh_from_db()
 
-    # then: the first publish gave up after the request path's own timeout (1 s a try),
-    # not the workers' 15 s socket timeout that once held a checkout until gunicorn
-    # killed it; the second was not even tried: the breaker left it to the relay
+    # then: the first publish gave up after the publisher's own timeout (1 s a try), not
+    # the workers' 15 s socket timeout that once held a checkout until gunicorn killed
+    # it; the second was not even tried: the breaker left it to the relay
+    assert publishing == 1
     assert waited < settings.CELERY_BROKER_TRANSPORT_OPTIONS["socket_timeout"]
     assert (first.sent_at, first.attempts, "imeout" in first.last_error) == (None, 1, True)
     assert (second.sent_at, second.attempts, second.last_error) == (None, 0, "")
@@ -301,6 +313,7 @@ def test_a_frozen_broker_costs_one_short_timeout_then_the_relay_takes_over(broke
     # and after the pause, publishing after commit is tried again, and works
     wait_until(lambda: not outbox.publishing_paused(), timeout=5)
     third = outbox.enqueue(TASK, args=[3])
+    assert outbox.wait_published()
     outbox.flush_marks()
     third.refresh_from_db()
     assert third.sent_at is not None
@@ -310,10 +323,12 @@ def test_a_frozen_broker_costs_one_short_timeout_then_the_relay_takes_over(broke
 @pytest.mark.django_db(transaction=True)
 def test_a_dropped_broker_connection_costs_no_publish(broker):
     outbox.enqueue(TASK, args=[1])  # autocommit: this process's publisher connects
+    assert outbox.wait_published()
     # when: the broker drops every client's connection (a restart, a proxy's idle timeout)
     assert broker.client().client_kill_filter(_type="normal", skipme=True) >= 1
 
     second = outbox.enqueue(TASK, args=[2])
+    assert outbox.wait_published()
 
     # then: the publish went through on a new connection (redis-py's pool sees the closed
     # socket when it hands the connection out, and connects again)
@@ -331,6 +346,7 @@ def test_a_broker_that_does_not_answer_gets_one_retry_at_once_then_the_row_waits
     settings.JOBS_OUTBOX_PUBLISH_TIMEOUT = 0.3
     if connected:
         outbox.enqueue(TASK, args=[0])  # the publisher connects, as in a running process
+        assert outbox.wait_published()
     slept: list[float] = []
     monkeypatch.setattr("kombu.utils.functional.sleep", slept.append)  # kombu's retry wait
     client = broker.client()
@@ -338,6 +354,7 @@ def test_a_broker_that_does_not_answer_gets_one_retry_at_once_then_the_row_waits
 
     with broker.frozen():  # the kernel queues the connections; Redis counts them after
         row = outbox.enqueue(TASK, args=[1])
+        assert outbox.wait_published(timeout=60)
     # Redis takes every queued connection in one go (one accept loop, between commands)
     wait_until(
         lambda: client.info("stats")["total_connections_received"] > connections_before,
@@ -366,9 +383,11 @@ def test_a_row_refused_after_commit_is_backed_off_and_publishing_goes_on(broker,
     monkeypatch.setattr(outbox, "_send", refuse_the_first)
 
     # when: a row fails after its commit for a reason of its own
-    refused = outbox.enqueue(TASK, args=[1])  # autocommit: the publish runs now
+    refused = outbox.enqueue(TASK, args=[1])  # autocommit: handed over now
+    assert outbox.wait_published()
     paused = outbox.publishing_paused()
     fine = outbox.enqueue(TASK, args=[2])
+    assert outbox.wait_published()
 
     # then: the breaker stays closed (the broker is fine): the next row is published at
     # once; the refused one counts a failure and backs off, as in the relay
@@ -643,17 +662,59 @@ def test_a_failures_message_is_kept_cut_to_2000_characters(broker, monkeypatch, 
 def test_an_after_commit_publisher_that_fails_never_fails_the_request_that_committed(
     broker, monkeypatch, caplog
 ):
-    def broken(message: OutboxMessage, using: str | None) -> None:
-        raise RuntimeError("a bug in the publisher")
+    real_publish = outbox._publish_committed
 
-    monkeypatch.setattr(outbox, "_publish_committed", broken)
+    def broken_once(message: OutboxMessage, using: str | None) -> None:
+        if message.args == [1]:
+            raise RuntimeError("a bug in the publisher")
+        real_publish(message, using)
+
+    monkeypatch.setattr(outbox, "_publish_committed", broken_once)
 
     with transaction.atomic():  # the request's transaction: it commits, nothing raises
         row = outbox.enqueue(TASK, args=[1])
+    later = outbox.enqueue(TASK, args=[2])
+    assert outbox.wait_published()
 
-    assert "a bug in the publisher" in caplog.text  # Django logs what on_commit raised
+    assert "a bug in the publisher" in caplog.text  # the publishing thread logged it...
+    assert published_task_ids(broker) == [str(later.task_id)]  # ...and lived on
+    outbox.flush_marks()
     assert OutboxMessage.objects.get(pk=row.pk).sent_at is None  # the relay's to send
     assert outbox.relay_unsent(older_than=0) == 1
+
+
+def test_at_most_limit_rows_wait_in_memory_to_be_published(caplog):
+    outgoing = outbox._Outgoing()
+    outgoing._pid = os.getpid()  # as if this process's thread ran: none starts
+    rows = [SimpleNamespace(pk=n) for n in range(outgoing.LIMIT + 2)]
+
+    for row in rows:
+        outgoing.add(row, "default")  # type: ignore[arg-type]
+
+    # then: the rows past the bound are not kept (a publish stuck on a frozen broker must
+    # not grow the process without end); they stay unsent for the relay, said once
+    assert outgoing._rows.qsize() == outgoing.LIMIT
+    assert caplog.text.count("the relay sends the next") == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_process_that_exits_publishes_and_marks_the_rows_it_committed(broker, monkeypatch):
+    real_publish = outbox._publish_committed
+
+    def slow(message: OutboxMessage, using: str | None) -> None:
+        time.sleep(0.3)  # still publishing when the process starts to exit
+        real_publish(message, using)
+
+    monkeypatch.setattr(outbox, "_publish_committed", slow)
+    row = outbox.enqueue(TASK, args=[1])
+
+    outbox._flush_on_exit()  # as atexit and a pool child's shutdown call it
+
+    # then: the exit waited for the publish, then marked the row (not a row the relay
+    # would publish a second time)
+    assert published_task_ids(broker) == [str(row.task_id)]
+    row.refresh_from_db()
+    assert row.sent_at is not None
 
 
 @pytest.mark.django_db(transaction=True)

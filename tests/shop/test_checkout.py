@@ -71,6 +71,7 @@ def test_nothing_is_published_before_commit(broker, products):
         assert OutboxMessage.objects.get().sent_at is None
         assert broker.queue_lengths()["payments"] == 0
 
+    assert outbox.wait_published()
     assert broker.queue_lengths()["payments"] == 1
     outbox.flush_marks()
     assert OutboxMessage.objects.get().sent_at is not None
