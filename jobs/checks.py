@@ -91,7 +91,8 @@ def visibility_timeout_check(app_configs: Any = None, **kwargs: Any) -> list[Che
 def outbox_check(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
     """A published row is marked sent OUTBOX_MARK_INTERVAL later (jobs/outbox.py); the
     relay publishes unsent rows older than OUTBOX_RELAY_GRACE again. An interval that
-    is not far below the grace re-sends every row."""
+    is not far below the grace re-sends every row. (The publishing thread publishes a row
+    within half the grace or leaves it to the relay: marked within three quarters.)"""
     interval, grace = jobs_settings.OUTBOX_MARK_INTERVAL, jobs_settings.OUTBOX_RELAY_GRACE
     if 0 < interval <= grace / 4:
         return []

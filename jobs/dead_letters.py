@@ -191,7 +191,7 @@ def dead_letter_replay(*, ids: Iterable[int], actor: str) -> Handled:
         if number:
             # The batch before is published (by this process's publishing thread) before
             # the pause that paces the next one.
-            outbox.wait_published()
+            _published()
             time.sleep(jobs_settings.REPLAY_BATCH_PAUSE)
         with transaction.atomic():
             # In id order, as the batches are cut (the model orders newest first).
@@ -311,7 +311,13 @@ def dead_letter_discard(*, ids: Iterable[int], actor: str, consequence: bool = T
         job_event("discarded", task_id=row.task_id, task_name=row.task_name, queue=row.queue)
         done += 1
     logger.info("dead letters: %s discarded %d, refused %d", actor, done, refused + len(errors))
+    _published()  # the replay is over when its messages are on their queues
     return Handled(done=done, refused=refused, errors=tuple(errors))
+
+
+def _published() -> None:
+    if not outbox.wait_published():
+        logger.warning("dead letter replay: rows still wait to be published; the relay sends them")
 
 
 def dead_letter_prune(*, older_than_days: int | None = None) -> int:

@@ -13,6 +13,7 @@ Delivery is therefore at least once: consumers must be idempotent, and they are.
 """
 
 import atexit
+import contextlib
 import enum
 import logging
 import os
@@ -20,7 +21,7 @@ import threading
 import time
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
-from queue import Empty, Full, Queue
+from queue import Full, Queue
 from typing import Any, cast
 
 from celery import Task
@@ -45,6 +46,9 @@ from jobs.retry import ceiling
 BROKER_DOWN = (OperationalError, ConnectionError, TimeoutError, OSError)
 
 logger = logging.getLogger(__name__)
+
+Lineage = tuple[str, str] | None  # (root id, parent id) of the task that enqueued, if any
+_Handed = tuple[OutboxMessage, str | None, Lineage]
 
 # One retry, at once: a connection that cannot be made is tried once more, and a publish
 # whose connection stopped answering once more on a new one; then the row is left to the
@@ -113,11 +117,20 @@ def enqueue(
     # its __qualname__, which a partial lacks (the logging itself would raise).
     def publish() -> None:
         metrics.ENQUEUED.labels(name, queue).inc()
-        _outgoing.add(message, using)
+        _outgoing.add(message, using, _lineage())
 
     transaction.on_commit(publish, using=using, robust=True)
     job_event("enqueued", task_id=str(message.task_id), task_name=name, queue=queue)
     return message
+
+
+def _lineage() -> Lineage:
+    """(root id, parent id) when a task enqueues: Celery reads them from the task running
+    in the publishing thread, which has none (Flower shows a receipt under its charge)."""
+    parent = app.current_worker_task
+    if parent is None or not parent.request.id:
+        return None
+    return (parent.request.root_id or parent.request.id, parent.request.id)
 
 
 def _sent(message: OutboxMessage) -> None:
@@ -125,7 +138,12 @@ def _sent(message: OutboxMessage) -> None:
     job_event("published", task_id=str(message.task_id), task_name=message.task_name)
 
 
-def _send(message: OutboxMessage, connection: Connection | None = None) -> None:
+def _send(
+    message: OutboxMessage,
+    connection: Connection | None = None,
+    lineage: Lineage = None,
+) -> None:
+    root_id, parent_id = lineage or (None, None)
     app.send_task(
         message.task_name,
         args=message.args,
@@ -135,6 +153,8 @@ def _send(message: OutboxMessage, connection: Connection | None = None) -> None:
         connection=connection,
         retry=True,
         retry_policy=_PUBLISH_RETRY_POLICY,
+        root_id=root_id,
+        parent_id=parent_id,
     )
 
 
@@ -222,9 +242,11 @@ class _Marks:
         with self._lock:
             if self._pid != os.getpid():
                 self._pid, self._waiting = os.getpid(), {}
-                threading.Thread(
-                    target=self._mark_forever, name="outbox-marks", daemon=True
-                ).start()
+                # RuntimeError: the interpreter is exiting; the exit's flush marks the rows.
+                with contextlib.suppress(RuntimeError):
+                    threading.Thread(
+                        target=self._mark_forever, name="outbox-marks", daemon=True
+                    ).start()
             if sum(map(len, self._waiting.values())) < self.MAX_WAITING:
                 self._waiting.setdefault(alias, []).append(message.pk)
         self._due.set()
@@ -301,14 +323,19 @@ class _Outgoing:
     checkout of every web process waited out its timeouts (about 3 s; make bench,
     scenario 7), and against a healthy one every checkout still waited for the publish
     (a Redis client built per publish, and Flower's task-sent event). Now the request
-    hands its rows over and answers, and one thread per process publishes them in the
-    order they committed. A process that dies first loses nothing: the rows it had not
+    hands its rows over and answers, and one thread per process publishes them, one
+    after the other. A process that dies first loses nothing: the rows it had not
     published are unsent in the database, and the relay publishes them once they are
     older than the grace period, as after a crash between COMMIT and the publish.
+
+    A row that waited here longer than half the grace period (a broker slow to answer
+    but within the timeout, so the breaker stays closed) is left to the relay: published
+    here too, it would go out twice, or after an operator's decision about it. So a row
+    is published before half the grace period and marked sent a mark interval later
+    (at most a quarter of the grace: jobs.E004), before the relay would take it.
     """
 
     LIMIT = 10_000  # rows waiting in memory; beyond (a stuck publish) the relay sends them
-    IDLE = 1.0  # seconds without a row after which the thread closes its database connection
 
     def __init__(self) -> None:
         self._reset()
@@ -317,19 +344,24 @@ class _Outgoing:
 
     def _reset(self) -> None:
         self._lock = threading.Lock()
-        self._rows: Queue[tuple[OutboxMessage, str | None]] = Queue(self.LIMIT)
+        self._rows: Queue[_Handed] = Queue(self.LIMIT)
         self._pid = 0  # the process whose thread publishes: a forked child starts its own
         self._overflowing = False
+        self._late_said = 0.0  # time.monotonic() of the last "left to the relay" warning
 
-    def add(self, message: OutboxMessage, using: str | None) -> None:
+    def add(self, message: OutboxMessage, using: str | None, lineage: Lineage = None) -> None:
         with self._lock:
             if self._pid != os.getpid():
+                try:
+                    threading.Thread(
+                        target=self._publish_forever, name="outbox-publish", daemon=True
+                    ).start()
+                except RuntimeError:  # the interpreter is exiting: publish here, now
+                    _publish_committed(message, using, lineage)
+                    return
                 self._pid = os.getpid()
-                threading.Thread(
-                    target=self._publish_forever, name="outbox-publish", daemon=True
-                ).start()
         try:
-            self._rows.put_nowait((message, using))
+            self._rows.put_nowait((message, using, lineage))
         except Full:
             if not self._overflowing:
                 logger.warning(
@@ -352,23 +384,36 @@ class _Outgoing:
 
     def _publish_forever(self) -> None:
         while True:
+            message, using, lineage = self._rows.get()
             try:
-                message, using = self._rows.get(timeout=self.IDLE)
-            except Empty:
-                connections.close_all()  # this thread's, if it recorded a failure
-                continue
-            # The request's correlation id, for the log lines of its row's publish.
-            token = correlation.activate((message.headers or {}).get(correlation.HEADER, ""))
-            try:
-                _publish_committed(message, using)
+                self._publish(message, using, lineage)
             except Exception:  # never die: a dead thread would publish nothing again
                 logger.exception(
                     "outbox: publishing %s after its commit failed; the relay will send it",
                     message.task_id,
                 )
             finally:
-                correlation.deactivate(token)
                 self._rows.task_done()
+                if self._rows.empty():
+                    connections.close_all()  # this thread's, if it recorded a failure
+
+    def _publish(self, message: OutboxMessage, using: str | None, lineage: Lineage) -> None:
+        waited = (timezone.now() - message.created_at).total_seconds()
+        if waited > jobs_settings.OUTBOX_RELAY_GRACE / 2:
+            if time.monotonic() - self._late_said > 10:
+                self._late_said = time.monotonic()
+                logger.warning(
+                    "outbox: rows waited %.1f s to be published: left to the relay", waited
+                )
+            return
+        for alias in connections:  # as a request does: CONN_MAX_AGE, health checks
+            connections[alias].close_if_unusable_or_obsolete()
+        # The request's correlation id, for the log lines of its row's publish.
+        token = correlation.activate((message.headers or {}).get(correlation.HEADER, ""))
+        try:
+            _publish_committed(message, using, lineage)
+        finally:
+            correlation.deactivate(token)
 
 
 _outgoing = _Outgoing()
@@ -380,19 +425,19 @@ def wait_published(timeout: float = 10.0) -> bool:
     return _outgoing.wait(timeout)
 
 
-def _publish_committed(message: OutboxMessage, using: str | None) -> None:
+def _publish_committed(message: OutboxMessage, using: str | None, lineage: Lineage = None) -> None:
     """Publish one committed row (the publishing thread). Never raises for the broker:
     a row it does not take waits for the relay."""
     global _paused_until
     if publishing_paused():
         return  # the broker failed us moments ago: the relay sends this row
     try:
-        _send(message, _publisher())
+        _send(message, _publisher(), lineage)
     except BROKER_DOWN as exc:
-        _record_failure(message, exc, using)
         pause = jobs_settings.OUTBOX_PUBLISH_PAUSE
-        _paused_until = time.monotonic() + pause
+        _paused_until = time.monotonic() + pause  # first: recording it may fail too
         logger.warning("outbox: publishing after commit paused for %g s", pause)
+        _record_failure(message, exc, using)
         return
     except Exception as exc:
         _back_off(message, exc, using)

@@ -226,7 +226,7 @@ class RedisServer(_Server):
     def queue_lengths(self) -> dict[str, int]:
         """Each queue's messages, once this process's outbox publishing thread has tried
         every row committed so far (it publishes them a moment after their commit)."""
-        outbox.wait_published()
+        assert outbox.wait_published()
         client = self.client()
         return {q: sum(client.llen(q + s) for s in _PRIORITY_SUFFIXES) for q in QUEUES}
 

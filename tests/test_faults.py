@@ -30,6 +30,7 @@ def outbox_paused() -> Iterator[None]:
     try:
         yield
     finally:
+        assert outbox.wait_published()  # rows handed over while paused stay unsent
         outbox.resume_publishing()
 
 

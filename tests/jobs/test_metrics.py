@@ -21,6 +21,7 @@ def test_queue_depth_and_oldest_age_count_every_priority_list(client, broker):
     outbox.enqueue(CHARGE, args=[1])
     time.sleep(0.3)
     outbox.enqueue(CHARGE, args=[2])
+    assert outbox.wait_published()
     from jobs import app
 
     app.send_task(CHARGE, args=[3], priority=9)  # lands on the `payments\x06\x169` list
@@ -37,6 +38,7 @@ def test_queue_depth_and_oldest_age_count_every_priority_list(client, broker):
 @pytest.mark.django_db(transaction=True)
 def test_unacked_deliveries_are_counted_per_queue_with_their_age(client, broker):
     outbox.enqueue(CHARGE, args=[1])
+    assert outbox.wait_published()
     with Connection(broker.url) as conn:
         message = conn.default_channel.basic_get("payments", no_ack=False)  # taken, not acked
         assert message is not None

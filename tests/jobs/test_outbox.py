@@ -76,17 +76,27 @@ def test_enqueue_publishes_after_commit_with_the_rows_task_id(broker):
 
 
 @pytest.mark.django_db(transaction=True)
-def test_the_committing_thread_writes_nothing_after_its_commit(broker, settings):
+def test_the_committing_thread_writes_nothing_after_its_commit(broker, settings, monkeypatch):
     settings.JOBS_OUTBOX_MARK_INTERVAL = 2.5  # the marking thread stays out of the way
+    publishers: list[int] = []
+    real_send = outbox._send
+
+    def send(message: OutboxMessage, *args: object) -> None:
+        publishers.append(threading.get_ident())
+        real_send(message, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(outbox, "_send", send)
     with CaptureQueriesContext(connection) as queries:
         with transaction.atomic():
             message = outbox.enqueue(TASK, args=[7])
         assert outbox.wait_published()
         assert published_task_ids(broker) == [str(message.task_id)]
 
-    # then: one transaction (the row, with the caller's); no UPDATE after the publish:
-    # the mark is someone else's, so a checkout commits once
+    # then: one transaction (the row, with the caller's); the publish is another thread's,
+    # and so is the mark after it: a checkout commits once and never waits for the broker
     assert [q["sql"].split()[0] for q in queries.captured_queries] == ["BEGIN", "INSERT", "COMMIT"]
+    assert publishers
+    assert threading.get_ident() not in publishers
     assert outbox.flush_marks() == 1
     assert OutboxMessage.objects.get(pk=message.pk).sent_at is not None
 
@@ -375,7 +385,9 @@ def test_a_broker_that_does_not_answer_gets_one_retry_at_once_then_the_row_waits
 def test_a_row_refused_after_commit_is_backed_off_and_publishing_goes_on(broker, monkeypatch):
     real_send = outbox._send
 
-    def refuse_the_first(message: OutboxMessage, connection: Connection | None = None) -> None:
+    def refuse_the_first(
+        message: OutboxMessage, connection: Connection | None = None, lineage: object = None
+    ) -> None:
         if message.args == [1]:
             raise EncodeError("this message cannot be serialized")  # the row's, not Redis's
         real_send(message, connection)
@@ -664,7 +676,7 @@ def test_an_after_commit_publisher_that_fails_never_fails_the_request_that_commi
 ):
     real_publish = outbox._publish_committed
 
-    def broken_once(message: OutboxMessage, using: str | None) -> None:
+    def broken_once(message: OutboxMessage, using: str | None, lineage: object = None) -> None:
         if message.args == [1]:
             raise RuntimeError("a bug in the publisher")
         real_publish(message, using)
@@ -698,10 +710,57 @@ def test_at_most_limit_rows_wait_in_memory_to_be_published(caplog):
 
 
 @pytest.mark.django_db(transaction=True)
+def test_a_row_that_waited_half_the_grace_period_is_left_to_the_relay(broker, monkeypatch, caplog):
+    real_publish = outbox._publish_committed
+    held = threading.Event()
+
+    def held_back(message: OutboxMessage, using: str | None, lineage: object = None) -> None:
+        held.wait(timeout=10)  # a broker that answers, slowly
+        real_publish(message, using)
+
+    monkeypatch.setattr(outbox, "_publish_committed", held_back)
+    slow = outbox.enqueue(TASK, args=[1])
+    late = outbox.enqueue(TASK, args=[2])  # waits behind the slow one
+    late.created_at = timezone.now() - timedelta(seconds=6)  # (its copy in memory) grace 10 s
+    held.set()
+    assert outbox.wait_published()
+
+    # then: the row that waited in memory longer than half the grace was not published
+    # (the relay may have taken it by then: it would go out twice); the relay sends it
+    assert published_task_ids(broker) == [str(slow.task_id)]
+    assert "left to the relay" in caplog.text
+    outbox.flush_marks()
+    assert outbox.relay_unsent(older_than=0) == 1
+    assert sorted(published_task_ids(broker)) == sorted([str(slow.task_id), str(late.task_id)])
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_job_enqueued_by_a_task_is_published_as_its_child(broker):
+    from celery._state import _task_stack
+
+    parent = app.tasks["jobs.tasks.relay_outbox"]
+    parent.push_request(id="charge-1", root_id="checkout-0", called_directly=False)
+    _task_stack.push(parent)
+    try:
+        with transaction.atomic():
+            outbox.enqueue(TASK, args=[1])
+    finally:
+        _task_stack.pop()
+        parent.pop_request()
+    assert outbox.wait_published()
+
+    # then: the message names the task that enqueued it and its root, as a publish in the
+    # task's own thread would (Flower shows the tree), though another thread published it
+    [raw] = broker.client().lrange("payments", 0, -1)
+    headers = json.loads(raw)["headers"]
+    assert (headers["parent_id"], headers["root_id"]) == ("charge-1", "checkout-0")
+
+
+@pytest.mark.django_db(transaction=True)
 def test_a_process_that_exits_publishes_and_marks_the_rows_it_committed(broker, monkeypatch):
     real_publish = outbox._publish_committed
 
-    def slow(message: OutboxMessage, using: str | None) -> None:
+    def slow(message: OutboxMessage, using: str | None, lineage: object = None) -> None:
         time.sleep(0.3)  # still publishing when the process starts to exit
         real_publish(message, using)
 
