@@ -245,14 +245,8 @@ class Lab(Stack):
         under it; a worker process must always run under a supervisor.)"""
         while not stop.wait(0.5):
             with self.lock:
-                for name, proc in list(self.procs.items()):
-                    if proc.poll() is None or not name.startswith(("worker-", "beat")):
-                        continue
-                    self.exits.append(f"{name} (exit {proc.returncode})")
-                    if name == "beat":
-                        self.beat()
-                    else:
-                        self.worker(name.removeprefix("worker-"))
+                supervised = [name for name in self.procs if name.startswith(("worker-", "beat"))]
+                self.exits += self.restart_exited(supervised)
 
     def probe_liveness(self, stop: threading.Event) -> None:
         """Restart a worker that stops answering pings, as the livenessProbe of

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -217,6 +217,22 @@ class Stack:
 
     def beat(self) -> None:
         self.spawn("beat", *self.command("beat", "--loglevel", "WARNING"))
+
+    def restart_exited(self, names: Iterable[str]) -> list[str]:
+        """Start again each of these workers (and beat) that exited on its own, as systemd
+        or Kubernetes would: Celery 5.7 can exit with "Unrecoverable error" when the broker
+        is killed under it (jobs/NOTES.md §9). What exited, with its exit code."""
+        exited = []
+        for name in names:
+            proc = self.procs[name]
+            if proc.poll() is None:
+                continue
+            exited.append(f"{name} (exit {proc.returncode})")
+            if name == "beat":
+                self.beat()
+            else:
+                self.worker(name.removeprefix("worker-"))
+        return exited
 
     def stop_process(self, name: str, sig: int = signal.SIGTERM, timeout: float = 30) -> None:
         proc = self.procs[name]

@@ -436,6 +436,14 @@ def broker_down(bench: Bench, args: argparse.Namespace) -> Result:
     order = bench.request("/api/orders/")
     _warm(bench, order)
     redis = bench.procs["redis"]
+    # What a deployment restarts when it exits: a worker can exit on a broker killed
+    # under it (Stack.restart_exited), and a dead `default` worker runs no relay.
+    supervised = [
+        name
+        for name, proc in bench.procs.items()
+        if name.startswith(("worker-", "beat")) and proc.poll() is None
+    ]
+    restarted: list[str] = []
     for rep in range(args.reps):
         figures: Figures = {}
         variants = ["up", "down", "frozen"]
@@ -454,6 +462,7 @@ def broker_down(bench: Bench, args: argparse.Namespace) -> Result:
                 # Each web process left publishing to the relay when the broker failed
                 # it (jobs/outbox.py): wait that out, or the next run would publish nothing.
                 time.sleep(settings.JOBS_OUTBOX_PUBLISH_PAUSE)
+                restarted += bench.restart_exited(supervised)
                 _warm(bench, order)
         figures["down_p99_ratio"] = figures["down_p99_ms"] / figures["up_p99_ms"]
         figures["frozen_p99_ratio"] = figures["frozen_p99_ms"] / figures["up_p99_ms"]
@@ -462,13 +471,19 @@ def broker_down(bench: Bench, args: argparse.Namespace) -> Result:
     deadline = time.monotonic() + 60
     while unsent.exists() and time.monotonic() < deadline:
         time.sleep(0.5)
+        restarted += bench.restart_exited(supervised)
     left = unsent.count()
     result.reps[-1]["unsent_after_60s"] = float(left)  # reported with the last repetition
+    result.reps[-1]["processes_restarted"] = float(len(restarted))
     result.notes.append(
         "after Redis came back the relay published every outbox row left unsent"
         if not left
         else f"{left} outbox row(s) still unsent a minute after Redis came back"
     )
+    if restarted:
+        result.notes.append(
+            "exited on their own and restarted, as a supervisor would: " + ", ".join(restarted)
+        )
     return result
 
 
