@@ -27,6 +27,7 @@ from django.utils.module_loading import autodiscover_modules
 from jobs import correlation, metrics, outbox
 from jobs.celery import app
 from jobs.conf import jobs_settings
+from jobs.dependencies import operator_call
 from jobs.errors import PermanentError, PoisonMessage, TransientError
 from jobs.lifecycle import describe, request_header
 from jobs.logs import job_event
@@ -288,7 +289,8 @@ def dead_letter_discard(*, ids: Iterable[int], actor: str, consequence: bool = T
         try:
             handler = _discard_handlers.get(row.task_name) if consequence else None
             if handler is not None:
-                handler(row, actor)
+                with operator_call():  # a person waits: no queueing behind the backlog
+                    handler(row, actor)
             # Conditional: another operator's replay or discard meanwhile wins the row
             # (the consequence, being repeatable, already held or did no harm).
             marked = DeadLetter.objects.filter(pk=pk, status=DeadLetter.Status.DEAD).update(
@@ -297,7 +299,7 @@ def dead_letter_discard(*, ids: Iterable[int], actor: str, consequence: bool = T
         except TransientError as exc:
             logger.warning("dead letter %s: discard refused: %r", pk, exc)
             errors.append(
-                f"Dead letter {pk} was not discarded: {type(exc).__name__}; it is still "
+                f"Dead letter {pk} was not discarded: {exc.explain()}; it is still "
                 "dead, try again (that is safe to repeat)."
             )
             continue

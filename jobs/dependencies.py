@@ -34,6 +34,10 @@ disagree; the server's is one):
   (the lab and the bench use 0.95 of it).
 - A ``429 Too Many Requests`` moves the schedule past its ``Retry-After`` for every
   caller (``throttled``), and the task is deferred, not failed: a limit is not an outage.
+- An operator's call (``operator_call()``: a discard that asks the gateway, a cancel
+  from the admin) books no turn: it goes in the current clock second if the second has
+  a send left. Behind the tasks' booked turns it would be refused for as long as a
+  backlog drains at the limit, which is when operators act.
 - The circuit breaker counts failures in a row (what the caller says is one: a refused
   connection, a timeout, a 5xx; never a decline or a 429). At ``failures`` it opens:
   every task for the dependency is deferred to the end of the cooldown, sending nothing.
@@ -91,7 +95,8 @@ end
 
 # KEYS: the breaker's hash, the schedule's key, this second's sends ("second:count").
 # ARGV: rate (0: none), max wait, ramp, probe timeout, horizon, the slot this caller
-# booked earlier (0: none). Returns
+# booked earlier (0: none), 1 for an operator's call (no turn: this second's count only,
+# after a 429's pause). Returns
 # {verdict, seconds[, slot]}: go (after seconds, then _SEND; or 'now' follows: counted),
 # probe (go now, the breaker's probe),
 # booked (a slot further than max wait, booked: come back then), busy (further than the
@@ -123,6 +128,17 @@ local function go(wait)
   if wait_for_next and wait_for_next > max_wait then return {'busy', fmt(wait_for_next)} end
   if wait_for_next then return {'go', fmt(wait_for_next)} end
   return {'go', '0', 'now'}
+end
+-- An operator's call takes no turn in the schedule (the tasks' backlog may have booked
+-- every turn up to the horizon): it goes in this clock second if the second has a send
+-- left, which the per-second count keeps within the limit.
+if ARGV[7] == '1' then
+  local resume = tonumber(b[4]) or 0
+  if now < resume then  -- a 429's pause: the service asked everyone to wait
+    if resume - now > max_wait then return {'busy', fmt(resume - now)} end
+    return {'go', fmt(resume - now)}
+  end
+  return go(0)
 end
 -- Booked on an earlier run of this task: its turn, no new booking (late or not: the
 -- count of its second says whether it may go now). Not if a 429 came since (a pause
@@ -244,6 +260,14 @@ class Deferred(TransientError):
         self.delay = delay
         self.slot = slot  # the slot booked for the next run (Redis's clock), if any
 
+    def explain(self) -> str:
+        why = {
+            "breaker_open": "its circuit breaker is open after failures",
+            "rate_limited": "the rate limit set for it is reached",
+            "throttled": "it asked to be called less often",
+        }.get(self.reason, self.reason)
+        return f"the {self.dependency} is not called for now ({why}; about {self.delay:.0f} s)"
+
     def __reduce__(self) -> tuple[type["Deferred"], tuple[str, str, float, float | None]]:
         # Picklable as itself: Celery keeps only what pickles of a Retry's exception.
         return type(self), (self.dependency, self.reason, self.delay, self.slot)
@@ -321,8 +345,9 @@ class Dependency:
         reserved = booked.pop(self.name, 0.0)  # used once: a second call books its own
         _slots.set(booked)
         rate = limits.rate or 0
+        operator = 1 if _operator.get() else 0
         answer = self._script(
-            _ADMIT, rate, max_wait, limits.ramp, limits.probe_timeout, horizon, reserved
+            _ADMIT, rate, max_wait, limits.ramp, limits.probe_timeout, horizon, reserved, operator
         )
         if answer is None:
             return True
@@ -441,6 +466,24 @@ SLOTS_HEADER, DEFERRALS_HEADER = "x_jobs_slots", "x_jobs_deferrals"
 
 def reserved_slots() -> dict[str, float]:
     return dict(_slots.get())
+
+
+_operator: ContextVar[bool] = ContextVar("jobs_dependency_operator", default=False)
+
+
+@contextmanager
+def operator_call() -> Iterator[None]:
+    """Calls made in this block are an operator's (a discard asking the gateway, an
+    order cancelled from the admin): rare, and a person waits for each. They do not
+    queue behind the turns the tasks booked (a backlog draining at the limit books every
+    turn up to the horizon, and the operator would be refused until it drained); each
+    goes in the current clock second if that second has a send left, so the limit holds
+    where the service counts it. The breaker and a 429's pause still hold them back."""
+    token = _operator.set(True)
+    try:
+        yield
+    finally:
+        _operator.reset(token)
 
 
 @contextmanager

@@ -15,6 +15,10 @@ declined card) is not an error at all: the task records it and returns.
 class TransientError(Exception):
     """A failure that may succeed when tried again later."""
 
+    def explain(self) -> str:
+        """Why, for the operator whose action it refused (no internal names)."""
+        return "a service it needs did not answer"
+
 
 class PermanentError(Exception):
     """A failure that will happen again however often the task is retried."""

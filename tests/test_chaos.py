@@ -56,3 +56,28 @@ def test_the_published_twice_witness_counts_only_first_publishes():
     assert not first_publish({"uuid": "a", "retries": 1, "eta": "2026-12-01T00:00:01"})
     # A deferral under the rate limit: the same attempt (retries 0) again, with an ETA.
     assert not first_publish({"uuid": "a", "retries": 0, "eta": "2026-12-01T00:00:01"})
+
+
+def test_the_witness_allows_two_publishes_per_row_plus_the_labs_own_duplicates():
+    from collections import Counter
+
+    from deploy.chaos import over_published
+
+    sent = ["web pid 1 at 10:00:00", "beat pid 2 at 10:00:03"]  # after commit, relay
+    publishes = {
+        "relayed": sent,
+        "thrice": [*sent, "beat pid 2 at 10:00:05"],
+        # duplicate_delivery chose the newest row twice after the load: 4 of its own.
+        "chosen-twice": [*sent, *["lab pid 3 at 10:01:00"] * 4],
+        "chosen-once-sent-thrice": [*sent, sent[1], *["lab pid 3 at 10:01:00"] * 2],
+    }
+    duplicated = Counter({"chosen-twice": 2, "chosen-once-sent-thrice": 1})
+
+    over = over_published(
+        ["relayed", "thrice", "chosen-twice", "chosen-once-sent-thrice"], publishes, duplicated
+    )
+
+    assert over == {
+        "thrice": publishes["thrice"],
+        "chosen-once-sent-thrice": publishes["chosen-once-sent-thrice"],
+    }

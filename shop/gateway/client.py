@@ -29,11 +29,17 @@ GATEWAY = Dependency("gateway")
 class GatewayUnavailable(TransientError):
     """The gateway could not be reached, or answered 5xx: try again later."""
 
+    def explain(self) -> str:
+        return "the payment gateway did not answer"
+
 
 class OutcomeUnknown(TransientError):
     """The request may have reached the gateway, but no answer came back (a read timeout,
     a connection reset after sending): the charge may or may not have happened. Ask
     before charging again."""
+
+    def explain(self) -> str:
+        return "the payment gateway's answer did not come back"
 
 
 class GatewayTimeout(OutcomeUnknown):

@@ -363,3 +363,55 @@ def test_an_inconclusive_answer_hands_the_probe_on_and_closes_nothing(dependency
 
     assert dependency.state()["state"] == "half_open"
     dependency.admit()  # the next caller probes at once
+
+
+def test_a_deferral_explains_itself_to_an_operator_without_internal_names():
+    from jobs.dependencies import Deferred
+
+    assert Deferred("gateway", "breaker_open", 4.6).explain() == (
+        "the gateway is not called for now (its circuit breaker is open after failures; about 5 s)"
+    )
+    assert "asked to be called less often" in Deferred("mail", "throttled", 1).explain()
+
+
+def test_an_operators_call_goes_now_while_the_tasks_have_booked_every_turn(
+    dependency, waits, settings
+):
+    settings.JOBS_RETRY_BACKOFF_CAP = 0.5  # the horizon: five turns at 10/s
+    settings.JOBS_DEPENDENCY_MAX_WAIT = 0.05
+    dependency.admit()
+    booked = []
+    while True:  # the backlog books every turn up to the horizon
+        try:
+            dependency.admit()
+        except Deferred as exc:
+            if exc.slot is None:
+                break
+            booked.append(exc.slot)
+    assert len(booked) >= 3
+
+    with dependencies.operator_call():
+        dependency.admit()  # goes now: no Deferred, no wait
+
+    assert waits == []
+    # It took no turn: the schedule is where the backlog left it.
+    with pytest.raises(Deferred) as still_busy:
+        dependency.admit()
+    assert still_busy.value.slot is None
+
+
+def test_an_operators_calls_keep_within_the_second_and_behind_the_breaker(dependency, slept):
+    time.sleep(math.ceil(time.time()) - time.time() + 0.01)  # a second just began
+    with dependencies.operator_call():
+        for _ in range(int(RATE)):
+            dependency.admit()
+        assert slept == []  # a second's worth at once: no turns, no waits
+        dependency.admit()  # this second is full: it waits for the next
+        assert len(slept) == 1
+        assert 0 < slept[0] <= 1.0
+
+        for _ in range(3):
+            dependency.failed()
+        with pytest.raises(Deferred) as deferred:
+            dependency.admit()
+    assert deferred.value.reason == "breaker_open"

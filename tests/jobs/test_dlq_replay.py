@@ -220,7 +220,8 @@ def test_a_discard_whose_consequence_fails_or_loses_the_row_leaves_the_rows_afte
 
     assert (result.done, result.refused) == (1, 1)
     assert result.errors == (
-        f"Dead letter {asks.pk} was not discarded: TransientError; it is still dead, try "
+        f"Dead letter {asks.pk} was not discarded: a service it needs did not answer; it is still "
+        "dead, try "
         "again (that is safe to repeat).",
         f"Dead letter {failing.pk} was not discarded: an error was logged.",
     )
@@ -375,3 +376,18 @@ def test_dlq_command_refuses_ids_that_do_not_exist_and_handles_none(action):
 
     assert DeadLetter.objects.get().status == DeadLetter.Status.DEAD
     assert_nothing_enqueued()
+
+
+@pytest.mark.django_db
+def test_a_discards_consequence_calls_as_an_operator_not_behind_the_tasks_turns(monkeypatch):
+    from jobs import dependencies
+
+    letter = make_letter(task_name="tests.discard.asks")
+    seen: list[bool] = []
+    handlers = {"tests.discard.asks": lambda row, actor: seen.append(dependencies._operator.get())}
+    monkeypatch.setattr(dead_letters, "_discard_handlers", handlers)
+
+    assert dead_letters.dead_letter_discard(ids=[letter.pk], actor="ops").done == 1
+
+    assert seen == [True]
+    assert dependencies._operator.get() is False  # only inside the consequence

@@ -156,7 +156,8 @@ def test_a_discard_the_gateway_cannot_confirm_is_refused_and_changes_nothing(
 
     assert result.done == 0
     assert result.errors == (
-        f"Dead letter {letter.pk} was not discarded: GatewayUnavailable; it is still dead, "
+        f"Dead letter {letter.pk} was not discarded: the payment gateway did not answer; "
+        "it is still dead, "
         "try again (that is safe to repeat).",
     )
     letter.refresh_from_db()
@@ -276,6 +277,35 @@ def test_an_operator_cancels_from_the_admin_only_with_the_permission(
     assert stock() == 10
     letter.refresh_from_db()  # the order is over, and so is its charge's dead letter
     assert (letter.status, letter.handled_by) == ("discarded", "ops")
+
+
+def test_an_operator_cancels_while_a_backlog_holds_every_turn_at_the_gateway(
+    client, broker, gateway, products, settings
+):
+    """The tasks' backlog has booked every turn the shared limit gives out; the
+    operator's cancel (which asks the gateway first) goes in the current second anyway."""
+    from jobs.dependencies import Deferred
+
+    settings.JOBS_DEPENDENCIES = {"gateway": {"rate": 5}}
+    settings.JOBS_DEPENDENCY_MAX_WAIT = 0.05
+    settings.JOBS_RETRY_BACKOFF_CAP = 1.0  # the horizon: five turns
+    payment = place_order()
+    while True:
+        try:
+            gateway_client.GATEWAY.admit()
+        except Deferred as exc:
+            if exc.slot is None:  # every turn up to the horizon is booked
+                break
+    client.force_login(staff("ops", "cancel_order"))
+
+    done = client.post(
+        "/admin/shop/order/",
+        {"action": "cancel_selected", "_selected_action": [payment.order_id]},
+        follow=True,
+    )
+
+    assert "1 order cancelled, its stock released." in done.content.decode()
+    assert Order.objects.get().status == "cancelled"
 
 
 def test_the_admin_says_when_the_gateway_cannot_be_asked(client, broker, gateway, products):
