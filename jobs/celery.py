@@ -4,10 +4,12 @@ guarantees rest on where the host set none (jobs/conf.py), and schedules jobs' o
 periodic work (the outbox relay, pruning, the reconciler, the canaries).
 `celery -A jobs worker` finds it as `jobs.app`."""
 
+import threading
 from typing import Any
 
-from celery import Celery
+from celery import Celery, platforms
 from celery.app.utils import Settings
+from celery.signals import beat_init
 from django.conf import settings as django_settings
 from kombu import Connection
 
@@ -83,3 +85,23 @@ def control_connection() -> Connection:
     process restarts [§10]. Connecting costs a millisecond; these calls are rare.
     """
     return app.connection_for_write()
+
+
+@beat_init.connect
+def _stop_between_ticks(sender: Any, **_: Any) -> None:
+    """Beat stops on SIGTERM and SIGINT after its current tick, saving its schedule once.
+
+    Celery's own handler closes the schedule's store in the signal handler, then raises
+    SystemExit wherever beat happens to be. Sent mid-tick (beat publishing its due
+    tasks at start), the SystemExit can be lost on the way and the loop ticks on, now
+    on a closed store: beat exits 1 with "invalid operation on closed shelf" (jobs/
+    NOTES.md §11). Here the handler only marks the service shut down and raises: the
+    loop ends at the SystemExit or, if that was lost, at its next check, and beat's own
+    `finally` saves the schedule."""
+
+    def stop(signum: int, frame: Any) -> None:
+        sender._is_shutdown.set()
+        raise SystemExit()
+
+    if threading.current_thread() is threading.main_thread():  # signals go to it alone
+        platforms.signals.update(SIGTERM=stop, SIGINT=stop)
