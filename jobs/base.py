@@ -44,7 +44,8 @@ The signal receivers that act on a task along the way, and where they live:
   (jobs.dead_letters._on_task_failure); for the sales report, closes its run
   (shop.tasks.reports._report_failed).
 - worker_init, beat_init: refuse to start with a redelivery loop, or a pool that cannot
-  bound the tasks of its queues (jobs.checks);
+  bound the tasks of its queues (jobs.checks); beat_init also makes SIGTERM stop beat
+  between ticks, its schedule saved once (jobs.celery);
   worker_ready: serves the worker's metrics when configured (jobs.lifecycle).
 """
 
