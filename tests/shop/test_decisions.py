@@ -279,6 +279,15 @@ def test_an_operator_cancels_from_the_admin_only_with_the_permission(
     assert (letter.status, letter.handled_by) == ("discarded", "ops")
 
 
+def cancel_from_admin(client, order_id: int):
+    client.force_login(staff("ops", "cancel_order"))
+    return client.post(
+        "/admin/shop/order/",
+        {"action": "cancel_selected", "_selected_action": [order_id]},
+        follow=True,
+    )
+
+
 def test_an_operator_cancels_while_a_backlog_holds_every_turn_at_the_gateway(
     client, broker, gateway, products, settings
 ):
@@ -296,13 +305,8 @@ def test_an_operator_cancels_while_a_backlog_holds_every_turn_at_the_gateway(
         except Deferred as exc:
             if exc.slot is None:  # every turn up to the horizon is booked
                 break
-    client.force_login(staff("ops", "cancel_order"))
 
-    done = client.post(
-        "/admin/shop/order/",
-        {"action": "cancel_selected", "_selected_action": [payment.order_id]},
-        follow=True,
-    )
+    done = cancel_from_admin(client, payment.order_id)
 
     assert "1 order cancelled, its stock released." in done.content.decode()
     assert Order.objects.get().status == "cancelled"
@@ -311,13 +315,8 @@ def test_an_operator_cancels_while_a_backlog_holds_every_turn_at_the_gateway(
 def test_the_admin_says_when_the_gateway_cannot_be_asked(client, broker, gateway, products):
     payment = place_order()
     gateway.control(outage=True)
-    client.force_login(staff("ops", "cancel_order"))
 
-    done = client.post(
-        "/admin/shop/order/",
-        {"action": "cancel_selected", "_selected_action": [payment.order_id]},
-        follow=True,
-    )
+    done = cancel_from_admin(client, payment.order_id)
 
     assert "the payment gateway did not answer" in done.content.decode()
     assert Order.objects.get().status == "pending"
