@@ -174,13 +174,14 @@ class OrderAdmin(ReadOnly, ActionsRefusedLoudly):
     def cancel_selected(self, request: HttpRequest, queryset: QuerySet[Order]) -> None:
         actor = request.user.get_username()
         outcomes: Counter[Cancelled] = Counter()
-        unreachable = failed = 0
+        unreachable: list[str] = []  # why each was refused, for the operator
+        failed = 0
         for order_id, payment_id in queryset.values_list("pk", "payment__pk"):
             try:
                 with operator_call():  # asks the gateway: not behind the tasks' turns
                     outcomes[order_cancel(order_id=order_id, actor=actor, message=MESSAGE)] += 1
-            except TransientError:
-                unreachable += 1
+            except TransientError as exc:
+                unreachable.append(exc.explain())
                 continue
             except Exception:
                 logger.exception("admin: order %s could not be cancelled", order_id)
@@ -192,12 +193,12 @@ class OrderAdmin(ReadOnly, ActionsRefusedLoudly):
             self.message_user(request, _REPORTS[outcome](count), _LEVELS[outcome])
         if unreachable:
             message = ngettext(
-                "%(count)d order was not cancelled: the payment gateway did not answer. It "
-                "is still pending here; cancel it again (that is safe to repeat).",
-                "%(count)d orders were not cancelled: the payment gateway did not answer. "
-                "They are still pending here; cancel them again (that is safe to repeat).",
-                unreachable,
-            ) % {"count": unreachable}
+                "%(count)d order was not cancelled: %(why)s. It is still pending here; "
+                "cancel it again (that is safe to repeat).",
+                "%(count)d orders were not cancelled: %(why)s. They are still pending "
+                "here; cancel them again (that is safe to repeat).",
+                len(unreachable),
+            ) % {"count": len(unreachable), "why": "; ".join(dict.fromkeys(unreachable))}
             self.message_user(request, message, messages.ERROR)
         if failed:
             message = ngettext(

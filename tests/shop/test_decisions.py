@@ -323,6 +323,22 @@ def test_the_admin_says_when_the_gateway_cannot_be_asked(client, broker, gateway
     assert stock() == 7
 
 
+def test_the_admin_says_why_it_did_not_ask_the_gateway_while_its_breaker_is_open(
+    client, broker, gateway, products, settings
+):
+    settings.JOBS_DEPENDENCIES = {"gateway": {"failures": 1, "cooldown": 60}}
+    payment = place_order()
+    gateway_client.GATEWAY.failed()  # the breaker opens
+
+    done = cancel_from_admin(client, payment.order_id)
+
+    assert (
+        "1 order was not cancelled: the gateway is not called for now (its circuit breaker "
+        "is open after failures; about"
+    ) in done.content.decode()
+    assert Order.objects.get().status == "pending"
+
+
 def test_the_deadline_counts_from_an_operators_replay_and_one_bad_order_stops_no_other(
     broker, gateway, products, settings, monkeypatch
 ):
