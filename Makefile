@@ -14,18 +14,22 @@ $(STAMP): requirements/dev.txt
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --require-hashes --no-deps -r requirements/dev.txt
 	touch $(STAMP)
 
-# Debian packages the suite drives: Chromium for the browser tests. Installed when
-# missing; a failed install stops `make test` (the browser tests never skip quietly).
+# Debian packages the suite drives: Chromium for the browser tests, Prometheus (and its
+# promtool) for the alert rules' tests and the lab. Installed when missing; a failed
+# install stops `make test` (those tests never skip quietly).
 system-deps:
 	@test -x /usr/bin/chromium || { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null; } \
 	  || { echo "make: Chromium could not be installed (apt-get install chromium); the browser tests need it" >&2; exit 1; }
+	@test -x /usr/bin/promtool || { apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus >/dev/null; } \
+	  || { echo "make: Prometheus could not be installed (apt-get install prometheus); the alert tests need it" >&2; exit 1; }
 
 # Start the whole shop in one terminal (web, gateway, one worker per queue, beat, Flower); Ctrl-C stops it.
+# ARGS=--prometheus also starts Prometheus with the alert rules.
 run: install
-	$(BIN)/python deploy/run_local.py
+	$(BIN)/python deploy/run_local.py $(ARGS)
 
 # The failure lab: orders over HTTP while workers, web and Redis are killed; a verdict.
-chaos: install
+chaos: install system-deps
 	mkdir -p var && $(BIN)/python -m deploy.chaos $(ARGS)
 
 # How fast, measured side by side: every scenario against its baseline; report in var/bench/.

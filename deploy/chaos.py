@@ -21,6 +21,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,16 +29,29 @@ import threading
 import time
 import uuid
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
 import redis
 
 from deploy.lab_admin import AdminSession
+from deploy.lab_alerts import (
+    RESOLVE_BOUND,
+    AlertWatch,
+    Watched,
+    fire_bound,
+    quiet_row,
+    screenshot,
+    start_prometheus,
+    watched_rows,
+)
 from deploy.latency_proxy import LatencyProxy
-from deploy.stack import BASE_DIR, QUEUES, Stack, choose
+from deploy.stack import BASE_DIR, QUEUES, Stack, choose, free_port, wait_for
+from deploy.watch import BINARY, MISSING
 
 GOOD, DECLINED = "tok_visa", "tok_chargeDeclined"  # the gateway's test tokens
 SKUS = ["MUG-001", "TEE-002", "BAG-003", "PEN-004", "NBK-005", "CAP-006"]
@@ -97,6 +111,8 @@ class Lab(Stack):
                 "PAYMENT_GATEWAY_RATE_LIMIT": str(0.95 * args.gateway_rate_limit),
                 "BREAKER_COOLDOWN": str(BREAKER_COOLDOWN),
                 "BREAKER_RAMP": "5",
+                # The canaries at the alerts' lab clock (deploy/lab_alerts.py: 30 s / 10).
+                "CANARY_INTERVAL": "3",
                 "LOG_LEVEL": "WARNING",
             },
         )
@@ -116,6 +132,12 @@ class Lab(Stack):
         self.publishes: defaultdict[str, list[str]] = defaultdict(list)
         self.stale_edits = 0
         self.outages: list[tuple[float, float, int]] = []  # gateway outages: start, end, calls
+        self.held: set[str] = set()  # processes a watched fault holds down: not restarted
+        self.watch: AlertWatch | None = None
+        self.quiet = (0.0, 0.0)  # the quiet period: no fault, orders flowing
+        self.watched: list[Watched] = []
+        self.first_fault_at = 0.0
+        self.screenshot: Path | None = None
 
     def watch_publishes(self) -> None:
         """Count the first publish (retries 0) of every task id from Celery's own
@@ -154,44 +176,53 @@ class Lab(Stack):
 
     # --- load and faults --------------------------------------------------------------
 
-    def place_orders(self) -> tuple[list[str], list[str], int]:
-        cards = [
-            DECLINED if self.rng.random() < self.args.declined_share else GOOD
-            for _ in range(self.args.orders)
-        ]
-        skus = SKUS
+    def card(self) -> str:
+        return DECLINED if self.rng.random() < self.args.declined_share else GOOD
 
-        def order(card: str) -> tuple[str, str | None]:
-            body = {
-                "email": "chaos@example.com",
-                "card_token": card,
-                "items": [{"sku": random.choice(skus), "quantity": 1}],
-            }
-            # A careful client: one key per order, the same key on every retry of it, so a
-            # request whose answer was lost (the web process died after COMMIT) is never
-            # placed twice.
-            headers = {"Idempotency-Key": str(uuid.uuid4())}
-            for _ in range(40):
-                try:
-                    response = httpx.post(
-                        self.url("/api/orders/"), json=body, headers=headers, timeout=30
-                    )
-                except httpx.HTTPError:
-                    time.sleep(0.5)
-                    continue
-                if response.status_code >= 500:
-                    time.sleep(0.5)
-                    continue
-                if response.status_code == 201:
-                    return card, str(response.json()["id"])
-                return card, None
+    def place_order(self, card: str) -> tuple[str, str | None]:
+        """One order over HTTP, as a careful client places it: one key per order, the
+        same key on every retry of it, so a request whose answer was lost (the web process
+        died after COMMIT) is never placed twice. The order's reference, or None."""
+        body = {
+            "email": "chaos@example.com",
+            "card_token": card,
+            "items": [{"sku": random.choice(SKUS), "quantity": 1}],
+        }
+        headers = {"Idempotency-Key": str(uuid.uuid4())}
+        for _ in range(40):
+            try:
+                response = httpx.post(
+                    self.url("/api/orders/"), json=body, headers=headers, timeout=30
+                )
+            except httpx.HTTPError:
+                time.sleep(0.5)
+                continue
+            if response.status_code >= 500:
+                time.sleep(0.5)
+                continue
+            if response.status_code == 201:
+                return card, str(response.json()["id"])
             return card, None
+        return card, None
 
-        with ThreadPoolExecutor(self.args.concurrency) as pool:
-            results = list(pool.map(order, cards))
+    @staticmethod
+    def sorted_out(results: list[tuple[str, str | None]]) -> tuple[list[str], list[str], int]:
+        """Accepted good cards, accepted declined cards, refused."""
         accepted = [ref for card, ref in results if ref and card == GOOD]
         declined = [ref for card, ref in results if ref and card == DECLINED]
         return accepted, declined, sum(1 for _, ref in results if ref is None)
+
+    def place_orders(self) -> tuple[list[str], list[str], int]:
+        cards = [self.card() for _ in range(self.args.orders)]
+        with ThreadPoolExecutor(self.args.concurrency) as pool:
+            return self.sorted_out(list(pool.map(self.place_order, cards)))
+
+    def trickle(self, stop: threading.Event, results: list[tuple[str, str | None]]) -> None:
+        """Orders at a shop's quiet pace (two a second) until `stop`: the work the
+        alerts' quiet period and the watched faults need flowing."""
+        with ThreadPoolExecutor(2) as pool:
+            while not stop.wait(0.5):
+                pool.submit(lambda: results.append(self.place_order(self.card())))
 
     def fault_schedule(self, first_round: bool) -> list[str]:
         """Every chosen fault once per round, in a seeded order. The first round opens,
@@ -260,7 +291,11 @@ class Lab(Stack):
         under it; a worker process must always run under a supervisor.)"""
         while not stop.wait(0.5):
             with self.lock:
-                supervised = [name for name in self.procs if name.startswith(("worker-", "beat"))]
+                supervised = [
+                    name
+                    for name in self.procs
+                    if name.startswith(("worker-", "beat")) and name not in self.held
+                ]
                 self.exits += self.restart_exited(supervised)
 
     def probe_liveness(self, stop: threading.Event) -> None:
@@ -274,6 +309,8 @@ class Lab(Stack):
         misses: Counter[str] = Counter()
         while not stop.wait(LIVENESS_PERIOD):
             for name in [n for n in list(self.procs) if n.startswith("worker-")]:
+                if name in self.held:
+                    continue
                 queue = name.removeprefix("worker-")
                 try:
                     with control_connection() as connection:  # not a pooled one [§10]
@@ -471,6 +508,131 @@ class Lab(Stack):
             print(f"chaos: duplicate delivery not sent: {exc!r}", flush=True)
             return
         self.duplicated[str(row.task_id)] += 1
+
+    # --- alerts: a real Prometheus watching the lab (deploy/lab_alerts.py) ---------------
+
+    def start_watching(self) -> None:
+        self.prometheus = start_prometheus(
+            self.dir / "prometheus", free_port(), f"127.0.0.1:{self.web_port}"
+        )
+        wait_for("Prometheus scraping the web", self.prometheus.targets_up, 60)
+        self.watch = AlertWatch(self.prometheus).start()
+        print(f"chaos: Prometheus at {self.prometheus.url}/alerts", flush=True)
+
+    def alerts_now(self, names: set[str] | None = None) -> list[str]:
+        try:
+            listed = self.prometheus.alerts()
+        except httpx.HTTPError:
+            return ["(Prometheus did not answer)"]
+        return [
+            a["labels"]["alertname"]
+            for a in listed
+            if names is None or a["labels"]["alertname"] in names
+        ]
+
+    def wait_alerts_clear(self, timeout: float, names: set[str] | None = None) -> None:
+        deadline = time.monotonic() + timeout
+        while self.alerts_now(names) and time.monotonic() < deadline:
+            time.sleep(1)
+
+    def quiet_period(self) -> list[tuple[str, str | None]]:
+        """Orders at a quiet pace and no fault, once the alerts of the lab's start (no
+        canary run yet) are gone: no alert may fire."""
+        self.wait_alerts_clear(timeout=90)
+        results: list[tuple[str, str | None]] = []
+        stop = threading.Event()
+        thread = threading.Thread(target=self.trickle, args=(stop, results))
+        start = time.monotonic()
+        thread.start()
+        time.sleep(self.args.quiet_seconds)
+        stop.set()
+        thread.join()
+        self.quiet = (start, time.monotonic())
+        return results
+
+    def hold_worker_down(self) -> Callable[[], None]:
+        self.held.add("worker-emails")
+        with self.lock:
+            proc = self.procs["worker-emails"]
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+        def recover() -> None:
+            with self.lock:
+                self.worker("emails")
+                self.held.discard("worker-emails")
+
+        return recover
+
+    def hold_stuck_queue(self) -> Callable[[], None]:
+        self.held.add("worker-payments")
+        proc = self.procs["worker-payments"]
+        os.killpg(proc.pid, signal.SIGSTOP)
+
+        def recover() -> None:
+            os.killpg(proc.pid, signal.SIGCONT)
+            self.held.discard("worker-payments")
+
+        return recover
+
+    def hold_broker_down(self) -> Callable[[], None]:
+        self.procs["redis"].kill()
+        self.procs["redis"].wait()
+        return self.redis
+
+    def hold_gateway_down(self) -> Callable[[], None]:
+        self.gateway_control(outage=True)
+        return lambda: self.gateway_control(outage=False)
+
+    def watched_faults(self) -> list[tuple[str, str | None]]:
+        """Each watched fault, with orders flowing: held until its alerts fire (or their
+        bound passes), then undone, and its alerts watched until they resolve."""
+        assert self.watch is not None
+        results: list[tuple[str, str | None]] = []
+        stop = threading.Event()
+        thread = threading.Thread(target=self.trickle, args=(stop, results))
+        thread.start()
+        try:
+            for name in self.args.watch:
+                what, expected = WATCHED[name]
+                fault = Watched(name, what, expected)
+                self.wait_alerts_clear(RESOLVE_BOUND, names={alert for alert, _ in expected})
+                fault.started = time.monotonic()
+                recover = getattr(self, f"hold_{name}")()
+                deadline = fault.started + max(fire_bound(a, labels) for a, labels in expected)
+                while time.monotonic() < deadline + 5 and not all(
+                    self.watch.first_firing(fault.started, a, **labels) for a, labels in expected
+                ):
+                    time.sleep(1)
+                if self.screenshot is None and self.watch.fired(fault.started):
+                    path = self.dir / "prometheus-alert-firing.png"
+                    if screenshot(f"{self.prometheus.url}/alerts", path):
+                        self.screenshot = path
+                recover()
+                fault.recovered = time.monotonic()
+                self.watched.append(fault)
+                self.wait_alerts_clear(RESOLVE_BOUND + 5, names={a for a, _ in expected})
+                fired = [e.describe() for e in self.watch.fired(fault.started)]
+                print(f"chaos: watched {name}: fired {', '.join(fired) or 'nothing'}", flush=True)
+        finally:
+            stop.set()
+            thread.join()
+        return results
+
+    def alert_rows(self, *, after_replay: bool) -> list[tuple[str, object, bool]]:
+        if self.watch is None:
+            return []
+        if not after_replay:  # the quiet period's line, and what the mixed faults fired
+            during = sorted({e.name for e in self.watch.fired(self.first_fault_at)})
+            quiet = [quiet_row(self.watch, self.quiet)] if self.quiet[1] else []
+            return [
+                *quiet,
+                ("alerts fired during the mixed faults", ", ".join(during) or "none", True),
+            ]
+        rows = watched_rows(self.watch, self.watched)
+        if self.screenshot is not None:
+            rows.append(("Prometheus's alerts page, an alert firing", self.screenshot, True))
+        return rows
 
     # --- the verdict ----------------------------------------------------------------------
 
@@ -713,8 +875,9 @@ class Lab(Stack):
             ),
             ("faults injected", ", ".join(f"{n} {f}" for f, n in injected.items()) or "none", True),
             *self.outcomes(ledger),
+            *self.alert_rows(after_replay=after_replay),
             (
-                "time to settle after the replay"
+                "time to settle after the replay (and the watched faults)"
                 if after_replay
                 else "time to settle after the last fault",
                 f"{settle:.0f} s",
@@ -776,6 +939,24 @@ FAULTS = [
 ]
 
 
+# The watched faults: what each is, and the alerts (name, labels) it must fire.
+WATCHED: dict[str, tuple[str, list[tuple[str, dict[str, str]]]]] = {
+    "worker_down": (
+        "the emails worker killed and kept down",
+        [("JobsWorkerOffline", {"queue": "emails"}), ("JobsCanaryStale", {"queue": "emails"})],
+    ),
+    "stuck_queue": (
+        "the payments worker frozen (SIGSTOP) under orders",
+        [("JobsQueueTooOld", {"queue": "payments"})],
+    ),
+    "broker_down": ("Redis down under orders", [("JobsOutboxBacklog", {})]),
+    "gateway_down": (
+        "the gateway answering 503 under orders",
+        [("JobsDependencyCircuitOpen", {"dependency": "gateway"})],
+    ),
+}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--orders", type=int, default=1000)
@@ -814,6 +995,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--no-replay", action="store_true", help="stop after the first verdict")
     parser.add_argument(
+        "--quiet-seconds",
+        type=float,
+        default=40.0,
+        help="orders and no fault before the faults: no alert may fire (0: none)",
+    )
+    parser.add_argument(
+        "--watch",
+        default=",".join(WATCHED),
+        help="faults held after the replay until their alerts fire, comma-separated, from:"
+        f" {', '.join(WATCHED)} (default: all; 'none': no Prometheus)",
+    )
+    parser.add_argument(
         "--database-url",
         default=os.environ.get(
             "CHAOS_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/shop_chaos"
@@ -823,11 +1016,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.orders < 1 or not 0 <= args.declined_share <= 1:
         parser.error("--orders must be positive and --declined-share within 0..1")
     args.faults = choose(parser, args.faults, FAULTS, "fault")
+    args.watch = [] if args.watch == "none" else choose(parser, args.watch, list(WATCHED), "fault")
+    if args.quiet_seconds < 0:
+        parser.error("--quiet-seconds must not be negative")
     return args
 
 
 def main() -> int:
     args = parse_args()
+    if (args.watch or args.quiet_seconds) and shutil.which(BINARY) is None:
+        print(f"chaos: {MISSING}; or run without alerts: --watch none --quiet-seconds 0")
+        return 2
     lab = Lab(args)
     print(f"chaos: lab in {lab.dir}; {args.orders} orders, seed {args.seed}", flush=True)
     supervisor_stop, stop = threading.Event(), threading.Event()
@@ -839,9 +1038,18 @@ def main() -> int:
         lab.prepare()
         supervisor.start()
         liveness.start()
+        quiet: list[tuple[str, str | None]] = []
+        if args.watch or args.quiet_seconds:
+            lab.start_watching()
+            if args.quiet_seconds:
+                print(f"chaos: quiet period, {args.quiet_seconds:.0f} s", flush=True)
+                quiet = lab.quiet_period()
+        lab.first_fault_at = time.monotonic()
         chaos = threading.Thread(target=lab.inject_faults, args=(stop,))
         chaos.start()
         accepted, declined, refused = lab.place_orders()
+        more = lab.sorted_out(quiet)
+        accepted, declined, refused = accepted + more[0], declined + more[1], refused + more[2]
         print(
             f"chaos: load done; faults go on for {args.chaos_seconds:.0f} s, and until each"
             " chosen fault ran once",
@@ -858,12 +1066,20 @@ def main() -> int:
         if not args.no_replay:
             replayed_at = time.monotonic()
             lab.replay()
+            if args.watch:
+                print(f"chaos: watched faults: {', '.join(args.watch)}", flush=True)
+                more = lab.sorted_out(lab.watched_faults())
+                accepted, declined = accepted + more[0], declined + more[1]
+                refused += more[2]
+                replayed_at = time.monotonic()  # settling counts from the last watched fault
             settle = lab.settle(accepted, declined, since=replayed_at)
             ok = lab.verdict(accepted, declined, refused, settle, after_replay=True) and ok
     finally:
         supervisor_stop.set()
         if supervisor.is_alive():
             supervisor.join()
+        if getattr(lab, "prometheus", None) is not None:
+            lab.prometheus.stop()
         lab.stop()
         lab.proxy.stop()
     print("\nchaos: every invariant holds" if ok else "\nchaos: INVARIANT BROKEN (see above)")

@@ -3,8 +3,11 @@
 Migrates, seeds the demo catalog, creates the admin login (printed once), checks Redis
 (starting a private redis-server when none answers and one is installed), then hands
 over to honcho, which runs deploy/Procfile; one Ctrl-C stops everything.
+`make run ARGS=--prometheus` also starts Prometheus with the alert rules (off by
+default: it needs Debian's prometheus package, and most runs do not watch alerts).
 """
 
+import argparse
 import os
 import shutil
 import socket
@@ -15,6 +18,7 @@ from urllib.parse import urlsplit
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 BROKER = "redis"  # the Procfile's stand-in broker: started only when none answers
+PROMETHEUS = "prometheus"  # started only with --prometheus
 LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1"}
 
 
@@ -35,12 +39,14 @@ def _redis_answers(url: str) -> bool:
         return False
 
 
-def processes() -> list[str]:
-    """The Procfile's processes but the stand-in broker: every role, one worker per
-    queue (a queue added to the settings and the Procfile starts here with no change)."""
+def processes(*, prometheus: bool = False) -> list[str]:
+    """The Procfile's processes but the stand-in broker (and Prometheus unless asked):
+    every role, one worker per queue (a queue added to the settings and the Procfile
+    starts here with no change)."""
     from deploy.stack import procfile
 
-    return [name for name in procfile() if name != BROKER]
+    left_out = {BROKER} | (set() if prometheus else {PROMETHEUS})
+    return [name for name in procfile() if name not in left_out]
 
 
 def _fail(message: str) -> int:
@@ -48,7 +54,14 @@ def _fail(message: str) -> int:
     return 2
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="make run", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--prometheus",
+        action="store_true",
+        help="also start Prometheus with the alert rules (PROMETHEUS_PORT, default 9090)",
+    )
+    args = parser.parse_args(argv)
     os.chdir(BASE_DIR)
     sys.path.insert(0, str(BASE_DIR))
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "shop.settings")
@@ -81,11 +94,21 @@ def main() -> int:
     metrics_dir.mkdir(parents=True)
     env["METRICS_DIR_SHARED"] = "1"
 
-    for name in ("WEB_PORT", "GATEWAY_PORT", "FLOWER_PORT"):
+    ports = ["WEB_PORT", "GATEWAY_PORT", "FLOWER_PORT"]
+    if args.prometheus:
+        if shutil.which("prometheus") is None:
+            return _fail(
+                "--prometheus needs Prometheus: `make system-deps` installs it (Debian: "
+                "apt-get install prometheus)."
+            )
+        env.setdefault("PROMETHEUS_PORT", "9090")
+        env["PROMETHEUS_URL"] = f"http://127.0.0.1:{env['PROMETHEUS_PORT']}/"
+        ports.append("PROMETHEUS_PORT")
+    for name in ports:
         if _answers("127.0.0.1", int(env[name])):
             return _fail(f"port {env[name]} is in use; set {name} to a free port.")
 
-    started = processes()
+    started = processes(prometheus=args.prometheus)
     broker = urlsplit(settings.CELERY_BROKER_URL)
     if not _redis_answers(settings.CELERY_BROKER_URL):
         where = f"{broker.hostname}:{broker.port or 6379}"
@@ -120,7 +143,8 @@ def main() -> int:
     print(
         f"\n  shop:   {site}/\n  admin:  {site}/admin/\n"
         f"  flower: http://127.0.0.1:{settings.FLOWER_PORT}/\n"
-        f"  mail:   {settings.EMAIL_FILE_PATH}\n  Ctrl-C stops everything.\n",
+        + (f"  alerts: {env['PROMETHEUS_URL']}alerts\n" if args.prometheus else "")
+        + f"  mail:   {settings.EMAIL_FILE_PATH}\n  Ctrl-C stops everything.\n",
         flush=True,
     )
     honcho = [sys.executable, "-m", "honcho", "start", "-f", "deploy/Procfile", "-d", "."]

@@ -45,7 +45,8 @@ The signal receivers that act on a task along the way, and where they live:
   (shop.tasks.reports._report_failed).
 - worker_init, beat_init: refuse to start with a redelivery loop, or a pool that cannot
   bound the tasks of its queues (jobs.checks); beat_init also makes SIGTERM stop beat
-  between ticks, its schedule saved once (jobs.celery);
+  between ticks, its schedule saved once, and turns off beat's `task-sent` events
+  (jobs.celery._stop_between_ticks, _send_quietly);
   worker_ready: serves the worker's metrics when configured (jobs.lifecycle).
 """
 

@@ -10,6 +10,7 @@ from typing import Any
 from celery import Celery, platforms
 from celery.app.utils import Settings
 from celery.signals import beat_init
+from celery.worker.control import inspect_command
 from django.conf import settings as django_settings
 from kombu import Connection
 
@@ -85,6 +86,27 @@ def control_connection() -> Connection:
     process restarts [§10]. Connecting costs a millisecond; these calls are rare.
     """
     return app.connection_for_write()
+
+
+CONSUMERS_COMMAND = "jobs_consumers"
+
+
+@inspect_command(name=CONSUMERS_COMMAND)
+def _consumers(state: Any) -> dict[str, Any]:
+    """A worker's answer to /metrics' broadcast: the queues it consumes and its pool
+    slots (jobs_queue_consumers, jobs_worker_slots). One broadcast for both, where
+    `inspect active_queues` and `inspect stats` would take two."""
+    consumer = state.consumer
+    queues = consumer.task_consumer.queues if consumer.task_consumer else []
+    return {"queues": [queue.name for queue in queues], "slots": consumer.pool.num_processes}
+
+
+@beat_init.connect
+def _send_quietly(sender: Any, **_: Any) -> None:
+    """Beat publishes without `task-sent` events: what it sends is jobs' housekeeping
+    (jobs/tasks.py, silent in the workers too) and periodic work, which Flower shows
+    from the moment a worker receives it. Flower's task list stays the shop's work."""
+    sender.app.conf.task_send_sent_event = False
 
 
 @beat_init.connect

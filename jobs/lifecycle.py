@@ -25,7 +25,7 @@ from jobs.logs import job_event
 
 SENT_AT_HEADER = "x_sent_at"
 
-_started: dict[str, tuple[float, Any]] = {}
+_started: dict[str, tuple[float, Any, tuple[str, str]]] = {}
 
 
 def request_header(request: Any, name: str) -> str:
@@ -71,8 +71,9 @@ def _labels(task: Task) -> tuple[str, str]:
 @task_prerun.connect
 def _on_prerun(task_id: str, task: Task, **_: Any) -> None:
     value = request_header(task.request, correlation.HEADER) or task_id
-    _started[task_id] = (time.monotonic(), correlation.activate(value))
-    metrics.STARTED.labels(*_labels(task)).inc()
+    labels = _labels(task)
+    _started[task_id] = (time.monotonic(), correlation.activate(value), labels)
+    metrics.STARTED.labels(*labels).inc()
     wait = _queue_wait(task.request)
     if wait is not None:
         metrics.QUEUE_WAIT.labels(*_labels(task)).observe(wait)
@@ -84,6 +85,7 @@ def _on_postrun(task_id: str, **_: Any) -> None:
     started = _started.pop(task_id, None)
     if started is not None:
         correlation.deactivate(started[1])
+        metrics.BUSY.labels(*started[2]).inc(time.monotonic() - started[0])
 
 
 def _duration_ms(task_id: str) -> float | None:

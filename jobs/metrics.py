@@ -9,8 +9,8 @@ Two kinds:
   JOBS_METRICS_PORT (see `serve_worker_metrics`).
 - State, read at scrape time: queue depth and oldest waiting age (every Redis priority
   list), unacked deliveries and the oldest one's age (kombu's `unacked` structures),
-  consumers online, dead letters by reason and status, outbox backlog, each dependency's
-  circuit breaker state and rate limit (jobs/dependencies.py).
+  consumers online and their pool slots, dead letters by reason and status, outbox
+  backlog, each dependency's circuit breaker state and rate limit (jobs/dependencies.py).
 """
 
 import json
@@ -35,7 +35,7 @@ from prometheus_client.registry import Collector
 
 from jobs.broker import redis_client
 from jobs.canary import canary_ages
-from jobs.celery import app, control_connection
+from jobs.celery import CONSUMERS_COMMAND, app, control_connection
 
 LABELS = ("task", "queue")
 ENQUEUED = Counter("jobs_tasks_enqueued_total", "Tasks whose outbox row committed.", LABELS)
@@ -59,6 +59,12 @@ RUNTIME = Histogram(
     LABELS,
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 600),
 )
+BUSY = Counter(
+    "jobs_worker_busy_seconds_total",
+    "Seconds pool slots spent running tasks (every run: succeeded, retried, deferred, "
+    "failed). Its rate over jobs_worker_slots is the workers' utilization.",
+    LABELS,
+)
 QUEUE_WAIT = Histogram(
     "jobs_task_queue_wait_seconds",
     "Time from publish (or ETA) to the start of the task.",
@@ -69,8 +75,9 @@ QUEUE_WAIT = Histogram(
 # kombu keeps each queue as one list per priority step: name, name + sep + step.
 _PRIORITY_SEP = "\x06\x16"
 _PRIORITY_STEPS = (0, 3, 6, 9)
-_CONSUMERS_TTL = 15.0  # seconds between `inspect active_queues` broadcasts
-_consumers_cache: tuple[float, dict[str, int]] = (0.0, {})
+_CONSUMERS_TTL = 15.0  # seconds between `jobs_consumers` broadcasts
+# queue -> (workers consuming it, their pool slots)
+_consumers_cache: tuple[float, dict[str, tuple[int, int]]] = (0.0, {})
 
 
 def _sent_at(raw: bytes) -> float | None:
@@ -136,19 +143,30 @@ def _consumers(queues: Iterable[str]) -> Iterator[Metric]:
     checked, per_queue = _consumers_cache
     if time.monotonic() - checked > _CONSUMERS_TTL:
         with control_connection() as connection:  # not a pooled one [§10]
-            inspect = app.control.inspect(timeout=0.5, connection=connection)
-            replies = inspect.active_queues() or {}
-        per_queue = defaultdict(int)
-        for worker_queues in replies.values():
-            for declared in worker_queues:
-                per_queue[declared["name"]] += 1
-        _consumers_cache = (time.monotonic(), dict(per_queue))
-    gauge = GaugeMetricFamily(
+            replies = app.control.broadcast(
+                CONSUMERS_COMMAND, reply=True, timeout=0.5, connection=connection
+            )
+        counts: dict[str, tuple[int, int]] = {}
+        for reply in replies or []:
+            for answer in reply.values():
+                for queue in answer.get("queues", []):
+                    seen, held = counts.get(queue, (0, 0))
+                    counts[queue] = (seen + 1, held + int(answer.get("slots", 0)))
+        per_queue = counts
+        _consumers_cache = (time.monotonic(), per_queue)
+    workers = GaugeMetricFamily(
         "jobs_queue_consumers", "Workers consuming the queue (cached 15 s).", labels=["queue"]
     )
+    slots = GaugeMetricFamily(
+        "jobs_worker_slots",
+        "Pool slots (processes) of the workers consuming the queue (cached 15 s).",
+        labels=["queue"],
+    )
     for queue in queues:
-        gauge.add_metric([queue], per_queue.get(queue, 0))
-    yield gauge
+        workers.add_metric([queue], per_queue.get(queue, (0, 0))[0])
+        slots.add_metric([queue], per_queue.get(queue, (0, 0))[1])
+    yield workers
+    yield slots
 
 
 def _canaries(queues: list[str], now: float) -> Iterator[Metric]:

@@ -47,6 +47,7 @@ def operations(request: HttpRequest) -> HttpResponse:
         "snapshot": snapshot(),
         "reasons": DeadLetter.Reason.choices,
         "flower_url": jobs_settings.FLOWER_URL,
+        "prometheus_url": jobs_settings.PROMETHEUS_URL,
         "refresh": 10,
     }
     return render(request, "jobs/operations.html", context)

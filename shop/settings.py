@@ -311,6 +311,7 @@ WEB_PORT = env_int("WEB_PORT", 8000)
 GATEWAY_PORT = env_int("GATEWAY_PORT", urlsplit(PAYMENT_GATEWAY_URL).port or 8100)
 FLOWER_PORT = env_int("FLOWER_PORT", 5555)
 JOBS_FLOWER_URL = env("FLOWER_URL", f"http://127.0.0.1:{FLOWER_PORT}/")  # linked from Operations
+JOBS_PROMETHEUS_URL = env("PROMETHEUS_URL", "")  # linked from Operations when set
 # Flower reads FLOWER_* itself; these are the ones `make run` and compose pass on.
 FLOWER_BASIC_AUTH = env("FLOWER_BASIC_AUTH", "")  # user:password[,user2:password2]
 # Fixed, so sessions survive restarts and replicas agree (Flower's default is random).

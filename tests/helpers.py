@@ -604,11 +604,12 @@ def runner_env(tmp_path: Path, broker_port: int) -> dict[str, str]:
     return env
 
 
-def start_make_run(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    """`make run`'s launcher in a session of its own (as a terminal would run it)."""
+def start_make_run(env: dict[str, str], log: Path, *args: str) -> subprocess.Popen[bytes]:
+    """`make run`'s launcher (`make run ARGS=...`: `args`) in a session of its own (as a
+    terminal would run it)."""
     with log.open("wb") as out:
         return subprocess.Popen(
-            [sys.executable, "deploy/run_local.py"],
+            [sys.executable, "deploy/run_local.py", *args],
             cwd=REPO,
             env=env,
             stdout=out,

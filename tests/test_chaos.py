@@ -8,7 +8,10 @@ import pytest
 from tests.helpers import drop_database, run_module
 
 
-@pytest.mark.parametrize("args", [["--orders", "0"], ["--declined-share", "2"], ["--nope"]])
+@pytest.mark.parametrize(
+    "args",
+    [["--orders", "0"], ["--declined-share", "2"], ["--nope"], ["--watch", "worker_gone"]],
+)
 def test_chaos_usage_errors_start_nothing(args):
     result = run_module("deploy.chaos", *args, timeout=60)
 
@@ -24,7 +27,8 @@ def test_a_small_lab_run_keeps_every_invariant():
     (down longer than the old retry budget; then rejecting requests, so some charges are
     dead-lettered) fail, an operator replays and discards dead letters, cancels an order
     and saves a stale product form, outbox rows are published twice at once, and Redis
-    turns slow; then the replay step."""
+    turns slow; then the replay step, and the emails worker held down until Prometheus
+    fires its alerts. Before the faults, a quiet period in which no alert may fire."""
     database = f"postgres://postgres@127.0.0.1:5432/test_chaos_{os.getpid()}"
     faults = "kill_mid_charge,kill_web_after_commit,restart_broker,gateway_outage,kill_child,"
     faults += "gateway_rejects,operator_decisions,stale_product_edit,duplicate_delivery,"
@@ -32,6 +36,7 @@ def test_a_small_lab_run_keeps_every_invariant():
     args = ["--orders", "40", "--concurrency", "8", "--seed", "3", "--faults", faults]
     args += ["--fault-every", "1", "--chaos-seconds", "12", "--outage-seconds", "2"]
     args += ["--gateway-outage-seconds", "6", "--settle-timeout", "240"]
+    args += ["--watch", "worker_down", "--quiet-seconds", "15"]
     try:
         result = run_module("deploy.chaos", *args, "--database-url", database, timeout=600)
     finally:
@@ -45,6 +50,12 @@ def test_a_small_lab_run_keeps_every_invariant():
     assert re.search(r"ok +stock conserved .+ every product", verdicts[1])
     assert re.search(r"ok +gateway never above its limit \(40/s", verdicts[0])
     assert re.search(r"ok +gateway calls during each outage .+\)  +\d+(, \d+)*\n", verdicts[0])
+    assert re.search(r"ok +alerts firing in the quiet period \(1\d s .+\)  +none\n", verdicts[0])
+    for alert in ("JobsWorkerOffline", "JobsCanaryStale"):
+        line = rf"ok +alert {alert}{{queue=emails}} \(the emails worker killed and kept down\)"
+        assert re.search(
+            line + r".+  fired after \d+ s, resolved \d+ s after recovery\n", verdicts[1]
+        )
     assert "BAD" not in result.stdout
     assert "chaos: every invariant holds" in result.stdout
 

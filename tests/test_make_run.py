@@ -1,6 +1,7 @@
 """`make run`'s stack on the embedded default (SQLite) serves the shop and completes an
 order; without Redis it starts a private one, or stops with a message saying what to do."""
 
+import shutil
 import subprocess
 import sys
 
@@ -63,6 +64,64 @@ def test_make_run_on_sqlite_serves_the_shop_and_completes_an_order(tmp_path):
     finally:
         stop_make_run(proc)
     assert not answers(f"{site}/")
+
+
+@pytest.mark.skipif(
+    shutil.which("prometheus") is None,
+    reason="prometheus is missing: `make system-deps` installs it (Debian's prometheus package)",
+)
+def test_make_run_with_prometheus_watches_the_shop_with_the_alert_rules(tmp_path):
+    import yaml
+
+    env = runner_env(tmp_path, free_port()) | {"PROMETHEUS_PORT": str(free_port())}
+    prometheus = f"http://127.0.0.1:{env['PROMETHEUS_PORT']}"
+    log = tmp_path / "run.log"
+    rules = yaml.safe_load((REPO / "deploy" / "prometheus" / "alerts.yml").read_text())
+    alerts = {r["alert"] for group in rules["groups"] for r in group["rules"] if "alert" in r}
+    proc = start_make_run(env, log, "--prometheus")
+
+    def scraped() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"make run exited early:\n{log.read_text()[-3000:]}")
+        if not answers(f"{prometheus}/-/ready"):
+            return False
+        targets = httpx.get(f"{prometheus}/api/v1/targets").json()["data"]["activeTargets"]
+        return [t["health"] for t in targets] == ["up"]
+
+    try:
+        wait_until(scraped, timeout=120, what="Prometheus scraping the shop")
+        loaded = httpx.get(f"{prometheus}/api/v1/rules", params={"type": "alert"}).json()
+        names = {r["name"] for group in loaded["data"]["groups"] for r in group["rules"]}
+        target = httpx.get(f"{prometheus}/api/v1/targets").json()["data"]["activeTargets"][0]
+        queues = httpx.get(
+            f"{prometheus}/api/v1/query", params={"query": "jobs_queue_depth"}
+        ).json()["data"]["result"]
+
+        assert names == alerts
+        assert target["scrapeUrl"] == f"http://127.0.0.1:{env['WEB_PORT']}/metrics"
+        assert {q["metric"]["queue"] for q in queues} >= {"payments", "emails"}
+        assert f"alerts: {prometheus}/alerts" in log.read_text()
+    finally:
+        stop_make_run(proc)
+    assert not answers(f"{prometheus}/-/ready")
+
+
+def test_make_run_with_prometheus_but_none_installed_says_how_to_get_it(tmp_path):
+    env = runner_env(tmp_path, free_port()) | {"PATH": str(tmp_path)}
+
+    result = subprocess.run(
+        [sys.executable, "deploy/run_local.py", "--prometheus"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert result.returncode == 2
+    assert "make system-deps" in result.stderr
+    assert not (tmp_path / "var" / "shop.sqlite3").exists()
 
 
 def test_make_run_without_redis_or_redis_server_says_how_to_get_one(tmp_path):

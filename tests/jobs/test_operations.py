@@ -73,3 +73,17 @@ def test_operations_page_shows_each_dependencys_breaker_and_rate_limit(client, b
     html = response.content.decode()
     assert "open: calls are deferred" in html
     assert "50 calls/s" in html
+
+
+def test_operations_page_links_to_flower_and_to_prometheus_when_it_runs(client, broker, settings):
+    client.force_login(User.objects.create_user("ops", password="pw", is_staff=True))
+    settings.JOBS_FLOWER_URL = "http://127.0.0.1:5555/"
+    settings.JOBS_PROMETHEUS_URL = ""
+    without = client.get("/admin/operations/").content.decode()
+    settings.JOBS_PROMETHEUS_URL = "http://127.0.0.1:9090/"
+
+    html = client.get("/admin/operations/").content.decode()
+
+    assert '<a href="http://127.0.0.1:5555/">Flower</a>' in html
+    assert '<a href="http://127.0.0.1:9090/alerts">Prometheus</a>' in html
+    assert "Prometheus" not in without

@@ -83,11 +83,12 @@ def test_the_labs_and_benchs_stack_runs_the_pools_make_run_runs():
         assert command[command.index("--concurrency") + 1] == str(concurrency)
 
 
-def test_make_run_starts_every_process_of_the_procfile_but_the_stand_in_broker():
+def test_make_run_starts_every_process_of_the_procfile_but_the_stand_in_broker_and_prometheus():
     from deploy import run_local
     from deploy.stack import procfile
 
     started = run_local.processes()
 
-    assert set(started) == set(procfile()) - {"redis"}
+    assert set(started) == set(procfile()) - {"redis", "prometheus"}
+    assert set(run_local.processes(prometheus=True)) == set(procfile()) - {"redis"}
     assert {f"worker_{queue}" for queue in QUEUES} <= set(started)

@@ -333,4 +333,8 @@ def test_metrics_follow_a_real_worker_run(client, workers, gateway, mail_dir, pr
     assert delta("jobs_task_queue_wait_seconds_count", **on_payments) == 4
     assert value(after, "jobs_dead_letters", reason="permanent_error", status="dead") == 0
     assert value(after, "jobs_queue_consumers", queue="payments") == 1
+    assert value(after, "jobs_worker_slots", queue="payments") == 1  # one process
+    # utilization's numerator: every run's time, the retried ones too
+    busy = delta("jobs_worker_busy_seconds_total", **on_payments)
+    assert busy >= delta("jobs_task_runtime_seconds_sum", **on_payments) > 0
     assert value(after, "jobs_queue_depth", queue="payments") == 0
