@@ -51,7 +51,7 @@ from deploy.lab_alerts import (
 )
 from deploy.latency_proxy import LatencyProxy
 from deploy.stack import BASE_DIR, QUEUES, Stack, choose, free_port, wait_for
-from deploy.watch import BINARY, MISSING
+from deploy.watch import ALERTS_PAGE, BINARY, MISSING
 
 GOOD, DECLINED = "tok_visa", "tok_chargeDeclined"  # the gateway's test tokens
 SKUS = ["MUG-001", "TEE-002", "BAG-003", "PEN-004", "NBK-005", "CAP-006"]
@@ -517,7 +517,7 @@ class Lab(Stack):
         )
         wait_for("Prometheus scraping the web", self.prometheus.targets_up, 60)
         self.watch = AlertWatch(self.prometheus).start()
-        print(f"chaos: Prometheus at {self.prometheus.url}/alerts", flush=True)
+        print(f"chaos: Prometheus at {self.prometheus.url}{ALERTS_PAGE}", flush=True)
 
     def alerts_now(self, names: set[str] | None = None) -> list[str]:
         try:
@@ -596,7 +596,10 @@ class Lab(Stack):
             for name in self.args.watch:
                 what, expected = WATCHED[name]
                 fault = Watched(name, what, expected)
-                self.wait_alerts_clear(RESOLVE_BOUND, names={alert for alert, _ in expected})
+                # From a consumed, healthy stack: every worker back (a worker restarted
+                # after an earlier fault), every canary fresh, this fault's alerts gone.
+                healthy = {"JobsWorkerOffline", "JobsCanaryStale"} | {a for a, _ in expected}
+                self.wait_alerts_clear(RESOLVE_BOUND + 30, names=healthy)
                 fault.started = time.monotonic()
                 recover = getattr(self, f"hold_{name}")()
                 deadline = fault.started + max(fire_bound(a, labels) for a, labels in expected)
@@ -606,13 +609,13 @@ class Lab(Stack):
                     time.sleep(1)
                 if self.screenshot is None and self.watch.fired(fault.started):
                     path = self.dir / "prometheus-alert-firing.png"
-                    if screenshot(f"{self.prometheus.url}/alerts", path):
+                    if screenshot(f"{self.prometheus.url}{ALERTS_PAGE}", path):
                         self.screenshot = path
                 recover()
                 fault.recovered = time.monotonic()
                 self.watched.append(fault)
                 self.wait_alerts_clear(RESOLVE_BOUND + 5, names={a for a, _ in expected})
-                fired = [e.describe() for e in self.watch.fired(fault.started)]
+                fired = self.watch.started_firing(fault.started)
                 print(f"chaos: watched {name}: fired {', '.join(fired) or 'nothing'}", flush=True)
         finally:
             stop.set()
@@ -949,11 +952,13 @@ WATCHED: dict[str, tuple[str, list[tuple[str, dict[str, str]]]]] = {
         "the payments worker frozen (SIGSTOP) under orders",
         [("JobsQueueTooOld", {"queue": "payments"})],
     ),
-    "broker_down": ("Redis down under orders", [("JobsOutboxBacklog", {})]),
     "gateway_down": (
         "the gateway answering 503 under orders",
         [("JobsDependencyCircuitOpen", {"dependency": "gateway"})],
     ),
+    # Last: after Redis comes back, workers can wedge until the liveness probe restarts
+    # them (jobs/NOTES.md §9).
+    "broker_down": ("Redis down under orders", [("JobsOutboxBacklog", {})]),
 }
 
 

@@ -22,7 +22,7 @@ from deploy.watch import RULES, Prometheus, scaled_rules, seconds
 
 SCALE = 10.0  # the lab's clock for alerts: production's minutes are the lab's 6 s units
 # What the rules' timing does not cover, in the time to fire: a scrape and an evaluation
-# (1 s each), the consumers count cached by /metrics (15 s), the canary period (3 s here).
+# (2 s each), the consumers count cached by /metrics (15 s), the canary period (3 s here).
 SLACK = 20.0
 RESOLVE_BOUND = 60.0  # seconds from recovery until an alert must have resolved
 
@@ -59,7 +59,11 @@ class Episode:
         return self.name == name and all(self.labels.get(k) == v for k, v in labels.items())
 
     def describe(self) -> str:
-        shown = ", ".join(f"{k}={v}" for k, v in sorted(self.labels.items()) if k != "severity")
+        shown = ", ".join(
+            f"{k}={v}"
+            for k, v in sorted(self.labels.items())
+            if k not in ("severity", "instance", "job")  # the rule's and the target's
+        )
         return f"{self.name}{{{shown}}}" if shown else self.name
 
 
@@ -110,6 +114,10 @@ class AlertWatch:
             and e.firing_at <= end
             and (e.gone_at is None or e.gone_at >= since)
         ]
+
+    def started_firing(self, since: float) -> list[str]:
+        """Each alert (name and labels) that started firing after `since`, once."""
+        return sorted({e.describe() for e in self.episodes if (e.firing_at or 0) >= since})
 
     def first_firing(self, since: float, name: str, **labels: str) -> Episode | None:
         found = [e for e in self.fired(since) if e.matches(name, **labels)]

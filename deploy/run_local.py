@@ -96,13 +96,15 @@ def main(argv: list[str] | None = None) -> int:
 
     ports = ["WEB_PORT", "GATEWAY_PORT", "FLOWER_PORT"]
     if args.prometheus:
+        from deploy.watch import ALERTS_PAGE
+
         if shutil.which("prometheus") is None:
             return _fail(
                 "--prometheus needs Prometheus: `make system-deps` installs it (Debian: "
                 "apt-get install prometheus)."
             )
         env.setdefault("PROMETHEUS_PORT", "9090")
-        env["PROMETHEUS_URL"] = f"http://127.0.0.1:{env['PROMETHEUS_PORT']}/"
+        env["PROMETHEUS_URL"] = f"http://127.0.0.1:{env['PROMETHEUS_PORT']}{ALERTS_PAGE}"
         ports.append("PROMETHEUS_PORT")
     for name in ports:
         if _answers("127.0.0.1", int(env[name])):
@@ -143,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"\n  shop:   {site}/\n  admin:  {site}/admin/\n"
         f"  flower: http://127.0.0.1:{settings.FLOWER_PORT}/\n"
-        + (f"  alerts: {env['PROMETHEUS_URL']}alerts\n" if args.prometheus else "")
+        + (f"  alerts: {env['PROMETHEUS_URL']}\n" if args.prometheus else "")
         + f"  mail:   {settings.EMAIL_FILE_PATH}\n  Ctrl-C stops everything.\n",
         flush=True,
     )

@@ -96,7 +96,7 @@ class Defaults:
     # A worker on a host of its own serves its share on this port (0: off).
     WORKER_METRICS_PORT: int = 0
     FLOWER_URL: str = ""  # linked from the Operations page when set
-    PROMETHEUS_URL: str = ""  # linked from the Operations page when set (its alerts)
+    PROMETHEUS_URL: str = ""  # Prometheus's alerts page, linked from Operations when set
 
 
 DEFAULTS = Defaults()

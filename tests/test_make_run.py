@@ -100,7 +100,8 @@ def test_make_run_with_prometheus_watches_the_shop_with_the_alert_rules(tmp_path
         assert names == alerts
         assert target["scrapeUrl"] == f"http://127.0.0.1:{env['WEB_PORT']}/metrics"
         assert {q["metric"]["queue"] for q in queues} >= {"payments", "emails"}
-        assert f"alerts: {prometheus}/alerts" in log.read_text()
+        assert f"alerts: {prometheus}/classic/alerts" in log.read_text()
+        assert answers(f"{prometheus}/classic/alerts")  # the page it links to
     finally:
         stop_make_run(proc)
     assert not answers(f"{prometheus}/-/ready")

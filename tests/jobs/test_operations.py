@@ -80,10 +80,10 @@ def test_operations_page_links_to_flower_and_to_prometheus_when_it_runs(client, 
     settings.JOBS_FLOWER_URL = "http://127.0.0.1:5555/"
     settings.JOBS_PROMETHEUS_URL = ""
     without = client.get("/admin/operations/").content.decode()
-    settings.JOBS_PROMETHEUS_URL = "http://127.0.0.1:9090/"
+    settings.JOBS_PROMETHEUS_URL = "http://127.0.0.1:9090/classic/alerts"
 
     html = client.get("/admin/operations/").content.decode()
 
     assert '<a href="http://127.0.0.1:5555/">Flower</a>' in html
-    assert '<a href="http://127.0.0.1:9090/alerts">Prometheus</a>' in html
+    assert '<a href="http://127.0.0.1:9090/classic/alerts">Prometheus</a>' in html
     assert "Prometheus" not in without
