@@ -176,8 +176,8 @@ class Lab(Stack):
 
     # --- load and faults --------------------------------------------------------------
 
-    def card(self) -> str:
-        return DECLINED if self.rng.random() < self.args.declined_share else GOOD
+    def card(self, rng: random.Random | None = None) -> str:
+        return DECLINED if (rng or self.rng).random() < self.args.declined_share else GOOD
 
     def place_order(self, card: str) -> tuple[str, str | None]:
         """One order over HTTP, as a careful client places it: one key per order, the
@@ -220,9 +220,14 @@ class Lab(Stack):
     def trickle(self, stop: threading.Event, results: list[tuple[str, str | None]]) -> None:
         """Orders at a shop's quiet pace (two a second) until `stop`: the work the
         alerts' quiet period and the watched faults need flowing."""
+        rng = random.Random(self.args.seed + 1)  # the seeded faults draw from self.rng alone
+
+        def place(card: str) -> None:
+            results.append(self.place_order(card))
+
         with ThreadPoolExecutor(2) as pool:
             while not stop.wait(0.5):
-                pool.submit(lambda: results.append(self.place_order(self.card())))
+                pool.submit(place, self.card(rng))
 
     def fault_schedule(self, first_round: bool) -> list[str]:
         """Every chosen fault once per round, in a seeded order. The first round opens,
@@ -565,13 +570,15 @@ class Lab(Stack):
         return recover
 
     def hold_stuck_queue(self) -> Callable[[], None]:
-        self.held.add("worker-payments")
-        proc = self.procs["worker-payments"]
-        os.killpg(proc.pid, signal.SIGSTOP)
+        with self.lock:
+            self.held.add("worker-payments")
+            proc = self.procs["worker-payments"]
+            os.killpg(proc.pid, signal.SIGSTOP)
 
         def recover() -> None:
-            os.killpg(proc.pid, signal.SIGCONT)
-            self.held.discard("worker-payments")
+            with self.lock:
+                os.killpg(proc.pid, signal.SIGCONT)
+                self.held.discard("worker-payments")
 
         return recover
 
@@ -602,16 +609,19 @@ class Lab(Stack):
                 self.wait_alerts_clear(RESOLVE_BOUND + 30, names=healthy)
                 fault.started = time.monotonic()
                 recover = getattr(self, f"hold_{name}")()
-                deadline = fault.started + max(fire_bound(a, labels) for a, labels in expected)
-                while time.monotonic() < deadline + 5 and not all(
-                    self.watch.first_firing(fault.started, a, **labels) for a, labels in expected
-                ):
-                    time.sleep(1)
-                if self.screenshot is None and self.watch.fired(fault.started):
-                    path = self.dir / "prometheus-alert-firing.png"
-                    if screenshot(f"{self.prometheus.url}{ALERTS_PAGE}", path):
-                        self.screenshot = path
-                recover()
+                try:
+                    bound = max(fire_bound(alert, labels) for alert, labels in expected)
+                    while time.monotonic() < fault.started + bound + 5 and not all(
+                        self.watch.first_firing(fault.started, alert, **labels)
+                        for alert, labels in expected
+                    ):
+                        time.sleep(1)
+                    if self.screenshot is None and self.watch.fired(fault.started):
+                        path = self.dir / "prometheus-alert-firing.png"
+                        if screenshot(f"{self.prometheus.url}{ALERTS_PAGE}", path):
+                            self.screenshot = path
+                finally:  # never leave a worker held or frozen, whatever happened
+                    recover()
                 fault.recovered = time.monotonic()
                 self.watched.append(fault)
                 self.wait_alerts_clear(RESOLVE_BOUND + 5, names={a for a, _ in expected})
@@ -1003,13 +1013,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--quiet-seconds",
         type=float,
         default=40.0,
-        help="orders and no fault before the faults: no alert may fire (0: none)",
+        help="orders and no fault before the faults: no alert may fire (0: none; needs"
+        " Prometheus: not with --watch none)",
     )
     parser.add_argument(
         "--watch",
         default=",".join(WATCHED),
         help="faults held after the replay until their alerts fire, comma-separated, from:"
-        f" {', '.join(WATCHED)} (default: all; 'none': no Prometheus)",
+        f" {', '.join(WATCHED)} (default: all; 'none': no Prometheus, no quiet period)",
     )
     parser.add_argument(
         "--database-url",
@@ -1029,8 +1040,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
-    if (args.watch or args.quiet_seconds) and shutil.which(BINARY) is None:
-        print(f"chaos: {MISSING}; or run without alerts: --watch none --quiet-seconds 0")
+    if args.watch and shutil.which(BINARY) is None:
+        print(f"chaos: {MISSING}; or run without Prometheus: --watch none")
         return 2
     lab = Lab(args)
     print(f"chaos: lab in {lab.dir}; {args.orders} orders, seed {args.seed}", flush=True)
@@ -1044,7 +1055,7 @@ def main() -> int:
         supervisor.start()
         liveness.start()
         quiet: list[tuple[str, str | None]] = []
-        if args.watch or args.quiet_seconds:
+        if args.watch:  # Prometheus, and the quiet period it judges
             lab.start_watching()
             if args.quiet_seconds:
                 print(f"chaos: quiet period, {args.quiet_seconds:.0f} s", flush=True)

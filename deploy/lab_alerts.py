@@ -119,8 +119,18 @@ class AlertWatch:
         """Each alert (name and labels) that started firing after `since`, once."""
         return sorted({e.describe() for e in self.episodes if (e.firing_at or 0) >= since})
 
+    def pending_in(self, since: float, until: float) -> list[Episode]:
+        """Episodes that went pending in [since, until] (firing or not)."""
+        return [e for e in self.episodes if since <= e.pending_at <= until]
+
     def first_firing(self, since: float, name: str, **labels: str) -> Episode | None:
-        found = [e for e in self.fired(since) if e.matches(name, **labels)]
+        """The first episode of the alert that started firing after `since` (one already
+        firing then is an earlier failure's, not this one's)."""
+        found = [
+            e
+            for e in self.episodes
+            if e.matches(name, **labels) and e.firing_at is not None and e.firing_at >= since
+        ]
         return min(found, key=lambda e: e.firing_at or 0, default=None)
 
 
@@ -147,30 +157,37 @@ def screenshot(url: str, path: Path) -> bool:
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
         return False
-    result = subprocess.run(
-        [
-            browser,
-            "--headless=new",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--hide-scrollbars",
-            "--window-size=1280,800",
-            f"--screenshot={path}",
-            url,
-        ],
-        capture_output=True,
-        timeout=60,
-        check=False,
-    )
+    try:
+        result = subprocess.run(
+            [
+                browser,
+                "--headless=new",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--hide-scrollbars",
+                "--window-size=1280,800",
+                f"--screenshot={path}",
+                url,
+            ],
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return False
     return result.returncode == 0 and path.exists()
 
 
 def quiet_row(watch: AlertWatch, quiet: tuple[float, float]) -> tuple[str, Any, bool]:
     """The verdict's line about the quiet period: no alert may fire in it."""
     noisy = watch.fired(*quiet)
+    pending = sorted(
+        {e.describe() for e in watch.pending_in(*quiet)} - {e.describe() for e in noisy}
+    )
     return (
         f"alerts firing in the quiet period ({quiet[1] - quiet[0]:.0f} s of orders, no fault)",
-        ", ".join(e.describe() for e in noisy) or "none",
+        (", ".join(e.describe() for e in noisy) or "none")
+        + (f" (went pending: {', '.join(pending)})" if pending else ""),
         not noisy,
     )
 

@@ -35,12 +35,18 @@ MISSING = (
     "prometheus)"
 )
 
-_DURATION = re.compile(r"(\d+)([smhd])")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_DURATION = re.compile(r"(\d+)(ms|s|m|h|d|w|y)")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, "y": 31536000}
 
 
 def seconds(duration: str) -> float:
+    """A Prometheus duration (`1h30m`, `500ms`) in seconds."""
     return float(sum(int(n) * _UNITS[unit] for n, unit in _DURATION.findall(duration)))
+
+
+def duration(value: float) -> str:
+    """Seconds as a Prometheus duration: whole seconds, or whole milliseconds."""
+    return f"{round(value)}s" if value == round(value) else f"{round(value * 1000)}ms"
 
 
 def config(scrape: list[str], rule_files: list[Path], interval: float) -> dict[str, Any]:
@@ -60,15 +66,16 @@ def config(scrape: list[str], rule_files: list[Path], interval: float) -> dict[s
     }
 
 
-def scaled_rules(factor: float, floor: float = 4.0) -> dict[str, Any]:
+def scaled_rules(factor: float, floor: float = 8.0) -> dict[str, Any]:
     """The project's rules with every duration divided by `factor`: each alert's `for:`,
-    each range of a rate (never below `floor` seconds: four scrapes), and each threshold
-    on an age in seconds (`..._age_seconds > 120`). The expressions, labels and
-    annotations are the project's own; only the clock runs faster, so a fault of tens of
-    seconds shows what production would see over minutes."""
+    each range of a rate (never below `floor` seconds, four scrapes; `offset` and
+    subqueries are not scaled: the rules have none), and each threshold on an age in
+    seconds (`..._age_seconds > 120`). The expressions, labels and annotations are the
+    project's own; only the clock runs faster, so a fault of tens of seconds shows what
+    production would see over minutes."""
 
-    def shorter(duration: str) -> str:
-        return f"{max(floor, seconds(duration) / factor):g}s"
+    def shorter(text: str) -> str:
+        return duration(max(floor, seconds(text) / factor))
 
     def ages(expr: str) -> str:
         return re.sub(
@@ -83,7 +90,7 @@ def scaled_rules(factor: float, floor: float = 4.0) -> dict[str, Any]:
             expr = re.sub(r"\[(\w+)\]", lambda m: f"[{shorter(m.group(1))}]", rule["expr"])
             rule["expr"] = ages(expr)
             if "for" in rule:
-                rule["for"] = f"{seconds(rule['for']) / factor:g}s"
+                rule["for"] = duration(seconds(rule["for"]) / factor)
     return document
 
 

@@ -1,6 +1,7 @@
 """The lab's Prometheus runs the project's rules on a faster clock (deploy/watch.py), and
 the lab judges alert episodes read from Prometheus's API (deploy/lab_alerts.py)."""
 
+import re
 import shutil
 import subprocess
 
@@ -8,7 +9,7 @@ import pytest
 import yaml
 
 from deploy.lab_alerts import SLACK, AlertWatch, Episode, Watched, fire_bound, watched_rows
-from deploy.watch import RULES, scaled_rules
+from deploy.watch import RULES, duration, scaled_rules
 
 
 def rules_by_name(document: dict) -> dict[str, dict]:
@@ -34,6 +35,9 @@ def test_the_labs_rules_are_the_projects_with_every_duration_ten_times_shorter()
     assert "> 0.05" in scaled["JobsFailureRatio"]["expr"]  # a ratio: not a duration
     assert "> 1" in scaled["JobsTaskSlow"]["expr"]  # a run time: the lab's are real
     for name, rule in shipped.items():
+        # what scaled_rules leaves alone must not be there: offsets, subqueries
+        assert "offset" not in rule["expr"]
+        assert not re.search(r"\[\w+:\w*\]", rule["expr"])
         assert scaled[name].get("labels") == rule.get("labels")
         assert scaled[name].get("annotations") == rule.get("annotations")
 
@@ -78,3 +82,9 @@ def test_an_alert_is_judged_on_its_episode_after_the_fault_started():
     assert not watched_rows(watch, [fault])[0][2]  # too late
     this.firing_at, this.gone_at = 125, None
     assert watched_rows(watch, [fault])[0][1:] == ("fired after 25 s, still firing", False)
+
+
+def test_durations_stay_whole_seconds_or_milliseconds_prometheus_accepts():
+    assert duration(12.0) == "12s"
+    assert duration(17.142857) == "17143ms"
+    assert rules_by_name(scaled_rules(7))["JobsQueueTooOld"]["for"] == "17143ms"  # 2m / 7
