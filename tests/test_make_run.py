@@ -107,11 +107,11 @@ def test_make_run_with_prometheus_watches_the_shop_with_the_alert_rules(tmp_path
     assert not answers(f"{prometheus}/-/ready")
 
 
-def test_make_run_with_prometheus_but_none_installed_says_how_to_get_it(tmp_path):
+def run_with_nothing_on_path(tmp_path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`make run ARGS=...` with an empty PATH: no redis-server, no prometheus."""
     env = runner_env(tmp_path, free_port()) | {"PATH": str(tmp_path)}
-
-    result = subprocess.run(
-        [sys.executable, "deploy/run_local.py", "--prometheus"],
+    return subprocess.run(
+        [sys.executable, "deploy/run_local.py", *args],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -119,6 +119,10 @@ def test_make_run_with_prometheus_but_none_installed_says_how_to_get_it(tmp_path
         timeout=60,
         check=False,
     )
+
+
+def test_make_run_with_prometheus_but_none_installed_says_how_to_get_it(tmp_path):
+    result = run_with_nothing_on_path(tmp_path, "--prometheus")
 
     assert result.returncode == 2
     assert "make system-deps" in result.stderr
@@ -126,17 +130,7 @@ def test_make_run_with_prometheus_but_none_installed_says_how_to_get_it(tmp_path
 
 
 def test_make_run_without_redis_or_redis_server_says_how_to_get_one(tmp_path):
-    env = runner_env(tmp_path, free_port()) | {"PATH": str(tmp_path)}  # no redis-server
-
-    result = subprocess.run(
-        [sys.executable, "deploy/run_local.py"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = run_with_nothing_on_path(tmp_path)
 
     assert result.returncode == 2
     assert "no redis-server is installed" in result.stderr
