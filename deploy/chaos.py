@@ -524,20 +524,13 @@ class Lab(Stack):
         self.watch = AlertWatch(self.prometheus).start()
         print(f"chaos: Prometheus at {self.prometheus.url}{ALERTS_PAGE}", flush=True)
 
-    def alerts_now(self, names: set[str] | None = None) -> list[str]:
-        try:
-            listed = self.prometheus.alerts()
-        except httpx.HTTPError:
-            return ["(Prometheus did not answer)"]
-        return [
-            a["labels"]["alertname"]
-            for a in listed
-            if names is None or a["labels"]["alertname"] in names
-        ]
-
     def wait_alerts_clear(self, timeout: float, names: set[str] | None = None) -> None:
-        deadline = time.monotonic() + timeout
-        while self.alerts_now(names) and time.monotonic() < deadline:
+        """Until no alert (of `names`) is pending or firing, as read after this call."""
+        assert self.watch is not None
+        deadline, read = time.monotonic() + timeout, self.watch.polls
+        while (self.watch.polls == read or self.watch.active(names)) and (
+            time.monotonic() < deadline
+        ):
             time.sleep(1)
 
     def quiet_period(self) -> list[tuple[str, str | None]]:

@@ -74,6 +74,7 @@ class AlertWatch:
     prometheus: Prometheus
     episodes: list[Episode] = field(default_factory=list)
     errors: int = 0
+    polls: int = 0  # answers read so far
 
     def start(self) -> "AlertWatch":
         threading.Thread(target=self._poll, name="alert-watch", daemon=True).start()
@@ -103,6 +104,7 @@ class AlertWatch:
                     episode.firing_at = now
             for key in [k for k in open_ if k not in seen]:
                 open_.pop(key).gone_at = now
+            self.polls += 1
 
     def fired(self, since: float, until: float | None = None) -> list[Episode]:
         """Episodes that were firing at some moment in [since, until]."""
@@ -113,6 +115,12 @@ class AlertWatch:
             if e.firing_at is not None
             and e.firing_at <= end
             and (e.gone_at is None or e.gone_at >= since)
+        ]
+
+    def active(self, names: set[str] | None = None) -> list[Episode]:
+        """Episodes pending or firing now (of these alert names, if given)."""
+        return [
+            e for e in self.episodes if e.gone_at is None and (names is None or e.name in names)
         ]
 
     def started_firing(self, since: float) -> list[str]:

@@ -76,7 +76,7 @@ def _on_prerun(task_id: str, task: Task, **_: Any) -> None:
     metrics.STARTED.labels(*labels).inc()
     wait = _queue_wait(task.request)
     if wait is not None:
-        metrics.QUEUE_WAIT.labels(*_labels(task)).observe(wait)
+        metrics.QUEUE_WAIT.labels(*labels).observe(wait)
     job_event("started", **describe(task), wait_ms=None if wait is None else round(wait * 1000, 2))
 
 
