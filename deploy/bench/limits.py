@@ -62,6 +62,20 @@ def _paid(first_order: int) -> int:
     return Order.objects.filter(pk__gte=first_order, status=Order.Status.PAID).count()
 
 
+def _connections() -> str:
+    """The database connections open now, of PostgreSQL's max_connections: every thread
+    of every worker keeps one once it ran a task, and the four payments workers need 64."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(*), current_setting('max_connections') FROM pg_stat_activity"
+            " WHERE backend_type = 'client backend'"
+        )
+        used, most = cursor.fetchone()
+    return f"{used} of {most} database connections in use at the end"
+
+
 def _busiest(seconds: list[dict[str, Any]], label: str) -> str:
     """The busiest second beside its neighbours: a burst between quiet seconds is calls
     that reached the gateway late and together (a stalled worker), a plateau is the
@@ -97,7 +111,7 @@ def _drain(bench: Bench, nodes: list[str], orders: int, limit: int) -> tuple[Fig
     ended = time.time()
     seconds = bench.gateway_seconds(started)
     witness = _witness(seconds, limit, ended - started)
-    return witness, _busiest(seconds, f"{len(nodes)} worker(s)")
+    return witness, f"{_busiest(seconds, f'{len(nodes)} worker(s)')}; {_connections()}"
 
 
 def _replay(bench: Bench, nodes: list[str], count: int, limit: int) -> tuple[Figures, str]:
@@ -124,7 +138,8 @@ def _replay(bench: Bench, nodes: list[str], count: int, limit: int) -> tuple[Fig
     ended = time.time()
     seconds = bench.gateway_seconds(started)
     figures = _witness(seconds, limit, ended - started)
-    return {f"replay_{key}": value for key, value in figures.items()}, _busiest(seconds, "replay")
+    note = f"{_busiest(seconds, 'replay')}; {_connections()}"
+    return {f"replay_{key}": value for key, value in figures.items()}, note
 
 
 def limits(bench: Bench, args: argparse.Namespace) -> Result:

@@ -5,7 +5,8 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +28,8 @@ NAIVE = ("payments", "emails")  # the queues the naive pipeline's own workers co
 
 class Bench(Stack):
     """The shop's full stack (PostgreSQL, AOF Redis, gateway at latency 0, gunicorn with
-    `--web-workers` processes, one worker per queue, beat), plus a second, naive worker for
-    `payments` and `emails` whose consumers stay paused until the naive pipeline runs."""
+    `--web-workers` processes, one worker per queue, beat); during scenario 6, a second,
+    naive worker for `payments` and `emails` (``naive_workers()``)."""
 
     def __init__(
         self, *, database_url: str, clients: int, web_workers: int, web_threads: int
@@ -61,8 +62,6 @@ class Bench(Stack):
 
     def start(self, *, beat: bool = True) -> None:
         super().start(beat=beat)
-        for queue in NAIVE:  # prefetch 4 with early acks: the naive configuration
-            self.worker(queue, "--prefetch-multiplier", "4", name=f"naive-{queue}")
         self.setup_django()
         # This process enqueues through the outbox too (scenario 4): it logs as the web
         # does, to a file of its own instead of the terminal.
@@ -72,10 +71,30 @@ class Bench(Stack):
         from shop.models import Product
 
         Product.objects.update(stock=10**9)  # the benchmark never runs out of stock
-        nodes = [self.node(q) for q in QUEUES] + [self.node(f"naive-{q}") for q in NAIVE]
+        nodes = [self.node(q) for q in QUEUES]
         wait_for("the workers", lambda: len(self.ping(nodes)) == len(nodes), 120)
-        self.pause(*NAIVE, naive=True)
         threading.Thread(target=self._sample_rss, daemon=True).start()
+
+    @contextmanager
+    def naive_workers(self) -> Iterator[None]:
+        """The naive pipeline's own workers for `payments` and `emails` (prefetch 4, early
+        acks), their consumers paused until it runs; stopped afterwards. Left running,
+        each of their idle threads kept the database connection of its last task (Django
+        closes one only when a task begins or ends), and those 24 connections left the
+        four payments workers of scenario 11 short of PostgreSQL's max_connections:
+        "too many clients", charges retried, the limit a third unused."""
+        names = [f"naive-{queue}" for queue in NAIVE]
+        for queue, name in zip(NAIVE, names, strict=True):
+            self.worker(queue, "--prefetch-multiplier", "4", name=name)
+        try:
+            nodes = [self.node(name) for name in names]
+            wait_for("the naive workers", lambda: len(self.ping(nodes)) == len(nodes), 120)
+            self.pause(*NAIVE, naive=True)
+            yield
+        finally:
+            for name in names:
+                self.stop_process(f"worker-{name}")
+                del self.procs[f"worker-{name}"]
 
     def stop(self) -> None:
         self._sampling.set()
