@@ -3,6 +3,7 @@ shared and noisy): only that the harness measures every scenario and writes its 
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 
 from deploy.bench.cpu import CpuGroups, cores, manifest_cpu
 from deploy.bench.report import bars, summary, table, verdicts
+from deploy.bench.scenarios import SCENARIOS as SCENARIO_NAMES
 from deploy.bench.scenarios import Goal, Result
 from deploy.stack import QUEUES
 from tests.helpers import drop_database, run_module
@@ -57,6 +59,17 @@ def test_a_quick_bench_measures_every_scenario_and_writes_its_report(tmp_path):
     assert (tmp_path / "bench.txt").read_text() in result.stdout
     stack = result.stdout.split("bench: stack in ", 1)[1].split()[0]
     assert not Path(stack).exists()  # a run that succeeded leaves no logs behind
+    # Only the shop's own processes run when a scenario starts: the naive pipeline's
+    # workers live inside scenario 6 (left idle, they held the database connections
+    # scenario 11's four payments workers needed).
+    starts = re.findall(r"^bench: \w+\.\.\. \(running: (.*)\)$", result.stdout, re.M)
+    assert len(starts) == len(SCENARIO_NAMES), result.stdout[:3000]
+    for running in starts:
+        assert "worker-payments" in running.split(", "), running
+        assert "naive" not in running, running
+    limited = re.findall(r"(\d+) of (\d+) database connections in use", result.stdout)
+    assert limited, result.stdout[-3000:]
+    assert all(int(used) < int(most) for used, most in limited), limited
 
 
 def test_the_bench_gives_its_processes_the_cpu_their_deployments_ask_for():

@@ -105,7 +105,10 @@ def main() -> int:
             if name not in args.only:
                 continue
             started = time.monotonic()
-            print(f"bench: {name}...", flush=True)
+            # What runs beside it: a process left from an earlier scenario takes CPU and
+            # database connections from this one (scenario 11 lost a third of its rate so).
+            running = ", ".join(sorted(n for n, p in bench.procs.items() if p.poll() is None))
+            print(f"bench: {name}... (running: {running})", flush=True)
             outcome = SCENARIOS[name](bench, args)
             results.extend(outcome if isinstance(outcome, tuple) else [outcome])
             report.keep_raw(results, args.out)  # an hour's figures outlive a later failure

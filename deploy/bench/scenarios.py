@@ -431,12 +431,7 @@ def broker_down(bench: Bench, args: argparse.Namespace) -> Result:
             Goal("frozen_errors", "<=", 0),
         ],
     )
-    for name in (
-        "worker-payments",
-        "worker-emails",
-        "worker-naive-payments",
-        "worker-naive-emails",
-    ):
+    for name in ("worker-payments", "worker-emails"):
         bench.stop_process(name)
     order = bench.request("/api/orders/")
     _warm(bench, order)
