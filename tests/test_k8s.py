@@ -1,6 +1,7 @@
 """The Kubernetes manifests (deploy/k8s) cannot be applied here: check them against the
 code, and against the Kubernetes API schemas offline (kubernetes-validate)."""
 
+import re
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -231,3 +232,35 @@ def test_only_web_and_workers_are_given_a_metrics_folder_and_it_is_a_volume(obje
             continue
         assert spec["command"][0] in ("deploy/bin/web", "deploy/bin/worker"), name
         assert {"name": "metrics", "mountPath": folder} in spec["volumeMounts"], name
+
+
+def connections(command: list[str]) -> int:
+    """The database connections one replica may hold: each pool thread or child, and each
+    process's outbox publishing thread (jobs/outbox.py)."""
+    options = dict(zip(command[1::2], command[2::2], strict=False))
+    if command[0] == "deploy/bin/worker":
+        slots = int(command[command.index("--concurrency") + 1])
+        return slots + 1 if "threads" in command else slots * 2
+    if command[0] == "deploy/bin/web":
+        return int(options["--workers"]) * (int(options["--threads"]) + 1)
+    return {"deploy/bin/beat": 1}.get(command[0], 0)  # flower and the gateway: none
+
+
+def test_the_connections_the_shop_holds_at_full_scale_are_the_ones_scaling_yaml_states(objects):
+    """Every thread of a worker keeps its database connection once it ran a task, idle or
+    not; at KEDA's maximum the sum is what PostgreSQL must allow (make bench, scenario
+    11, ran out with 24 idle threads too many). The number the manifests state is the sum,
+    and the threads pools are scaled no further than their dependency's shared limit
+    can use."""
+    scaled = of_kind(objects, "ScaledObject")
+    total = 0
+    for name, deployment in of_kind(objects, "Deployment").items():
+        replicas = scaled[name]["spec"] if name in scaled else deployment["spec"]
+        most = replicas.get("maxReplicaCount", replicas.get("replicas"))
+        total += most * connections(container(deployment)["command"])
+    stated = re.search(r"at most (\d+) database connections", (K8S / "scaling.yaml").read_text())
+
+    assert stated, "scaling.yaml must say how many database connections the shop holds"
+    assert int(stated[1]) == total
+    for name in ("worker-payments", "worker-emails"):
+        assert scaled[name]["spec"]["maxReplicaCount"] <= 3, name

@@ -106,7 +106,7 @@ def main() -> int:
                 continue
             started = time.monotonic()
             # What runs beside it: a process left from an earlier scenario takes CPU and
-            # database connections from this one (scenario 11 lost a third of its rate so).
+            # database connections from this one (scenario 11 lost up to half its rate so).
             running = ", ".join(sorted(n for n, p in bench.procs.items() if p.poll() is None))
             print(f"bench: {name}... (running: {running})", flush=True)
             outcome = SCENARIOS[name](bench, args)

@@ -82,7 +82,7 @@ class Bench(Stack):
         each of their idle threads kept the database connection of its last task (Django
         closes one only when a task begins or ends), and those 24 connections left the
         four payments workers of scenario 11 short of PostgreSQL's max_connections:
-        "too many clients", charges retried, the limit a third unused."""
+        "too many clients", charges retried, a third to a half of the limit unused."""
         names = [f"naive-{queue}" for queue in NAIVE]
         for queue, name in zip(NAIVE, names, strict=True):
             self.worker(queue, "--prefetch-multiplier", "4", name=name)
