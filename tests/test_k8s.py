@@ -255,8 +255,8 @@ def test_the_connections_the_shop_holds_at_full_scale_are_the_ones_scaling_yaml_
     scaled = of_kind(objects, "ScaledObject")
     total = 0
     for name, deployment in of_kind(objects, "Deployment").items():
-        replicas = scaled[name]["spec"] if name in scaled else deployment["spec"]
-        most = replicas.get("maxReplicaCount", replicas.get("replicas"))
+        spec = scaled[name]["spec"] if name in scaled else deployment["spec"]
+        most = spec.get("maxReplicaCount", spec.get("replicas"))
         total += most * connections(container(deployment)["command"])
     stated = re.search(r"at most (\d+) database connections", (K8S / "scaling.yaml").read_text())
 
